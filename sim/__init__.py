@@ -1,0 +1,1 @@
+"""The simulated world: characters, users and their gold utility, chat env, traffic."""

@@ -1,0 +1,1 @@
+"""Curation, rejection sampling, SFT, DPO and GRPO (TRL) on logged conversations."""
