@@ -1,0 +1,814 @@
+"""Production traffic as a SimPy model: days, arrivals, sessions, returns, A/B arms.
+
+A population lives through ``pre_days`` (everyone served by the control policy: the CUPED
+covariate period) and then ``test_days`` (users hashed into the treatment arm are served by
+the treatment policy). Simulated time is in hours since the start of day 0.
+
+Each day:
+
+1. For every user, in a fixed order, the day's activity is drawn: active with probability
+   ``world return probability x weekday factor`` (clipped to [0, 1]); an active user opens
+   ``1 + Binomial(max_sessions_per_day - 1, extra_session_prob)`` sessions at hours drawn
+   from the time-of-day profile ``hourly_weights``, at least ``session_gap_hours`` apart,
+   each rounded down to its arrival slot (``slot_minutes``).
+2. One SimPy process per active user runs that user's sessions one after another. A session
+   is: opener, then bot reply and user message alternating every ``think_minutes`` until the
+   world says the user left or the turn cap ended it.
+3. Nobody waits alone for a model: the ``Batcher`` gathers every request due at the same
+   simulated instant and answers them with ONE backend call per kind (openers, user messages)
+   and ONE per arm policy for bot replies. Users arriving in the same slot stay in lockstep,
+   so a busy slot is one big batch: the slot width trades timing detail for batch size.
+4. When every session of the day has ended, the day's turns, sessions and user-day metrics
+   are handed to the sink together with a checkpoint of the simulator state (users' latent
+   states, the random generator, first-exposure days), which the run store writes in ONE
+   transaction. No process lives across midnight, so a run resumed from the checkpoint of
+   day k replays days k+1... exactly as the uninterrupted run did.
+
+Production dynamics:
+
+- Weekday seasonality: ``weekday_factors`` multiply the activity probability.
+- Novelty: a treatment user reacts to the change itself. On test days the world adds
+  ``novelty_amplitude * 0.5 ** (days since first exposure / novelty_half_life_days)`` to the
+  user's satisfaction with every reply (negative amplitude = change aversion). That is why a
+  test runs a week: day-1 lifts overstate the lasting effect.
+- Drift between generations: the population of generation g is the generation-0 population
+  with each user replaced by a newcomer with probability ``1 - (1 - churn)^g``; newcomers
+  are drawn from the segment mix shifted by ``segment_drift`` per generation.
+
+Every random draw comes from the one ``numpy.random.Generator`` the simulator owns, seeded
+from the scenario; backend calls get seeds drawn from it. Same scenario + seed -> the same
+numbers. Assignment is hash-based (sha256 of salt and user id), so a user stays in the
+same arm across restarts, machines and re-runs with the same salt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import pickle
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import pandas as pd
+import simpy
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from policies.base import Policy, SamplingParams
+
+HOURS_PER_DAY = 24.0  # hours
+MINUTES_PER_HOUR = 60.0  # minutes
+SESSION_GAP_H = 4.0  # hours: least time between two sessions of one user on one day
+THINK_MIN = 1.0  # minutes: a user reads the reply and writes the next message
+SLOT_MIN = 60  # minutes: arrivals within one slot open their sessions together
+LAST_ARRIVAL_MARGIN_H = 1.0  # hours before midnight after which no session opens
+
+# Relative session starts per hour of the day (0 = midnight .. 23), the diurnal shape of a
+# consumer chat app: a night trough around 3-5 h, a lunch bump, and the peak at 20-22 h.
+HOURLY_WEIGHTS = (
+    2.6, 1.8, 1.1, 0.7, 0.5, 0.6, 1.0, 1.8, 2.6, 3.0, 3.2, 3.4,
+    4.0, 3.9, 3.5, 3.4, 3.6, 4.2, 5.0, 6.0, 6.8, 7.0, 6.0, 4.2,
+)  # fmt: skip
+# Activity multiplier per weekday (0 = Monday): quieter mid-week, busier at the weekend.
+WEEKDAY_FACTORS = (1.0, 0.96, 0.95, 0.97, 1.03, 1.12, 1.1)
+
+CONTROL = "control"
+TREATMENT = "treatment"
+PRE = "pre"
+TEST = "test"
+
+# SimPy processes events of one instant by priority (lower first). Timeouts and resumed
+# processes run at NORMAL (1); the batcher flushes after them, so a flush sees every
+# request of its instant: openers and user messages (2), then bot replies (3), which may
+# answer sessions that were opened or continued at that same instant.
+_USER_FLUSH_PRIORITY = 2
+_BOT_FLUSH_PRIORITY = 3
+
+
+# ---------------------------------------------------------------------------- configuration
+class SamplingConfig(BaseModel):
+    """Sampling of one kind of message (bot replies or simulated-user messages)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_new_tokens: int = Field(48, ge=1, description="Longest reply in tokens.")
+    temperature: float = Field(0.8, ge=0, description="0 = greedy.")
+    top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling mass.")
+
+    def params(self, seed: int) -> SamplingParams:
+        """Return ``SamplingParams`` with this config and ``seed``."""
+        return SamplingParams(
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            seed=seed,
+        )
+
+
+class TrafficConfig(BaseModel):
+    """The ``[traffic]`` table of a scenario: who comes when, and how the test is split."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    n_users: int = Field(200, ge=2, description="Users in the experiment population.")
+    pre_days: int = Field(
+        2, ge=0, description="Days before the test, all on control: CUPED's covariate period."
+    )
+    test_days: int = Field(7, ge=1, description="Days of the A/B test (7 covers a full week).")
+    treatment_share: float = Field(
+        0.1, gt=0, lt=1, description="Share of users hashed into the treatment arm."
+    )
+    salt: str = Field(
+        "ab",
+        min_length=1,
+        description="Experiment salt of the hash assignment; a new salt "
+        "re-randomises, the same salt keeps every user in the same arm.",
+    )
+    start_weekday: int = Field(0, ge=0, le=6, description="Weekday of day 0 (0 = Monday).")
+    weekday_factors: tuple[float, ...] = Field(
+        WEEKDAY_FACTORS, description="7 activity multipliers, Monday first, each > 0."
+    )
+    hourly_weights: tuple[float, ...] = Field(
+        HOURLY_WEIGHTS, description="24 relative session-start weights, midnight first, >= 0."
+    )
+    slot_minutes: int = Field(
+        SLOT_MIN,
+        ge=1,
+        le=720,
+        description="Arrival slot in minutes; must divide 1440. "
+        "Wider slots put more sessions into one batch.",
+    )
+    think_minutes: float = Field(
+        THINK_MIN, gt=0, description="Minutes between a bot reply and the next user message."
+    )
+    session_gap_hours: float = Field(
+        SESSION_GAP_H, ge=0, description="Least hours between two sessions of a user on a day."
+    )
+    max_sessions_per_day: int = Field(2, ge=1, description="Most sessions of a user per day.")
+    extra_session_prob: float = Field(
+        0.25, ge=0, le=1, description="Chance of each session beyond the first on an active day."
+    )
+    novelty_amplitude: float = Field(
+        0.15,
+        ge=-5,
+        le=5,
+        description="Satisfaction offset on a treatment user's first "
+        "exposure day (gold-utility units); negative = change aversion, 0 = none.",
+    )
+    novelty_half_life_days: float = Field(
+        1.5, gt=0, description="Days for the novelty offset to halve."
+    )
+    generation: int = Field(
+        0, ge=0, description="Population generation (drift applies per generation)."
+    )
+    churn_per_generation: float = Field(
+        0.0, ge=0, lt=1, description="Share of users replaced by newcomers per generation."
+    )
+    segment_drift: dict[str, float] = Field(
+        default_factory=dict,
+        description="Per-generation multiplier of a segment's weight "
+        "among newcomers, e.g. {casual = 1.2}; segments not named keep their weight.",
+    )
+    bot_sampling: SamplingConfig = Field(
+        default_factory=SamplingConfig, description="Sampling of bot replies (both arms)."
+    )
+    user_sampling: SamplingConfig = Field(
+        default_factory=lambda: SamplingConfig(max_new_tokens=32),
+        description="Sampling of simulated-user messages.",
+    )
+
+    @field_validator("weekday_factors")
+    @classmethod
+    def _check_weekdays(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if len(value) != 7 or min(value) <= 0:
+            raise ValueError(
+                f"traffic.weekday_factors needs 7 values > 0 (Monday first), got {list(value)}"
+            )
+        return value
+
+    @field_validator("hourly_weights")
+    @classmethod
+    def _check_hours(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if len(value) != 24 or min(value) < 0 or sum(value) <= 0:
+            raise ValueError(
+                f"traffic.hourly_weights needs 24 values >= 0 with a positive sum "
+                f"(midnight first), got {list(value)}"
+            )
+        return value
+
+    @field_validator("slot_minutes")
+    @classmethod
+    def _check_slot(cls, value: int) -> int:
+        if 1440 % value:
+            raise ValueError(
+                f"traffic.slot_minutes must divide a day (1440 minutes), got {value}; "
+                f"use e.g. 15, 30, 60 or 120"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _check_expected_arms(self) -> TrafficConfig:
+        expected = self.n_users * self.treatment_share
+        if expected < 1 or self.n_users - expected < 1:
+            raise ValueError(
+                f"traffic.n_users = {self.n_users} with treatment_share = "
+                f"{self.treatment_share} leaves an arm with under one expected user; "
+                f"raise n_users or move treatment_share towards 0.5"
+            )
+        return self
+
+    @property
+    def total_days(self) -> int:
+        """Pre-period plus test period, in days."""
+        return self.pre_days + self.test_days
+
+    def period(self, day: int) -> str:
+        """'pre' or 'test' for ``day`` (0-based from the first pre-period day)."""
+        return PRE if day < self.pre_days else TEST
+
+    def weekday(self, day: int) -> int:
+        """Weekday of ``day`` (0 = Monday)."""
+        return (self.start_weekday + day) % 7
+
+
+# ---------------------------------------------------------------------------- assignment
+def hash_bucket(user_id: str, salt: str) -> float:
+    """Return the user's position in [0, 1): the first 60 bits of sha256(salt:user_id)."""
+    digest = hashlib.sha256(f"{salt}:{user_id}".encode()).hexdigest()
+    return int(digest[:15], 16) / float(16**15)
+
+
+def assign_arm(user_id: str, salt: str, treatment_share: float) -> str:
+    """Deterministic arm of ``user_id``: 'treatment' when its bucket < ``treatment_share``."""
+    return TREATMENT if hash_bucket(user_id, salt) < treatment_share else CONTROL
+
+
+def novelty_offset(days_since_exposure: int, amplitude: float, half_life_days: float) -> float:
+    """Satisfaction offset of a treatment user ``days_since_exposure`` days after first use."""
+    return amplitude * 0.5 ** (days_since_exposure / half_life_days)
+
+
+# ---------------------------------------------------------------------------- the world's API
+class Engine(Protocol):
+    """What the traffic model needs from ``sim.conversation.ConversationEngine``."""
+
+    def open_sessions(
+        self, users: Sequence[Any], day: int, hour: float, rng: np.random.Generator
+    ) -> list[Any]: ...
+
+    def bot_turn(
+        self,
+        sessions: Sequence[Any],
+        bot_policy: Policy,
+        params: SamplingParams,
+        novelty: Sequence[float] | None = None,
+    ) -> list[Any]: ...
+
+    def user_turn(self, sessions: Sequence[Any], params: SamplingParams) -> None: ...
+
+    def close_session(self, session: Any) -> Any: ...
+
+    def return_probability(self, user: Any, day: int) -> float: ...
+
+
+class TrafficSink(Protocol):
+    """Where a simulated experiment goes (``flywheel.store.ExperimentSink`` implements it)."""
+
+    def resume_point(self) -> tuple[int, bytes] | None:
+        """Latest ``(finished day, checkpoint)``, or None for a fresh experiment."""
+        ...
+
+    def begin(self, users: pd.DataFrame, assignments: pd.DataFrame, checkpoint: bytes) -> None:
+        """Record the population, the assignment and the day -1 checkpoint."""
+        ...
+
+    def commit_day(self, log: DayLog, checkpoint: bytes) -> None:
+        """Record one finished day and the checkpoint after it, atomically."""
+        ...
+
+    def finish(self) -> None:
+        """Mark the experiment finished."""
+        ...
+
+
+# ---------------------------------------------------------------------------- records
+@dataclass(frozen=True)
+class DayLog:
+    """Everything one simulated day produced; the sink commits it at once.
+
+    ``sessions``, ``turns`` and ``user_days`` have the columns of the run-store tables of the
+    same names (see ``flywheel/store.py``) without ``experiment_id``; ``stats`` holds the
+    day's counters (active_users, sessions, turns, bot_calls, user_calls, bot_tokens,
+    user_tokens, max_bot_batch, wall_s).
+    """
+
+    day: int
+    period: str
+    weekday: int
+    sessions: pd.DataFrame
+    turns: pd.DataFrame
+    user_days: pd.DataFrame
+    stats: Mapping[str, float]
+
+
+@dataclass
+class SimState:
+    """What survives a day boundary; pickled into every checkpoint.
+
+    ``next_day`` is the first day not yet simulated; ``rng_state`` is the bit generator's
+    state; ``first_exposure`` maps a treatment user to the test day they first saw the
+    treatment (the novelty clock); ``users`` carry their latent states.
+    """
+
+    next_day: int
+    users: list[Any]
+    rng_state: dict[str, Any]
+    first_exposure: dict[str, int] = field(default_factory=dict)
+
+    def dumps(self) -> bytes:
+        """Serialise for the run store."""
+        return pickle.dumps(self, protocol=pickle.HIGHEST_PROTOCOL)
+
+    @staticmethod
+    def loads(blob: bytes) -> SimState:
+        """Inverse of ``dumps``."""
+        state = pickle.loads(blob)
+        if not isinstance(state, SimState):
+            raise TypeError(
+                f"checkpoint holds a {type(state).__name__}, not a SimState; the run store is "
+                f"from another version, start a new run directory"
+            )
+        return state
+
+
+@dataclass
+class BatchStats:
+    """Counters of backend calls, for the days table and the throughput benchmark."""
+
+    bot_calls: int = 0
+    user_calls: int = 0
+    open_calls: int = 0
+    bot_tokens: int = 0
+    user_tokens: int = 0
+    max_bot_batch: int = 0
+    bot_batch_sizes: list[int] = field(default_factory=list)
+
+    def as_row(self) -> dict[str, int]:
+        """The counters the ``days`` table stores."""
+        return {
+            "bot_calls": self.bot_calls,
+            "user_calls": self.user_calls,
+            "bot_tokens": self.bot_tokens,
+            "user_tokens": self.user_tokens,
+            "max_bot_batch": self.max_bot_batch,
+        }
+
+
+class _Flush(simpy.Event):
+    """An event that fires at the current instant, after events of lower ``priority``."""
+
+    def __init__(self, env: simpy.Environment, priority: int) -> None:
+        super().__init__(env)
+        # Set the outcome directly (as simpy's own Timeout does) so the event can be
+        # scheduled with a custom priority instead of succeed()'s NORMAL.
+        self._ok = True
+        self._value = None
+        env.schedule(self, priority=priority)
+
+
+class Batcher:
+    """Gathers requests due at the same simulated instant into one call per key.
+
+    ``request(key, item)`` returns an event that fires with the item's result; the first
+    request of an instant schedules a flush at that instant with ``priority`` below every
+    normal event, so all requests of the instant are pending when ``handler(key, items)``
+    answers them, in request order, with one backend call per key.
+    """
+
+    def __init__(
+        self,
+        env: simpy.Environment,
+        handler: Callable[[Any, list[Any]], Sequence[Any]],
+        priority: int,
+    ) -> None:
+        self.env = env
+        self.handler = handler
+        self.priority = priority
+        self._pending: dict[Any, list[tuple[Any, simpy.Event]]] = {}
+
+    def request(self, key: Any, item: Any) -> simpy.Event:
+        """Queue ``item`` under ``key``; the returned event fires with its result."""
+        if not self._pending:
+            _Flush(self.env, self.priority).callbacks.append(self._flush)
+        done = self.env.event()
+        self._pending.setdefault(key, []).append((item, done))
+        return done
+
+    def _flush(self, _: simpy.Event) -> None:
+        pending, self._pending = self._pending, {}
+        for key, queued in pending.items():
+            results = self.handler(key, [item for item, _ in queued])
+            if len(results) != len(queued):
+                raise RuntimeError(
+                    f"batch handler returned {len(results)} results for {len(queued)} "
+                    f"requests under key {key!r}; it must return one per request"
+                )
+            for (_, done), result in zip(queued, results, strict=True):
+                done.succeed(result)
+
+
+# ---------------------------------------------------------------------------- the simulator
+class TrafficSimulator:
+    """Runs an A/B experiment's traffic day by day into a sink.
+
+    Args:
+        engine: the world's ``ConversationEngine`` (openers, bot and user turns, scoring).
+        users: the experiment population (``User`` objects with ``user_id``); ignored when
+            a checkpoint is resumed (the checkpoint holds the users' latest states).
+        policies: ``{"control": Policy, "treatment": Policy}``.
+        config: the traffic config.
+        seed: seeds the simulator's random generator.
+        progress: show a progress bar over days and turns.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        users: Sequence[Any],
+        policies: Mapping[str, Policy],
+        config: TrafficConfig,
+        seed: int,
+        *,
+        progress: bool = True,
+    ) -> None:
+        missing = {CONTROL, TREATMENT} - set(policies)
+        if missing:
+            raise ValueError(
+                f"policies lacks {sorted(missing)}; pass both 'control' and 'treatment' "
+                f"(the same Policy object twice for an A/A run)"
+            )
+        ids = [u.user_id for u in users]
+        if len(set(ids)) != len(ids):
+            raise ValueError("users have duplicate user_id values; every user_id must be unique")
+        self.engine = engine
+        self.policies = dict(policies)
+        self.config = config
+        self.seed = seed
+        self.progress = progress
+        self.state = SimState(
+            next_day=0,
+            users=list(users),
+            rng_state=np.random.default_rng(seed).bit_generator.state,
+        )
+        self.arms = {uid: assign_arm(uid, config.salt, config.treatment_share) for uid in ids}
+        self.stats = BatchStats()
+
+    # -------------------------------------------------------------- public
+    def run(
+        self,
+        sink: TrafficSink,
+        *,
+        on_day_end: Callable[[int], None] | None = None,
+    ) -> SimState:
+        """Simulate every remaining day into ``sink``, resuming from its latest checkpoint.
+
+        Args:
+            sink: receives the population once and every finished day with its checkpoint.
+            on_day_end: called with the day index after each committed day (progress hooks,
+                fault injection in tests).
+
+        Returns:
+            The final simulator state.
+        """
+        resume = sink.resume_point()
+        if resume is None:
+            sink.begin(self.users_frame(), self.assignments_frame(), self.state.dumps())
+        else:
+            self.state = SimState.loads(resume[1])
+            self.arms = {
+                u.user_id: assign_arm(u.user_id, self.config.salt, self.config.treatment_share)
+                for u in self.state.users
+            }
+        rng = np.random.default_rng()
+        rng.bit_generator.state = self.state.rng_state
+        self.rng = rng
+        env = simpy.Environment(initial_time=self.state.next_day * HOURS_PER_DAY)
+        bar = _progress_bar(self.config.total_days, self.state.next_day, enabled=self.progress)
+        self._bar = bar
+        try:
+            env.process(self._days(env, sink, on_day_end))
+            env.run()
+        finally:
+            bar.close()
+        sink.finish()
+        return self.state
+
+    def users_frame(self) -> pd.DataFrame:
+        """The population as rows of the ``users`` table."""
+        return pd.DataFrame(
+            {
+                "user_id": [u.user_id for u in self.state.users],
+                "segment": [u.segment for u in self.state.users],
+                "generation": [
+                    getattr(u, "generation", self.config.generation) for u in self.state.users
+                ],
+                "traits": [_as_dict(u.traits) for u in self.state.users],
+            }
+        )
+
+    def assignments_frame(self) -> pd.DataFrame:
+        """The assignment as rows of the ``assignments`` table."""
+        ids = [u.user_id for u in self.state.users]
+        return pd.DataFrame(
+            {
+                "user_id": ids,
+                "arm": [self.arms[uid] for uid in ids],
+                "bucket": [hash_bucket(uid, self.config.salt) for uid in ids],
+                "salt": self.config.salt,
+            }
+        )
+
+    # -------------------------------------------------------------- processes
+    def _days(
+        self,
+        env: simpy.Environment,
+        sink: TrafficSink,
+        on_day_end: Callable[[int], None] | None,
+    ) -> Any:
+        """Driver process: each day runs to its last session, is committed, then midnight."""
+        for day in range(self.state.next_day, self.config.total_days):
+            started = time.perf_counter()
+            self._day_turns: list[dict[str, Any]] = []
+            self._day_sessions: list[dict[str, Any]] = []
+            self.stats = BatchStats()
+            self._open = Batcher(env, self._answer_open, _USER_FLUSH_PRIORITY)
+            self._user = Batcher(env, self._answer_user, _USER_FLUSH_PRIORITY)
+            self._bot = Batcher(env, self._answer_bot, _BOT_FLUSH_PRIORITY)
+            visits = self._draw_visits(day)
+            yield env.all_of(
+                [env.process(self._user_day(env, day, user, starts)) for user, starts in visits]
+            )
+            if env.now >= (day + 1) * HOURS_PER_DAY:
+                raise RuntimeError(
+                    f"day {day}'s sessions ran past midnight (t = {env.now:.2f} h); lower the "
+                    f"world's turn cap or traffic.think_minutes"
+                )
+            log = self._day_log(day, len(visits), time.perf_counter() - started)
+            self.state.next_day = day + 1
+            self.state.rng_state = self.rng.bit_generator.state
+            sink.commit_day(log, self.state.dumps())
+            self._bar.update(1)
+            if on_day_end is not None:
+                on_day_end(day)
+            yield env.timeout((day + 1) * HOURS_PER_DAY - env.now)
+
+    def _user_day(self, env: simpy.Environment, day: int, user: Any, starts: list[float]) -> Any:
+        """One user's day: each session opens at its start hour and runs to its end."""
+        day_start = day * HOURS_PER_DAY
+        for hour in starts:
+            if env.now < day_start + hour:
+                yield env.timeout(day_start + hour - env.now)
+            opened_at = env.now - day_start
+            session = yield self._open.request(None, (user, day, opened_at))
+            arm = self.arms[user.user_id]
+            policy_arm = arm if self.config.period(day) == TEST else CONTROL
+            novelty = self._novelty(user.user_id, arm, day)
+            turns: list[dict[str, Any]] = []
+            while True:
+                record = yield self._bot.request(policy_arm, (session, novelty))
+                turns.append(
+                    self._turn_row(record, day, arm, policy_arm, novelty, env.now - day_start)
+                )
+                if session.ended:
+                    break
+                yield env.timeout(self.config.think_minutes / MINUTES_PER_HOUR)
+                yield self._user.request(None, session)
+            summary = self.engine.close_session(session)
+            self._day_turns.extend(turns)
+            self._day_sessions.append(
+                self._session_row(
+                    summary, turns, day, arm, policy_arm, opened_at, env.now - day_start
+                )
+            )
+
+    # -------------------------------------------------------------- batch handlers
+    def _answer_open(self, _: None, items: list[tuple[Any, int, float]]) -> list[Any]:
+        """Open every session due now with one call (writes the users' first messages)."""
+        self.stats.open_calls += 1
+        users = [user for user, _, _ in items]
+        _, day, hour = items[0]
+        return self.engine.open_sessions(users, day, hour, self.rng)
+
+    def _answer_user(self, _: None, sessions: list[Any]) -> list[None]:
+        """Write every pending user message with ONE user-LLM call."""
+        self.stats.user_calls += 1
+        self.engine.user_turn(sessions, self.config.user_sampling.params(self._seed()))
+        return [None] * len(sessions)
+
+    def _answer_bot(self, arm: str, items: list[tuple[Any, float]]) -> list[Any]:
+        """Answer every pending session of one arm's policy with ONE ``bot_turn`` call."""
+        sessions = [session for session, _ in items]
+        novelty = [offset for _, offset in items]
+        records = self.engine.bot_turn(
+            sessions,
+            self.policies[arm],
+            self.config.bot_sampling.params(self._seed()),
+            novelty=novelty,
+        )
+        self.stats.bot_calls += 1
+        self.stats.bot_batch_sizes.append(len(sessions))
+        self.stats.max_bot_batch = max(self.stats.max_bot_batch, len(sessions))
+        self.stats.bot_tokens += sum(int(r.completion_tokens) for r in records)
+        self._bar.set_postfix(batch=len(sessions), refresh=False)
+        return records
+
+    def _seed(self) -> int:
+        return int(self.rng.integers(0, 2**31 - 1))
+
+    # -------------------------------------------------------------- draws
+    def _draw_visits(self, day: int) -> list[tuple[Any, list[float]]]:
+        """Who comes today and when: (user, session start hours), users in a fixed order."""
+        cfg = self.config
+        factor = cfg.weekday_factors[cfg.weekday(day)]
+        weights = np.asarray(cfg.hourly_weights, dtype=float)
+        last_hour = int(HOURS_PER_DAY - LAST_ARRIVAL_MARGIN_H)
+        weights[last_hour:] = 0.0
+        weights /= weights.sum()
+        slot_h = cfg.slot_minutes / MINUTES_PER_HOUR
+        visits = []
+        for user in self.state.users:
+            p_active = float(np.clip(self.engine.return_probability(user, day) * factor, 0, 1))
+            if self.rng.random() >= p_active:
+                continue
+            n_sessions = 1 + int(
+                self.rng.binomial(cfg.max_sessions_per_day - 1, cfg.extra_session_prob)
+            )
+            starts: list[float] = []
+            for _ in range(n_sessions):
+                hour = self.rng.choice(24, p=weights) + self.rng.random()
+                start = math.floor(hour / slot_h) * slot_h
+                if all(abs(start - s) >= cfg.session_gap_hours for s in starts):
+                    starts.append(start)
+            visits.append((user, sorted(starts)))
+        return visits
+
+    def _novelty(self, user_id: str, arm: str, day: int) -> float:
+        """Novelty offset for a treatment user on a test day; 0 otherwise."""
+        cfg = self.config
+        if arm != TREATMENT or cfg.period(day) != TEST or cfg.novelty_amplitude == 0:
+            return 0.0
+        first = self.state.first_exposure.setdefault(user_id, day)
+        return novelty_offset(day - first, cfg.novelty_amplitude, cfg.novelty_half_life_days)
+
+    # -------------------------------------------------------------- rows
+    def _turn_row(
+        self, record: Any, day: int, arm: str, policy_arm: str, novelty: float, hour: float
+    ) -> dict[str, Any]:
+        return {
+            "day": day,
+            "period": self.config.period(day),
+            "arm": arm,
+            "policy": self.policies[policy_arm].name,
+            "session_id": record.session_id,
+            "user_id": record.user_id,
+            "character": record.character,
+            "turn_index": int(record.turn_index),
+            "hour": hour,
+            "user_message": record.user_message,
+            "bot_reply": record.bot_reply,
+            "completion_tokens": int(record.completion_tokens),
+            "features": {k: float(v) for k, v in record.features.items()},
+            "checks": {k: bool(v) for k, v in record.checks.items()},
+            "follows_all": bool(record.follows_all),
+            "violates_any": bool(record.violates_any),
+            "unsafe": bool(record.unsafe),
+            "gold_satisfaction": float(record.gold_satisfaction),
+            "novelty": novelty,
+            "continued": bool(record.continued),
+            "liked": bool(record.liked),
+            "reported": bool(record.reported),
+        }
+
+    def _session_row(
+        self,
+        summary: Any,
+        turns: list[dict[str, Any]],
+        day: int,
+        arm: str,
+        policy_arm: str,
+        start_hour: float,
+        end_hour: float,
+    ) -> dict[str, Any]:
+        return {
+            "day": day,
+            "period": self.config.period(day),
+            "arm": arm,
+            "policy": self.policies[policy_arm].name,
+            "session_id": turns[0]["session_id"],
+            "user_id": turns[0]["user_id"],
+            "character": turns[0]["character"],
+            "start_hour": start_hour,
+            "end_hour": end_hour,
+            "n_user_messages": int(summary.n_user_messages),
+            "n_bot_turns": len(turns),
+            "likes": sum(t["liked"] for t in turns),
+            "reported": any(t["reported"] for t in turns),
+            "ended_by_user": not turns[-1]["continued"] if turns else True,
+        }
+
+    def _day_log(self, day: int, active_users: int, wall_s: float) -> DayLog:
+        cfg = self.config
+        turns = pd.DataFrame(self._day_turns, columns=list(_TURN_COLUMNS))
+        sessions = pd.DataFrame(self._day_sessions, columns=list(_SESSION_COLUMNS))
+        user_days = _user_days(
+            [u.user_id for u in self.state.users],
+            self.arms,
+            turns,
+            sessions,
+            day,
+            cfg.period(day),
+            cfg.weekday(day),
+        )
+        novelty_by_user = turns.groupby("user_id")["novelty"].first() if len(turns) else None
+        if novelty_by_user is not None:
+            user_days["novelty"] = user_days["user_id"].map(novelty_by_user).fillna(0.0)
+        stats = {
+            "active_users": active_users,
+            "sessions": len(sessions),
+            "turns": len(turns),
+            "wall_s": wall_s,
+            **self.stats.as_row(),
+        }
+        return DayLog(day, cfg.period(day), cfg.weekday(day), sessions, turns, user_days, stats)
+
+
+_TURN_COLUMNS = (
+    "day", "period", "arm", "policy", "session_id", "user_id", "character", "turn_index",
+    "hour", "user_message", "bot_reply", "completion_tokens", "features", "checks",
+    "follows_all", "violates_any", "unsafe", "gold_satisfaction", "novelty", "continued",
+    "liked", "reported",
+)  # fmt: skip
+_SESSION_COLUMNS = (
+    "day", "period", "arm", "policy", "session_id", "user_id", "character", "start_hour",
+    "end_hour", "n_user_messages", "n_bot_turns", "likes", "reported", "ended_by_user",
+)  # fmt: skip
+
+
+def _user_days(
+    user_ids: list[str],
+    arms: Mapping[str, str],
+    turns: pd.DataFrame,
+    sessions: pd.DataFrame,
+    day: int,
+    period: str,
+    weekday: int,
+) -> pd.DataFrame:
+    """One row per assigned user for ``day``: zeros for users who did not come."""
+    frame = pd.DataFrame({"user_id": user_ids})
+    frame["arm"] = frame["user_id"].map(arms)
+    frame["day"] = day
+    frame["period"] = period
+    frame["weekday"] = weekday
+    per_session = sessions.groupby("user_id").agg(
+        sessions=("session_id", "size"), messages=("n_user_messages", "sum")
+    )
+    per_turn = turns.groupby("user_id").agg(
+        bot_replies=("turn_index", "size"),
+        likes=("liked", "sum"),
+        reports=("reported", "sum"),
+        violations=("violates_any", "sum"),
+        follows=("follows_all", "sum"),
+        unsafe_replies=("unsafe", "sum"),
+        completion_tokens=("completion_tokens", "sum"),
+        gold_satisfaction=("gold_satisfaction", "sum"),
+    )
+    frame = frame.join(per_session, on="user_id").join(per_turn, on="user_id")
+    counts = ["sessions", "messages", "bot_replies", "likes", "reports", "violations",
+              "follows", "unsafe_replies", "completion_tokens"]  # fmt: skip
+    frame[counts] = frame[counts].fillna(0).astype("int64")
+    frame["gold_satisfaction"] = frame["gold_satisfaction"].fillna(0.0).astype(float)
+    frame["active"] = frame["sessions"] > 0
+    frame["novelty"] = 0.0
+    return frame
+
+
+def _character_name(character: Any) -> str:
+    return character if isinstance(character, str) else str(getattr(character, "name", character))
+
+
+def _as_dict(obj: Any) -> dict[str, Any]:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.asdict(obj)
+    if isinstance(obj, BaseModel):
+        return obj.model_dump()
+    return dict(obj)
+
+
+def _progress_bar(total: int, done: int, *, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=done, desc="simulated days", unit="day",
+                disable=not enabled, leave=False)  # fmt: skip
