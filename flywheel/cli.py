@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import typer
 
-app = typer.Typer(help="Rehearse a character-chat LLM improvement flywheel in simulation.",
-                  no_args_is_help=True, pretty_exceptions_show_locals=False)
+app = typer.Typer(
+    help="Rehearse a character-chat LLM improvement flywheel in simulation.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
 models_app = typer.Typer(help="Prepare the packaged default models.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 

@@ -33,9 +33,7 @@ class SamplingParams:
                 f"max_new_tokens must be >= 1, got {self.max_new_tokens}; ask for at least one token"
             )
         if self.temperature < 0:
-            raise ValueError(
-                f"temperature must be >= 0 (0 = greedy), got {self.temperature}"
-            )
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 

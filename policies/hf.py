@@ -1,0 +1,130 @@
+"""transformers backend: true batched generation on CPU (or GPU if torch has one).
+
+Replies for a whole batch come from one left-padded ``generate`` call; padding sits on
+the left so every row's next token follows its own prompt. A reply ends at the chat
+template's end-of-turn token. With the same seed and the same batch, replies are
+identical; the seed is offset per chunk so chunks differ from one another.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from policies.base import Chat, Generation, SamplingParams, validate_chat
+from policies.spec import DEFAULT_MODEL, PolicySpec
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+def resolve_model_path(model: str) -> str:
+    """'smollm2' -> the packaged checkpoint (prepared on first use); anything else as is."""
+    if model == DEFAULT_MODEL:
+        from policies.models import smollm2_checkpoint
+
+        return str(smollm2_checkpoint())
+    return model
+
+
+def load_causal_lm(model: str, dtype: torch.dtype = torch.float32):
+    """Load (model, tokenizer) from an id, a folder, or a LoRA adapter folder (merged)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(model)
+    adapter_config = Path(path) / "adapter_config.json"
+    if adapter_config.is_file():
+        from peft import PeftModel
+
+        base = json.loads(adapter_config.read_text())["base_model_name_or_path"]
+        lm = AutoModelForCausalLM.from_pretrained(resolve_model_path(base), dtype=dtype)
+        lm = PeftModel.from_pretrained(lm, path).merge_and_unload()
+        tokenizer_source = path if (Path(path) / "tokenizer_config.json").is_file() else base
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(tokenizer_source))
+    else:
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    lm.eval()
+    return lm, tokenizer
+
+
+class HFPolicy:
+    """A transformers causal LM answering batches of chats."""
+
+    def __init__(self, spec: PolicySpec | None = None) -> None:
+        self.spec = spec or PolicySpec()
+        self.name = self.spec.label
+        self.model, self.tokenizer = load_causal_lm(self.spec.model, DTYPES[self.spec.dtype])
+        self.device = self.model.device
+        eos = {self.tokenizer.eos_token_id}
+        if isinstance(self.model.generation_config.eos_token_id, int):
+            eos.add(self.model.generation_config.eos_token_id)
+        end_of_turn = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        if isinstance(end_of_turn, int) and end_of_turn != self.tokenizer.unk_token_id:
+            eos.add(end_of_turn)
+        self.stop_ids = sorted(i for i in eos if i is not None)
+
+    def _prompt_ids(self, chat: Chat) -> list[int]:
+        """Token ids of the chat, dropping the oldest turns (never the system prompt)."""
+        head = chat[:1] if chat[0]["role"] == "system" else []
+        turns = chat[len(head) :]
+        while True:
+            ids = self.tokenizer.apply_chat_template(
+                head + turns, add_generation_prompt=True, tokenize=True
+            )
+            if hasattr(ids, "keys"):  # newer transformers return a BatchEncoding
+                ids = ids["input_ids"]
+            if len(ids) <= self.spec.max_prompt_tokens or len(turns) <= 1:
+                return list(ids)[-self.spec.max_prompt_tokens :]
+            turns = turns[1:]
+
+    @torch.inference_mode()
+    def generate(self, chats: Sequence[Chat], params: SamplingParams) -> list[Generation]:
+        """One reply per chat; batches of ``spec.batch_size`` rows per ``generate`` call."""
+        for i, chat in enumerate(chats):
+            validate_chat(chat, i)
+        out: list[Generation] = []
+        size = self.spec.batch_size
+        for chunk_index, start in enumerate(range(0, len(chats), size)):
+            chunk = chats[start : start + size]
+            out.extend(self._generate_chunk(chunk, params, params.seed + chunk_index))
+        return out
+
+    def _generate_chunk(
+        self, chats: Sequence[Chat], params: SamplingParams, seed: int
+    ) -> list[Generation]:
+        prompts = [self._prompt_ids(chat) for chat in chats]
+        batch = self.tokenizer.pad({"input_ids": prompts}, return_tensors="pt").to(self.device)
+        sampling = params.temperature > 0
+        torch.manual_seed(seed)
+        generated = self.model.generate(
+            **batch,
+            max_new_tokens=params.max_new_tokens,
+            do_sample=sampling,
+            temperature=params.temperature if sampling else None,
+            top_p=params.top_p if sampling else None,
+            top_k=None,
+            eos_token_id=self.stop_ids,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        new_tokens = generated[:, batch["input_ids"].shape[1] :].tolist()
+        results = []
+        for prompt, row in zip(prompts, new_tokens, strict=True):
+            completion = _until_stop(row, self.stop_ids)
+            text = self.tokenizer.decode(completion, skip_special_tokens=True).strip()
+            results.append(Generation(text, len(prompt), len(completion)))
+        return results
+
+
+def _until_stop(tokens: list[int], stop_ids: Sequence[int]) -> list[int]:
+    for i, token in enumerate(tokens):
+        if token in stop_ids:
+            return tokens[:i]
+    return tokens

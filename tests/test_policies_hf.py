@@ -1,0 +1,100 @@
+"""The hf backend: batched, left-padded, seeded, stops at end-of-turn."""
+
+from __future__ import annotations
+
+import pytest
+
+from policies import PolicySpec, SamplingParams, load_policy
+from policies.hf import HFPolicy
+
+CHATS = [
+    [{"role": "system", "content": "You are a pirate."}, {"role": "user", "content": "hi"}],
+    [{"role": "user", "content": "What is the weather like on your ship today, captain?"}],
+    [
+        {"role": "system", "content": "You are a chef."},
+        {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": "Hi there!"},
+        {"role": "user", "content": "what should I cook?"},
+    ],
+]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama_dir) -> HFPolicy:
+    return load_policy(PolicySpec(model=str(tiny_llama_dir), dtype="float32", batch_size=2))
+
+
+def test_same_seed_same_replies_different_seed_different(tiny: HFPolicy) -> None:
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, seed=7)
+    first = tiny.generate(CHATS, params)
+    again = tiny.generate(CHATS, params)
+    other = tiny.generate(CHATS, SamplingParams(max_new_tokens=12, temperature=1.0, seed=8))
+    assert first == again
+    assert [g.text for g in first] != [g.text for g in other]
+    assert len(first) == len(CHATS)
+
+
+def test_batched_greedy_matches_one_at_a_time(tiny: HFPolicy) -> None:
+    # Left padding with attention masks must not change what each row generates.
+    params = SamplingParams(max_new_tokens=8, temperature=0.0)
+    batched = tiny.generate(CHATS, params)
+    single = [tiny.generate([chat], params)[0] for chat in CHATS]
+    assert [g.text for g in batched] == [g.text for g in single]
+    assert [g.prompt_tokens for g in batched] == [g.prompt_tokens for g in single]
+
+
+def test_token_counts_and_stop(tiny: HFPolicy) -> None:
+    out = tiny.generate(CHATS, SamplingParams(max_new_tokens=5, temperature=1.0))
+    for g in out:
+        assert 0 <= g.completion_tokens <= 5
+        assert g.prompt_tokens > 3
+        assert "<|im_end|>" not in g.text
+    assert tiny.tokenizer.convert_tokens_to_ids("<|im_end|>") in tiny.stop_ids
+
+
+def test_long_history_drops_oldest_turns_keeps_system(tiny_llama_dir) -> None:
+    policy = load_policy(
+        PolicySpec(model=str(tiny_llama_dir), dtype="float32", max_prompt_tokens=60)
+    )
+    chat = [{"role": "system", "content": "SYSTEM-PROMPT"}]
+    for i in range(20):
+        chat += [
+            {"role": "user", "content": f"message {i} " * 3},
+            {"role": "assistant", "content": "ok"},
+        ]
+    chat.append({"role": "user", "content": "last"})
+    ids = policy._prompt_ids(chat)
+    text = policy.tokenizer.decode(ids)
+    assert len(ids) <= 60
+    assert "SYSTEM-PROMPT" in text and "last" in text and "message 0 " not in text
+
+
+@pytest.mark.parametrize(
+    ("chat", "fragment"),
+    [
+        ([], "is empty"),
+        ([{"role": "bot", "content": "x"}], "role 'bot'"),
+        ([{"role": "user", "content": "x"}, {"role": "system", "content": "y"}], "put it first"),
+    ],
+)
+def test_bad_chats_are_named(tiny: HFPolicy, chat, fragment) -> None:
+    with pytest.raises(ValueError, match=fragment):
+        tiny.generate([chat], SamplingParams())
+
+
+def test_bad_params_and_specs() -> None:
+    with pytest.raises(ValueError, match="top_p must be in"):
+        SamplingParams(top_p=1.5)
+    with pytest.raises(ValueError, match="base_url is required"):
+        PolicySpec(backend="openai")
+    with pytest.raises(ValueError, match="Extra inputs"):
+        PolicySpec(modle="x")
+
+
+@pytest.mark.slow
+def test_real_smollm2_answers_in_character() -> None:
+    policy = load_policy("smollm2")
+    params = SamplingParams(max_new_tokens=24, seed=3)
+    out = policy.generate(CHATS[:2], params)
+    assert out == policy.generate(CHATS[:2], params)
+    assert all(g.text and g.completion_tokens > 0 for g in out)
