@@ -25,5 +25,49 @@ def models_prepare() -> None:
     models.prepare_all(verbose=True)
 
 
+@app.command("analyze")
+def analyze(
+    table: str = typer.Argument(
+        ..., help="User-day table, .parquet/.pq or .csv (columns: see flywheel.metrics)."
+    ),
+    out: str = typer.Option(..., "--out", help="Folder for result.json, report.md and plots."),
+    aa: int = typer.Option(0, "--aa", min=0, help="A/A re-randomisations to run (0 = none)."),
+    treatment_share: float = typer.Option(
+        0.5, "--treatment-share", help="Designed share of users in treatment (SRM check)."
+    ),
+    alpha: float = typer.Option(0.05, "--alpha", help="Two-sided test level; CIs at 1 - alpha."),
+    correction: str = typer.Option(
+        "holm", "--correction", help="statsmodels multipletests method, per metric family."
+    ),
+    retention_day: int = typer.Option(1, "--retention-day", help="Retention: active k days later."),
+    cuped: bool = typer.Option(True, "--cuped/--no-cuped", help="Adjust with the pre-period."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the A/A re-randomisations."),
+) -> None:
+    """Analyse an A/B test from a user-level table: lifts, CUPED, SRM, guardrails, decision."""
+    from flywheel.ab import AnalysisConfig, aa_test
+    from flywheel.ab import analyze as run_analysis
+    from flywheel.ab_report import write_report
+    from flywheel.metrics import aggregate_users, load_table
+
+    try:
+        config = AnalysisConfig(
+            alpha=alpha, treatment_share=treatment_share, correction=correction,
+            retention_day=retention_day, cuped=cuped,
+        )  # fmt: skip
+        frame = load_table(table)
+        users = aggregate_users(frame)
+        result = run_analysis(users, config)
+    except (FileNotFoundError, ValueError) as err:
+        # A bad table is the user's to fix: show the message, not a traceback.
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(code=2) from err
+    typer.echo(result.summary())
+    aa_result = aa_test(users, aa, seed=seed, config=config, progress=True) if aa else None
+    if aa_result is not None:
+        typer.echo(aa_result.summary())
+    paths = write_report(result, frame, out, aa=aa_result)
+    typer.echo(f"wrote {', '.join(str(p) for p in paths.values())}")
+
+
 if __name__ == "__main__":
     app()

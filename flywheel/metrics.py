@@ -182,9 +182,15 @@ class UserTable:
     def with_treatment(self, treatment: np.ndarray) -> UserTable:
         """The same users under another assignment (for A/A re-randomisation)."""
         return UserTable(
-            self.user_id, np.asarray(treatment, dtype=bool), self.test, self.pre,
-            self.active_by_day, self.first_exposure, self.first_test_day, self.n_pre_days,
-        )  # fmt: skip
+            self.user_id,
+            np.asarray(treatment, dtype=bool),
+            self.test,
+            self.pre,
+            self.active_by_day,
+            self.first_exposure,
+            self.first_test_day,
+            self.n_pre_days,
+        )
 
 
 def aggregate_users(table: pd.DataFrame) -> UserTable:
@@ -221,10 +227,15 @@ def aggregate_users(table: pd.DataFrame) -> UserTable:
         ever = active_by_day.any(axis=1)
         first_exposure = np.where(ever, active_by_day.argmax(axis=1), np.nan).astype(float)
     return UserTable(
-        user_id=np.asarray(user_ids), treatment=treatment, test=test, pre=pre,
-        active_by_day=active_by_day, first_exposure=first_exposure,
-        first_test_day=first_test_day, n_pre_days=n_pre_days,
-    )  # fmt: skip
+        user_id=np.asarray(user_ids),
+        treatment=treatment,
+        test=test,
+        pre=pre,
+        active_by_day=active_by_day,
+        first_exposure=first_exposure,
+        first_test_day=first_test_day,
+        n_pre_days=n_pre_days,
+    )
 
 
 @dataclass(frozen=True)
@@ -277,10 +288,16 @@ def engagement_breadth(users: UserTable) -> UserMetric:
     ones = np.ones(users.n_users)
     pre_days = max(users.n_pre_days, 1)  # no pre-period: covariate is 0 and CUPED does nothing
     return UserMetric(
-        "breadth", "mean", "success", True,
-        users.test["active"] / users.n_test_days, ones, users.pre["active"] / pre_days, ones,
+        "breadth",
+        "mean",
+        "success",
+        True,
+        users.test["active"] / users.n_test_days,
+        ones,
+        users.pre["active"] / pre_days,
+        ones,
         "share of assigned users active per test day, averaged over test days",
-    )  # fmt: skip
+    )
 
 
 def engagement_depth(users: UserTable) -> UserMetric:
@@ -290,10 +307,16 @@ def engagement_depth(users: UserTable) -> UserMetric:
     Users never active count in the variance with 0 / 0. Covariate: pre-period depth.
     """
     return UserMetric(
-        "depth", "ratio", "success", True,
-        users.test["messages"], users.test["active"], users.pre["messages"], users.pre["active"],
+        "depth",
+        "ratio",
+        "success",
+        True,
+        users.test["messages"],
+        users.test["active"],
+        users.pre["messages"],
+        users.pre["active"],
         "user messages per active user-day",
-    )  # fmt: skip
+    )
 
 
 def retention(users: UserTable, day: int = DEFAULT_RETENTION_DAY) -> UserMetric:
@@ -312,18 +335,30 @@ def retention(users: UserTable, day: int = DEFAULT_RETENTION_DAY) -> UserMetric:
     pre_breadth = users.pre["active"] / max(users.n_pre_days, 1)
     weight = eligible.astype(float)
     return UserMetric(
-        f"retention_d{day}", "mean", "success", True,
-        returned.astype(float), weight, pre_breadth * weight, weight,
+        f"retention_d{day}",
+        "mean",
+        "success",
+        True,
+        returned.astype(float),
+        weight,
+        pre_breadth * weight,
+        weight,
         f"share of exposed users active {day} day(s) after first exposure",
-    )  # fmt: skip
+    )
 
 
 def _per_reply_rate(users: UserTable, name: str, column: str, what: str) -> UserMetric:
     return UserMetric(
-        name, "ratio", "guardrail", False,
-        users.test[column], users.test["bot_replies"], users.pre[column], users.pre["bot_replies"],
+        name,
+        "ratio",
+        "guardrail",
+        False,
+        users.test[column],
+        users.test["bot_replies"],
+        users.pre[column],
+        users.pre["bot_replies"],
         what,
-    )  # fmt: skip
+    )
 
 
 def report_rate(users: UserTable) -> UserMetric:
