@@ -1,0 +1,260 @@
+"""SFT, DPO and GRPO end to end on the tiny random Llama; rewards; rejection sampling."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from rewards.checkers import build_checkers
+from training.grpo import build_rewards, grpo_config, grpo_records, load_config_overrides
+from training.models import TRAINING_MARKER, model_config
+from training.rejection import (
+    best_of_n_kl,
+    best_of_n_sweep,
+    expected_best_of_n,
+    preference_records,
+    sample_candidates,
+    score_candidates,
+)
+from training.rewards import (
+    ArtifactPenalty,
+    RewardModelReward,
+    SteerabilityReward,
+    StyleReference,
+    check_rewards,
+)
+
+CHECKERS = {
+    "Pixel": build_checkers({"ends_with_question": True, "max_words": 12, "no_emoji": True}),
+    "Mara": build_checkers({"starts_with": "Ahoy"}),
+}
+PROMPTS = [
+    [
+        {"role": "system", "content": "You are Pixel, a retro gamer. End with a question."},
+        {"role": "user", "content": f"hi, I like game number {i}"},
+    ]
+    for i in range(8)
+]
+REFERENCE = StyleReference.from_replies(
+    ["Hello there, how are you today?", "Nice to meet you, what do you play?"] * 6
+)
+
+
+def _weights(path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
+def _changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> bool:
+    return any(not torch.equal(before[k], after[k]) for k in before if k in after)
+
+
+def _assert_serves(path) -> None:
+    from policies import SamplingParams, load_policy
+
+    policy = load_policy(str(path))
+    [reply] = policy.generate([PROMPTS[0]], SamplingParams(max_new_tokens=4, seed=0))
+    assert reply.completion_tokens >= 1
+    assert json.loads((path / TRAINING_MARKER).read_text())["recipe"]
+
+
+def test_sft_trains_and_saves_a_servable_merged_checkpoint(tiny_llama_dir, tmp_path):
+    from training.sft import sft_config, train_sft
+
+    records = [
+        {"prompt": p, "completion": [{"role": "assistant", "content": "Ahoy! What game?"}]}
+        for p in PROMPTS
+    ]
+    out = train_sft(
+        records,
+        model_config(str(tiny_llama_dir)),
+        sft_config(tmp_path / "work", max_steps=2, learning_rate=1e-2),
+        tmp_path / "sft",
+    )
+    assert not (out / "adapter_config.json").exists()  # merged, a plain checkpoint
+    assert _changed(_weights(tiny_llama_dir), _weights(out))
+    marker = json.loads((out / TRAINING_MARKER).read_text())
+    assert marker["recipe"] == "sft" and math.isfinite(marker["metrics"]["train_loss"])
+    _assert_serves(out)
+
+
+def test_dpo_trains_on_pairs_and_saves_a_servable_checkpoint(tiny_llama_dir, tmp_path):
+    from training.dpo import dpo_config, train_dpo
+
+    records = [
+        {
+            "prompt": p,
+            "chosen": [{"role": "assistant", "content": "What do you play?"}],
+            "rejected": [{"role": "assistant", "content": "As an AI I cannot play 😀"}],
+        }
+        for p in PROMPTS
+    ]
+    out = train_dpo(
+        records,
+        model_config(str(tiny_llama_dir)),
+        dpo_config(tmp_path / "work", max_steps=2, learning_rate=1e-2),
+        tmp_path / "dpo",
+    )
+    assert _changed(_weights(tiny_llama_dir), _weights(out))
+    _assert_serves(out)
+
+
+def test_grpo_runs_a_few_steps_and_logs_each_reward(tiny_llama_dir, tmp_path):
+    from training.grpo import train_grpo
+
+    args = grpo_config(
+        tmp_path / "work",
+        max_steps=2,
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=8,
+        learning_rate=1e-2,
+    )
+    out = train_grpo(
+        grpo_records(PROMPTS, ["Pixel"] * len(PROMPTS)),
+        build_rewards(CHECKERS, REFERENCE),
+        model_config(str(tiny_llama_dir)),
+        args,
+        tmp_path / "grpo",
+    )
+    assert args.multi_objective_aggregation == "normalize_then_sum"
+    metrics = json.loads((out / TRAINING_MARKER).read_text())["metrics"]
+    assert metrics["reward_names"] == ["steerability", "artifact_penalty"]
+    for name in metrics["reward_names"]:
+        assert math.isfinite(metrics[f"reward/{name}"])
+        assert f"rewards/{name}/mean" in metrics
+    _assert_serves(out)
+
+
+def test_full_fine_tuning_is_a_config_switch(tiny_llama_dir, tmp_path):
+    from training.sft import sft_config, train_sft
+
+    records = [{"prompt": PROMPTS[0], "completion": [{"role": "assistant", "content": "Hi?"}]}]
+    out = train_sft(
+        records,
+        model_config(str(tiny_llama_dir), use_peft=False),
+        sft_config(tmp_path / "work", max_steps=1, per_device_train_batch_size=1),
+        tmp_path / "full",
+    )
+    assert json.loads((out / TRAINING_MARKER).read_text())["model_config"]["use_peft"] is False
+    assert _changed(_weights(tiny_llama_dir), _weights(out))
+
+
+def test_steerability_reward_rewards_compliance_and_punishes_prohibitions():
+    reward = SteerabilityReward(CHECKERS)
+    assert reward.__name__ == "steerability"
+    good, partial, bad = "What do you play?", "I play chess.", "I play chess 😀"
+    values = reward(
+        [PROMPTS[0]] * 3,
+        [[{"role": "assistant", "content": t}] for t in (good, partial, bad)],
+        character=["Pixel"] * 3,
+    )
+    # 3/3 met + 1; 2/3 met; 1/3 met - 1 (no_emoji broken)
+    assert values == pytest.approx([2.0, 2 / 3, 1 / 3 - 1])
+    with pytest.raises(ValueError, match="character"):
+        reward([PROMPTS[0]], ["x"])
+    with pytest.raises(ValueError, match="Nobody"):
+        reward([PROMPTS[0]], ["x"], character=["Nobody"])
+
+
+def test_artifact_penalty_is_zero_near_reference_and_grows_with_emoji_spam():
+    penalty = ArtifactPenalty(REFERENCE, tolerance=0.5)
+    logged: dict[str, float] = {}
+    typical, spam = "Hello friend, what do you play?", "Hi 😀😀😀😀 !!!!"
+    values = penalty(
+        ["p", "p"],
+        [typical, spam],
+        log_metric=lambda name, value: logged.__setitem__(name, value),
+    )
+    assert values[0] == 0.0
+    assert values[1] < -5
+    assert logged["reward/artifact_penalty"] == pytest.approx(np.mean(values))
+
+
+def test_reward_model_reward_scores_last_user_message_and_checks_finiteness():
+    class LengthScorer:
+        def score(self, contexts, replies):
+            return np.array([len(r) - len(c) for c, r in zip(contexts, replies, strict=True)])
+
+    reward = RewardModelReward(LengthScorer())
+    assert reward([PROMPTS[0]], ["abc"]) == [3 - len(PROMPTS[0][-1]["content"])]
+
+    class NaNScorer:
+        def score(self, contexts, replies):
+            return np.full(len(replies), np.nan)
+
+    with pytest.raises(ValueError, match="reward_model"):
+        RewardModelReward(NaNScorer())([PROMPTS[0]], ["abc"])
+    with pytest.raises(ValueError, match="one per completion"):
+        check_rewards("x", [1.0], 2)
+    with pytest.raises(TypeError, match="score"):
+        RewardModelReward(object())
+
+
+def test_expected_best_of_n_matches_enumeration_over_all_subsets():
+    rng = np.random.default_rng(0)
+    proxy, gold = rng.normal(size=7), rng.normal(size=7)
+    for n in (1, 2, 3, 7):
+        subsets = list(itertools.combinations(range(7), n))
+        brute = np.mean([gold[max(s, key=lambda i: proxy[i])] for s in subsets])
+        assert expected_best_of_n(proxy, gold, n) == pytest.approx(brute)
+    assert best_of_n_kl(1) == 0.0
+    assert best_of_n_kl(16) == pytest.approx(math.log(16) - 15 / 16)
+
+
+def test_sweep_shows_proxy_rising_and_gold_falling_when_they_disagree(tmp_path):
+    rng = np.random.default_rng(1)
+    rows = []
+    for context in range(30):
+        style = rng.normal(size=16)  # the proxy pays for style, gold punishes it
+        content = rng.normal(size=16)
+        for j in range(16):
+            rows.append(
+                {
+                    "context_id": context,
+                    "proxy": content[j] + 2 * style[j],
+                    "gold": content[j] - style[j],
+                }
+            )
+    sweep = best_of_n_sweep(pd.DataFrame(rows), [1, 2, 4, 8, 16], "proxy", "gold")
+    table = sweep.table
+    assert list(table["n"]) == [1, 2, 4, 8, 16]
+    assert table["proxy"].is_monotonic_increasing
+    assert table["gold"].iloc[-1] < table["gold"].iloc[0]
+    png = sweep.plot(tmp_path / "bon.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "sqrt KL" in sweep.summary()
+
+
+def test_rejection_sampling_keeps_best_and_pairs_best_with_worst(tiny_llama_dir):
+    from policies import SamplingParams, load_policy
+
+    policy = load_policy(str(tiny_llama_dir))
+    extra = pd.DataFrame({"user_id": [f"u{i}" for i in range(3)]})
+    candidates = sample_candidates(
+        policy, PROMPTS[:3], ["Pixel"] * 3, 4, SamplingParams(max_new_tokens=6, seed=0), extra
+    )
+    assert len(candidates) == 12 and list(candidates["user_id"][:4]) == ["u0"] * 4
+    scored = score_candidates(candidates, build_rewards(CHECKERS, REFERENCE))
+    assert {"reward/steerability", "reward/artifact_penalty", "score"} <= set(scored.columns)
+    pairs = preference_records(scored)
+    for pair in pairs:
+        group = scored[scored["prompt"].map(lambda p, pr=pair["prompt"]: p == pr)]
+        assert pair["chosen"][0]["content"] == group.loc[group["score"].idxmax(), "reply"]
+        assert pair["rejected"][0]["content"] == group.loc[group["score"].idxmin(), "reply"]
+
+
+def test_grpo_gpu_switch_is_a_config_file(tmp_path):
+    overrides = load_config_overrides("training/configs/grpo_vllm.yaml")
+    assert overrides["use_vllm"] is True and overrides["vllm_mode"] in ("server", "colocate")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("use_vlm: true\n")
+    with pytest.raises(ValueError, match="use_vlm"):
+        load_config_overrides(bad)

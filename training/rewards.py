@@ -1,0 +1,245 @@
+"""GRPO reward functions: separate, named, TRL-style callables.
+
+Each reward is an object called as ``reward(prompts, completions, **kwargs) -> list[float]``
+(TRL's reward-function signature) with a stable ``__name__``, which TRL turns into the
+metric ``rewards/<name>/mean``; every call also logs ``reward/<name>`` (the batch mean)
+through TRL's ``log_metric`` hook, the project's metric namespace. The three components:
+
+- ``reward_model``: the score of a trained reward model (any object with
+  ``score(contexts, replies) -> array``; context = the last user message).
+- ``steerability``: the character's verifiable instructions (``rewards.checkers``): the
+  share of its instructions the reply meets, plus 1 when it meets all of them (the
+  instruction-following rate counts only complete compliance, so that step is rewarded
+  on its own), minus 1 when it breaks a prohibition.
+- ``artifact_penalty``: how far the reply's style (words, emoji, exclamation marks) strays
+  from the *reference model's* replies to the same character, in reference standard
+  deviations beyond a tolerance, summed over features and negated. Without it GRPO
+  learns the cheapest trick first (collapsing length, emoji spam): see DESIGN.md.
+
+Components live on different scales, so they are normalised each on its own before
+they are combined: GRPO runs with TRL's ``multi_objective_aggregation =
+"normalize_then_sum"`` (each reward standardised within its group of completions, then
+weighted), set by ``training.grpo.grpo_config``.
+
+Every output is checked where it enters training: one finite float per completion, else
+a ValueError naming the reward, the position and the value.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from rewards.checkers import Checker, run_checkers
+from rewards.features import style_features
+
+# Style features the artifact penalty watches, with the floor on their reference standard
+# deviation: a reference model that never uses emoji has std 0, and one emoji must then
+# cost a bounded, not an infinite, penalty.
+ARTIFACT_FEATURES: dict[str, float] = {"words": 2.0, "emoji": 0.5, "exclamations": 0.5}
+# A character needs this many reference replies for its own statistics; with fewer, the
+# pooled statistics over every character are used.
+MIN_REFERENCE_REPLIES = 8
+
+
+def completion_text(completion: Any) -> str:
+    """The reply text of one TRL completion (a string, or a list of assistant messages)."""
+    if isinstance(completion, str):
+        return completion
+    return "".join(m.get("content", "") for m in completion if m.get("role") == "assistant")
+
+
+def last_user_message(prompt: Any) -> str:
+    """The last user message of a conversational prompt (the prompt itself if a string)."""
+    if isinstance(prompt, str):
+        return prompt
+    for message in reversed(prompt):
+        if message.get("role") == "user":
+            return str(message.get("content", ""))
+    return ""
+
+
+def check_rewards(name: str, values: Sequence[float], n_expected: int) -> list[float]:
+    """Return ``values`` as floats if there is one finite value per completion, else raise."""
+    values = [float(v) for v in values]
+    if len(values) != n_expected:
+        raise ValueError(
+            f"reward {name!r} returned {len(values)} values for {n_expected} completions; "
+            "it must return one per completion"
+        )
+    for i, v in enumerate(values):
+        if not math.isfinite(v):
+            raise ValueError(
+                f"reward {name!r} returned {v} for completion {i}; rewards must be finite "
+                "(check the reward model's inputs and the reference statistics)"
+            )
+    return values
+
+
+def _emit(name: str, values: list[float], kwargs: Mapping[str, Any]) -> list[float]:
+    log_metric = kwargs.get("log_metric")
+    if log_metric is not None:
+        log_metric(f"reward/{name}", float(np.mean(values)))
+    return values
+
+
+class ReplyScorer(Protocol):
+    """A reward model as the GRPO reward needs it."""
+
+    def score(self, contexts: Sequence[str], replies: Sequence[str]) -> np.ndarray:
+        """One score per (context, reply); higher is better."""
+        ...
+
+
+class RewardModelReward:
+    """``reward_model``: a trained reward model's score of each reply."""
+
+    __name__ = "reward_model"
+
+    def __init__(self, scorer: ReplyScorer) -> None:
+        if not callable(getattr(scorer, "score", None)):
+            raise TypeError(
+                f"reward_model needs an object with score(contexts, replies), got "
+                f"{type(scorer).__name__}; fix: pass a trained model from rewards.models"
+            )
+        self.scorer = scorer
+
+    def __call__(self, prompts: list[Any], completions: list[Any], **kwargs: Any) -> list[float]:
+        """Score each completion against the last user message of its prompt."""
+        contexts = [last_user_message(p) for p in prompts]
+        replies = [completion_text(c) for c in completions]
+        scores = np.asarray(self.scorer.score(contexts, replies), dtype=float).ravel()
+        return _emit(self.__name__, check_rewards(self.__name__, scores, len(prompts)), kwargs)
+
+
+class SteerabilityReward:
+    """``steerability``: the character's instruction checkers on each reply.
+
+    reward = share of instructions met + 1 if all are met - 1 if a prohibition is broken.
+    Needs a ``character`` column in the GRPO dataset (TRL passes it as a kwarg).
+    """
+
+    __name__ = "steerability"
+
+    def __init__(self, checkers: Mapping[str, Sequence[Checker]]) -> None:
+        if not checkers:
+            raise ValueError(
+                "steerability needs checkers for at least one character; fix: pass "
+                "{character.name: character.checkers}"
+            )
+        self.checkers = {name: tuple(c) for name, c in checkers.items()}
+
+    def score(self, reply: str, character: str) -> float:
+        """The reward of one reply for one character."""
+        if character not in self.checkers:
+            raise ValueError(
+                f"steerability has no checkers for character {character!r}; known: "
+                f"{sorted(self.checkers)}; fix: include it in the checkers mapping"
+            )
+        checkers = self.checkers[character]
+        if not checkers:
+            return 0.0
+        result = run_checkers(reply, checkers)
+        share = sum(result.checks.values()) / len(result.checks)
+        return share + float(result.follows_all) - float(result.violates_any)
+
+    def __call__(self, prompts: list[Any], completions: list[Any], **kwargs: Any) -> list[float]:
+        """Reward each completion for its row's character."""
+        characters = kwargs.get("character")
+        if characters is None:
+            raise ValueError(
+                "steerability needs a 'character' column in the training dataset; "
+                "fix: build the dataset with training.grpo.grpo_records"
+            )
+        values = [
+            self.score(completion_text(c), str(ch))
+            for c, ch in zip(completions, characters, strict=True)
+        ]
+        return _emit(self.__name__, check_rewards(self.__name__, values, len(prompts)), kwargs)
+
+
+@dataclass(frozen=True)
+class StyleReference:
+    """Mean and standard deviation of style features of the reference model's replies,
+    per character and pooled (key ``None``)."""
+
+    stats: Mapping[str | None, Mapping[str, tuple[float, float]]]
+
+    @classmethod
+    def from_replies(
+        cls, replies: Sequence[str], characters: Sequence[str] | None = None
+    ) -> StyleReference:
+        """Fit from reference replies (optionally labelled with their character)."""
+        if not replies:
+            raise ValueError(
+                "StyleReference needs reference replies; fix: sample the reference model "
+                "on the training prompts first"
+            )
+        labels = list(characters) if characters is not None else [None] * len(replies)
+        if len(labels) != len(replies):
+            raise ValueError(
+                f"StyleReference got {len(replies)} replies but {len(labels)} characters"
+            )
+        table = np.array(
+            [[style_features(r)[f] for f in ARTIFACT_FEATURES] for r in replies], dtype=float
+        )
+
+        def fit(rows: np.ndarray) -> dict[str, tuple[float, float]]:
+            return {
+                f: (float(rows[:, j].mean()), max(float(rows[:, j].std()), floor))
+                for j, (f, floor) in enumerate(ARTIFACT_FEATURES.items())
+            }
+
+        stats: dict[str | None, dict[str, tuple[float, float]]] = {None: fit(table)}
+        label_array = np.array(labels, dtype=object)
+        for name in {lab for lab in labels if lab is not None}:
+            rows = table[label_array == name]
+            if len(rows) >= MIN_REFERENCE_REPLIES:
+                stats[name] = fit(rows)
+        return cls(stats)
+
+    def for_character(self, character: str | None) -> Mapping[str, tuple[float, float]]:
+        """The character's statistics, or the pooled ones when it has too few replies."""
+        return self.stats.get(character, self.stats[None])
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (pooled statistics under the key ``"*"``)."""
+        return {("*" if k is None else k): dict(v) for k, v in self.stats.items()}
+
+
+class ArtifactPenalty:
+    """``artifact_penalty``: minus the style drift of a reply from the reference model.
+
+    penalty = - sum over features of max(0, |x - mean| / std - tolerance), with the
+    reference statistics of the row's character (pooled if unknown).
+    """
+
+    __name__ = "artifact_penalty"
+
+    def __init__(self, reference: StyleReference, tolerance: float = 0.5) -> None:
+        if tolerance < 0:
+            raise ValueError(f"artifact tolerance must be >= 0 std, got {tolerance}")
+        self.reference = reference
+        self.tolerance = tolerance
+
+    def score(self, reply: str, character: str | None = None) -> float:
+        """The (non-positive) penalty of one reply."""
+        features = style_features(reply)
+        stats = self.reference.for_character(character)
+        return -sum(
+            max(0.0, abs(features[f] - mean) / std - self.tolerance)
+            for f, (mean, std) in stats.items()
+        )
+
+    def __call__(self, prompts: list[Any], completions: list[Any], **kwargs: Any) -> list[float]:
+        """Penalise each completion's style drift."""
+        characters = kwargs.get("character") or [None] * len(completions)
+        values = [
+            self.score(completion_text(c), ch)
+            for c, ch in zip(completions, characters, strict=True)
+        ]
+        return _emit(self.__name__, check_rewards(self.__name__, values, len(prompts)), kwargs)
