@@ -261,7 +261,7 @@ AI_SELF_REFERENCE_RE = re.compile(
     rf"(?<!\w)(?:as an? {_AI_NOUN}"
     rf"|i(?:'m| am|’m) (?:just |only |merely |simply )?(?:an? )?{_AI_NOUN}"
     rf"|i(?:'m| am|’m) not (?:a )?(?:real|human|a real person)"
-    r"|(?:large )?language model"
+    r"|(?:large )?language models?"
     r"|my training data|i was trained (?:on|by)"
     r")(?!\w)",
     re.IGNORECASE,
@@ -271,8 +271,9 @@ AI_SELF_REFERENCE_RE = re.compile(
 @dataclass(frozen=True)
 class NoAISelfReference(Checker):
     """The reply never calls itself an AI / language model / bot / program, never says it is
-    not human and never mentions its training (``AI_SELF_REFERENCE_RE``). "ai" must be a
-    whole word, so "said" or "Thai" never match."""
+    not human, never mentions language models at all (a character has no reason to) and
+    never mentions its training (``AI_SELF_REFERENCE_RE``). "ai" must be a whole word, so
+    "said" or "Thai" never match; "the AI in that movie" is not a self-reference."""
 
     kind = "no_ai_reference"
     prohibition = True
