@@ -1,0 +1,233 @@
+"""openai backend: a client for any OpenAI-compatible ``/v1/chat/completions`` server.
+
+vLLM's server, llama.cpp's server (``python -m llama_cpp.server``) and hosted APIs all
+speak this protocol, so the simulator can drive a bigger model on another machine without
+a line of code changing: only ``policy.base_url`` and ``policy.model`` in the scenario.
+
+One ``generate`` call sends one request per chat, up to ``spec.batch_size`` in flight at
+once; a server that batches internally (vLLM does, continuous batching) turns them into
+one forward pass, a server that serialises them (llama-cpp-python's does) simply queues
+them. Each request carries ``seed + index`` so that replies differ from chat to chat but a
+repeated call with the same seed asks for the same thing (whether the server honours the
+seed is the server's business; llama.cpp's does, see tests/test_policies_openai.py).
+
+Transient failures (connection errors, timeouts, HTTP 429 and 5xx) are retried with
+jittered exponential backoff, honouring ``Retry-After``; everything else fails at once with
+an error naming the URL, what came back and the likely fix. Unlike the hf backend this one
+does not trim long histories: the client has no tokenizer, so a prompt past the server's
+context window comes back as the server's own HTTP 400, quoted in the error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
+
+from policies.base import Chat, Generation, SamplingParams, validate_chat
+from policies.spec import PolicySpec
+
+INITIAL_BACKOFF_S = 0.5  # seconds before the first retry; doubles each retry, plus jitter
+MAX_BACKOFF_S = 20.0  # seconds; also caps a server's Retry-After
+BODY_SNIPPET_CHARS = 300  # how much of a bad reply an error message quotes
+RETRIED_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+_USAGE_KEYS = ("prompt_tokens", "completion_tokens")
+
+
+class ServerError(RuntimeError):
+    """An OpenAI-compatible server could not be reached, refused a request or answered badly."""
+
+
+class TransientServerError(ServerError):
+    """A failure worth retrying: the connection, a timeout, HTTP 429 or a 5xx."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+_jittered_backoff = wait_exponential_jitter(
+    multiplier=INITIAL_BACKOFF_S, max=MAX_BACKOFF_S, jitter=INITIAL_BACKOFF_S
+)
+
+
+def _backoff(state: RetryCallState) -> float:
+    """Jittered exponential backoff, or the server's Retry-After when that is longer."""
+    error = state.outcome.exception() if state.outcome else None
+    retry_after = getattr(error, "retry_after_s", None) or 0.0
+    return min(MAX_BACKOFF_S, max(_jittered_backoff(state), retry_after))
+
+
+def _snippet(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= BODY_SNIPPET_CHARS else text[:BODY_SNIPPET_CHARS] + "..."
+
+
+def _retry_after_s(response: httpx.Response) -> float | None:
+    try:
+        return float(response.headers.get("retry-after", ""))
+    except ValueError:  # absent, or an HTTP date: fall back to our own backoff
+        return None
+
+
+class OpenAIPolicy:
+    """Chats answered by an OpenAI-compatible server at ``spec.base_url``."""
+
+    def __init__(self, spec: PolicySpec) -> None:
+        if spec.backend != "openai" or not spec.base_url:
+            raise ValueError(
+                f"OpenAIPolicy needs backend='openai' and a base_url, got backend={spec.backend!r} "
+                f"base_url={spec.base_url!r}; set policy.base_url, e.g. http://127.0.0.1:8000/v1"
+            )
+        self.spec = spec
+        self.name = spec.label
+        self.url = spec.base_url.rstrip("/") + "/chat/completions"
+        headers = {"Content-Type": "application/json"}
+        api_key = os.environ.get(spec.api_key_env)
+        if api_key:  # local servers (llama.cpp, vLLM without --api-key) need none
+            headers["Authorization"] = f"Bearer {api_key}"
+        self._client = httpx.Client(
+            headers=headers,
+            timeout=httpx.Timeout(spec.timeout_s),
+            limits=httpx.Limits(
+                max_connections=spec.batch_size, max_keepalive_connections=spec.batch_size
+            ),
+        )
+        # Threads rather than asyncio: generate() must also work when the caller already
+        # runs an event loop (Streamlit, Jupyter), where asyncio.run() is refused.
+        self._pool = ThreadPoolExecutor(spec.batch_size, thread_name_prefix="openai-policy")
+
+    def generate(self, chats: Sequence[Chat], params: SamplingParams) -> list[Generation]:
+        """One reply per chat, in order; chat ``i`` is sampled with seed ``params.seed + i``."""
+        for i, chat in enumerate(chats):
+            validate_chat(chat, i)
+        futures = [
+            self._pool.submit(self._complete, chat, params, params.seed + i)
+            for i, chat in enumerate(chats)
+        ]
+        try:
+            return [future.result() for future in futures]
+        finally:
+            for future in futures:  # after a failure, do not keep the server busy for nothing
+                future.cancel()
+
+    def close(self) -> None:
+        """Release the connection pool and the worker threads."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._client.close()
+
+    def __enter__(self) -> OpenAIPolicy:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def payload(self, chat: Chat, params: SamplingParams, seed: int) -> dict[str, Any]:
+        """The request body for one chat: our sampling params in OpenAI's names."""
+        return {
+            "model": self.spec.model,
+            "messages": chat,
+            "max_tokens": params.max_new_tokens,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "seed": seed,
+            "stream": False,
+        }
+
+    def _complete(self, chat: Chat, params: SamplingParams, seed: int) -> Generation:
+        attempts = self.spec.max_retries + 1
+        retrying = Retrying(
+            retry=retry_if_exception_type(TransientServerError),
+            stop=stop_after_attempt(attempts),
+            wait=_backoff,
+            reraise=True,
+        )
+        try:
+            body = retrying(self._post, self.payload(chat, params, seed))
+        except TransientServerError as error:
+            raise ServerError(f"{error} (gave up after {attempts} attempt(s))") from error
+        return parse_reply(body, self.url)
+
+    def _post(self, payload: dict[str, Any]) -> str:
+        try:
+            response = self._client.post(self.url, json=payload)
+        except httpx.ConnectError as error:
+            raise TransientServerError(
+                f"cannot connect to {self.url} ({error}); is the server running? Start one, e.g. "
+                "`python -m llama_cpp.server --model MODEL.gguf --port 8000` or `vllm serve MODEL`, "
+                "and set policy.base_url to its /v1 root"
+            ) from error
+        except httpx.TimeoutException as error:
+            raise TransientServerError(
+                f"no reply from {self.url} within policy.timeout_s={self.spec.timeout_s} s "
+                f"({type(error).__name__}); raise policy.timeout_s or lower policy.batch_size"
+            ) from error
+        except httpx.TransportError as error:
+            raise TransientServerError(
+                f"connection to {self.url} failed: {type(error).__name__}: {error}"
+            ) from error
+        if response.status_code == 200:
+            return response.text
+        message = (
+            f"{self.url} answered HTTP {response.status_code}: {_snippet(response.text)!r}"
+            f"{self._hint(response.status_code)}"
+        )
+        if response.status_code in RETRIED_STATUSES:
+            raise TransientServerError(message, retry_after_s=_retry_after_s(response))
+        raise ServerError(message)
+
+    def _hint(self, status: int) -> str:
+        if status in (401, 403):
+            return f"; put a valid API key in the environment variable ${self.spec.api_key_env}"
+        if status == 404:
+            return (
+                f"; check that policy.base_url is the API root (usually ends in /v1) and that "
+                f"the server serves policy.model={self.spec.model!r}"
+            )
+        if status in (400, 422):
+            return "; the server rejected the request (prompt longer than its context window?)"
+        return ""
+
+
+def parse_reply(body: str, url: str) -> Generation:
+    """Text and token counts of one chat-completions reply; a clear error if it is malformed."""
+
+    def malformed(what: str) -> ServerError:
+        return ServerError(
+            f"malformed reply from {url}: {what}; body starts {_snippet(body)!r}; "
+            "is policy.base_url an OpenAI-compatible chat-completions server?"
+        )
+
+    try:
+        reply = json.loads(body)
+    except json.JSONDecodeError as error:
+        raise malformed(f"not JSON ({error.msg})") from error
+    if not isinstance(reply, dict):
+        raise malformed(f"expected a JSON object, got {type(reply).__name__}")
+    choices = reply.get("choices")
+    if not isinstance(choices, list) or not choices:
+        raise malformed("no 'choices' list")
+    message = choices[0].get("message") if isinstance(choices[0], dict) else None
+    if not isinstance(message, dict):
+        raise malformed("choices[0] has no 'message' object")
+    content = message.get("content")
+    if not isinstance(content, str):
+        raise malformed(f"choices[0].message.content is {type(content).__name__}, not a string")
+    usage = reply.get("usage")
+    counts = [usage.get(key) if isinstance(usage, dict) else None for key in _USAGE_KEYS]
+    if not all(isinstance(count, int) for count in counts):
+        raise malformed(
+            "no integer 'usage.prompt_tokens' and 'usage.completion_tokens' (token counts)"
+        )
+    return Generation(content.strip(), counts[0], counts[1])
