@@ -413,7 +413,19 @@ def daily_curves(table: pd.DataFrame) -> pd.DataFrame:
     validate_table(table)
     frame = table.assign(period=np.where(_is_pre(table), "pre", "test"))
     arm_users = frame.groupby("arm")["user_id"].nunique()
-    sums = frame.groupby(["arm", "period", "day"], as_index=False)[["active", *COUNT_COLUMNS]].sum()
+    sums = frame.groupby(["arm", "period", "day"])[["active", *COUNT_COLUMNS]].sum()
+    # Every day of each period for every arm: a day nobody logged is a day nobody was active.
+    days = frame.groupby("period")["day"].agg(["min", "max"])
+    full = pd.MultiIndex.from_tuples(
+        [
+            (arm, period, day)
+            for arm in arm_users.index
+            for period, (low, high) in days.iterrows()
+            for day in range(int(low), int(high) + 1)
+        ],
+        names=["arm", "period", "day"],
+    )
+    sums = sums.reindex(full, fill_value=0).reset_index()
     sums["users"] = sums["arm"].map(arm_users).astype(int)
     with np.errstate(divide="ignore", invalid="ignore"):
         sums["breadth"] = sums["active"] / sums["users"]

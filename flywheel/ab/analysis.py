@@ -230,7 +230,8 @@ def _standardized_mde(n_control: float, n_treatment: float, alpha: float, power:
     effect = TTestIndPower().solve_power(
         effect_size=None, nobs1=n_control, alpha=alpha, power=power, ratio=n_treatment / n_control
     )
-    return float(effect)
+    # solve_power answers a scalar or, when it falls back to its second root finder, a 1-array
+    return float(np.asarray(effect, dtype=float).item())
 
 
 def _adjust(p_values: list[float], alpha: float, method: str) -> list[float]:

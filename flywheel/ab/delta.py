@@ -1,7 +1,10 @@
 """Lift estimation for one metric: delta method, CUPED, Welch / z tests, vectorised.
 
-The input is the user-day table documented in :mod:`flywheel.metrics`; the metrics are the
-definitions there. The user is the unit of randomisation and of analysis.
+The input is a :class:`flywheel.metrics.UserMetric` (per-user numerator, denominator and their
+pre-period values) and a per-user treatment flag; the user is the unit of randomisation and of
+analysis. An assignment enters every formula below only through per-arm sums of 15 per-user
+moment columns (count, four values, ten products), so many assignments of the same users
+(A/A) are one matrix product, and everything after it is vectorised over replicates.
 
 Statistics (the delta-method algebra is ours; distributions, tests, power and multiplicity
 come from scipy and statsmodels):
@@ -27,9 +30,9 @@ Relative lift ``L = M_t / M_c - 1`` with independent arms::
 
     Var(L) = Var(M_t) / M_c^2 + M_t^2 Var(M_c) / M_c^4
 
-95% CI: ``L +- z Var(L)^0.5``. The p-value tests ``M_t = M_c``: Welch's t-test
-(``scipy.stats.ttest_ind_from_stats``) for mean metrics, a normal z-test with
-``Var(M_t) + Var(M_c)`` for ratio metrics.
+95% CI: ``L +- z Var(L)^0.5``. The p-value tests ``M_t = M_c`` (CUPED-adjusted when CUPED is
+on): Welch's t-test (``scipy.stats.ttest_ind_from_stats``, per-user means and standard
+deviations) for mean metrics, a normal z-test with ``Var(M_t) + Var(M_c)`` for ratio metrics.
 """
 
 from __future__ import annotations
@@ -142,16 +145,15 @@ def compare_sums(
         pooled = _delta_moments(total, center)
         theta = pooled["cov_mp"] / pooled["var_p"] if cuped else np.zeros_like(pooled["m"])
         # No usable covariate (no pre-period, or a constant one): CUPED must change nothing.
-        theta = np.where(np.isfinite(theta), theta, 0.0)
-        theta_t, theta_c = (np.broadcast_to(theta, a["m"].shape) for a in (t, c))
+        theta = np.broadcast_to(np.where(np.isfinite(theta), theta, 0.0), t["m"].shape)
 
         def adjusted(arm: dict[str, np.ndarray], th: np.ndarray) -> tuple[np.ndarray, ...]:
             shift = np.where(th != 0, th * (arm["p"] - pooled["p"]), 0.0)
             var = arm["var_m"] - 2 * th * arm["cov_mp"] + th**2 * arm["var_p"]
             return arm["m"] - shift, np.where(th != 0, var, arm["var_m"])
 
-        mt, vt = adjusted(t, theta_t)
-        mc, vc = adjusted(c, theta_c)
+        mt, vt = adjusted(t, theta)
+        mc, vc = adjusted(c, theta)
         z = stats.norm.ppf(1 - alpha / 2)
         lift, lo, hi, se, p = _lift_test(kind, mt, mc, vt, vc, t["n"], c["n"], z)
         raw = _lift_test(kind, t["m"], c["m"], t["var_m"], c["var_m"], t["n"], c["n"], z)
@@ -172,7 +174,7 @@ def compare_sums(
         p_value_unadjusted=raw[4],
         sd_control=np.sqrt(vc),
         sd_treatment=np.sqrt(vt),
-        theta=theta_t,
+        theta=theta,
         variance_reduction=np.where(np.isfinite(reduction), reduction, 0.0),
     )
 
