@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.installed
 # Pytest's own worker count is 1: the 2 cores go to torch's intra-op threads.
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint format bench clean
+.PHONY: install browser demo test lint format bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3.11 -m venv $(VENV) || python3 -m venv $(VENV)
@@ -18,10 +18,14 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The dashboard's browser test renders the real page in Debian's headless Chromium.
+browser:
+	command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium)
+
 demo: install
 	$(VENV)/bin/flywheel models prepare
 
-test: install
+test: install browser
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest $(PYTEST_ARGS)
