@@ -1,9 +1,10 @@
 """Real human chit-chat from the PyPI package ``chitchat-dataset`` (7,168 conversations).
 
 Used for simulated users' conversation openers and to calibrate how long their messages are.
-Conversations are split once, by a seeded permutation of their ids, into a *train* part
-(openers and lengths the simulation draws from) and a *held-out* part kept for evaluation,
-so that what the flywheel learns can be checked on openers it never saw.
+Conversations (exact duplicates dropped: 6,233 remain) are split once, by a seeded
+permutation, into a *train* part (openers and lengths the simulation draws from) and a
+*held-out* part kept for evaluation, so that what the flywheel learns can be checked on
+openers it never saw.
 
 A message is the dataset's consecutive utterances of one speaker joined with a space.
 """
@@ -69,13 +70,18 @@ def load_chitchat(heldout_fraction: float = 0.2, seed: int = 0) -> ChitchatCorpu
     import chitchat_dataset
 
     data = chitchat_dataset.Dataset()
-    ids = sorted(data)
-    order = np.random.default_rng(seed).permutation(len(ids))
-    n_heldout = round(heldout_fraction * len(ids))
-    convs = [
-        tuple(" ".join(u["text"].strip() for u in msg).strip() for msg in data[ids[i]]["messages"])
-        for i in order
-    ]
+    # Some conversations appear under several ids; keep one copy so that no held-out
+    # conversation is also in train.
+    unique = {}
+    for conv_id in sorted(data):
+        messages = tuple(
+            " ".join(u["text"].strip() for u in msg).strip() for msg in data[conv_id]["messages"]
+        )
+        unique.setdefault(messages, conv_id)
+    convs = list(unique)
+    order = np.random.default_rng(seed).permutation(len(convs))
+    n_heldout = round(heldout_fraction * len(convs))
+    convs = [convs[i] for i in order]
     return ChitchatCorpus(
         train=tuple(convs[n_heldout:]),
         heldout=tuple(convs[:n_heldout]),
