@@ -69,5 +69,33 @@ def analyze(
     typer.echo(f"wrote {', '.join(str(p) for p in paths.values())}")
 
 
+@app.command("chat")
+def chat(
+    scenario: str = typer.Argument(..., help="Scenario TOML; its world table sets the world."),
+    users: int = typer.Option(8, "--users", min=1, help="Conversations to simulate."),
+    show: int = typer.Option(3, "--show", min=0, help="Transcripts to print."),
+    seed: int = typer.Option(0, "--seed", help="Seeds users, signals and sampling."),
+    bot_model: str = typer.Option(
+        "smollm2", "--bot-model", help="Character policy: HF folder/id or smollm2 (packaged)."
+    ),
+    max_new_tokens: int = typer.Option(48, "--max-new-tokens", min=1, help="Bot reply cap."),
+    temperature: float = typer.Option(0.7, "--temperature", min=0.0, help="Bot temperature."),
+) -> None:
+    """Run N conversations of the character policy against LLM-simulated users; print
+    transcripts with their signals, steerability and engagement."""
+    from flywheel.chat import print_run, run_chat
+    from policies import PolicySpec, SamplingParams
+
+    try:
+        run = run_chat(
+            scenario, users, seed=seed, bot=PolicySpec(model=bot_model),
+            bot_params=SamplingParams(max_new_tokens, temperature, 0.95, seed),
+        )  # fmt: skip
+    except (FileNotFoundError, ValueError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(code=2) from err
+    print_run(run, show, echo=typer.echo)
+
+
 if __name__ == "__main__":
     app()
