@@ -278,6 +278,7 @@ def test_result_is_frozen_and_serialises_to_strict_json() -> None:
         ({"correction": "magic"}, "not a statsmodels multipletests method"),
         ({"noninferiority_margins": {"report_rate": 0.0}}, "must be a positive"),
         ({"retention_day": 0}, "retention_day must be >= 1"),
+        ({"noninferiority_margins": {"reports": 0.1}}, r"unknown guardrail\(s\) \['reports'\]"),
     ],
 )
 def test_config_errors_name_field_and_value(kwargs: dict, message: str) -> None:

@@ -58,6 +58,12 @@ class AnalysisConfig:
                 f"AnalysisConfig.correction {self.correction!r} is not a statsmodels "
                 "multipletests method; use e.g. 'holm', 'bonferroni' or 'fdr_bh'"
             )
+        unknown = sorted(set(self.noninferiority_margins) - set(DEFAULT_MARGINS))
+        if unknown:
+            raise ValueError(
+                f"AnalysisConfig.noninferiority_margins has unknown guardrail(s) {unknown}; "
+                f"the guardrails are {sorted(DEFAULT_MARGINS)}"
+            )
         for name, margin in self.noninferiority_margins.items():
             if not margin > 0:
                 raise ValueError(
@@ -125,8 +131,10 @@ class MetricResult:
 
     @property
     def improved(self) -> bool:
-        """Whether the treatment moved the metric in its good direction."""
-        return (self.treatment > self.control) == self.higher_is_better
+        """Whether the treatment moved the metric in its good direction (CUPED-adjusted)."""
+        # The sign of the adjusted lift, which the p-value tests; raw values when it is 0 / 0.
+        went_up = self.lift > 0 if math.isfinite(self.lift) else self.treatment > self.control
+        return went_up == self.higher_is_better
 
 
 @dataclass(frozen=True)
@@ -281,22 +289,24 @@ def decide(metrics: tuple[MetricResult, ...], srm: SRMResult) -> tuple[Decision,
             + "; but "
             + "; ".join(
                 f"{m.name} not shown within +{m.noninferiority_margin:.0%} (CI up to "
-                f"{m.ci_high:+.1%})"
+                + (f"{m.ci_high:+.1%})" if math.isfinite(m.ci_high) else "?: no control events)")
                 for m in unproven
             )
             + "; run longer or with more traffic"
         )
     mdes = ", ".join(f"{m.name} {m.mde:.1%}" for m in metrics if m.role == "success")
     return "inconclusive", (
-        f"no success metric moved significantly; detectable at this sample (power 80%): {mdes}"
+        f"no success metric moved significantly; minimum detectable effects here: {mdes}"
     )
 
 
 def as_user_table(table: pd.DataFrame | UserTable) -> UserTable:
+    """Aggregate a user-day DataFrame per user; pass a :class:`UserTable` through."""
     return table if isinstance(table, UserTable) else aggregate_users(table)
 
 
 def check_arms(users: UserTable) -> None:
+    """Refuse a table with fewer than two users in an arm: nothing to compare."""
     n_treatment = int(users.treatment.sum())
     n_control = users.n_users - n_treatment
     if min(n_treatment, n_control) < 2:
