@@ -242,7 +242,7 @@ def _standardized_mde(n_control: float, n_treatment: float, alpha: float, power:
     return float(np.asarray(effect, dtype=float).item())
 
 
-def _adjust(p_values: list[float], alpha: float, method: str) -> list[float]:
+def adjust_p_values(p_values: list[float], alpha: float, method: str) -> list[float]:
     """Multiple-comparison adjusted p-values; NaN entries stay NaN and do not count."""
     p = np.asarray(p_values, dtype=float)
     out = np.full_like(p, np.nan)
@@ -333,7 +333,9 @@ def analyze(table: pd.DataFrame | UserTable, config: AnalysisConfig | None = Non
     adjusted = [math.nan] * len(metrics)
     for role in ("success", "guardrail"):
         family = [i for i, m in enumerate(metrics) if m.role == role]
-        p_adj = _adjust([estimates[i].p_value[0] for i in family], config.alpha, config.correction)
+        p_adj = adjust_p_values(
+            [estimates[i].p_value[0] for i in family], config.alpha, config.correction
+        )
         for i, p in zip(family, p_adj, strict=True):
             adjusted[i] = p
     results = []
