@@ -20,10 +20,18 @@ context window comes back as the server's own HTTP 400, quoted in the error.
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
 import os
-from collections.abc import Sequence
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -231,3 +239,84 @@ def parse_reply(body: str, url: str) -> Generation:
             "no integer 'usage.prompt_tokens' and 'usage.completion_tokens' (token counts)"
         )
     return Generation(content.strip(), counts[0], counts[1])
+
+
+SERVER_START_TIMEOUT_S = 60.0  # seconds; the packaged 135M GGUF loads in about one
+
+
+@contextlib.contextmanager
+def llama_cpp_server(
+    model_path: Path | None = None,
+    *,
+    alias: str = "smollm2",
+    n_threads: int = 2,
+    start_timeout_s: float = SERVER_START_TIMEOUT_S,
+) -> Iterator[str]:
+    """Run llama-cpp-python's OpenAI-compatible server on a free 127.0.0.1 port; yield its
+    /v1 root, and stop it on exit. The model defaults to the packaged SmolLM2 GGUF, served
+    under ``alias`` (use that as ``policy.model``). For tests, benchmarks and local demos."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        raise ModuleNotFoundError(
+            "llama-cpp-python's server is not installed; fix: pip install 'llama-cpp-python[server]'"
+        )
+    if model_path is None:
+        from policies.models import smollm2_gguf
+
+        model_path = smollm2_gguf()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    root = f"http://127.0.0.1:{port}/v1"
+    command = [
+        sys.executable,
+        "-m",
+        "llama_cpp.server",
+        "--model",
+        str(model_path),
+        "--model_alias",
+        alias,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        # Prompt evaluation has its own thread count (all cores by default); on a busy
+        # machine threads that wait for each other at every layer stall, so cap both.
+        "--n_threads",
+        str(n_threads),
+        "--n_threads_batch",
+        str(n_threads),
+        "--verbose",
+        "False",
+    ]
+    with tempfile.TemporaryFile("w+") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            _wait_until_serving(process, root, log, start_timeout_s)
+            yield root
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def _wait_until_serving(process: subprocess.Popen, root: str, log: Any, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            log.seek(0)
+            raise RuntimeError(
+                f"llama_cpp.server exited with code {process.returncode} before serving "
+                f"{root}; its output:\n{log.read()[-2000:]}"
+            )
+        with contextlib.suppress(httpx.TransportError):
+            if httpx.get(f"{root}/models", timeout=2).status_code == 200:
+                return
+        time.sleep(0.2)
+    log.seek(0)
+    raise RuntimeError(
+        f"llama_cpp.server did not serve {root} within {timeout_s} s; its output:\n"
+        f"{log.read()[-2000:]}"
+    )

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import runpy
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,14 +20,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from policies import Policy, PolicySpec, SamplingParams, load_policy
-from policies.openai_compat import OpenAIPolicy, ServerError
-
-SERVER_START_TIMEOUT_S = 60.0  # seconds; the 135M GGUF loads in about one
-ALIAS = "smollm2"
+from policies.openai_compat import OpenAIPolicy, ServerError, llama_cpp_server
 
 CHATS = [
     [{"role": "system", "content": "You are a pirate."}, {"role": "user", "content": "hi"}],
@@ -49,62 +44,12 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def llama_server() -> Iterator[str]:
     """A llama-cpp-python server on the packaged SmolLM2 GGUF; yields its /v1 root."""
-    from policies.models import smollm2_gguf
-
-    port = _free_port()
-    log_path = tmp_path_factory.mktemp("llama-server") / "server.log"
-    command = [
-        sys.executable,
-        "-m",
-        "llama_cpp.server",
-        "--model",
-        str(smollm2_gguf()),
-        "--model_alias",
-        ALIAS,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        # One thread: llama.cpp's threads sync at every layer, so on a busy machine a
-        # second thread waits more than it helps.
-        "--n_threads",
-        "1",
-        "--verbose",
-        "False",
-    ]
-    with log_path.open("w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    root = f"http://127.0.0.1:{port}/v1"
-    try:
-        _wait_until_ready(process, root, log_path)
+    # One thread: llama.cpp's threads sync at every layer, so on a busy machine a second
+    # thread waits more than it helps.
+    with llama_cpp_server(n_threads=1) as root:
         yield root
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def _wait_until_ready(process: subprocess.Popen, root: str, log_path: Path) -> None:
-    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(
-                f"llama_cpp.server exited with {process.returncode}:\n{log_path.read_text()}"
-            )
-        try:
-            if httpx.get(f"{root}/models", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    pytest.fail(
-        f"llama_cpp.server not ready after {SERVER_START_TIMEOUT_S} s:\n{log_path.read_text()}"
-    )
 
 
 @pytest.fixture(scope="module")
@@ -327,3 +272,25 @@ def test_malformed_replies_are_named(scripted, body: str, fragment: str) -> None
 def test_openai_spec_needs_base_url() -> None:
     with pytest.raises(ValueError, match="base_url is required"):
         PolicySpec(backend="openai")
+
+
+def test_server_that_cannot_start_is_reported(tmp_path) -> None:
+    missing = tmp_path / "missing.gguf"
+    with (
+        pytest.raises(RuntimeError, match=r"llama_cpp\.server exited with code"),
+        llama_cpp_server(missing, start_timeout_s=30),
+    ):
+        pass
+
+
+def test_generation_benchmark_prints_its_table(
+    llama_server: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Smoke test of benchmarks/generation.py on a tiny budget: the running server, no hf.
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "generation.py"
+    main = runpy.run_path(str(script), run_name="benchmark")["main"]
+    args = ["--dtypes", "--base-url", llama_server, "--batch-sizes", "1", "2"]
+    main([*args, "--max-new-tokens", "2", "--min-chats", "1"])
+    out = capsys.readouterr().out
+    assert "| openai | server | 2 | 2 |" in out
+    assert "openai server: batch-2 / batch-1 throughput = " in out
