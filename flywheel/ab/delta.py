@@ -84,7 +84,8 @@ def moment_matrix(metric: UserMetric) -> tuple[np.ndarray, np.ndarray]:
     else:
         counted = np.ones(np.shape(metric.numerator))
     # Centring on the pooled means keeps the sums of squares well conditioned at 10^6 users.
-    center = np.einsum("...n,...nk->...k", counted, values) / counted.sum(-1)[..., None]
+    with np.errstate(divide="ignore", invalid="ignore"):  # nobody counted: NaN, reported as such
+        center = np.einsum("...n,...nk->...k", counted, values) / counted.sum(-1)[..., None]
     centred = (values - center[..., None, :]) * counted[..., None]
     products = np.stack([centred[..., i] * centred[..., j] for i, j in _PAIRS], axis=-1)
     return np.concatenate([counted[..., None], centred, products], axis=-1), center
@@ -100,8 +101,9 @@ def _delta_moments(sums: np.ndarray, center: np.ndarray) -> dict[str, np.ndarray
         cov[i, j] = (sums[..., 5 + k] - first[..., i] * first[..., j] / n) / (n - 1)
     mx, my, mu_u, mv = (mu[..., i] for i in range(4))
     m, p = mx / my, mu_u / mv
-    var_m = (cov[0, 0] - 2 * m * cov[0, 1] + m**2 * cov[1, 1]) / my**2
-    var_p = (cov[2, 2] - 2 * p * cov[2, 3] + p**2 * cov[3, 3]) / mv**2
+    # Rounding can leave a zero variance at -1e-17; clip so square roots stay defined.
+    var_m = np.maximum((cov[0, 0] - 2 * m * cov[0, 1] + m**2 * cov[1, 1]) / my**2, 0.0)
+    var_p = np.maximum((cov[2, 2] - 2 * p * cov[2, 3] + p**2 * cov[3, 3]) / mv**2, 0.0)
     cov_mp = (cov[0, 2] - m * cov[1, 2] - p * cov[0, 3] + m * p * cov[1, 3]) / (my * mv)
     return {"n": n, "m": m, "p": p, "var_m": var_m, "var_p": var_p, "cov_mp": cov_mp}
 
@@ -149,7 +151,7 @@ def compare_sums(
 
         def adjusted(arm: dict[str, np.ndarray], th: np.ndarray) -> tuple[np.ndarray, ...]:
             shift = np.where(th != 0, th * (arm["p"] - pooled["p"]), 0.0)
-            var = arm["var_m"] - 2 * th * arm["cov_mp"] + th**2 * arm["var_p"]
+            var = np.maximum(arm["var_m"] - 2 * th * arm["cov_mp"] + th**2 * arm["var_p"], 0.0)
             return arm["m"] - shift, np.where(th != 0, var, arm["var_m"])
 
         mt, vt = adjusted(t, theta)
@@ -158,6 +160,7 @@ def compare_sums(
         lift, lo, hi, se, p = _lift_test(kind, mt, mc, vt, vc, t["n"], c["n"], z)
         raw = _lift_test(kind, t["m"], c["m"], t["var_m"], c["var_m"], t["n"], c["n"], z)
         reduction = 1 - (vt / t["n"] + vc / c["n"]) / (t["var_m"] / t["n"] + c["var_m"] / c["n"])
+        sd_control, sd_treatment = np.sqrt(vc), np.sqrt(vt)
     return LiftEstimates(
         control=c["m"],
         treatment=t["m"],
@@ -172,8 +175,8 @@ def compare_sums(
         ci_low_unadjusted=raw[1],
         ci_high_unadjusted=raw[2],
         p_value_unadjusted=raw[4],
-        sd_control=np.sqrt(vc),
-        sd_treatment=np.sqrt(vt),
+        sd_control=sd_control,
+        sd_treatment=sd_treatment,
         theta=theta,
         variance_reduction=np.where(np.isfinite(reduction), reduction, 0.0),
     )
