@@ -29,7 +29,7 @@ Optional columns:
 - ``period`` (``"pre"`` / ``"test"``): when present it decides the period instead of the sign of
   ``day`` (then pre-period days may be numbered from 0 too).
 - ``first_exposure_day`` (int, empty = never exposed): the test day the user first met their
-  arm; by default the user's first active test day. Used by retention only.
+  arm, numbered like ``day``; by default the user's first active test day. Used by retention.
 
 Other columns (``sessions``, ...) are ignored. Missing user-days count as inactive with zero
 counts, so a log may list active days only; but every *assigned* user needs at least one row
@@ -44,7 +44,8 @@ of an arm (:class:`UserMetric`). A ``"mean"`` metric has a 0/1 denominator (whic
 and is a mean of per-user values, analysed with Welch's t-test; a ``"ratio"`` metric has a
 count as denominator (active days, bot replies) and needs the delta method, because its
 analysis unit (the user) is not its denominator unit. Each metric carries the same quantity
-over the pre-period as its CUPED covariate. The definitions are the functions below, one each.
+over the pre-period as its CUPED covariate (retention, which has no pre-period analogue, uses
+pre-period breadth). The definitions are the functions below, one each.
 """
 
 from __future__ import annotations
