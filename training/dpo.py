@@ -76,5 +76,6 @@ def train_dpo(
         out_dir,
         recipe="dpo",
         model_args=model_args,
-        metrics=final_metrics(trainer.state.log_history),
+        metrics=final_metrics(trainer.state.log_history)
+        | {"global_step": trainer.state.global_step},
     )

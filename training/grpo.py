@@ -140,6 +140,7 @@ def train_grpo(
     args: Any,
     out_dir: str | Path,
     weights: Mapping[str, float] | None = None,
+    callbacks: Sequence[Any] = (),
 ) -> Path:
     """Run GRPO on ``records`` with ``reward_funcs`` and save a merged checkpoint.
 
@@ -151,6 +152,7 @@ def train_grpo(
             from ``weights`` by reward name when the config leaves it unset.
         out_dir: where the checkpoint goes.
         weights: ``{reward name: weight}``; defaults to ``DEFAULT_WEIGHTS``.
+        callbacks: extra TrainerCallbacks (e.g. ``training.models.time_limit_callback``).
 
     Returns:
         ``out_dir``, loadable with ``policies.load_policy(str(out_dir))``.
@@ -176,6 +178,7 @@ def train_grpo(
         train_dataset=Dataset.from_list(records),
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
+        callbacks=list(callbacks),
     )
     trainer.train()
     return save_checkpoint(
@@ -184,5 +187,7 @@ def train_grpo(
         out_dir,
         recipe="grpo",
         model_args=model_args,
-        metrics=final_metrics(trainer.state.log_history) | {"reward_names": names},
+        metrics=final_metrics(trainer.state.log_history)
+        | {"global_step": trainer.state.global_step}
+        | {"reward_names": names},
     )

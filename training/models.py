@@ -159,3 +159,24 @@ def final_metrics(log_history: list[dict[str, Any]]) -> dict[str, float]:
             if isinstance(value, int | float) and np.isfinite(value):
                 last[key] = float(value)
     return last
+
+
+def time_limit_callback(seconds: float) -> Any:
+    """A TrainerCallback that ends training after ``seconds`` of wall time (after a step).
+
+    The "useful run in N minutes" budget is a wall-clock promise on a shared CPU, where
+    step times vary; ``max_steps`` alone cannot keep it.
+    """
+    import time
+
+    from transformers import TrainerCallback
+
+    class _TimeLimit(TrainerCallback):
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.start = time.monotonic()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if time.monotonic() - self.start >= seconds:
+                control.should_training_stop = True
+
+    return _TimeLimit()

@@ -73,5 +73,6 @@ def train_sft(
         out_dir,
         recipe="sft",
         model_args=model_args,
-        metrics=final_metrics(trainer.state.log_history),
+        metrics=final_metrics(trainer.state.log_history)
+        | {"global_step": trainer.state.global_step},
     )

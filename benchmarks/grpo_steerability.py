@@ -1,0 +1,225 @@
+"""GRPO on the packaged SmolLM2: instruction following and gold utility up, style held.
+
+Trains SmolLM2-135M-Instruct with TRL's GRPOTrainer (LoRA, CPU) on first-turn character
+prompts written from the chit-chat *train* openers, with two rewards: the characters'
+steerability checkers and the artifact penalty against the base model's own style
+statistics (``training.rewards``). Then it evaluates base and trained model on the same
+held-out prompts (the chit-chat *held-out* openers, new users, every character equally
+often) and prints before/after numbers:
+
+- instruction-following rate (share of replies meeting every instruction of their
+  character) and violation rate (``rewards.steerability``),
+- gold utility (the simulator's oracle, ``sim.gold``) of each reply for its user,
+- emoji rate (share of replies with an emoji), emoji per reply and mean length in words,
+  with the ratio to the base model (the brief: within 15%).
+
+The training run stops after ``--minutes`` of wall time (or ``--max-steps``), whichever
+comes first. Usage::
+
+    .venv/bin/python benchmarks/grpo_steerability.py --minutes 25 --out runs/grpo_smollm2
+
+Writes ``OUT/model`` (merged checkpoint; ``policies.load_policy`` serves it) and
+``OUT/before_after.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+EVAL_HOUR = 12.0  # simulated hour of day of every evaluation session
+
+
+def round_robin(names: list[str], n: int) -> list[str]:
+    """``n`` character names, each equally often (up to one)."""
+    return [names[i % len(names)] for i in range(n)]
+
+
+def first_turn_prompts(world, users, characters, seed: int):
+    """Open one session per user (no LLM call: openers are human chit-chat lines)."""
+    sessions = world.engine.open_sessions(
+        users, day=0, hour=EVAL_HOUR, rng=np.random.default_rng(seed), characters=characters
+    )
+    return sessions, [world.engine.bot_chat(s) for s in sessions]
+
+
+def evaluate(world, policy, users, characters, samples: int, seed: int, max_new_tokens: int):
+    """Replies of ``policy`` to the held-out prompts, scored by checkers and gold utility.
+
+    Every policy sees identical sessions: the same users (deep copies, so state updates
+    from one evaluation never leak into the next) and the same openers (same seed).
+    """
+    from policies import SamplingParams
+
+    rows = []
+    for k in range(samples):
+        fresh = copy.deepcopy(users)
+        sessions, chats = first_turn_prompts(world, fresh, characters, seed)
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.8, seed=seed + k)
+        generations = policy.generate(chats, params)
+        records = world.engine.apply_replies(
+            sessions, [g.text for g in generations], [g.completion_tokens for g in generations]
+        )
+        rows.extend(r.to_row() | {"sample": k} for r in records)
+    return pd.DataFrame(rows)
+
+
+def summarise(turns: pd.DataFrame) -> dict[str, float]:
+    """The before/after metrics of one model's evaluation replies."""
+    from rewards.steerability import steerability
+
+    result = steerability(turns)
+    n = len(turns)
+    return {
+        "n_replies": n,
+        "instruction_following_rate": result.following_rate,
+        "violation_rate": result.violation_rate,
+        "gold_utility": float(turns["gold_satisfaction"].mean()),
+        "gold_utility_se": float(turns["gold_satisfaction"].std(ddof=1) / np.sqrt(n)),
+        "emoji_rate": float((turns["feature_emoji"] > 0).mean()),
+        "emoji_per_reply": float(turns["feature_emoji"].mean()),
+        "mean_words": float(turns["feature_words"].mean()),
+    }
+
+
+def main() -> None:
+    """Parse arguments, evaluate the base model, train, evaluate again, print."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scenario", default="scenarios/world_example.toml")
+    parser.add_argument("--model", default="smollm2", help="model GRPO starts from")
+    parser.add_argument("--out", default="runs/grpo_smollm2")
+    parser.add_argument("--minutes", type=float, default=25.0, help="wall-time cap of training")
+    parser.add_argument("--max-steps", type=int, default=200)
+    parser.add_argument("--train-prompts", type=int, default=400)
+    parser.add_argument("--eval-prompts", type=int, default=90)
+    parser.add_argument("--eval-samples", type=int, default=2)
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    from policies import load_policy
+    from sim.user_llm import UserSimulator
+    from sim.world import World, load_world_config
+    from training.grpo import build_rewards, grpo_config, grpo_records, train_grpo
+    from training.models import model_config, time_limit_callback
+    from training.rewards import StyleReference
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    world = World.build(load_world_config(args.scenario), seed=args.seed)
+    names = sorted(world.characters)
+    train_users = world.sampler.sample(args.train_prompts)
+    eval_users = world.sampler.sample(args.eval_prompts)
+    _, train_chats = first_turn_prompts(
+        world, train_users, round_robin(names, len(train_users)), args.seed + 1
+    )
+    train_characters = round_robin(names, len(train_users))
+    # Held-out prompts: new users and openers from the corpus split training never saw.
+    world.engine.user_simulator = UserSimulator(
+        world.user_simulator.policy, world.corpus, split="heldout"
+    )
+    eval_characters = round_robin(names, len(eval_users))
+
+    base_policy = load_policy(args.model)
+    t0 = time.monotonic()
+    base_turns = evaluate(
+        world,
+        base_policy,
+        eval_users,
+        eval_characters,
+        args.eval_samples,
+        args.seed + 2,
+        args.max_new_tokens,
+    )
+    print(f"base evaluated in {time.monotonic() - t0:.0f}s")
+    # The reference style: the base model's own replies to training prompts.
+    from policies import SamplingParams
+
+    reference_replies = base_policy.generate(
+        train_chats[:160],
+        SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.8, seed=args.seed),
+    )
+    reference = StyleReference.from_replies(
+        [g.text for g in reference_replies], train_characters[:160]
+    )
+    del base_policy
+
+    checkers = {name: world.characters[name].checkers for name in names}
+    grpo_args = grpo_config(
+        out / "trainer",
+        max_steps=args.max_steps,
+        seed=args.seed,
+        max_completion_length=args.max_new_tokens,
+    )
+    t0 = time.monotonic()
+    model_dir = train_grpo(
+        grpo_records(train_chats, train_characters),
+        build_rewards(checkers, reference),
+        model_config(args.model),
+        grpo_args,
+        out / "model",
+        callbacks=[time_limit_callback(args.minutes * 60)],
+    )
+    train_s = time.monotonic() - t0
+    marker = json.loads((model_dir / "flywheel-training.json").read_text())
+    steps = int(marker["metrics"]["global_step"])
+
+    trained_turns = evaluate(
+        world,
+        load_policy(str(model_dir)),
+        eval_users,
+        eval_characters,
+        args.eval_samples,
+        args.seed + 2,
+        args.max_new_tokens,
+    )
+    before, after = summarise(base_turns), summarise(trained_turns)
+    report = {
+        "command": "benchmarks/grpo_steerability.py "
+        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
+        "train_seconds": train_s,
+        "train_steps": steps,
+        "seconds_per_step": train_s / max(steps, 1),
+        "before": before,
+        "after": after,
+        "per_character_following": {
+            "before": base_turns.groupby("character")["follows_all"].mean().to_dict(),
+            "after": trained_turns.groupby("character")["follows_all"].mean().to_dict(),
+        },
+        "reference_style": reference.to_dict(),
+    }
+    (out / "before_after.json").write_text(json.dumps(report, indent=2))
+    base_turns.assign(model="base").to_parquet(out / "eval_base.parquet")
+    trained_turns.assign(model="grpo").to_parquet(out / "eval_grpo.parquet")
+
+    print(f"\nGRPO: {steps} steps in {train_s / 60:.1f} min ({train_s / max(steps, 1):.1f} s/step)")
+    print(f"held-out: {before['n_replies']} replies per model, {len(names)} characters\n")
+    print(f"{'metric':<30}{'base':>10}{'GRPO':>10}{'after/base':>12}")
+    for key in (
+        "instruction_following_rate",
+        "violation_rate",
+        "gold_utility",
+        "emoji_rate",
+        "emoji_per_reply",
+        "mean_words",
+    ):
+        b, a = before[key], after[key]
+        ratio = f"{a / b:.2f}" if b else "n/a"
+        print(f"{key:<30}{b:>10.3f}{a:>10.3f}{ratio:>12}")
+    print(
+        f"\n(gold utility se: base {before['gold_utility_se']:.3f}, "
+        f"GRPO {after['gold_utility_se']:.3f}); full report: {out / 'before_after.json'}"
+    )
+
+
+if __name__ == "__main__":
+    main()
