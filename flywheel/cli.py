@@ -285,5 +285,224 @@ def bon(
     typer.echo(f"wrote {folder / 'sweep.csv'}, {folder / 'sweep.json'}, {png}")
 
 
+@app.command("ab")
+def ab(
+    scenario: str = typer.Argument(..., help="Scenario TOML: seed and world, traffic, analysis tables."),
+    control: str = typer.Option(
+        "smollm2", "--control", help="Control POLICY: HF id, local folder or smollm2."
+    ),
+    treatment: str = typer.Option(
+        "smollm2", "--treatment", help="Treatment POLICY; 'violate:MODEL' or 'violate@RATE:MODEL' plants a "
+        "policy that breaks its characters' prohibitions on a RATE share of replies.",
+    ),
+    out: str = typer.Option(..., "--out", help="Run directory; rerun with it to resume."),
+    progress: bool = typer.Option(True, "--progress/--quiet", help="Progress bar over days."),
+) -> None:
+    """Simulate an A/B test (pre-period + test days of traffic) and analyse it: writes
+    RUN_DIR/ab/result.json, report.md and plots. Rerunning resumes an interrupted run."""
+    from flywheel.experiment import run_ab
+
+    try:
+        outcome = run_ab(scenario, control, treatment, out, progress=progress)
+    except (FileNotFoundError, ValueError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(code=2) from err
+    typer.echo(outcome.result.summary())
+    sim = outcome.simulation
+    typer.echo(
+        f"simulated {sim['days']} days, {sim['sessions']} sessions, {sim['bot_replies']} bot "
+        f"replies in {sim['simulated_wall_s']:.0f} s ({sim['tokens_per_s']:.1f} tokens/s, mean "
+        f"bot batch {sim['mean_bot_batch']:.1f})"
+    )
+    typer.echo(f"wrote {', '.join(str(p) for p in outcome.paths.values())}")
+
+
+
+train_app = typer.Typer(
+    help="Train the next character model on a run's logs (SFT, DPO, GRPO).", no_args_is_help=True
+)
+app.add_typer(train_app, name="train")
+
+
+def _run_world(run_dir: str, experiment: str | None) -> tuple[Any, Any]:
+    """(turns, characters by name) of a run: its logs and the cast its scenario played."""
+    from flywheel.store import RunStore
+    from sim.characters import load_characters, select_characters
+    from sim.world import WorldConfig
+
+    with RunStore(run_dir, read_only=True) as store:
+        turns = store.read_turns(experiment)
+        experiments = store.experiments()
+    if turns.empty:
+        raise ValueError(f"run {run_dir} has no logged turns; run traffic (flywheel ab) first")
+    config = experiments["config"].iloc[0] if experiment is None else (
+        experiments.set_index("experiment_id").loc[experiment, "config"]
+    )
+    world = WorldConfig.model_validate(config["scenario"]["world"])
+    characters = select_characters(load_characters(world.characters_dir), world.characters)
+    return turns, characters
+
+
+def _train(
+    recipe: str, run_dir: str, from_model: str, out: str, steps: int, rm: str | None,
+    experiment: str | None, seed: int, full: bool, config: str | None,
+) -> None:
+    from rewards.rm.base import load_reward_model
+    from training import recipes
+    from training.grpo import load_config_overrides
+
+    turns, characters = _run_world(run_dir, experiment)
+    prompts = {name: c.system_prompt() for name, c in characters.items()}
+    checkers = {name: c.checkers for name, c in characters.items()}
+    scorer = load_reward_model(rm) if rm else None
+    overrides = load_config_overrides(config) if config else None
+    common = {"model": from_model, "out": out, "steps": steps, "seed": seed,
+              "use_peft": not full, "overrides": overrides}
+    if recipe == "sft":
+        folder = recipes.run_sft(turns, prompts, **common)
+    elif recipe == "dpo":
+        folder = recipes.run_dpo(turns, prompts, checkers, scorer=scorer, **common)
+    else:
+        folder = recipes.run_grpo(turns, prompts, checkers, scorer=scorer, **common)
+    typer.echo(f"wrote {folder} (serve it with --treatment {folder})")
+
+
+def _train_command(recipe: str, summary: str) -> None:
+    @train_app.command(recipe, help=summary)
+    def command(
+        run_dir: str = typer.Argument(..., help="Run directory (run.duckdb + artifacts/)."),
+        from_model: str = typer.Option(
+            "smollm2", "--from", help="Starting model: HF folder/id or smollm2 (packaged)."
+        ),
+        out: str = typer.Option(..., "--out", help="Folder of the merged checkpoint."),
+        steps: int = typer.Option(20, "--steps", min=1, help="Optimizer steps."),
+        rm: str | None = typer.Option(
+            None, "--rm", help="DPO/GRPO: reward model folder (flywheel rm train) to add."
+        ),
+        experiment: str | None = typer.Option(
+            None, "--experiment", help="Train on one experiment's logs (default: all)."
+        ),
+        seed: int = typer.Option(0, "--seed", help="Seeds the user split, sampling, training."),
+        full: bool = typer.Option(False, "--full", help="Full fine-tuning instead of LoRA."),
+        config: str | None = typer.Option(
+            None, "--config", help="YAML of TRL config fields (GPU: training/configs/grpo_vllm.yaml)."
+        ),
+    ) -> None:
+        try:
+            _train(recipe, run_dir, from_model, out, steps, rm, experiment, seed, full, config)
+        except (FileNotFoundError, ValueError) as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(code=2) from err
+
+
+_train_command("sft", "Supervised fine-tuning on RUN_DIR's curated replies (train users only).")
+_train_command("dpo", "DPO on best/worst pairs of the model's own replies to curated contexts, "
+               "scored by --rm, the steerability checkers and the artifact penalty.")
+_train_command("grpo", "GRPO on curated contexts with the --rm score, steerability checkers and "
+               "the artifact penalty as separate rewards.")
+
+
+def _gold_scorer(run_dir: str, characters: dict[str, Any]) -> Any:
+    """Gold utility (ORACLE) of candidate replies for the users who wrote their contexts,
+    from the users' logged latent traits and a fresh latent state."""
+    from dataclasses import fields as dc_fields
+
+    from flywheel.store import RunStore
+    from rewards.embeddings import get_embedder
+    from rewards.features import ReplyContext, is_unsafe, reply_features
+    from sim.gold import GoldModel, ReplyAssessment
+    from sim.population import User, UserState, UserTraits
+    from sim.world import WorldConfig
+
+    with RunStore(run_dir, read_only=True) as store:
+        users = store.read_users().drop_duplicates("user_id").set_index("user_id")
+        config = store.experiments()["config"].iloc[0]
+    gold = GoldModel(WorldConfig.model_validate(config["scenario"]["world"]).gold)
+    embedder = get_embedder()
+    trait_names = {f.name for f in dc_fields(UserTraits)}
+
+    def user(user_id: str) -> Any:
+        traits = {k: v for k, v in users.loc[user_id, "traits"].items() if k in trait_names}
+        if "topic_interests" in traits:
+            traits["topic_interests"] = tuple(traits["topic_interests"])
+        return User(user_id, users.loc[user_id, "segment"], UserTraits(**traits), UserState())
+
+    def score(candidates: Any) -> Any:
+        import numpy as np
+
+        contexts = [
+            ReplyContext(p[-1]["content"], characters[c].persona)
+            for p, c in zip(candidates["prompt"], candidates["character"], strict=True)
+        ]
+        feats = reply_features(embedder, list(candidates["reply"]), contexts)
+        out = []
+        for row, f in zip(candidates.itertuples(index=False), feats, strict=True):
+            character = characters[row.character]
+            checked = character.check(row.reply)
+            share = float(np.mean(list(checked.checks.values()))) if checked.checks else 1.0
+            assessment = ReplyAssessment(f, share, checked.violates_any, is_unsafe(f["offensive"]))
+            out.append(gold.utility(user(row.user_id), character, assessment))
+        return np.asarray(out)
+
+    return score
+
+
+@app.command("bon")
+def bon(
+    run_dir: str = typer.Argument(..., help="Run directory (run.duckdb + artifacts/)."),
+    n: str = typer.Option("1,2,4,8,16", "--n", help="Comma-separated n of best-of-n."),
+    rm: str = typer.Option(..., "--rm", help="Reward model folder: the proxy being optimised."),
+    policy: str = typer.Option("smollm2", "--policy", help="Sampling policy (HF folder or smollm2)."),
+    contexts: int = typer.Option(48, "--contexts", min=1, help="Held-out contexts to sample."),
+    max_new_tokens: int = typer.Option(48, "--max-new-tokens", min=1, help="Reply cap."),
+    out: str | None = typer.Option(None, "--out", help="Folder (default RUN_DIR/artifacts/bon)."),
+    seed: int = typer.Option(0, "--seed", help="Seeds the user split and the sampling."),
+) -> None:
+    """Best-of-n sweep on held-out contexts: proxy reward (--rm) and gold utility of the
+    proxy-best of n samples vs KL = log n - (n-1)/n; writes sweep.csv, sweep.json, bon.png."""
+    import json
+    from pathlib import Path
+
+    from policies import PolicySpec, SamplingParams, load_policy
+    from rewards.rm.base import load_reward_model
+    from training.recipes import curated
+    from training.rejection import run_best_of_n_sweep
+
+    try:
+        ns = sorted({int(x) for x in n.split(",") if x.strip()})
+        if not ns or ns[0] < 1:
+            raise ValueError(f"--n must list positive integers, got {n!r}; e.g. --n 1,2,4,8,16")
+        turns, characters = _run_world(run_dir, None)
+        data = curated(turns, {k: c.system_prompt() for k, c in characters.items()}, seed)
+        held = data.held_out if not data.held_out.empty else data.train
+        held = held.drop_duplicates("session_id").head(contexts)
+        proxy = load_reward_model(rm)
+        sweep, candidates = run_best_of_n_sweep(
+            load_policy(PolicySpec(model=policy, dtype="bfloat16")),
+            list(held["prompt"]),
+            list(held["character"]),
+            ns,
+            proxy=lambda c, r: proxy.score(c, r),
+            gold=_gold_scorer(run_dir, characters),
+            params=SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, seed=seed),
+            extra=held[["user_id"]],
+        )
+    except (FileNotFoundError, ValueError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(code=2) from err
+    folder = Path(out) if out else Path(run_dir) / "artifacts" / "bon"
+    folder.mkdir(parents=True, exist_ok=True)
+    sweep.table.to_csv(folder / "sweep.csv", index=False)
+    candidates.drop(columns=["prompt"]).to_parquet(folder / "candidates.parquet")
+    (folder / "sweep.json").write_text(json.dumps(
+        {"rm": rm, "policy": policy, "proxy_sd": sweep.proxy_sd, "gold_sd": sweep.gold_sd,
+         "n_contexts": sweep.n_contexts, "table": sweep.table.to_dict(orient="records")},
+        indent=2,
+    ))
+    png = sweep.plot(folder / "bon.png", title=f"Best-of-n under {Path(rm).name}")
+    typer.echo(sweep.summary())
+    typer.echo(f"wrote {folder / 'sweep.csv'}, {folder / 'sweep.json'}, {png}")
+
+
 if __name__ == "__main__":
     app()

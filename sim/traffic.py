@@ -57,7 +57,8 @@ import pandas as pd
 import simpy
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from policies.base import Policy, SamplingParams
+from policies.base import Chat, Generation, Policy, SamplingParams
+from sim.population import User, UserSampler
 
 HOURS_PER_DAY = 24.0  # hours
 MINUTES_PER_HOUR = 60.0  # minutes
@@ -75,6 +76,8 @@ HOURLY_WEIGHTS = (
 # Activity multiplier per weekday (0 = Monday): quieter mid-week, busier at the weekend.
 WEEKDAY_FACTORS = (1.0, 0.96, 0.95, 0.97, 1.03, 1.12, 1.1)
 
+_DRIFT_STREAM = 0xD21F7  # separates the drift draws from every other stream of the seed
+
 CONTROL = "control"
 TREATMENT = "treatment"
 PRE = "pre"
@@ -90,7 +93,7 @@ _BOT_FLUSH_PRIORITY = 3
 
 # ---------------------------------------------------------------------------- configuration
 class SamplingConfig(BaseModel):
-    """Sampling of one kind of message (bot replies or simulated-user messages)."""
+    """How bot replies are sampled (the user LLM's sampling is the world's ``user_llm``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -175,10 +178,6 @@ class TrafficConfig(BaseModel):
     bot_sampling: SamplingConfig = Field(
         default_factory=SamplingConfig, description="Sampling of bot replies (both arms)."
     )
-    user_sampling: SamplingConfig = Field(
-        default_factory=lambda: SamplingConfig(max_new_tokens=32),
-        description="Sampling of simulated-user messages.",
-    )
 
     @field_validator("weekday_factors")
     @classmethod
@@ -249,6 +248,72 @@ def assign_arm(user_id: str, salt: str, treatment_share: float) -> str:
 def novelty_offset(days_since_exposure: int, amplitude: float, half_life_days: float) -> float:
     """Satisfaction offset of a treatment user ``days_since_exposure`` days after first use."""
     return amplitude * 0.5 ** (days_since_exposure / half_life_days)
+
+
+# ---------------------------------------------------------------------------- drift
+@dataclass(frozen=True)
+class Population:
+    """An experiment's users and the generation each one joined in (drift bookkeeping)."""
+
+    users: list[User]
+    joined: dict[str, int]
+
+
+def drifted_population(sampler: UserSampler, config: TrafficConfig, seed: int) -> Population:
+    """The population of generation ``config.generation`` (see the module docstring).
+
+    Slot i holds user i of generation 0 until its arrival generation ``k_i`` (the first g
+    with ``u_i < 1 - (1 - churn)^g`` for a uniform ``u_i`` fixed per slot), then a newcomer
+    drawn at ``k_i`` from the segment mix shifted by ``segment_drift ** k_i``. So a newcomer
+    of generation 2 is the same person in generations 3, 4, ..., and each generation is a
+    superset of the previous one's newcomers: drift accumulates instead of reshuffling.
+
+    Args:
+        sampler: the world's user sampler (its config and length calibration are reused;
+            generation 0 is drawn with its generator).
+        config: traffic config (n_users, generation, churn_per_generation, segment_drift).
+        seed: seeds the slot uniforms and the newcomers' draws.
+    """
+    segments = {s.name for s in sampler.config.segments}
+    unknown = sorted(set(config.segment_drift) - segments)
+    if unknown:
+        raise ValueError(
+            f"traffic.segment_drift names segments {unknown} that the population lacks; "
+            f"use names from {sorted(segments)}"
+        )
+    bad = {k: v for k, v in config.segment_drift.items() if v <= 0}
+    if bad:
+        raise ValueError(f"traffic.segment_drift multipliers must be > 0, got {bad}")
+    users = sampler.sample(config.n_users)
+    joined = {u.user_id: 0 for u in users}
+    churn, generation = config.churn_per_generation, config.generation
+    if generation == 0 or churn == 0:
+        return Population(users, joined)
+    slots = np.random.default_rng([seed, _DRIFT_STREAM]).random(config.n_users)
+    # Smallest g >= 1 with u < 1 - (1 - churn)^g.
+    arrival = (np.floor(np.log1p(-slots) / math.log1p(-churn)) + 1).astype(int)
+    for i in np.flatnonzero(arrival <= generation):
+        k = int(arrival[i])
+        drifted = sampler.config.model_copy(
+            update={
+                "segments": [
+                    s.model_copy(
+                        update={"share": s.share * config.segment_drift.get(s.name, 1.0) ** k}
+                    )
+                    for s in sampler.config.segments
+                ]
+            }
+        )
+        newcomer_sampler = UserSampler(
+            drifted,
+            np.random.default_rng([seed, _DRIFT_STREAM, k, int(i)]),
+            message_words=sampler.message_words,
+        )
+        newcomer = dataclasses.replace(newcomer_sampler.sample(1)[0], user_id=f"g{k}n{i:06d}")
+        del joined[users[i].user_id]
+        users[i] = newcomer
+        joined[newcomer.user_id] = k
+    return Population(users, joined)
 
 
 # ---------------------------------------------------------------------------- the world's API
@@ -367,6 +432,34 @@ class BatchStats:
         }
 
 
+class CountingPolicy:
+    """Wraps a policy and counts its calls, chats, tokens and seconds (throughput figures).
+
+    The simulated user's LLM sits inside the world, so wrapping it before the world is built
+    is the one way to see what the user side costs.
+    """
+
+    def __init__(self, base: Policy) -> None:
+        self.base = base
+        self.name = base.name
+        self.calls = 0
+        self.chats = 0
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.seconds = 0.0
+
+    def generate(self, chats: Sequence[Chat], params: SamplingParams) -> list[Generation]:
+        """Generate with the base policy and count."""
+        started = time.perf_counter()
+        out = self.base.generate(chats, params)
+        self.seconds += time.perf_counter() - started
+        self.calls += 1
+        self.chats += len(chats)
+        self.prompt_tokens += sum(g.prompt_tokens for g in out)
+        self.completion_tokens += sum(g.completion_tokens for g in out)
+        return out
+
+
 class _Flush(simpy.Event):
     """An event that fires at the current instant, after events of lower ``priority``."""
 
@@ -428,9 +521,16 @@ class TrafficSimulator:
         engine: the world's ``ConversationEngine`` (openers, bot and user turns, scoring).
         users: the experiment population (``User`` objects with ``user_id``); ignored when
             a checkpoint is resumed (the checkpoint holds the users' latest states).
+        joined: generation each user joined in (``drifted_population``); default: all in
+            ``config.generation``. Only recorded in the ``users`` table.
+        user_params: seed -> sampling params of the user LLM (``World.user_params``, the
+            world's ``[world.user_llm]`` settings); default: ``SamplingConfig()``'s.
+        user_counter: the world's user LLM wrapped in ``CountingPolicy``, so the days table
+            can report user-side tokens (bot-side tokens come from the turn records).
         policies: ``{"control": Policy, "treatment": Policy}``.
         config: the traffic config.
-        seed: seeds the simulator's random generator.
+        seed: seeds the simulator's random generator (an int or a list of ints, as
+            ``numpy.random.default_rng`` takes).
         progress: show a progress bar over days and turns.
     """
 
@@ -440,8 +540,11 @@ class TrafficSimulator:
         users: Sequence[Any],
         policies: Mapping[str, Policy],
         config: TrafficConfig,
-        seed: int,
+        seed: int | Sequence[int],
         *,
+        joined: Mapping[str, int] | None = None,
+        user_params: Callable[[int], SamplingParams] | None = None,
+        user_counter: CountingPolicy | None = None,
         progress: bool = True,
     ) -> None:
         missing = {CONTROL, TREATMENT} - set(policies)
@@ -454,6 +557,9 @@ class TrafficSimulator:
         if len(set(ids)) != len(ids):
             raise ValueError("users have duplicate user_id values; every user_id must be unique")
         self.engine = engine
+        self.joined = dict(joined or {})
+        self.user_counter = user_counter
+        self.user_params = user_params or SamplingConfig().params
         self.policies = dict(policies)
         self.config = config
         self.seed = seed
@@ -498,6 +604,7 @@ class TrafficSimulator:
         env = simpy.Environment(initial_time=self.state.next_day * HOURS_PER_DAY)
         bar = _progress_bar(self.config.total_days, self.state.next_day, enabled=self.progress)
         self._bar = bar
+        self._turns_done = 0
         try:
             env.process(self._days(env, sink, on_day_end))
             env.run()
@@ -513,7 +620,7 @@ class TrafficSimulator:
                 "user_id": [u.user_id for u in self.state.users],
                 "segment": [u.segment for u in self.state.users],
                 "generation": [
-                    getattr(u, "generation", self.config.generation) for u in self.state.users
+                    self.joined.get(u.user_id, self.config.generation) for u in self.state.users
                 ],
                 "traits": [_as_dict(u.traits) for u in self.state.users],
             }
@@ -605,7 +712,10 @@ class TrafficSimulator:
     def _answer_user(self, _: None, sessions: list[Any]) -> list[None]:
         """Write every pending user message with ONE user-LLM call."""
         self.stats.user_calls += 1
-        self.engine.user_turn(sessions, self.config.user_sampling.params(self._seed()))
+        before = self.user_counter.completion_tokens if self.user_counter else 0
+        self.engine.user_turn(sessions, self.user_params(self._seed()))
+        if self.user_counter is not None:
+            self.stats.user_tokens += self.user_counter.completion_tokens - before
         return [None] * len(sessions)
 
     def _answer_bot(self, arm: str, items: list[tuple[Any, float]]) -> list[Any]:
@@ -622,7 +732,8 @@ class TrafficSimulator:
         self.stats.bot_batch_sizes.append(len(sessions))
         self.stats.max_bot_batch = max(self.stats.max_bot_batch, len(sessions))
         self.stats.bot_tokens += sum(int(r.completion_tokens) for r in records)
-        self._bar.set_postfix(batch=len(sessions), refresh=False)
+        self._turns_done += len(sessions)
+        self._bar.set_postfix(turns=self._turns_done, batch=len(sessions), refresh=False)
         return records
 
     def _seed(self) -> int:

@@ -1,0 +1,295 @@
+"""One simulated A/B experiment, end to end: ``flywheel ab SCENARIO --control P --treatment P``.
+
+1. Load and validate the scenario file (``ABScenario``: ``seed``, ``[world]``, ``[traffic]``,
+   ``[analysis]``); every error names the field, the value seen and the fix.
+2. Open the run store (``RUN_DIR/run.duckdb``). If this experiment is already stored with
+   the same scenario, policies and seed, the run resumes after its last committed day; a
+   different configuration is refused, so two runs are never spliced together.
+3. Build the world (characters, users, gold utility, user LLM) and the arm policies; the
+   same model named twice (both arms, or an arm and the user LLM) is loaded once.
+4. Run the traffic model (``sim.traffic``) day by day into the store.
+5. Analyse the user-day table (``flywheel.ab.analyze``) and write ``RUN_DIR/ab/``:
+   ``result.json`` (per metric lift, CI, p-value, CUPED variance reduction; SRM p-value;
+   decision and reason), ``report.md``, ``daily.png``, ``lift.png`` and ``simulation.json``
+   (wall time, tokens, backend calls, batch sizes).
+
+A POLICY on the command line is a model (HF id, local folder, ``smollm2``) or a planted
+treatment around one: ``violate[@RATE]:MODEL`` breaks the characters' prohibitions on a
+share RATE of replies (``sim.planted``), so the guardrails have something to catch.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from flywheel.store import SCHEMA_VERSION, RunStore
+from policies import Policy, PolicySpec, load_policy
+from sim.traffic import CONTROL, TREATMENT, TrafficConfig
+from sim.world import WorldConfig
+
+EXPERIMENT_ID = "ab"
+AB_DIR = "ab"
+_TRAFFIC_STREAM = 0x7AFF1C  # keeps the traffic generator apart from the world's (same seed)
+
+
+class ABScenario(BaseModel):
+    """A scenario file for ``flywheel ab``. Unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field("ab", min_length=1, description="Label in reports.")
+    description: str = Field("", description="What this scenario is for, in words.")
+    seed: int = Field(0, description="Seeds the world, the population drift and the traffic.")
+    world: WorldConfig = Field(
+        default_factory=WorldConfig, description="The simulated world (sim.world.WorldConfig)."
+    )
+    traffic: TrafficConfig = Field(
+        default_factory=TrafficConfig, description="Days, arrivals, arms (sim.traffic)."
+    )
+    analysis: dict[str, Any] = Field(
+        default_factory=dict,
+        description="flywheel.ab.AnalysisConfig settings: alpha, srm_alpha, cuped, correction, "
+        "power, retention_day, noninferiority_margins (treatment_share comes from [traffic]).",
+    )
+
+    @field_validator("analysis")
+    @classmethod
+    def _check_analysis(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from flywheel.ab import AnalysisConfig
+
+        allowed = {f.name for f in fields(AnalysisConfig)} - {"treatment_share"}
+        unknown = sorted(set(value) - allowed)
+        if unknown:
+            raise ValueError(
+                f"unknown setting(s) {unknown}; use {sorted(allowed)} (treatment_share is "
+                f"taken from traffic.treatment_share)"
+            )
+        AnalysisConfig(**value)  # its own checks name the field and the value
+        return value
+
+    def analysis_config(self) -> Any:
+        """The ``flywheel.ab.AnalysisConfig`` of this scenario."""
+        from flywheel.ab import AnalysisConfig
+
+        return AnalysisConfig(**self.analysis, treatment_share=self.traffic.treatment_share)
+
+
+def load_scenario(path: str | Path) -> ABScenario:
+    """Read and validate a scenario TOML file; ``world.characters_dir`` is resolved next to it.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: bad TOML or a bad field; the message lists every problem with its
+            field path, the value seen and what the field expects.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"scenario file {path} does not exist; pass a .toml scenario")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"{path}: not valid TOML ({err})") from err
+    try:
+        scenario = ABScenario.model_validate(data)
+    except ValidationError as err:
+        raise ValueError(f"{path}: invalid scenario\n{explain(err, ABScenario)}") from None
+    world = scenario.world.resolved(path.parent)
+    return scenario.model_copy(update={"world": world})
+
+
+def explain(err: ValidationError, model: type[BaseModel]) -> str:
+    """One line per pydantic error: ``scenario.<field> = <value>: <problem>; fix: <help>``."""
+    lines = []
+    for problem in err.errors():
+        loc = [str(part) for part in problem["loc"]]
+        where = ".".join(["scenario", *loc])
+        seen = problem.get("input")
+        shown = "" if isinstance(seen, dict) else f" = {seen!r}"
+        message = problem["msg"].removeprefix("Value error, ")
+        if problem["type"] == "extra_forbidden":
+            message = "unknown key (a typo?); remove it or check the field name"
+        help_text = _field_help(model, loc)
+        fix = f"; fix: {help_text}" if help_text else ""
+        lines.append(f"  {where}{shown}: {message}{fix}")
+    return "\n".join(lines)
+
+
+def _field_help(model: type[BaseModel], loc: list[str]) -> str:
+    """The description of the field at ``loc`` (walking nested models), or ''."""
+    current: Any = model
+    description = ""
+    for part in loc:
+        model_fields = getattr(current, "model_fields", None)
+        if not model_fields or part not in model_fields:
+            break
+        info = model_fields[part]
+        description = info.description or description
+        current = info.annotation
+    return description
+
+
+# ---------------------------------------------------------------------------- policies
+class PolicyCache:
+    """Loads each distinct ``PolicySpec`` once: the same model named twice is shared."""
+
+    def __init__(self) -> None:
+        self._loaded: dict[PolicySpec, Policy] = {}
+
+    def get(self, spec: PolicySpec) -> Policy:
+        """The policy for ``spec``, loading it the first time."""
+        if spec not in self._loaded:
+            self._loaded[spec] = load_policy(spec)
+        return self._loaded[spec]
+
+    def put(self, spec: PolicySpec, policy: Policy) -> None:
+        """Serve ``policy`` wherever ``spec`` is asked for (an already loaded model)."""
+        self._loaded[spec] = policy
+
+    def arm(self, text: str) -> Policy:
+        """A command-line POLICY: a model, or ``violate[@RATE]:MODEL`` around one."""
+        from sim.planted import ViolatingPolicy, parse_planted
+
+        rate, base = parse_planted(text)
+        policy = self.get(PolicySpec(model=base))
+        return policy if rate is None else ViolatingPolicy(policy, rate)
+
+
+# ---------------------------------------------------------------------------- the experiment
+@dataclass(frozen=True)
+class ABOutcome:
+    """What ``run_ab`` produced: the analysis, the files and the simulation figures."""
+
+    result: Any  # flywheel.ab.ABResult
+    paths: dict[str, Path]
+    simulation: dict[str, Any]
+
+
+def run_ab(
+    scenario_path: str | Path,
+    control: str,
+    treatment: str,
+    out: str | Path,
+    *,
+    progress: bool = True,
+    on_day_end: Callable[[int], None] | None = None,
+    policy_cache: PolicyCache | None = None,
+) -> ABOutcome:
+    """Run (or resume) the A/B experiment of a scenario into ``out`` and analyse it.
+
+    Args:
+        scenario_path: the scenario TOML file.
+        control: POLICY serving the control arm (and everyone in the pre-period).
+        treatment: POLICY serving the treatment arm during the test.
+        out: the run directory (created; an existing one is resumed).
+        progress: progress bar over simulated days.
+        on_day_end: called with each committed day (fault injection in tests).
+        policy_cache: share loaded models across calls (tests, benchmarks).
+    """
+    from flywheel.ab import analyze
+    from flywheel.ab_report import write_report
+    from sim.traffic import CountingPolicy, TrafficSimulator, drifted_population
+    from sim.world import World
+
+    scenario = load_scenario(scenario_path)
+    out = Path(out)
+    config = {
+        "scenario": scenario.model_dump(mode="json"),
+        "control": control,
+        "treatment": treatment,
+        "schema_version": SCHEMA_VERSION,
+    }
+    started = time.perf_counter()
+    with RunStore(out) as store:
+        sink = store.open_sink(EXPERIMENT_ID, config)
+        status = store.experiment_status(EXPERIMENT_ID)
+        if status is None or not status.finished:
+            cache = policy_cache or PolicyCache()
+            arms = {CONTROL: cache.arm(control), TREATMENT: cache.arm(treatment)}
+            user_policy = CountingPolicy(cache.get(scenario.world.user_llm.policy))
+            world = World.build(scenario.world, seed=scenario.seed, user_policy=user_policy)
+            population = drifted_population(world.sampler, scenario.traffic, scenario.seed)
+            simulator = TrafficSimulator(
+                world.engine,
+                population.users,
+                arms,
+                scenario.traffic,
+                seed=[scenario.seed, _TRAFFIC_STREAM],
+                joined=population.joined,
+                user_params=world.user_params,
+                user_counter=user_policy,
+                progress=progress,
+            )
+            simulator.run(sink, on_day_end=on_day_end)
+        table = store.analysis_table(EXPERIMENT_ID)
+        result = analyze(table, scenario.analysis_config())
+        store.write_analysis(EXPERIMENT_ID, "ab", result.to_dict())
+        simulation = simulation_summary(store.read_days(EXPERIMENT_ID), scenario, config)
+        simulation["wall_s_this_invocation"] = time.perf_counter() - started
+        ab_dir = out / AB_DIR
+        paths = write_report(
+            result, table, ab_dir, title=f"A/B test '{scenario.name}': {treatment} vs {control}"
+        )
+        paths["simulation"] = ab_dir / "simulation.json"
+        paths["simulation"].write_text(json.dumps(simulation, indent=2) + "\n")
+        with paths["report"].open("a") as report:
+            report.write("\n" + simulation_markdown(simulation))
+    return ABOutcome(result, paths, simulation)
+
+
+def simulation_summary(
+    days: pd.DataFrame, scenario: ABScenario, config: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Totals of the ``days`` table: what the simulation cost and how well it batched."""
+    wall = float(days["wall_s"].sum())
+    tokens = int(days["bot_tokens"].sum() + days["user_tokens"].sum())
+    turns = int(days["turns"].sum())
+    calls = int(days["bot_calls"].sum())
+    return {
+        "scenario": scenario.name,
+        "control": config["control"],
+        "treatment": config["treatment"],
+        "seed": scenario.seed,
+        "days": len(days),
+        "pre_days": scenario.traffic.pre_days,
+        "test_days": scenario.traffic.test_days,
+        "users": scenario.traffic.n_users,
+        "sessions": int(days["sessions"].sum()),
+        "bot_replies": turns,
+        "bot_calls": calls,
+        "user_calls": int(days["user_calls"].sum()),
+        "mean_bot_batch": turns / calls if calls else float("nan"),
+        "max_bot_batch": int(days["max_bot_batch"].max()) if len(days) else 0,
+        "bot_tokens": int(days["bot_tokens"].sum()),
+        "user_tokens": int(days["user_tokens"].sum()),
+        "simulated_wall_s": wall,
+        "tokens_per_s": tokens / wall if wall else float("nan"),
+        "replies_per_s": turns / wall if wall else float("nan"),
+        "mean_active_users_per_day": float(np.mean(days["active_users"])) if len(days) else 0.0,
+    }
+
+
+def simulation_markdown(sim: Mapping[str, Any]) -> str:
+    """The simulation figures as a Markdown section of the report."""
+    return (
+        "## Simulation\n\n"
+        f"| | |\n|---|---|\n"
+        f"| days (pre + test) | {sim['pre_days']} + {sim['test_days']} |\n"
+        f"| users / mean active per day | {sim['users']} / "
+        f"{sim['mean_active_users_per_day']:.1f} |\n"
+        f"| sessions / bot replies | {sim['sessions']} / {sim['bot_replies']} |\n"
+        f"| bot calls / mean batch / max batch | {sim['bot_calls']} / "
+        f"{sim['mean_bot_batch']:.1f} / {sim['max_bot_batch']} |\n"
+        f"| tokens (bot + user) | {sim['bot_tokens']} + {sim['user_tokens']} |\n"
+        f"| simulated wall time | {sim['simulated_wall_s']:.0f} s "
+        f"({sim['tokens_per_s']:.1f} tokens/s) |\n"
+    )
