@@ -104,6 +104,9 @@ def main() -> None:
     parser.add_argument("--eval-samples", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--trained", default=None, help="evaluate this GRPO checkpoint instead of training one"
+    )
     args = parser.parse_args()
 
     from policies import load_policy
@@ -140,7 +143,8 @@ def main() -> None:
         args.seed + 2,
         args.max_new_tokens,
     )
-    print(f"base evaluated in {time.monotonic() - t0:.0f}s")
+    print(f"base evaluated in {time.monotonic() - t0:.0f}s", flush=True)
+    base_turns.assign(model="base").to_parquet(out / "eval_base.parquet")
     # The reference style: the base model's own replies to training prompts.
     from policies import SamplingParams
 
@@ -161,16 +165,22 @@ def main() -> None:
         max_completion_length=args.max_new_tokens,
     )
     t0 = time.monotonic()
-    model_dir = train_grpo(
-        grpo_records(train_chats, train_characters),
-        build_rewards(checkers, reference),
-        model_config(args.model),
-        grpo_args,
-        out / "model",
-        callbacks=[time_limit_callback(args.minutes * 60)],
-    )
-    train_s = time.monotonic() - t0
+    if args.trained is None:
+        model_dir = train_grpo(
+            grpo_records(train_chats, train_characters),
+            build_rewards(checkers, reference),
+            model_config(args.model),
+            grpo_args,
+            out / "model",
+            callbacks=[time_limit_callback(args.minutes * 60)],
+        )
+        train_s = time.monotonic() - t0
+    else:
+        model_dir = Path(args.trained)
     marker = json.loads((model_dir / "flywheel-training.json").read_text())
+    if args.trained is not None:
+        train_s = marker["metrics"]["train_runtime"]
+    print(f"trained: {marker['metrics']}", flush=True)
     steps = int(marker["metrics"]["global_step"])
 
     trained_turns = evaluate(

@@ -258,3 +258,73 @@ def test_grpo_gpu_switch_is_a_config_file(tmp_path):
     bad.write_text("use_vlm: true\n")
     with pytest.raises(ValueError, match="use_vlm"):
         load_config_overrides(bad)
+
+
+def _logged_run(run_dir, n_users: int = 12) -> None:
+    """A one-day run store, written through RunStore's own path, with real characters."""
+    from flywheel.store import TABLES, RunStore
+    from sim.characters import load_characters
+    from sim.traffic import DayLog
+    from sim.world import DEFAULT_CHARACTERS_DIR
+
+    names = sorted(load_characters(DEFAULT_CHARACTERS_DIR))[:2]
+    users = pd.DataFrame(
+        {
+            "user_id": [f"u{i}" for i in range(n_users)],
+            "segment": "casual",
+            "generation": 0,
+            "traits": [{"patience": 0.5}] * n_users,
+        }
+    )
+    assignments = pd.DataFrame(
+        {"user_id": users["user_id"], "arm": "control", "bucket": 0.5, "salt": "s"}
+    )
+    turns = pd.DataFrame(
+        [
+            {
+                "day": 0, "period": "pre", "arm": "control", "policy": "p",
+                "session_id": f"s{i}", "user_id": f"u{i}", "character": names[i % 2],
+                "turn_index": t, "hour": 12.0, "user_message": f"tell me about thing {t}",
+                "bot_reply": f"Ahoy, thing {t} is fun, game on! What about you, friend {i}?",
+                "completion_tokens": 12, "features": {"words": 10.0}, "checks": {},
+                "follows_all": True, "violates_any": False, "unsafe": False,
+                "gold_satisfaction": 0.1, "novelty": 0.0, "continued": True, "liked": False,
+                "reported": False,
+            }
+            for i in range(n_users)
+            for t in range(2)
+        ]
+    )  # fmt: skip
+    world = {"characters_dir": str(DEFAULT_CHARACTERS_DIR), "characters": names}
+    # Only turns matter to training; the other day tables are empty with their columns.
+    empty = {
+        c: pd.DataFrame(columns=[k for k in TABLES[c] if k != "experiment_id"])
+        for c in ("sessions", "user_days")
+    }
+    with RunStore(run_dir) as store:
+        sink = store.open_sink("ab", {"scenario": {"world": world}})
+        sink.begin(users, assignments, b"")
+        sink.commit_day(DayLog(0, "pre", 0, empty["sessions"], turns, empty["user_days"], {}), b"")
+
+
+@pytest.mark.parametrize("recipe", ["sft", "grpo"])
+def test_flywheel_train_command_end_to_end(recipe, tiny_llama_dir, tmp_path):
+    import subprocess
+    import sys
+
+    _logged_run(tmp_path / "run")
+    config = tmp_path / "small.yaml"
+    small = {"sft": "per_device_train_batch_size: 2\n",
+             "grpo": "per_device_train_batch_size: 4\nnum_generations: 4\n"
+                     "max_completion_length: 8\n"}[recipe]  # fmt: skip
+    config.write_text(small)
+    out = tmp_path / recipe
+    done = subprocess.run(
+        [sys.executable, "-m", "flywheel.cli", "train", recipe, str(tmp_path / "run"),
+         "--from", str(tiny_llama_dir), "--out", str(out), "--steps", "1",
+         "--config", str(config)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((out / TRAINING_MARKER).read_text())["metrics"]["global_step"] == 1
+    _assert_serves(out)
