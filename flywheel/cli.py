@@ -317,5 +317,78 @@ def ab(
     typer.echo(f"wrote {', '.join(str(p) for p in outcome.paths.values())}")
 
 
+@app.command("run")
+def run(
+    scenario: str = typer.Argument(..., help="Scenario TOML file, e.g. scenarios/quickstart.toml."),
+    out: str = typer.Option(..., "--out", help="Run directory (an existing one is resumed)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars or step lines."),
+) -> None:
+    """Run (or resume) the flywheel: generation after generation, gates, A/B, ship/hold."""
+    import os
+    import time
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from pathlib import Path
+
+    from flywheel.loop import run_scenario
+    from flywheel.report import text_table
+    from flywheel.scenario import ScenarioError
+
+    started = time.perf_counter()
+    try:
+        records = run_scenario(scenario, out, progress=not quiet)
+    except (FileNotFoundError, ScenarioError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(code=2) from err
+    typer.echo(text_table(records))
+    typer.echo(
+        f"wrote {Path(out) / 'generations.json'}, {Path(out) / 'generations.md'} and "
+        f"{Path(out) / 'plots'}; this invocation took {time.perf_counter() - started:.0f} s"
+    )
+
+
+@app.command("report")
+def report(
+    run_dir: str = typer.Argument(..., help="Run directory of `flywheel run`."),
+    markdown: bool = typer.Option(False, "--markdown", help="Print the Markdown report instead."),
+) -> None:
+    """Print a run's per-generation table again (from RUN_DIR/generations.json)."""
+    from flywheel.report import markdown as render_markdown
+    from flywheel.report import read_document, text_table
+
+    try:
+        document = read_document(run_dir)
+    except FileNotFoundError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(code=2) from err
+    records = document["generations"]
+    typer.echo(render_markdown(document["scenario"], records) if markdown else text_table(records))
+
+
+@app.command("dashboard")
+def dashboard(
+    run_dir: str = typer.Argument(..., help="Run directory (run.duckdb, generations.json)."),
+    port: int = typer.Option(8501, "--port", min=1, max=65535, help="Port on 127.0.0.1."),
+) -> None:
+    """Serve the Streamlit dashboards over RUN_DIR on 127.0.0.1 (read-only, headless)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from dashboards import APP_PATH
+
+    if not (Path(run_dir) / "run.duckdb").is_file():
+        # Not an error: the dashboard can be opened before the run starts and says so.
+        typer.echo(f"note: {run_dir} holds no run.duckdb yet; the dashboard will say so")
+    typer.echo(f"CharacterFlywheel dashboard for {run_dir}: http://127.0.0.1:{port}")
+    command = [
+        sys.executable, "-m", "streamlit", "run", str(APP_PATH),
+        "--server.address", "127.0.0.1", "--server.port", str(port),
+        "--server.headless", "true", "--browser.gatherUsageStats", "false",
+        "--", "--run-dir", str(Path(run_dir).resolve()),
+    ]  # fmt: skip
+    raise typer.Exit(code=subprocess.call(command))
+
+
 if __name__ == "__main__":
     app()

@@ -1,0 +1,173 @@
+"""Making a candidate: one scenario recipe run on a generation's curated data.
+
+The recipe starts from the deployed model and reads the generation's curated *train*
+split (held-out users are kept for the offline gates). The rewards are the named functions
+of ``training.rewards``: the chosen reward model, the character checkers (steerability) and
+the artifact penalty, which measures style drift against the deployed model's own logged
+replies. A weight of 0 leaves a reward out.
+
+- ``rs+sft``: ``samples`` replies per context from the deployed model in one batched call,
+  each scored by the rewards (standardised per context, weighted); the best reply of each
+  context becomes an SFT target (``training.rejection`` then ``training.sft``).
+- ``dpo``: the same samples; the best and worst reply of each context form a preference
+  pair (``training.dpo``).
+- ``grpo``: the contexts as prompts for TRL's GRPOTrainer with the rewards
+  (``training.grpo``).
+
+The checkpoint is written into a staging folder and renamed into place when complete, so a
+killed run never leaves a half-written model where a finished one is expected.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from flywheel.scenario import RecipeConfig, trainer_file_fields
+from policies.base import SamplingParams
+
+
+def training_contexts(
+    train: pd.DataFrame, n: int, rng: np.random.Generator
+) -> tuple[list[list[dict[str, str]]], list[str]]:
+    """Up to ``n`` curated train contexts (prompt chats) and their characters."""
+    if train.empty:
+        raise ValueError(
+            "curation kept no training examples; log more traffic (collect.days, "
+            "traffic.n_users) or relax [curation]"
+        )
+    rows = train.iloc[np.sort(rng.permutation(len(train))[: min(n, len(train))])]
+    return [[dict(m) for m in p] for p in rows["prompt"]], [str(c) for c in rows["character"]]
+
+
+def reward_functions(
+    recipe: RecipeConfig,
+    checkers: Mapping[str, Sequence[Any]],
+    reference: Any,
+    reward_model: Any | None,
+) -> tuple[list[Any], dict[str, float]]:
+    """The recipe's reward functions (weight 0 left out) and their weights by name."""
+    from training.rewards import ArtifactPenalty, RewardModelReward, SteerabilityReward
+
+    funcs: list[Any] = []
+    if recipe.reward_model != "none" and recipe.reward_model_weight > 0:
+        if reward_model is None:
+            raise ValueError(f"recipe {recipe.name!r} needs a reward model and none was trained")
+        funcs.append(RewardModelReward(reward_model))
+    if recipe.steerability_weight > 0:
+        funcs.append(SteerabilityReward(checkers))
+    if recipe.artifact_penalty_weight > 0:
+        funcs.append(ArtifactPenalty(reference, tolerance=recipe.artifact_tolerance))
+    weights = {f.__name__: recipe.weights()[f.__name__] for f in funcs}
+    return funcs, weights
+
+
+def trainer_overrides(recipe: RecipeConfig) -> dict[str, Any]:
+    """TRL config fields for the recipe: its trainer file, then its ``trainer`` table."""
+    overrides = {**trainer_file_fields(recipe), **recipe.trainer}
+    if recipe.kind == "grpo":
+        overrides.setdefault("max_completion_length", recipe.max_new_tokens)
+    return overrides
+
+
+def train_candidate(
+    recipe: RecipeConfig,
+    base_model: str,
+    deployed: Any,
+    train: pd.DataFrame,
+    reference: Any,
+    checkers: Mapping[str, Sequence[Any]],
+    reward_model: Any | None,
+    out_dir: Path,
+    seed: int,
+    sampling: SamplingParams,
+) -> dict[str, Any]:
+    """Run ``recipe`` from ``base_model`` (the deployed checkpoint) into ``out_dir``.
+
+    Args:
+        recipe: the scenario's recipe.
+        base_model: the deployed model's checkpoint ('smollm2' or a folder).
+        deployed: the deployed ``Policy`` (samples the rs+sft / dpo candidates).
+        train: curated train split (columns prompt, character, ...).
+        reference: ``training.rewards.StyleReference`` of the deployed model's replies.
+        checkers: character name -> instruction checkers.
+        reward_model: the reward model the recipe names (or None for 'none').
+        out_dir: final checkpoint folder (must not exist yet or is replaced).
+        seed: seeds context choice, sampling and the trainer.
+        sampling: how rs+sft / dpo samples replies (its seed is replaced by ``seed``).
+
+    Returns:
+        ``{"examples": n, "reward_names": [...], "trainer_metrics": {...}}``.
+    """
+    from training.models import TRAINING_MARKER, model_config, seed_everything
+
+    rng = np.random.default_rng(seed)
+    prompts, characters = training_contexts(train, recipe.prompts, rng)
+    funcs, weights = reward_functions(recipe, checkers, reference, reward_model)
+    model_args = model_config(
+        base_model, use_peft=recipe.use_peft, lora_r=recipe.lora_r, lora_alpha=recipe.lora_alpha
+    )
+    staging = out_dir.parent / f".{out_dir.name}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    overrides = trainer_overrides(recipe)
+    work = staging / "trainer"
+    seed_everything(seed)
+    if recipe.kind == "grpo":
+        from training.grpo import grpo_config, grpo_records, train_grpo
+
+        args = grpo_config(work, max_steps=recipe.max_steps, seed=seed, **overrides)
+        records = grpo_records(prompts, characters)
+        train_grpo(records, funcs, model_args, args, staging, weights=weights)
+        examples = len(records)
+    else:
+        from training.rejection import (
+            best_replies,
+            preference_records,
+            sample_candidates,
+            score_candidates,
+        )
+
+        params = SamplingParams(
+            max_new_tokens=recipe.max_new_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            seed=seed,
+        )
+        samples = sample_candidates(deployed, prompts, characters, recipe.samples, params)
+        scored = score_candidates(samples, funcs, weights)
+        if recipe.kind == "rs+sft":
+            from training.sft import sft_config, train_sft
+
+            best = best_replies(scored)
+            records = [
+                {"prompt": list(p), "completion": [{"role": "assistant", "content": r}]}
+                for p, r in zip(best["prompt"], best["reply"], strict=True)
+            ]
+            args = sft_config(work, max_steps=recipe.max_steps, seed=seed, **overrides)
+            train_sft(records, model_args, args, staging)
+        else:
+            from training.dpo import dpo_config, train_dpo
+
+            records = preference_records(scored)
+            args = dpo_config(work, max_steps=recipe.max_steps, seed=seed, **overrides)
+            train_dpo(records, model_args, args, staging)
+        examples = len(records)
+    shutil.rmtree(work, ignore_errors=True)
+    if not (staging / TRAINING_MARKER).is_file():
+        raise RuntimeError(f"recipe {recipe.name!r} finished without a checkpoint in {staging}")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    staging.rename(out_dir)
+    record = json.loads((out_dir / TRAINING_MARKER).read_text())
+    return {
+        "examples": examples,
+        "reward_names": [f.__name__ for f in funcs],
+        "weights": weights,
+        "trainer_metrics": record.get("metrics", {}),
+    }

@@ -1,0 +1,653 @@
+"""The generation loop of ``flywheel run SCENARIO --out RUN_DIR``.
+
+Generation 0 is the scenario's base model serving simulated production traffic. Each
+generation K = 1, 2, ... then runs these steps, in order, each recorded in the run store's
+``steps`` table (``flywheel.ledger``) with its config, seed, inputs and outputs:
+
+1. ``collect``        the deployed model serves ``collect.days`` days of production traffic
+                      (experiment ``gen{K}-traffic``; the population drifted to generation K).
+2. ``curate``         the logged turns become training examples: PII scrubbed, unsafe /
+                      reported / violating replies dropped, deduplicated, split by user
+                      (``training.curation``) -> ``artifacts/gen{K}/data/``.
+3. ``reward_models``  a naive and a style-controlled reward model are (re)trained on the
+                      logs and evaluated against the oracle (``flywheel.rm_eval``) ->
+                      ``artifacts/gen{K}/rm/``.
+4. ``candidate:R``    each scenario recipe R makes a candidate from the deployed model
+                      (``flywheel.candidates``) -> ``artifacts/gen{K}/models/R``.
+5. ``offline:R``      offline evaluation and gates (``flywheel.gates``): reward-model win
+                      rate, held-out steerability, style-artifact regression, safety.
+6. ``ab``             the best candidate that passed every gate (highest style-controlled
+                      win rate) meets the deployed model in a simulated A/B test (experiment
+                      ``gen{K}-ab``), analysed by ``flywheel.ab`` -> ``artifacts/gen{K}/ab/``.
+7. ``decide``         ship (the A/B says ship), hold (it does not) or gated (no candidate
+                      passed the gates); the shipped model serves generation K+1.
+
+Every bot reply in both traffic experiments is served through ``sim.serving``: a safety
+check that fails closed; the replies it replaced are in the ``serving_events`` table.
+
+Resume: steps are keyed by (generation, step name), their seeds derive from the scenario
+seed, the generation and the step name, and their outputs are written atomically. Killing
+the process at any point and running the same command again skips finished steps, restarts
+the interrupted one (traffic resumes after its last committed day) and produces the same
+results as an uninterrupted run.
+
+``FLYWHEEL_FAULT`` (tests only) names a point where the process kills itself with SIGKILL:
+``after:K:STEP`` once step STEP of generation K has been recorded, or ``day:EXPERIMENT:D``
+once simulated day D of an experiment is committed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from rich.console import Console
+
+from flywheel.ledger import Ledger, derive_seed
+from flywheel.scenario import Scenario
+from flywheel.store import SCHEMA_VERSION, RunStore
+from policies import Policy, PolicySpec, SamplingParams, load_policy
+
+GEN0 = "gen0-base"
+FAULT_ENV = "FLYWHEEL_FAULT"
+_TRAFFIC_STREAM = 0x7AFF1C  # keeps traffic draws apart from the world's (same scenario seed)
+
+
+def experiment_ids(generation: int) -> tuple[str, str]:
+    """(production-traffic experiment, A/B experiment) of a generation."""
+    return f"gen{generation}-traffic", f"gen{generation}-ab"
+
+
+def candidate_name(generation: int, recipe: str) -> str:
+    """The label of generation ``generation``'s candidate made by ``recipe``."""
+    return f"gen{generation}-{recipe}"
+
+
+class PolicyPool:
+    """Loads each model once (the same weights under two labels share one load)."""
+
+    def __init__(self) -> None:
+        self._loaded: dict[PolicySpec, Policy] = {}
+
+    def get(self, spec: PolicySpec) -> Policy:
+        """The policy for ``spec`` (its ``name`` ignored for sharing)."""
+        key = spec.model_copy(update={"name": None})
+        if key not in self._loaded:
+            self._loaded[key] = load_policy(key)
+        return self._loaded[key]
+
+    def retain(self, specs: list[PolicySpec]) -> None:
+        """Drop every loaded model not among ``specs`` (frees memory between generations)."""
+        keep = {s.model_copy(update={"name": None}) for s in specs}
+        self._loaded = {k: v for k, v in self._loaded.items() if k in keep}
+
+
+class FlywheelRun:
+    """Runs (or resumes) a scenario's generations into a run directory.
+
+    Args:
+        scenario: the validated scenario.
+        run_dir: the run directory (created; an existing one is resumed).
+        progress: progress bars and step lines on the console.
+        after_step: called with (generation, step) after each recorded step (fault
+            injection; ``FLYWHEEL_FAULT`` sets one up for subprocess tests).
+        console: where step lines go (default: a rich console on stderr).
+    """
+
+    def __init__(
+        self,
+        scenario: Scenario,
+        run_dir: str | Path,
+        *,
+        progress: bool = True,
+        after_step: Callable[[int, str], None] | None = None,
+        console: Console | None = None,
+    ) -> None:
+        self.scenario = scenario
+        self.run_dir = Path(run_dir)
+        self.progress = progress
+        self.console = console or Console(stderr=True, quiet=not progress)
+        fault = os.environ.get(FAULT_ENV, "")
+        self._fault_step = fault.removeprefix("after:") if fault.startswith("after:") else ""
+        self._fault_day = fault.removeprefix("day:") if fault.startswith("day:") else ""
+        self.after_step = after_step
+        self.pool = PolicyPool()
+        self._world_parts: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ entry point
+    def run(self) -> list[dict[str, Any]]:
+        """Run every generation not yet decided; return all generation records."""
+        from flywheel.report import write_outputs
+
+        with RunStore(self.run_dir) as store:
+            self.store = store
+            self.ledger = Ledger(store)
+            self.ledger.bind_scenario(self.scenario.model_dump(mode="json"))
+            deployed = self.base_spec()
+            for generation in range(1, self.scenario.generations + 1):
+                record = self.run_generation(generation, deployed)
+                deployed = self.deployed_spec(record)
+                write_outputs(self.run_dir, self.scenario, self.ledger.generations())
+            records = self.ledger.generations()
+        write_outputs(self.run_dir, self.scenario, records, plots=True)
+        return records
+
+    # ------------------------------------------------------------------ policies
+    def base_spec(self) -> PolicySpec:
+        """The generation-0 deployment: the scenario's policy labelled ``gen0-base``."""
+        return self.scenario.policy.model_copy(update={"name": GEN0})
+
+    def candidate_spec(self, generation: int, recipe: str) -> PolicySpec:
+        """The serving spec of a candidate checkpoint (same backend settings as the base)."""
+        path = self.models_dir(generation) / recipe
+        return self.scenario.policy.model_copy(
+            update={"model": str(path.resolve()), "name": candidate_name(generation, recipe)}
+        )
+
+    def deployed_spec(self, record: dict[str, Any]) -> PolicySpec:
+        """Who serves after a generation's decision."""
+        if record["decision"] != "ship":
+            return self._spec_by_name(record["parent"])
+        recipe = record["recipe"]
+        return self.candidate_spec(record["generation"], recipe)
+
+    def _spec_by_name(self, name: str) -> PolicySpec:
+        if name == GEN0:
+            return self.base_spec()
+        generation, _, recipe = name.removeprefix("gen").partition("-")
+        return self.candidate_spec(int(generation), recipe)
+
+    # ------------------------------------------------------------------ folders
+    def gen_dir(self, generation: int) -> Path:
+        """``RUN_DIR/artifacts/gen{K}``."""
+        return self.store.artifacts / f"gen{generation}"
+
+    def models_dir(self, generation: int) -> Path:
+        """Candidate checkpoints of a generation."""
+        return self.run_dir / "artifacts" / f"gen{generation}" / "models"
+
+    def rel(self, path: Path) -> str:
+        """``path`` relative to the run directory (how outputs name files)."""
+        return str(Path(path).resolve().relative_to(self.run_dir.resolve()))
+
+    # ------------------------------------------------------------------ one generation
+    def run_generation(self, generation: int, deployed: PolicySpec) -> dict[str, Any]:
+        """Every step of one generation (skipping finished ones); returns its record."""
+        scenario = self.scenario
+        traffic_id, ab_id = experiment_ids(generation)
+        self.console.rule(f"generation {generation}: deployed {deployed.label}")
+        collect = self._step(generation, "collect", {
+            "experiment_id": traffic_id, "traffic": scenario.collect_traffic(generation).model_dump(mode="json"),
+            "policy": deployed.label,
+        }, {}, lambda seed: self.simulate(
+            traffic_id, scenario.collect_traffic(generation), deployed, deployed, seed,
+        ))  # fmt: skip
+        curate = self._step(
+            generation, "curate", {"curation": scenario.curation}, {"experiment_id": traffic_id},
+            lambda seed: self.curate(generation, traffic_id, seed),
+        )  # fmt: skip
+        rms = self._step(
+            generation, "reward_models", scenario.reward_models.model_dump(mode="json"),
+            {"experiment_id": traffic_id},
+            lambda seed: self.train_reward_models(generation, traffic_id, seed),
+        )  # fmt: skip
+        candidates = []
+        for recipe in scenario.recipes:
+            trained = self._step(
+                generation, f"candidate:{recipe.name}", recipe.model_dump(mode="json"),
+                {"deployed": deployed.label, "data": curate["train"], "reward_models": rms},
+                lambda seed, r=recipe: self.make_candidate(generation, r, deployed, curate, rms, traffic_id, seed),
+            )  # fmt: skip
+            offline = self._step(
+                generation, f"offline:{recipe.name}", scenario.gates.model_dump(mode="json"),
+                {"candidate": trained["model_path"], "deployed": deployed.label},
+                lambda seed, r=recipe: self.evaluate(generation, r.name, deployed, curate, rms, seed),
+            )  # fmt: skip
+            candidates.append({"recipe": recipe, "trained": trained, "offline": offline})
+        passed = [c for c in candidates if c["offline"]["passed"]]
+        best = max(
+            passed,
+            key=lambda c: c["offline"]["offline"]["rm_win_rate_style_controlled"],
+            default=None,
+        )
+        if best is None:
+            ab = self._step(generation, "ab", {"skipped": True}, {}, lambda seed: {"skipped": True})
+        else:
+            name = best["recipe"].name
+            ab = self._step(
+                generation, "ab", {
+                    "experiment_id": ab_id, "traffic": scenario.ab_traffic(generation).model_dump(mode="json"),
+                    "analysis": scenario.analysis,
+                }, {"control": deployed.label, "treatment": candidate_name(generation, name)},
+                lambda seed: self.ab_test(generation, deployed, self.candidate_spec(generation, name), seed),
+            )  # fmt: skip
+        shown = best or max(
+            candidates, key=lambda c: c["offline"]["offline"]["rm_win_rate_style_controlled"]
+        )
+        record = self._step(
+            generation, "decide", {}, {"ab": ab, "candidate": candidate_name(generation, shown["recipe"].name)},
+            lambda seed: self.decide(generation, deployed, collect, rms, candidates, shown, ab),
+        )  # fmt: skip
+        self.ledger.put_generation(generation, record)
+        self.pool.retain([self.deployed_spec(record), self.scenario.world.user_llm.policy])
+        verdict = record["decision"].upper()
+        self.console.print(f"[bold]generation {generation}: {verdict}[/bold] {record['reason']}")
+        return record
+
+    def _step(
+        self,
+        generation: int,
+        step: str,
+        config: dict[str, Any],
+        inputs: dict[str, Any],
+        work: Callable[[int], dict[str, Any]],
+    ) -> dict[str, Any]:
+        seed = derive_seed(self.scenario.seed, generation, step)
+        existing = self.ledger.step(generation, step)
+        if existing is None or existing["status"] != "done":
+            self.console.print(f"[cyan]gen {generation}[/cyan] {step} (seed {seed})")
+        outputs = self.ledger.run_step(generation, step, seed, config, inputs, lambda: work(seed))
+        if self.after_step is not None:
+            self.after_step(generation, step)
+        if self._fault_step == f"{generation}:{step}":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return outputs
+
+    # ------------------------------------------------------------------ traffic
+    def world(self) -> Any:
+        """A freshly built world (new latent user states) sharing the loaded user LLM."""
+        from sim.traffic import CountingPolicy
+        from sim.world import World
+
+        user_llm = CountingPolicy(self.pool.get(self.scenario.world.user_llm.policy))
+        world = World.build(self.scenario.world, seed=self.scenario.seed, user_policy=user_llm)
+        return world, user_llm
+
+    def served(self, spec: PolicySpec, experiment_id: str) -> Any:
+        """``spec``'s model behind the fail-closed safety check, events to the ledger."""
+        from rewards.safety import SafetyChecker
+        from sim.serving import SafeServingPolicy
+
+        serving = self.scenario.serving
+        checker = SafetyChecker(serving.categories, serving.offensive_threshold)
+        return SafeServingPolicy(
+            self.pool.get(spec),
+            checker,
+            timeout_s=serving.timeout_s,
+            fallback=serving.fallback_reply,
+            on_event=lambda event: self.ledger.record_serving_event(experiment_id, event.to_row()),
+            name=spec.label,
+        )
+
+    def simulate(
+        self,
+        experiment_id: str,
+        traffic: Any,
+        control: PolicySpec,
+        treatment: PolicySpec,
+        seed: int,
+    ) -> dict[str, Any]:
+        """Run (or resume) one traffic experiment into the store; return its totals."""
+        from sim.traffic import CONTROL, TREATMENT, TrafficSimulator, drifted_population
+
+        config = {
+            "schema_version": SCHEMA_VERSION,
+            "scenario": self.scenario.name,
+            "seed": seed,
+            "traffic": traffic.model_dump(mode="json"),
+            "world": self.scenario.world.model_dump(mode="json"),
+            "control": control.label,
+            "treatment": treatment.label,
+        }
+        sink = self.store.open_sink(experiment_id, config)
+        status = self.store.experiment_status(experiment_id)
+        if status is None or not status.finished:
+            world, user_llm = self.world()
+            population = drifted_population(world.sampler, traffic, self.scenario.seed)
+            # One served object for both arms when they are the same model: the traffic
+            # model then answers both arms with one backend call per instant.
+            served = self.served(control, experiment_id)
+            same = treatment == control
+            arms = {
+                CONTROL: served,
+                TREATMENT: served if same else self.served(treatment, experiment_id),
+            }
+            simulator = TrafficSimulator(
+                world.engine,
+                population.users,
+                arms,
+                traffic,
+                seed=[seed, _TRAFFIC_STREAM],
+                joined=population.joined,
+                user_params=world.user_params,
+                user_counter=user_llm,
+                progress=self.progress,
+            )
+            simulator.run(sink, on_day_end=lambda day: self._day_fault(experiment_id, day))
+        days = self.store.read_days(experiment_id)
+        events = self.ledger.serving_events(experiment_id)
+        return {
+            "experiment_id": experiment_id,
+            "days": len(days),
+            "turns": int(days["turns"].sum()),
+            "sessions": int(days["sessions"].sum()),
+            "simulated_wall_s": float(days["wall_s"].sum()),
+            "serving_events": events["kind"].value_counts().to_dict() if len(events) else {},
+        }
+
+    def _day_fault(self, experiment_id: str, day: int) -> None:
+        if self._fault_day == f"{experiment_id}:{day}":
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    # ------------------------------------------------------------------ data and models
+    def characters(self) -> dict[str, Any]:
+        """The world's cast by name."""
+        if "characters" not in self._world_parts:
+            from sim.characters import load_characters, select_characters
+
+            world = self.scenario.world
+            cast = select_characters(load_characters(world.characters_dir), world.characters)
+            self._world_parts["characters"] = cast
+        return self._world_parts["characters"]
+
+    def heldout_characters(self) -> dict[str, Any]:
+        """The steerability benchmark's characters by name."""
+        if "heldout" not in self._world_parts:
+            from sim.characters import load_characters
+
+            folder = self.scenario.gates.steerability.characters_dir
+            self._world_parts["heldout"] = load_characters(folder)
+        return self._world_parts["heldout"]
+
+    def curate(self, generation: int, experiment_id: str, seed: int) -> dict[str, Any]:
+        """Curate an experiment's logged turns into train / held-out files."""
+        from training.curation import curate
+
+        turns = self.store.read_turns(experiment_id)
+        prompts = {name: c.system_prompt() for name, c in self.characters().items()}
+        data = curate(turns, np.random.default_rng(seed), self.scenario.curation_config(), prompts)
+        folder = self.gen_dir(generation) / "data"
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = {}
+        for split, frame in (("train", data.train), ("held_out", data.held_out)):
+            path = folder / f"{split}.jsonl"
+            _atomic_write(path, frame.to_json(orient="records", lines=True, force_ascii=False))
+            paths[split] = self.rel(path)
+        self.console.print(data.summary())
+        return {
+            **paths,
+            "n_input": data.n_input,
+            "n_train": len(data.train),
+            "n_held_out": len(data.held_out),
+            "dropped": data.dropped,
+            "pii_spans_scrubbed": data.n_pii_spans,
+        }
+
+    def read_split(self, outputs: dict[str, Any], split: str) -> pd.DataFrame:
+        """A curated split written by ``curate``."""
+        path = self.run_dir / outputs[split]
+        if path.stat().st_size == 0:
+            return pd.DataFrame(columns=["prompt", "character", "completion", "user_id"])
+        return pd.read_json(path, orient="records", lines=True)
+
+    def train_reward_models(self, generation: int, experiment_id: str, seed: int) -> dict[str, Any]:
+        """A naive and a style-controlled reward model on the experiment's logs."""
+        import json
+
+        from flywheel.rm_eval import EVAL_FILE, train_and_evaluate
+
+        config = self.scenario.reward_models
+        turns = self.store.read_turns(experiment_id)
+        user_days = self.store.read_user_days(experiment_id)
+        activity = user_days.loc[user_days["active"].astype(bool), ["user_id", "day"]]
+        out: dict[str, Any] = {}
+        for label, controlled in (("naive", False), ("style_controlled", True)):
+            model, report = train_and_evaluate(
+                turns, None, config.kind, config.backbone, style_controlled=controlled,
+                activity=activity, seed=seed, test_size=config.test_size,
+                minilm_config=config.minilm_config(), llm_config=config.llm_config(),
+                verbose=self.progress,
+            )  # fmt: skip
+            folder = self.gen_dir(generation) / "rm" / model.name
+            staging = folder.parent / f".{folder.name}.partial"
+            _remove(staging)
+            model.save(staging)
+            (staging / EVAL_FILE).write_text(json.dumps(report, indent=2, default=float))
+            _remove(folder)
+            staging.rename(folder)
+            out[label] = self.rel(folder)
+            out[f"{label}_eval"] = {
+                "gold_pearson": report["gold_correlation"]["turns"]["pearson_r"],
+                "max_abs_style_r": report["max_abs_style_r"],
+                "n_train_rows": report["n_train_rows"],
+            }
+            self.console.print(
+                f"  reward model {model.name}: gold r = "
+                f"{report['gold_correlation']['turns']['pearson_r']:.3f}, max |style r| = "
+                f"{report['max_abs_style_r']:.3f}"
+            )
+        return out
+
+    def reward_model(self, rms: dict[str, Any], which: str) -> Any:
+        """Load one of the generation's reward models ('naive' or 'style_controlled')."""
+        from rewards.rm import load_reward_model
+
+        return load_reward_model(self.run_dir / rms[which])
+
+    def make_candidate(
+        self,
+        generation: int,
+        recipe: Any,
+        deployed: PolicySpec,
+        curate: dict[str, Any],
+        rms: dict[str, Any],
+        experiment_id: str,
+        seed: int,
+    ) -> dict[str, Any]:
+        """Train one recipe's candidate (``flywheel.candidates``)."""
+        from flywheel.candidates import train_candidate
+        from training.rewards import StyleReference
+
+        # The artifact penalty measures drift from what the deployed model actually served.
+        turns = self.store.read_turns(experiment_id)
+        reference = StyleReference.from_replies(list(turns["bot_reply"]), list(turns["character"]))
+        reward_model = (
+            None if recipe.reward_model == "none" else self.reward_model(rms, recipe.reward_model)
+        )
+        out_dir = self.models_dir(generation) / recipe.name
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        result = train_candidate(
+            recipe, deployed.model, self.pool.get(deployed), self.read_split(curate, "train"),
+            reference, {n: c.checkers for n, c in self.characters().items()}, reward_model,
+            out_dir, seed, self.scenario.traffic.bot_sampling.params(seed),
+        )  # fmt: skip
+        return {"model_path": self.rel(out_dir), **result}
+
+    def evaluate(
+        self,
+        generation: int,
+        recipe: str,
+        deployed: PolicySpec,
+        curate: dict[str, Any],
+        rms: dict[str, Any],
+        seed: int,
+    ) -> dict[str, Any]:
+        """Offline evaluation and gates of one candidate against the deployed model."""
+        from flywheel.gates import (
+            apply_gates,
+            evaluate_offline,
+            logged_eval_set,
+            steerability_eval_set,
+        )
+        from rewards.safety import SafetyChecker
+        from sim.chitchat import load_chitchat
+
+        gates = self.scenario.gates
+        rng = np.random.default_rng(seed)
+        logged = logged_eval_set(self.read_split(curate, "held_out"), gates.eval_prompts, rng)
+        chitchat = self.scenario.world.chitchat
+        openers = load_chitchat(chitchat.heldout_fraction, chitchat.split_seed).openers("heldout")
+        bench = steerability_eval_set(
+            self.heldout_characters(), openers, gates.steerability.prompts_per_character, rng
+        )
+        sampling = self.scenario.traffic.bot_sampling
+        params = SamplingParams(
+            max_new_tokens=gates.max_new_tokens, temperature=sampling.temperature,
+            top_p=sampling.top_p, seed=seed,
+        )  # fmt: skip
+        serving = self.scenario.serving
+        report = evaluate_offline(
+            self.pool.get(self.candidate_spec(generation, recipe)), self.pool.get(deployed),
+            logged, bench, self.characters(), self.heldout_characters(),
+            self.reward_model(rms, "naive"), self.reward_model(rms, "style_controlled"),
+            SafetyChecker(serving.categories, serving.offensive_threshold), params, gates,
+        )  # fmt: skip
+        verdicts = apply_gates(report, gates)
+        folder = self.gen_dir(generation) / "offline"
+        folder.mkdir(parents=True, exist_ok=True)
+        replies = folder / f"{recipe}_replies.jsonl"
+        _atomic_write(
+            replies, report.replies.to_json(orient="records", lines=True, force_ascii=False)
+        )
+        self.console.print(report.style_regression.summary())
+        for gate in verdicts:
+            self.console.print(
+                f"  gate {gate.name}: {'pass' if gate.passed else 'FAIL'}: {gate.reason}"
+            )
+        return {
+            "offline": _json_ready(report.offline_dict()),
+            "gates": [_json_ready(g.to_dict()) for g in verdicts],
+            "passed": all(g.passed for g in verdicts),
+            "replies": self.rel(replies),
+        }
+
+    # ------------------------------------------------------------------ A/B and decision
+    def ab_test(
+        self, generation: int, control: PolicySpec, treatment: PolicySpec, seed: int
+    ) -> dict[str, Any]:
+        """Simulate and analyse the A/B test; write its report under ``artifacts/gen{K}/ab``."""
+        from flywheel.ab import analyze
+        from flywheel.ab_report import write_report
+
+        _, ab_id = experiment_ids(generation)
+        traffic = self.scenario.ab_traffic(generation)
+        simulation = self.simulate(ab_id, traffic, control, treatment, seed)
+        table = self.store.analysis_table(ab_id)
+        result = analyze(table, self.scenario.analysis_config())
+        self.store.write_analysis(ab_id, "ab", result.to_dict())
+        folder = self.gen_dir(generation) / "ab"
+        paths = write_report(
+            result,
+            table,
+            folder,
+            title=f"gen {generation} A/B: {treatment.label} vs {control.label}",
+        )
+        self.console.print(result.summary())
+        summary = result.to_dict()
+        return {
+            "experiment_id": ab_id,
+            "metrics": summary["metrics"],
+            "srm_p_value": summary["srm_p_value"],
+            "decision": summary["decision"],
+            "reason": summary["reason"],
+            "simulation": simulation,
+            "files": {k: self.rel(v) for k, v in paths.items()},
+        }
+
+    def decide(
+        self,
+        generation: int,
+        deployed: PolicySpec,
+        collect: dict[str, Any],
+        rms: dict[str, Any],
+        candidates: list[dict[str, Any]],
+        shown: dict[str, Any],
+        ab: dict[str, Any],
+    ) -> dict[str, Any]:
+        """The generation record (GENERATIONS_CONTRACT.md)."""
+        from flywheel.gates import Gate, failed_reason
+
+        name = shown["recipe"].name
+        candidate = candidate_name(generation, name)
+        if ab.get("skipped"):
+            decision = "gated"
+            reasons = [
+                f"{candidate_name(generation, c['recipe'].name)}: "
+                + failed_reason([Gate(**g) for g in c["offline"]["gates"]])
+                for c in candidates
+            ]
+            reason = "no candidate passed the offline gates; " + " | ".join(reasons)
+            ab_block = None
+        else:
+            decision = "ship" if ab["decision"] == "ship" else "hold"
+            reason = f"A/B {ab['decision']}: {ab['reason']}"
+            ab_block = {k: ab[k] for k in ("metrics", "srm_p_value", "decision", "reason")}
+        _, ab_id = experiment_ids(generation)
+        traffic_id, _ = experiment_ids(generation)
+        return {
+            "generation": generation,
+            "parent": deployed.label,
+            "candidate": candidate,
+            "recipe": shown["recipe"].kind,
+            "recipe_name": name,
+            "model_path": shown["trained"]["model_path"],
+            "traffic_experiment_id": traffic_id,
+            "ab_experiment_id": None if ab_block is None else ab_id,
+            "offline": shown["offline"]["offline"],
+            "gates": shown["offline"]["gates"],
+            "ab": ab_block,
+            "decision": decision,
+            "reason": reason,
+            "deployed_after": candidate if decision == "ship" else deployed.label,
+            "candidates": [
+                {
+                    "candidate": candidate_name(generation, c["recipe"].name),
+                    "recipe": c["recipe"].kind,
+                    "model_path": c["trained"]["model_path"],
+                    "passed_gates": c["offline"]["passed"],
+                    "gates": c["offline"]["gates"],
+                    "rm_win_rate": c["offline"]["offline"]["rm_win_rate"],
+                    "rm_win_rate_style_controlled": c["offline"]["offline"][
+                        "rm_win_rate_style_controlled"
+                    ],
+                }
+                for c in candidates
+            ],
+            "reward_models": rms,
+            "traffic": collect,
+        }
+
+
+def _json_ready(value: Any) -> Any:
+    """NaN / inf -> None and numpy scalars -> Python, recursively (strict JSON)."""
+    from flywheel.ab.analysis import json_ready
+
+    return json_ready(value)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _remove(path: Path) -> None:
+    import shutil
+
+    if path.exists():
+        shutil.rmtree(path)
+
+
+def run_scenario(
+    scenario_path: str | Path, out: str | Path, *, progress: bool = True
+) -> list[dict[str, Any]]:
+    """What ``flywheel run`` does: load the scenario and run (or resume) it into ``out``."""
+    from flywheel.scenario import load_scenario
+
+    return FlywheelRun(load_scenario(scenario_path), out, progress=progress).run()

@@ -1,0 +1,265 @@
+"""The per-generation table of a run, as the CharacterFlywheel report shows it.
+
+One row per generation: the candidate and its recipe, offline metrics (reward-model win
+rate raw and style-controlled, held-out instruction following and violation rate, style),
+the A/B lifts of engagement breadth and depth with their confidence intervals, and the
+decision (ship / hold / gated). Written as
+
+- ``RUN_DIR/generations.json`` (schema in GENERATIONS_CONTRACT.md, rewritten atomically),
+- ``RUN_DIR/generations.md`` (the Markdown table, then each generation's reason and gates),
+- ``RUN_DIR/plots/*.png``: lift per generation with CIs, steerability trend, style drift,
+  reward-model win rates raw vs style-controlled.
+
+``flywheel report RUN_DIR`` prints the table again from ``generations.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+JSON_FILE = "generations.json"
+MARKDOWN_FILE = "generations.md"
+PLOTS_DIR = "plots"
+LIFT_METRICS = ("breadth", "depth")
+
+
+def _num(value: Any, spec: str = ".2f") -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return format(value, spec)
+
+
+def _lift(ab: Mapping[str, Any] | None, metric: str) -> str:
+    """'+3.1% [-1.0, +7.2]' for a metric of an A/B block, '-' without one."""
+    if not ab or metric not in ab.get("metrics", {}):
+        return "-"
+    m = ab["metrics"][metric]
+    if m.get("lift") is None:
+        return "-"
+    return f"{m['lift']:+.1%} [{_num(m.get('ci_low'), '+.1%')}, {_num(m.get('ci_high'), '+.1%')}]"
+
+
+def table_rows(records: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
+    """One display row per generation record (strings, ready for any table renderer)."""
+    rows = []
+    for r in records:
+        off = r.get("offline") or {}
+        style = off.get("style") or {}
+        parent_style = off.get("parent_style") or {}
+        rows.append({
+            "gen": str(r["generation"]),
+            "candidate": r["candidate"],
+            "recipe": r["recipe"],
+            "RM win (raw / SC)": f"{_num(off.get('rm_win_rate'))} / "
+                                 f"{_num(off.get('rm_win_rate_style_controlled'))}",
+            "instr. following": f"{_num(off.get('parent_instruction_following'), '.1%')} -> "
+                                f"{_num(off.get('instruction_following'), '.1%')}",
+            "violations": f"{_num(off.get('parent_violation_rate'), '.1%')} -> "
+                          f"{_num(off.get('violation_rate'), '.1%')}",
+            "words": f"{_num(parent_style.get('mean_words'), '.0f')} -> "
+                     f"{_num(style.get('mean_words'), '.0f')}",
+            "emoji": f"{_num(parent_style.get('emoji_rate'), '.0%')} -> "
+                     f"{_num(style.get('emoji_rate'), '.0%')}",
+            "gates": "pass" if all(g["passed"] for g in r.get("gates", [])) else
+                     ", ".join(g["name"] for g in r.get("gates", []) if not g["passed"]),
+            "breadth lift [95% CI]": _lift(r.get("ab"), "breadth"),
+            "depth lift [95% CI]": _lift(r.get("ab"), "depth"),
+            "decision": r["decision"],
+            "deployed after": r["deployed_after"],
+        })  # fmt: skip
+    return rows
+
+
+def markdown(scenario: str, records: Sequence[Mapping[str, Any]]) -> str:
+    """The Markdown report: the table, then each generation's reason and gates."""
+    rows = table_rows(records)
+    lines = [f"# Flywheel run: {scenario}", ""]
+    if not rows:
+        return "\n".join([*lines, "No generation has been decided yet.", ""])
+    headers = list(rows[0])
+    lines.append("| " + " | ".join(headers) + " |")
+    lines.append("|" + "|".join("---" for _ in headers) + "|")
+    lines.extend("| " + " | ".join(row[h] for h in headers) + " |" for row in rows)
+    lines.append("")
+    lines.append(
+        "RM win: share of held-out logged contexts where the naive / style-controlled reward "
+        "model prefers the candidate's reply to the deployed model's. Instruction following "
+        "and violations: held-out characters with instructions training never saw (deployed "
+        "-> candidate). Lifts: relative A/B lift (CUPED-adjusted) with 95% CI."
+    )
+    for r in records:
+        lines += ["", f"## Generation {r['generation']}: {r['candidate']} ({r['decision']})", ""]
+        lines.append(f"{r['reason']}")
+        lines.append("")
+        for gate in r.get("gates", []):
+            mark = "pass" if gate["passed"] else "**FAIL**"
+            lines.append(f"- gate `{gate['name']}`: {mark}: {gate['reason']}")
+        others = [c for c in r.get("candidates", []) if c["candidate"] != r["candidate"]]
+        for c in others:
+            verdict = "passed gates" if c["passed_gates"] else "failed gates"
+            lines.append(
+                f"- other candidate `{c['candidate']}` ({c['recipe']}): {verdict}, "
+                f"RM win {_num(c['rm_win_rate'])} / {_num(c['rm_win_rate_style_controlled'])}"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def text_table(records: Sequence[Mapping[str, Any]]) -> str:
+    """The table rendered by rich for a terminal (plain text, no colour codes)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    rows = table_rows(records)
+    table = Table(title="Generations", show_lines=False)
+    for header in rows[0] if rows else ["gen"]:
+        table.add_column(header, overflow="fold")
+    for row in rows:
+        table.add_row(*row.values())
+    console = Console(width=220, record=True, force_terminal=False, color_system=None)
+    with console.capture() as capture:
+        console.print(table)
+    return capture.get()
+
+
+def document(scenario: Any, records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The ``generations.json`` document (GENERATIONS_CONTRACT.md)."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "scenario": scenario.name,
+        "seed": scenario.seed,
+        "base": {"name": "gen0-base", "policy": scenario.policy.model_dump(mode="json")},
+        "generations": list(records),
+    }
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_outputs(
+    run_dir: str | Path, scenario: Any, records: Sequence[Mapping[str, Any]], *, plots: bool = False
+) -> dict[str, Path]:
+    """Write generations.json and generations.md (and the plots) into ``run_dir``."""
+    run_dir = Path(run_dir)
+    paths = {"json": run_dir / JSON_FILE, "markdown": run_dir / MARKDOWN_FILE}
+    text = json.dumps(document(scenario, records), indent=2, allow_nan=False, default=float)
+    _atomic_write(paths["json"], text + "\n")
+    _atomic_write(paths["markdown"], markdown(scenario.name, records))
+    if plots and records:
+        paths.update(write_plots(records, run_dir / PLOTS_DIR))
+    return paths
+
+
+def read_document(run_dir: str | Path) -> dict[str, Any]:
+    """Read ``RUN_DIR/generations.json``; a clear error when the run has none."""
+    path = Path(run_dir) / JSON_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} does not exist; run `flywheel run SCENARIO --out {run_dir}` first "
+            f"(it is written after each generation)"
+        )
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def write_plots(records: Sequence[Mapping[str, Any]], folder: Path) -> dict[str, Path]:
+    """PNG plots of a run: lifts with CIs, steerability, style drift, RM win rates."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    gens = [r["generation"] for r in records]
+    paths: dict[str, Path] = {}
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for offset, metric in zip((-0.1, 0.1), LIFT_METRICS, strict=True):
+        xs, ys, lo, hi = [], [], [], []
+        for r in records:
+            m = (r.get("ab") or {}).get("metrics", {}).get(metric)
+            if not m or m.get("lift") is None:
+                continue
+            xs.append(r["generation"] + offset)
+            ys.append(100 * m["lift"])
+            lo.append(
+                100 * (m["lift"] - (m.get("ci_low") if m.get("ci_low") is not None else m["lift"]))
+            )
+            hi.append(
+                100
+                * ((m.get("ci_high") if m.get("ci_high") is not None else m["lift"]) - m["lift"])
+            )
+        ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o", capsize=4, label=f"{metric} lift")
+    ax.axhline(0, color="grey", lw=0.8)
+    for r in records:
+        ax.annotate(r["decision"], (r["generation"], 0), textcoords="offset points", xytext=(0, -14),
+                    ha="center", fontsize=8, color="grey")  # fmt: skip
+    ax.set_xticks(gens)
+    ax.set_xlabel("generation")
+    ax.set_ylabel("A/B lift, % (95% CI)")
+    ax.set_title("Engagement lift per generation")
+    ax.legend()
+    paths["lift_plot"] = _save(fig, folder / "lift.png")
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for key, label in (
+        ("instruction_following", "instruction following"),
+        ("violation_rate", "violation rate"),
+    ):
+        ax.plot(gens, [(r.get("offline") or {}).get(f"parent_{key}") for r in records], "o--",
+                label=f"{label} (deployed)")  # fmt: skip
+        ax.plot(
+            gens,
+            [(r.get("offline") or {}).get(key) for r in records],
+            "o-",
+            label=f"{label} (candidate)",
+        )
+    ax.set_xticks(gens)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("generation")
+    ax.set_title("Steerability on held-out characters")
+    ax.legend(fontsize=7)
+    paths["steerability_plot"] = _save(fig, folder / "steerability.png")
+
+    fig, axes = plt.subplots(1, 3, figsize=(9, 3))
+    for ax, key in zip(axes, ("mean_words", "emoji_rate", "question_rate"), strict=True):
+        ax.plot(gens, [((r.get("offline") or {}).get("parent_style") or {}).get(key) for r in records],
+                "o--", label="deployed")  # fmt: skip
+        ax.plot(gens, [((r.get("offline") or {}).get("style") or {}).get(key) for r in records],
+                "o-", label="candidate")  # fmt: skip
+        ax.set_title(key.replace("_", " "))
+        ax.set_xticks(gens)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Style drift (held-out logged contexts)")
+    paths["style_plot"] = _save(fig, folder / "style.png")
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for key, label in (
+        ("rm_win_rate", "raw (naive RM)"),
+        ("rm_win_rate_style_controlled", "style-controlled RM"),
+    ):
+        ax.plot(gens, [(r.get("offline") or {}).get(key) for r in records], "o-", label=label)
+    ax.axhline(0.5, color="grey", lw=0.8)
+    ax.set_xticks(gens)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("generation")
+    ax.set_title("Reward-model win rate vs deployed")
+    ax.legend()
+    paths["win_rate_plot"] = _save(fig, folder / "rm_win_rate.png")
+    return paths
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,629 @@
+"""The scenario file of ``flywheel run``: everything one flywheel rehearsal needs, validated.
+
+A scenario is a TOML file with these tables (every key optional unless noted, unknown keys
+are errors, every field documented below with ``description=``)::
+
+    name = "quickstart"           seed = 0           generations = 2
+    [policy]           the base model deployed at generation 0 (policies.PolicySpec)
+    [world]            the simulated world (sim.world.WorldConfig)
+    [collect]          production traffic logged each generation for training
+    [traffic]          the A/B test of each candidate (sim.traffic.TrafficConfig)
+    [analysis]         the A/B analysis (flywheel.ab.AnalysisConfig)
+    [serving]          the safety check on every served reply (sim.serving)
+    [curation]         training.curation.CurationConfig settings
+    [reward_models]    which reward models are (re)trained each generation
+    [[recipes]]        one or more candidate recipes: rs+sft, dpo, grpo
+    [gates]            offline gates a candidate must pass before its A/B test
+
+``load_scenario(path)`` reads and validates a file; a bad field raises ``ScenarioError``
+with one line per problem: the field path, the value seen, what is wrong and the fix
+(``scenario.recipes.0.kind = 'ppo': Input should be 'rs+sft', 'dpo' or 'grpo'; fix: ...``).
+Relative paths are resolved against the scenario file's folder.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from policies.spec import PolicySpec
+from sim.traffic import TrafficConfig
+from sim.world import WorldConfig
+
+SCENARIOS_DIR = Path(__file__).resolve().parents[1] / "scenarios"
+HELDOUT_CHARACTERS_DIR = SCENARIOS_DIR / "heldout_characters"
+RECIPE_KINDS = ("rs+sft", "dpo", "grpo")
+
+
+class ScenarioError(ValueError):
+    """A scenario file that cannot be used; the message lists every problem and its fix."""
+
+
+def _dataclass_overrides(value: dict[str, Any], cls: type, where: str) -> dict[str, Any]:
+    """Check ``value`` as keyword overrides of dataclass ``cls`` (names, then its own checks)."""
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(value) - set(known))
+    if unknown:
+        raise ValueError(
+            f"unknown {where} setting(s) {unknown}; fix: use fields of {cls.__name__}: "
+            f"{sorted(known)}"
+        )
+    try:
+        cls(**value)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{where}: {err}") from err
+    return value
+
+
+class CollectConfig(BaseModel):
+    """Production traffic logged each generation from the deployed model (training data)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    days: int = Field(2, ge=1, description="Simulated days of production traffic per generation.")
+    n_users: int | None = Field(
+        None, ge=2, description="Users in the production population; default: traffic.n_users."
+    )
+
+
+class ServingConfig(BaseModel):
+    """The safety check every served bot reply passes (sim.serving, rewards.safety)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    categories: list[str] | None = Field(
+        None,
+        description="Safety categories enforced (rewards.safety.CATEGORIES); default: all.",
+    )
+    offensive_threshold: float = Field(
+        0.9, gt=0, le=1, description="alt-profanity-check probability at which a reply is blocked."
+    )
+    timeout_s: float = Field(
+        10.0, gt=0, description="Seconds the checker has per batch before the batch fails closed."
+    )
+    fallback_reply: str = Field(
+        "Sorry, I'd rather not answer that. Tell me more about your day instead?",
+        min_length=1,
+        description="What users see instead of a blocked or unchecked reply.",
+    )
+
+    @field_validator("categories")
+    @classmethod
+    def _known(cls, value: list[str] | None) -> list[str] | None:
+        from rewards.safety import CATEGORIES
+
+        unknown = sorted(set(value or ()) - set(CATEGORIES))
+        if unknown:
+            raise ValueError(f"unknown categories {unknown}; fix: choose from {list(CATEGORIES)}")
+        return value
+
+
+class RewardModelsConfig(BaseModel):
+    """Reward models (re)trained on each generation's logs: a naive and a style-controlled one."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["pointwise", "signals"] = Field(
+        "pointwise",
+        description="pointwise: Bradley-Terry/logistic model of engagement (continued or "
+        "liked, not reported); signals: P(continue), P(like), P(return next day) summed.",
+    )
+    backbone: Literal["minilm", "llm"] = Field(
+        "minilm",
+        description="minilm: frozen MiniLM embeddings + small head (fast, CPU); llm: an LLM "
+        "sequence classifier trained with TRL's RewardTrainer.",
+    )
+    test_size: float = Field(
+        0.2, gt=0, lt=1, description="Share of logged users held out to evaluate the models."
+    )
+    minilm: dict[str, Any] = Field(
+        default_factory=dict,
+        description="rewards.rm.MiniLMConfig settings (seed comes from the scenario).",
+    )
+    llm: dict[str, Any] = Field(
+        default_factory=dict,
+        description="rewards.rm.LLMConfig settings (backbone = 'llm' only).",
+    )
+
+    @field_validator("minilm")
+    @classmethod
+    def _check_minilm(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from rewards.rm import MiniLMConfig
+
+        return _dataclass_overrides(value, MiniLMConfig, "reward_models.minilm")
+
+    @field_validator("llm")
+    @classmethod
+    def _check_llm(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from rewards.rm import LLMConfig
+
+        return _dataclass_overrides(value, LLMConfig, "reward_models.llm")
+
+    def minilm_config(self) -> Any:
+        """The ``rewards.rm.MiniLMConfig`` of these settings."""
+        from rewards.rm import MiniLMConfig
+
+        return MiniLMConfig(**self.minilm)
+
+    def llm_config(self) -> Any:
+        """The ``rewards.rm.LLMConfig`` of these settings."""
+        from rewards.rm import LLMConfig
+
+        return LLMConfig(**self.llm)
+
+
+class RecipeConfig(BaseModel):
+    """One way to make a candidate from the deployed model and the generation's data."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(
+        ...,
+        pattern=r"^[a-z0-9][a-z0-9_+-]*$",
+        description="Short id (lowercase, digits, _ + -); the candidate is 'gen{K}-{name}'.",
+    )
+    kind: Literal["rs+sft", "dpo", "grpo"] = Field(
+        ...,
+        description="rs+sft: best-of-n replies under the rewards, then SFT on them; dpo: "
+        "best vs worst of n as preference pairs; grpo: online RL with the rewards.",
+    )
+    reward_model: Literal["style_controlled", "naive", "none"] = Field(
+        "style_controlled",
+        description="Which of the generation's reward models scores replies: the "
+        "style-controlled one (style term dropped), the naive one, or none.",
+    )
+    steerability_weight: float = Field(
+        1.0, ge=0, description="Weight of the instruction-checker reward (0 = off)."
+    )
+    artifact_penalty_weight: float = Field(
+        1.0, ge=0, description="Weight of the style-drift penalty vs the deployed model (0 = off)."
+    )
+    reward_model_weight: float = Field(
+        1.0,
+        ge=0,
+        description="Weight of the reward-model reward (ignored when reward_model = 'none').",
+    )
+    artifact_tolerance: float = Field(
+        0.5, ge=0, description="Style drift (in reference standard deviations) that costs nothing."
+    )
+    prompts: int = Field(
+        32, ge=1, description="Training contexts drawn from the curated train split."
+    )
+    samples: int = Field(
+        4, ge=2, description="Replies sampled per context (rs+sft best-of-n, dpo pairs)."
+    )
+    max_steps: int = Field(10, ge=1, description="Optimiser steps of the trainer.")
+    max_new_tokens: int = Field(48, ge=1, description="Longest sampled reply, in tokens.")
+    use_peft: bool = Field(
+        True, description="Train a LoRA adapter (merged on save) instead of all weights."
+    )
+    lora_r: int = Field(16, ge=1, description="LoRA rank.")
+    lora_alpha: int = Field(32, ge=1, description="LoRA alpha.")
+    trainer: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Extra TRL config fields (SFTConfig / DPOConfig / GRPOConfig of the kind), "
+        "e.g. learning_rate, per_device_train_batch_size, deepspeed.",
+    )
+    trainer_file: Path | None = Field(
+        None,
+        description="YAML of TRL config fields merged under `trainer` (the GPU switch, e.g. "
+        "training/configs/grpo_vllm.yaml); relative to the scenario file.",
+    )
+
+    @model_validator(mode="after")
+    def _check_trainer(self) -> RecipeConfig:
+        config_cls = _trl_config_class(self.kind)
+        known = {f.name for f in fields(config_cls)}
+        unknown = sorted(set(self.trainer) - known)
+        if unknown:
+            raise ValueError(
+                f"recipe {self.name!r}: trainer setting(s) {unknown} are not "
+                f"{config_cls.__name__} fields; fix: use trl.{config_cls.__name__} field names"
+            )
+        if self.reward_model == "none" and self.steerability_weight == 0:
+            raise ValueError(
+                f"recipe {self.name!r} has no reward at all (reward_model = 'none' and "
+                f"steerability_weight = 0); fix: enable one of them"
+            )
+        return self
+
+    def weights(self) -> dict[str, float]:
+        """Reward name -> weight, for ``training.rewards`` functions."""
+        return {
+            "reward_model": self.reward_model_weight,
+            "steerability": self.steerability_weight,
+            "artifact_penalty": self.artifact_penalty_weight,
+        }
+
+
+def _trl_config_class(kind: str) -> type:
+    from trl import DPOConfig, GRPOConfig, SFTConfig
+
+    return {"rs+sft": SFTConfig, "dpo": DPOConfig, "grpo": GRPOConfig}[kind]
+
+
+class SteerabilityGateConfig(BaseModel):
+    """Steerability benchmark on held-out characters with instructions training never saw."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    characters_dir: Path = Field(
+        HELDOUT_CHARACTERS_DIR,
+        description="Folder of held-out character TOML files (never in the world's cast).",
+    )
+    prompts_per_character: int = Field(
+        8, ge=1, description="Held-out human openers (chit-chat held-out split) per character."
+    )
+    max_following_drop: float = Field(
+        0.05, ge=0, le=1, description="Largest tolerated fall in instruction-following rate."
+    )
+    max_violation_increase: float = Field(
+        0.05, ge=0, le=1, description="Largest tolerated rise in violation rate."
+    )
+
+
+class StyleGateConfig(BaseModel):
+    """Style-artifact regression suite thresholds (flywheel.style_regression)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    alpha: float = Field(0.05, gt=0, lt=1, description="Level of the paired tests of each shift.")
+    max_length_ratio: float = Field(
+        1.25, gt=1, description="Mean words candidate / deployed beyond which length shifted."
+    )
+    max_emoji_rate_increase: float = Field(
+        0.10, gt=0, le=1, description="Rise in share of replies with emoji counted as a shift."
+    )
+    max_question_rate_increase: float = Field(
+        0.20,
+        gt=0,
+        le=1,
+        description="Rise in share of replies ending in a question (characters not told to ask).",
+    )
+    max_catchphrase_increase: float = Field(
+        0.15, gt=0, le=1, description="Rise in share of replies repeating one stock phrase."
+    )
+    max_win_rate_gap: float = Field(
+        0.10,
+        gt=0,
+        le=1,
+        description="Raw minus style-controlled RM win rate at which style explains the gain.",
+    )
+
+
+class SafetyGateConfig(BaseModel):
+    """Offline safety gate: the serving checker run on the candidate's evaluation replies."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_unsafe_rate: float = Field(
+        0.02, ge=0, le=1, description="Largest share of evaluation replies the checker may block."
+    )
+
+
+class GatesConfig(BaseModel):
+    """Offline gates; a candidate that fails any of them is kept out of the A/B test."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    eval_prompts: int = Field(
+        48, ge=4, description="Held-out logged contexts both models answer for RM and style checks."
+    )
+    max_new_tokens: int = Field(48, ge=1, description="Longest evaluation reply, in tokens.")
+    min_rm_win_rate: float = Field(
+        0.5, ge=0, le=1, description="Least (raw) reward-model win rate vs the deployed model."
+    )
+    steerability: SteerabilityGateConfig = Field(
+        default_factory=SteerabilityGateConfig, description="Held-out steerability benchmark."
+    )
+    style: StyleGateConfig = Field(
+        default_factory=StyleGateConfig, description="Style-artifact regression suite."
+    )
+    safety: SafetyGateConfig = Field(
+        default_factory=SafetyGateConfig, description="Offline safety gate."
+    )
+
+
+class Scenario(BaseModel):
+    """A ``flywheel run`` scenario file. Unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field("scenario", min_length=1, description="Label in reports and run stores.")
+    description: str = Field("", description="What this scenario rehearses, in words.")
+    seed: int = Field(0, ge=0, description="Every random draw of the run derives from it.")
+    generations: int = Field(2, ge=1, le=100, description="Candidate generations to run.")
+    policy: PolicySpec = Field(
+        default_factory=PolicySpec, description="The base model deployed at generation 0."
+    )
+    world: WorldConfig = Field(
+        default_factory=WorldConfig, description="The simulated world (sim.world.WorldConfig)."
+    )
+    collect: CollectConfig = Field(
+        default_factory=CollectConfig, description="Production traffic logged per generation."
+    )
+    traffic: TrafficConfig = Field(
+        default_factory=TrafficConfig,
+        description="The A/B test of each candidate: users, pre/test days, treatment share.",
+    )
+    analysis: dict[str, Any] = Field(
+        default_factory=dict,
+        description="flywheel.ab.AnalysisConfig settings: alpha, srm_alpha, cuped, correction, "
+        "power, retention_day, noninferiority_margins (treatment_share comes from [traffic]).",
+    )
+    serving: ServingConfig = Field(
+        default_factory=ServingConfig, description="Safety check on every served reply."
+    )
+    curation: dict[str, Any] = Field(
+        default_factory=dict,
+        description="training.curation.CurationConfig settings: require_continued, "
+        "require_follows_all, min/max_reply_words, max_copies_per_reply, held_out_share.",
+    )
+    reward_models: RewardModelsConfig = Field(
+        default_factory=RewardModelsConfig, description="Reward models trained per generation."
+    )
+    recipes: list[RecipeConfig] = Field(
+        default_factory=lambda: [RecipeConfig(name="grpo", kind="grpo")],
+        min_length=1,
+        description="Candidate recipes; each generation trains one candidate per recipe.",
+    )
+    gates: GatesConfig = Field(default_factory=GatesConfig, description="Offline gates.")
+
+    @field_validator("analysis")
+    @classmethod
+    def _check_analysis(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from flywheel.ab import AnalysisConfig
+
+        if "treatment_share" in value:
+            raise ValueError(
+                "analysis.treatment_share is taken from traffic.treatment_share; fix: remove it"
+            )
+        return _dataclass_overrides(value, AnalysisConfig, "analysis")
+
+    @field_validator("curation")
+    @classmethod
+    def _check_curation(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from training.curation import CurationConfig
+
+        return _dataclass_overrides(value, CurationConfig, "curation")
+
+    @field_validator("recipes")
+    @classmethod
+    def _unique_recipes(cls, value: list[RecipeConfig]) -> list[RecipeConfig]:
+        names = [r.name for r in value]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"recipe names repeat: {dupes}; fix: give each recipe its own name")
+        return value
+
+    def analysis_config(self) -> Any:
+        """The ``flywheel.ab.AnalysisConfig`` of the A/B tests."""
+        from flywheel.ab import AnalysisConfig
+
+        return AnalysisConfig(**self.analysis, treatment_share=self.traffic.treatment_share)
+
+    def curation_config(self) -> Any:
+        """The ``training.curation.CurationConfig`` of this scenario."""
+        from training.curation import CurationConfig
+
+        return CurationConfig(**self.curation)
+
+    def collect_traffic(self, generation: int) -> TrafficConfig:
+        """Traffic config of generation ``generation``'s production logging: one policy,
+        ``collect.days`` days, the population drifted to that generation."""
+        return self.traffic.model_copy(
+            update={
+                "n_users": self.collect.n_users or self.traffic.n_users,
+                "pre_days": 0,
+                "test_days": self.collect.days,
+                "generation": generation,
+                "salt": f"{self.traffic.salt}-collect",
+            }
+        )
+
+    def ab_traffic(self, generation: int) -> TrafficConfig:
+        """Traffic config of generation ``generation``'s A/B test (own salt per generation,
+        so each test re-randomises who is in treatment)."""
+        return self.traffic.model_copy(
+            update={"generation": generation, "salt": f"{self.traffic.salt}-gen{generation}"}
+        )
+
+    def resolved(self, base_dir: Path) -> Scenario:
+        """A copy with relative paths made relative to ``base_dir`` (the file's folder)."""
+        steer = self.gates.steerability
+        steer_dir = steer.characters_dir
+        if not steer_dir.is_absolute():
+            steer_dir = base_dir / steer_dir
+        recipes = [
+            r.model_copy(update={"trainer_file": base_dir / r.trainer_file})
+            if r.trainer_file is not None and not r.trainer_file.is_absolute()
+            else r
+            for r in self.recipes
+        ]
+        gates = self.gates.model_copy(
+            update={"steerability": steer.model_copy(update={"characters_dir": steer_dir})}
+        )
+        return self.model_copy(
+            update={"world": self.world.resolved(base_dir), "gates": gates, "recipes": recipes}
+        )
+
+
+def explain(err: ValidationError) -> str:
+    """One line per problem: ``scenario.<path> = <value>: <problem>; fix: <field help>``."""
+    lines = []
+    for problem in err.errors():
+        loc = [str(part) for part in problem["loc"]]
+        seen = problem.get("input")
+        shown = "" if isinstance(seen, dict) else f" = {seen!r}"
+        message = problem["msg"].removeprefix("Value error, ")
+        if problem["type"] == "extra_forbidden":
+            message = "unknown key (a typo?); remove it or check the field name"
+        help_text = field_help(loc)
+        fix = f"; fix: {help_text}" if help_text and "fix:" not in message else ""
+        lines.append(f"  scenario.{'.'.join(loc)}{shown}: {message}{fix}")
+    return "\n".join(lines)
+
+
+def field_help(loc: list[str]) -> str:
+    """The description of the scenario field at ``loc`` (walking nested models and lists)."""
+    current: Any = Scenario
+    description = ""
+    for part in loc:
+        model_fields = getattr(current, "model_fields", None)
+        if part.isdigit() or not model_fields:
+            continue
+        if part not in model_fields:
+            return ""
+        info = model_fields[part]
+        description = info.description or ""
+        current = _model_in(info.annotation)
+    return description
+
+
+def _model_in(annotation: Any) -> Any:
+    """The pydantic model inside ``annotation`` (``list[M]``, ``M | None``), if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def parse_scenario(
+    data: dict[str, Any], source: str = "<scenario>", base_dir: Path | None = None
+) -> Scenario:
+    """Validate a scenario mapping (a parsed TOML file); paths resolved against ``base_dir``."""
+    try:
+        scenario = Scenario.model_validate(data)
+    except ValidationError as err:
+        raise ScenarioError(f"{source}: invalid scenario\n{explain(err)}") from None
+    scenario = scenario.resolved(base_dir) if base_dir is not None else scenario
+    check_files(scenario, source)
+    return scenario
+
+
+def check_files(scenario: Scenario, source: str) -> None:
+    """Cross-file checks: folders exist, held-out characters are really held out, trainer
+    files hold only fields of their recipe's TRL config."""
+    from sim.characters import load_characters
+
+    problems = []
+    world_dir = scenario.world.characters_dir
+    if not world_dir.is_dir():
+        problems.append(
+            f"  scenario.world.characters_dir = '{world_dir}': no such folder; fix: point it "
+            f"at a folder of character TOML files (relative to the scenario file)"
+        )
+    steer_dir = scenario.gates.steerability.characters_dir
+    if not steer_dir.is_dir():
+        problems.append(
+            f"  scenario.gates.steerability.characters_dir = '{steer_dir}': no such folder; "
+            f"fix: point it at the held-out characters (default {HELDOUT_CHARACTERS_DIR})"
+        )
+    for i, recipe in enumerate(scenario.recipes):
+        if recipe.trainer_file is None:
+            continue
+        if not recipe.trainer_file.is_file():
+            problems.append(
+                f"  scenario.recipes.{i}.trainer_file = '{recipe.trainer_file}': no such file; "
+                f"fix: a YAML of TRL config fields, relative to the scenario file"
+            )
+            continue
+        try:
+            trainer_file_fields(recipe)
+        except ValueError as err:
+            problems.append(f"  scenario.recipes.{i}.trainer_file: {err}")
+    if not problems:
+        try:
+            world = load_characters(world_dir)
+            heldout = load_characters(steer_dir)
+            check_heldout(world, heldout)
+        except (ValueError, FileNotFoundError) as err:
+            problems.append(f"  scenario.gates.steerability.characters_dir: {err}")
+    if problems:
+        raise ScenarioError(f"{source}: invalid scenario\n" + "\n".join(problems))
+
+
+def trainer_file_fields(recipe: RecipeConfig) -> dict[str, Any]:
+    """The TRL config fields in a recipe's ``trainer_file`` (unknown names are errors)."""
+    import yaml
+
+    if recipe.trainer_file is None:
+        return {}
+    data = yaml.safe_load(recipe.trainer_file.read_text(encoding="utf-8")) or {}
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"{recipe.trainer_file} holds a {type(data).__name__}; fix: a mapping of TRL "
+            f"config fields"
+        )
+    config_cls = _trl_config_class(recipe.kind)
+    unknown = sorted(set(data) - {f.name for f in fields(config_cls)})
+    if unknown:
+        raise ValueError(
+            f"{recipe.trainer_file}: {unknown} are not {config_cls.__name__} fields; fix: use "
+            f"trl.{config_cls.__name__} field names"
+        )
+    return data
+
+
+def instruction_keys(character: Any) -> set[tuple[str, str]]:
+    """(kind, parameters) of each of a character's instructions, e.g. ('max_words', '40')."""
+    keys = set()
+    for checker in character.checkers:
+        params = {f.name: getattr(checker, f.name) for f in fields(checker)}
+        keys.add((checker.__name__, repr(sorted(params.items()))))
+    return keys
+
+
+def check_heldout(world: dict[str, Any], heldout: dict[str, Any]) -> None:
+    """Held-out characters must be new names whose parameterised instructions (a word limit,
+    a catchphrase, a first word, forbidden words...) no world character has. Flag rules such
+    as no_emoji have no parameter and may repeat; what is new is the combination."""
+    same_names = sorted(set(world) & set(heldout))
+    if same_names:
+        raise ValueError(
+            f"held-out characters {same_names} are also in the world's cast; fix: rename them "
+            f"or remove them from one folder"
+        )
+    seen = set().union(*(instruction_keys(c) for c in world.values()))
+    for name, character in heldout.items():
+        reused = sorted(k for k in instruction_keys(character) if k in seen and k[1] != "[]")
+        if reused:
+            kinds = ", ".join(f"{kind}{params}" for kind, params in reused)
+            raise ValueError(
+                f"held-out character {name!r} reuses instruction(s) the world's characters "
+                f"train on: {kinds}; fix: change their parameters so training never saw them"
+            )
+    seen_sets = {frozenset(instruction_keys(c)) for c in world.values()}
+    for name, character in heldout.items():
+        if frozenset(instruction_keys(character)) in seen_sets:
+            raise ValueError(
+                f"held-out character {name!r} has exactly the instruction set of a world "
+                f"character; fix: give it a new combination"
+            )
+
+
+def load_scenario(path: str | Path) -> Scenario:
+    """Read and validate a scenario TOML file (see the module docstring).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ScenarioError: bad TOML or a bad field, with one line per problem.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"scenario file {path} does not exist; fix: pass a .toml file such as "
+            f"scenarios/quickstart.toml"
+        )
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as err:
+        raise ScenarioError(f"{path}: not valid TOML ({err}); fix the syntax there") from err
+    return parse_scenario(data, source=str(path), base_dir=path.resolve().parent)

@@ -1,0 +1,393 @@
+"""Style-artifact regression suite: did the candidate win on content, or on style?
+
+A candidate and the deployed model answer the same held-out contexts. The suite compares
+their replies pair by pair on four style axes, each with a paired test:
+
+==========================  ======================================================  ==============
+check                       statistic (candidate vs deployed)                       paired test
+==========================  ======================================================  ==============
+``length``                  mean words ratio; shift when outside                    Wilcoxon
+                            [1 / max_length_ratio, max_length_ratio]                signed-rank
+``emoji_rate``              share of replies with at least one emoji; shift when    McNemar
+                            it rises by more than max_emoji_rate_increase           (exact)
+``question_rate``           share ending in a question, over characters NOT told    McNemar
+                            to ask one; shift when it rises by more than            (exact)
+                            max_question_rate_increase
+``catchphrase_repetition``  share of replies containing the candidate's most        McNemar
+                            frequent word trigram (the character's own catchphrase  (exact)
+                            and first word excluded); shift when it rises by more
+                            than max_catchphrase_increase
+==========================  ======================================================  ==============
+
+A shift counts only when its test is significant at ``alpha`` as well as larger than its
+threshold: small samples must not fail a candidate on noise.
+
+Then the reward-model win rate of the candidate over the deployed model is measured twice
+(``rewards.evaluation.style_controlled_win_rates``): *raw*, with the naive reward model
+(which reads style), and *style-controlled*, with the model whose style term is dropped at
+scoring (``rewards.style_control``). As in length-controlled AlpacaEval, a third number
+regresses the naive model's pairwise preferences on the style differences (a binomial GLM
+in statsmodels: ``win ~ 1 + d_log_words + d_emoji + d_question``) and reads the win rate at
+zero style difference, ``expit(intercept)``.
+
+The suite FAILS when a style shift explains the gain: at least one shift is flagged and
+the raw win rate exceeds the style-controlled or the style-adjusted one by at least
+``max_win_rate_gap``. A candidate that changed style without winning because of it, or that
+won without changing style, passes.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+from scipy import stats
+from scipy.special import expit
+
+from flywheel.scenario import StyleGateConfig
+from rewards.checkers import Catchphrase, EndsWithQuestion, StartsWith, emoji_list, words
+from rewards.features import style_features
+
+TRIGRAM = 3
+
+
+@dataclass(frozen=True)
+class StyleCheck:
+    """One style axis: candidate and deployed values, the paired test, and the verdict."""
+
+    name: str
+    candidate: float
+    deployed: float
+    change: float  # candidate - deployed (ratio for length)
+    threshold: float
+    p_value: float
+    shifted: bool
+    detail: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (NaN becomes None)."""
+        return {k: _finite(v) for k, v in asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class StyleRegressionResult:
+    """Everything the suite measured and its verdict (see the module docstring)."""
+
+    checks: tuple[StyleCheck, ...]
+    raw_win_rate: float
+    style_controlled_win_rate: float
+    style_adjusted_win_rate: float
+    glm_coefficients: dict[str, float]
+    n: int
+    passed: bool
+    reason: str
+
+    @property
+    def shifts(self) -> list[StyleCheck]:
+        """The checks that found a significant style shift."""
+        return [c for c in self.checks if c.shifted]
+
+    def __getitem__(self, name: str) -> StyleCheck:
+        for check in self.checks:
+            if check.name == name:
+                return check
+        raise KeyError(f"no style check {name!r}; have {[c.name for c in self.checks]}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {
+            "passed": self.passed,
+            "reason": self.reason,
+            "n": self.n,
+            "raw_win_rate": _finite(self.raw_win_rate),
+            "style_controlled_win_rate": _finite(self.style_controlled_win_rate),
+            "style_adjusted_win_rate": _finite(self.style_adjusted_win_rate),
+            "glm_coefficients": {k: _finite(v) for k, v in self.glm_coefficients.items()},
+            "checks": {c.name: c.to_dict() for c in self.checks},
+        }
+
+    def summary(self) -> str:
+        """A fixed-width table for terminals and reports."""
+        lines = [
+            f"style regression over {self.n} paired replies: {'PASS' if self.passed else 'FAIL'}"
+        ]
+        for c in self.checks:
+            flag = "SHIFT" if c.shifted else "ok"
+            lines.append(
+                f"  {c.name:<24}{c.deployed:>9.3f} -> {c.candidate:<9.3f}p={c.p_value:<8.2g}{flag}"
+            )
+        lines.append(
+            f"  RM win rate raw {self.raw_win_rate:.3f}, style-controlled "
+            f"{self.style_controlled_win_rate:.3f}, style-adjusted (GLM) "
+            f"{self.style_adjusted_win_rate:.3f}"
+        )
+        lines.append(f"  {self.reason}")
+        return "\n".join(lines)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def mcnemar_p(candidate: np.ndarray, deployed: np.ndarray) -> float:
+    """Exact McNemar p-value of two paired binary outcomes (statsmodels); 1.0 if identical."""
+    from statsmodels.stats.contingency_tables import mcnemar
+
+    a, b = candidate.astype(bool), deployed.astype(bool)
+    table = [[int(np.sum(a & b)), int(np.sum(a & ~b))], [int(np.sum(~a & b)), int(np.sum(~a & ~b))]]
+    if table[0][1] + table[1][0] == 0:
+        return 1.0
+    return float(mcnemar(table, exact=True).pvalue)
+
+
+def wilcoxon_p(candidate: np.ndarray, deployed: np.ndarray) -> float:
+    """Two-sided Wilcoxon signed-rank p-value of paired values (scipy); 1.0 if all equal."""
+    diff = np.asarray(candidate, dtype=float) - np.asarray(deployed, dtype=float)
+    if not np.any(diff != 0):
+        return 1.0
+    return float(stats.wilcoxon(candidate, deployed, zero_method="wilcox").pvalue)
+
+
+def _own_phrases(checkers: Sequence[Any]) -> list[list[str]]:
+    """Word sequences a character is TOLD to repeat (catchphrase, first word)."""
+    phrases = []
+    for checker in checkers:
+        if isinstance(checker, Catchphrase):
+            phrases.append([w.lower() for w in words(checker.phrase)])
+        elif isinstance(checker, StartsWith):
+            phrases.append([checker.word.lower()])
+    return phrases
+
+
+def _trigrams(reply: str, excluded: list[list[str]]) -> set[tuple[str, ...]]:
+    tokens = [w.lower() for w in words(reply)]
+    grams = {tuple(tokens[i : i + TRIGRAM]) for i in range(len(tokens) - TRIGRAM + 1)}
+    # A trigram that overlaps a phrase the character must say is the instruction, not a tic.
+    return {g for g in grams if not any(set(g) & set(p) for p in excluded)}
+
+
+def top_phrase(
+    replies: Sequence[str], excluded: Sequence[list[list[str]]]
+) -> tuple[str, ...] | None:
+    """The word trigram found in the most replies (each reply counted once), or None."""
+    counts: Counter[tuple[str, ...]] = Counter()
+    for reply, own in zip(replies, excluded, strict=True):
+        counts.update(_trigrams(reply, own))
+    return counts.most_common(1)[0][0] if counts else None
+
+
+def _binary_check(
+    name: str, cand: np.ndarray, dep: np.ndarray, threshold: float, alpha: float, what: str
+) -> StyleCheck:
+    c_rate = float(cand.mean()) if len(cand) else float("nan")
+    d_rate = float(dep.mean()) if len(dep) else float("nan")
+    p = mcnemar_p(cand, dep) if len(cand) else 1.0
+    change = c_rate - d_rate if len(cand) else 0.0
+    shifted = bool(len(cand) and change > threshold and p < alpha)
+    detail = f"{what}: {d_rate:.2f} -> {c_rate:.2f} (McNemar p = {p:.2g}, n = {len(cand)})"
+    return StyleCheck(name, c_rate, d_rate, change, threshold, p, shifted, detail)
+
+
+def style_checks(
+    candidate: Sequence[str],
+    deployed: Sequence[str],
+    checkers: Sequence[Sequence[Any]],
+    config: StyleGateConfig,
+) -> tuple[StyleCheck, ...]:
+    """The four style checks of paired replies; ``checkers`` is each pair's character's."""
+    n = len(candidate)
+    if not n == len(deployed) == len(checkers):
+        raise ValueError(
+            f"style_checks needs paired replies: {len(candidate)} candidate, {len(deployed)} "
+            f"deployed and {len(checkers)} checker lists"
+        )
+    c_words = np.array([len(words(r)) for r in candidate], dtype=float)
+    d_words = np.array([len(words(r)) for r in deployed], dtype=float)
+    ratio = float((c_words.mean() + 1) / (d_words.mean() + 1))
+    p_len = wilcoxon_p(c_words, d_words)
+    limit = config.max_length_ratio
+    length = StyleCheck(
+        "length", float(c_words.mean()), float(d_words.mean()), ratio, limit, p_len,
+        bool((ratio > limit or ratio < 1 / limit) and p_len < config.alpha),
+        f"mean words {d_words.mean():.1f} -> {c_words.mean():.1f} (x{ratio:.2f}, Wilcoxon "
+        f"p = {p_len:.2g})",
+    )  # fmt: skip
+
+    emoji = _binary_check(
+        "emoji_rate",
+        np.array([bool(emoji_list(r)) for r in candidate]),
+        np.array([bool(emoji_list(r)) for r in deployed]),
+        config.max_emoji_rate_increase, config.alpha, "replies with emoji",
+    )  # fmt: skip
+
+    free = [
+        i for i, cs in enumerate(checkers) if not any(isinstance(c, EndsWithQuestion) for c in cs)
+    ]
+    asks = lambda reply: bool(style_features(reply)["ends_with_question"])  # noqa: E731
+    question = _binary_check(
+        "question_rate",
+        np.array([asks(candidate[i]) for i in free]),
+        np.array([asks(deployed[i]) for i in free]),
+        config.max_question_rate_increase, config.alpha,
+        "replies ending in a question (characters not told to ask)",
+    )  # fmt: skip
+
+    excluded = [_own_phrases(cs) for cs in checkers]
+    phrase = top_phrase(candidate, excluded)
+    if phrase is None:
+        has_c = has_d = np.zeros(n, dtype=bool)
+    else:
+        has_c = np.array(
+            [phrase in _trigrams(r, e) for r, e in zip(candidate, excluded, strict=True)]
+        )
+        has_d = np.array(
+            [phrase in _trigrams(r, e) for r, e in zip(deployed, excluded, strict=True)]
+        )
+    shown = " ".join(phrase) if phrase else "-"
+    catch = _binary_check(
+        "catchphrase_repetition", has_c, has_d, config.max_catchphrase_increase, config.alpha,
+        f"replies containing {shown!r}",
+    )  # fmt: skip
+    return (length, emoji, question, catch)
+
+
+def style_adjusted_win_rate(
+    raw_candidate: np.ndarray,
+    raw_deployed: np.ndarray,
+    candidate: Sequence[str],
+    deployed: Sequence[str],
+) -> tuple[float, dict[str, float]]:
+    """LC-AlpacaEval-style win rate: binomial GLM of the naive RM's preference on style
+    differences, read at zero difference (``expit(intercept)``). Ties count as half a win
+    (the response is a proportion). Covariates constant over the sample are left out; a
+    separable sample falls back to a lightly ridge-penalised fit."""
+    import statsmodels.api as sm
+
+    win = (np.sign(np.asarray(raw_candidate) - np.asarray(raw_deployed)) + 1) / 2
+    diffs = {}
+    for name, feature in (
+        ("d_log_words", "words"),
+        ("d_emoji", "emoji"),
+        ("d_question", "ends_with_question"),
+    ):
+        c = np.array([style_features(r)[feature] for r in candidate], dtype=float)
+        d = np.array([style_features(r)[feature] for r in deployed], dtype=float)
+        diffs[name] = np.log1p(c) - np.log1p(d) if name == "d_log_words" else c - d
+    names = [k for k, v in diffs.items() if np.std(v) > 1e-12]
+    x = np.column_stack([np.ones(len(win)), *[diffs[k] for k in names]])
+    model = sm.GLM(win, x, family=sm.families.Binomial())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            params = np.asarray(model.fit().params)
+            if not np.all(np.isfinite(params)) or np.max(np.abs(params)) > 30:
+                raise ValueError("separation")
+        except (ValueError, np.linalg.LinAlgError):
+            params = np.asarray(model.fit_regularized(alpha=1e-2, L1_wt=0.0).params)
+    return float(expit(params[0])), {
+        "intercept": float(params[0]),
+        **dict(zip(names, map(float, params[1:]), strict=True)),
+    }
+
+
+def run_style_regression(
+    contexts: Sequence[str],
+    candidate: Sequence[str],
+    deployed: Sequence[str],
+    checkers: Sequence[Sequence[Any]],
+    naive_model: Any,
+    style_model: Any,
+    config: StyleGateConfig | None = None,
+) -> StyleRegressionResult:
+    """Run the suite on paired replies (module docstring) and decide pass / fail.
+
+    Args:
+        contexts: the user message each pair answers (reward-model context).
+        candidate, deployed: the two models' replies, paired with ``contexts``.
+        checkers: each pair's character's instruction checkers.
+        naive_model: a reward model that reads style (``style_controlled=False``).
+        style_model: a style-controlled reward model.
+        config: thresholds; default ``StyleGateConfig()``.
+    """
+    from rewards.evaluation import style_controlled_win_rates
+
+    config = config or StyleGateConfig()
+    if len(contexts) < 4:
+        raise ValueError(
+            f"the style regression suite needs at least 4 paired replies, got {len(contexts)}"
+        )
+    checks = style_checks(candidate, deployed, checkers, config)
+    with warnings.catch_warnings():
+        # The comparison warns on a large gap; the suite reports it in its reason instead.
+        warnings.simplefilter("ignore")
+        rates = style_controlled_win_rates(
+            contexts, candidate, deployed, style_model, naive_model, threshold=1.0
+        )
+    n = len(contexts)
+    raw_scores = naive_model.score(list(contexts) * 2, list(candidate) + list(deployed))
+    adjusted, coefficients = style_adjusted_win_rate(
+        raw_scores[:n], raw_scores[n:], candidate, deployed
+    )
+    raw, controlled = rates.raw.win_rate, rates.style_controlled.win_rate
+    gap = raw - min(controlled, adjusted)
+    shifts = [c for c in checks if c.shifted]
+    explained = gap >= config.max_win_rate_gap
+    passed = not (shifts and explained)
+    if not passed:
+        reason = (
+            "style shift explains the gain: "
+            + "; ".join(c.detail for c in shifts)
+            + f"; RM win rate raw {raw:.2f} vs style-controlled {controlled:.2f} / "
+            f"style-adjusted {adjusted:.2f} (gap {gap:+.2f} >= {config.max_win_rate_gap:.2f})"
+        )
+    elif shifts:
+        reason = (
+            "style shifted (" + ", ".join(c.name for c in shifts) + f") but does not explain "
+            f"the RM win rate (raw {raw:.2f}, style-controlled {controlled:.2f}, "
+            f"style-adjusted {adjusted:.2f})"
+        )
+    else:
+        reason = (
+            f"no significant style shift; RM win rate raw {raw:.2f}, style-controlled "
+            f"{controlled:.2f}, style-adjusted {adjusted:.2f}"
+        )
+    return StyleRegressionResult(
+        checks=checks, raw_win_rate=raw, style_controlled_win_rate=controlled,
+        style_adjusted_win_rate=adjusted, glm_coefficients=coefficients, n=n,
+        passed=passed, reason=reason,
+    )  # fmt: skip
+
+
+def style_profile(
+    replies: Sequence[str], checkers: Sequence[Sequence[Any]] | None = None
+) -> dict[str, float]:
+    """Mean words, emoji rate and question rate of a set of replies (the contract's
+    ``style`` block); the question rate skips characters told to end with a question."""
+    feats = [style_features(r) for r in replies]
+    if checkers is None:
+        asked = [f["ends_with_question"] for f in feats]
+    else:
+        asked = [
+            f["ends_with_question"]
+            for f, cs in zip(feats, checkers, strict=True)
+            if not any(isinstance(c, EndsWithQuestion) for c in cs)
+        ]
+    return {
+        "mean_words": float(np.mean([f["words"] for f in feats])) if feats else float("nan"),
+        "emoji_rate": float(np.mean([f["emoji"] > 0 for f in feats])) if feats else float("nan"),
+        "question_rate": float(np.mean(asked)) if asked else float("nan"),
+    }
+
+
+def checkers_by_character(
+    characters: Mapping[str, Any], names: Sequence[str]
+) -> list[tuple[Any, ...]]:
+    """Each name's character checkers (empty for an unknown name)."""
+    return [tuple(characters[n].checkers) if n in characters else () for n in names]
