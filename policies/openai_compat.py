@@ -13,7 +13,9 @@ seed is the server's business; llama.cpp's does, see tests/test_policies_openai.
 
 Transient failures (connection errors, timeouts, HTTP 429 and 5xx) are retried with
 jittered exponential backoff, honouring ``Retry-After``; everything else fails at once with
-an error naming the URL, what came back and the likely fix. Unlike the hf backend this one
+an error naming the URL, what came back and the likely fix. ``spec.timeout_s`` is the wait
+for one reply *including the time it queues at the server*: against a server that
+serialises requests, size it for ``batch_size`` replies, not one. Unlike the hf backend this one
 does not trim long histories: the client has no tokenizer, so a prompt past the server's
 context window comes back as the server's own HTTP 400, quoted in the error.
 """
