@@ -619,7 +619,8 @@ class FlywheelRun:
                 for c in candidates
             ],
             "reward_models": rms,
-            "traffic": collect,
+            # Wall times are left out so a resumed run's record equals an uninterrupted one's.
+            "traffic": {k: v for k, v in collect.items() if k != "simulated_wall_s"},
         }
 
 

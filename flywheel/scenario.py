@@ -55,7 +55,8 @@ def _dataclass_overrides(value: dict[str, Any], cls: type, where: str) -> dict[s
     try:
         cls(**value)
     except (TypeError, ValueError) as err:
-        raise ValueError(f"{where}: {err}") from err
+        # The error path already names ``where``; the dataclass's message names the field.
+        raise ValueError(str(err)) from err
     return value
 
 

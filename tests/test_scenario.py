@@ -1,0 +1,170 @@
+"""Scenario files: the shipped ones load, and every bad field is an error naming the field
+path, the value seen and the fix."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from flywheel.scenario import (
+    HELDOUT_CHARACTERS_DIR,
+    SCENARIOS_DIR,
+    Scenario,
+    ScenarioError,
+    check_heldout,
+    load_scenario,
+)
+
+SHIPPED = ("quickstart", "artifact_trap", "gpu_large")
+
+
+def write(tmp_path: Path, text: str, name: str = "s.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def error_of(tmp_path: Path, text: str) -> str:
+    with pytest.raises(ScenarioError) as info:
+        load_scenario(write(tmp_path, text))
+    return str(info.value)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_scenarios_load(name: str) -> None:
+    scenario = load_scenario(SCENARIOS_DIR / f"{name}.toml")
+    assert scenario.name == name
+    assert scenario.world.characters_dir.is_dir()
+    assert scenario.gates.steerability.characters_dir == HELDOUT_CHARACTERS_DIR
+
+
+def test_quickstart_is_a_demo_of_at_least_two_generations() -> None:
+    scenario = load_scenario(SCENARIOS_DIR / "quickstart.toml")
+    assert scenario.generations >= 2
+    assert scenario.policy.model == "smollm2" and scenario.policy.backend == "hf"
+
+
+def test_artifact_trap_has_a_naive_and_a_mitigated_recipe() -> None:
+    scenario = load_scenario(SCENARIOS_DIR / "artifact_trap.toml")
+    recipes = {r.name: r for r in scenario.recipes}
+    assert recipes["naive"].reward_model == "naive"
+    assert recipes["naive"].artifact_penalty_weight == 0
+    assert recipes["mitigated"].reward_model == "style_controlled"
+    assert recipes["mitigated"].artifact_penalty_weight > 0
+    assert scenario.world.gold.like_emoji_appeal > 0 and scenario.world.gold.like_length_appeal > 0
+
+
+def test_gpu_scenario_switches_engines_by_config() -> None:
+    scenario = load_scenario(SCENARIOS_DIR / "gpu_large.toml")
+    assert scenario.policy.backend == "vllm"
+    assert scenario.world.user_llm.policy.backend == "openai"
+    grpo = next(r for r in scenario.recipes if r.kind == "grpo")
+    assert grpo.trainer_file is not None and grpo.trainer_file.name == "grpo_vllm.yaml"
+
+
+def test_unknown_key_names_its_path(tmp_path: Path) -> None:
+    message = error_of(tmp_path, "generations = 2\n[gates]\nmin_rm_winrate = 0.6\n")
+    assert "scenario.gates.min_rm_winrate = 0.6" in message
+    assert "unknown key" in message
+
+
+def test_bad_value_names_path_value_and_fix(tmp_path: Path) -> None:
+    message = error_of(tmp_path, '[[recipes]]\nname = "x"\nkind = "ppo"\n')
+    line = next(m for m in message.splitlines() if "recipes.0.kind" in m)
+    assert "'ppo'" in line and "rs+sft" in line and "fix:" in line
+
+
+def test_nested_traffic_value(tmp_path: Path) -> None:
+    message = error_of(tmp_path, "[traffic]\ntreatment_share = 1.5\n")
+    assert re.search(r"scenario\.traffic\.treatment_share = 1\.5: .*less than 1", message)
+
+
+def test_several_problems_are_reported_together(tmp_path: Path) -> None:
+    message = error_of(tmp_path, "generations = 0\nseed = -1\n")
+    assert "scenario.generations = 0" in message and "scenario.seed = -1" in message
+
+
+def test_trainer_fields_must_belong_to_the_recipes_trl_config(tmp_path: Path) -> None:
+    text = '[[recipes]]\nname = "g"\nkind = "grpo"\ntrainer = { num_generatons = 4 }\n'
+    message = error_of(tmp_path, text)
+    assert "num_generatons" in message and "GRPOConfig" in message
+    ok = '[[recipes]]\nname = "g"\nkind = "grpo"\ntrainer = { num_generations = 4 }\n'
+    assert load_scenario(write(tmp_path, ok, "ok.toml")).recipes[0].trainer["num_generations"] == 4
+
+
+def test_trainer_file_is_checked_and_resolved(tmp_path: Path) -> None:
+    (tmp_path / "bad.yaml").write_text("use_vlm: true\n")
+    text = '[[recipes]]\nname = "g"\nkind = "grpo"\ntrainer_file = "bad.yaml"\n'
+    message = error_of(tmp_path, text)
+    assert "scenario.recipes.0.trainer_file" in message and "use_vlm" in message
+    missing = '[[recipes]]\nname = "g"\nkind = "grpo"\ntrainer_file = "nope.yaml"\n'
+    assert "no such file" in error_of(tmp_path, missing)
+
+
+def test_analysis_and_curation_settings_are_validated(tmp_path: Path) -> None:
+    assert "analysis" in error_of(tmp_path, "[analysis]\nalpah = 0.1\n")
+    assert "traffic.treatment_share" in error_of(tmp_path, "[analysis]\ntreatment_share = 0.5\n")
+    message = error_of(tmp_path, "[curation]\nheld_out_share = 1.5\n")
+    assert "scenario.curation" in message and "held_out_share" in message and "1.5" in message
+    message = error_of(tmp_path, "[reward_models]\nminilm = { hiden = 3 }\n")
+    assert "hiden" in message and "MiniLMConfig" in message
+
+
+def test_recipe_names_are_unique_and_some_reward_is_on(tmp_path: Path) -> None:
+    dupes = '[[recipes]]\nname = "a"\nkind = "dpo"\n[[recipes]]\nname = "a"\nkind = "grpo"\n'
+    assert "repeat" in error_of(tmp_path, dupes)
+    nothing = (
+        '[[recipes]]\nname = "a"\nkind = "dpo"\nreward_model = "none"\nsteerability_weight = 0\n'
+    )
+    assert "no reward" in error_of(tmp_path, nothing)
+
+
+def test_missing_file_and_bad_toml(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="quickstart"):
+        load_scenario(tmp_path / "nope.toml")
+    assert "not valid TOML" in error_of(tmp_path, "seed = = 1\n")
+
+
+def test_relative_folders_resolve_next_to_the_file(tmp_path: Path) -> None:
+    message = error_of(tmp_path, '[world]\ncharacters_dir = "cast"\n')
+    assert f"{tmp_path / 'cast'}" in message and "no such folder" in message
+
+
+def test_heldout_characters_must_be_new(tmp_path: Path) -> None:
+    from sim.characters import load_characters
+
+    world = load_characters(SCENARIOS_DIR / "characters")
+    heldout = load_characters(HELDOUT_CHARACTERS_DIR)
+    check_heldout(world, heldout)  # the shipped benchmark is really held out
+    (tmp_path / "cast").mkdir()
+    (tmp_path / "cast" / "copy.toml").write_text(
+        'name = "Copycat"\npersona = "a sailor who tells stories"\n'
+        "[instructions]\nmax_words = 45\nno_emoji = true\n"
+    )
+    with pytest.raises(ValueError, match=r"Copycat.*max_words"):
+        check_heldout(world, load_characters(tmp_path / "cast"))
+    text = f'[gates.steerability]\ncharacters_dir = "{tmp_path / "cast"}"\n'
+    assert "reuses instruction" in error_of(tmp_path, text)
+
+
+def test_derived_traffic_configs() -> None:
+    scenario = Scenario()
+    collect = scenario.collect_traffic(3)
+    assert collect.pre_days == 0 and collect.test_days == scenario.collect.days
+    assert collect.generation == 3
+    assert scenario.ab_traffic(1).salt != scenario.ab_traffic(2).salt
+    assert scenario.ab_traffic(2).treatment_share == scenario.traffic.treatment_share
+
+
+def test_cli_reports_a_bad_scenario_without_a_traceback(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from flywheel.cli import app
+
+    path = write(tmp_path, "[gates]\nmin_rm_win_rate = 2\n")
+    result = CliRunner().invoke(app, ["run", str(path), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2
+    assert "scenario.gates.min_rm_win_rate = 2" in result.output
+    assert not (tmp_path / "run").exists()
