@@ -71,6 +71,57 @@ def analyze(
     typer.echo(f"wrote {', '.join(str(p) for p in paths.values())}")
 
 
+rm_app = typer.Typer(help="Reward models trained on a run's logs.", no_args_is_help=True)
+app.add_typer(rm_app, name="rm")
+
+
+@rm_app.command("train")
+def rm_train(
+    run_dir: str = typer.Argument(..., help="Run directory (run.duckdb + artifacts/)."),
+    kind: str = typer.Option(
+        "pointwise", "--kind", help="pointwise | pairwise | signals (see rewards.rm.base)."
+    ),
+    backbone: str = typer.Option(
+        "minilm", "--backbone", help="minilm (frozen embeddings + head) | llm (RewardTrainer)."
+    ),
+    style_controlled: bool = typer.Option(
+        False, "--style-controlled", help="Fit style as a separate term, dropped at scoring."
+    ),
+    out: str | None = typer.Option(
+        None, "--out", help="Model folder (default RUN_DIR/artifacts/rm/<model name>)."
+    ),
+    experiment: str | None = typer.Option(
+        None, "--experiment", help="Train on one experiment's logs (default: all)."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seeds the user split and training."),
+    test_size: float = typer.Option(0.2, "--test-size", help="Share of users held out."),
+    llm_model: str = typer.Option(
+        "smollm2", "--llm-model", help="LLM backbone: HF folder, or smollm2 (packaged)."
+    ),
+    max_pairs: int | None = typer.Option(
+        None, "--max-pairs", help="LLM backbone: most training pairs per target."
+    ),
+    epochs: float = typer.Option(1.0, "--epochs", help="LLM backbone: passes over the pairs."),
+) -> None:
+    """Train a reward model on RUN_DIR's logs; write it and rm_eval.json (held-out accuracy,
+    gold correlation, style correlations)."""
+    from flywheel.rm_eval import EVAL_FILE, summarize
+    from flywheel.rm_eval import rm_train as run_rm_train
+    from rewards.rm import LLMConfig
+
+    try:
+        llm_config = LLMConfig(model=llm_model, max_pairs=max_pairs, epochs=epochs)
+        folder, report = run_rm_train(
+            run_dir, kind, backbone, style_controlled=style_controlled, out=out,
+            experiment_id=experiment, seed=seed, test_size=test_size, llm_config=llm_config,
+        )  # fmt: skip
+    except (FileNotFoundError, ValueError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(code=2) from err
+    typer.echo(summarize(report))
+    typer.echo(f"wrote {folder} and {folder / EVAL_FILE}")
+
+
 @app.command("chat")
 def chat(
     scenario: str = typer.Argument(..., help="Scenario TOML; its world table sets the world."),

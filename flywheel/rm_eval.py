@@ -1,0 +1,341 @@
+"""Train a reward model on a run's logs and judge it, against the oracle too.
+
+This module lives in ``flywheel/`` because it reads the gold utility: the ``gold_*``
+columns of the run store's turns table and of the annotators' comparisons. Reward code
+(``rewards/``) only ever receives the tables with those columns dropped.
+
+:func:`train_and_evaluate` splits users into train and held-out (every table by the same
+users), fits one reward model and reports on the held-out users:
+
+- ``pairwise_accuracy``: agreement with the simulated annotators' held-out labels;
+- ``calibration``: per target, for pointwise and signals models (AUC, Brier, ECE...);
+- ``gold_correlation``: Pearson and Spearman correlation of the reward with the gold
+  utility of held-out logged replies (proxy vs gold), and the share of held-out pairs the
+  reward orders as the gold utility of the pair's annotator does;
+- ``style_correlations``: correlation of the reward with each style feature on held-out
+  logged replies, and the largest absolute Pearson r;
+- the training time and, for style-controlled models, the fitted style coefficients.
+
+Comparisons: until the run store has a table for them, the annotators' labels are kept in
+``RUN_DIR/artifacts/comparisons.parquet`` (:func:`write_comparisons`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from rewards.datasets import (
+    ORACLE_PREFIX,
+    as_lists,
+    drop_oracle_columns,
+    pairwise_examples,
+    pointwise_examples,
+)
+from rewards.evaluation import calibration, evaluate_pairwise
+from rewards.rm import LLMConfig, MiniLMConfig, RewardModel, check_backbone, check_kind
+from rewards.style_control import max_abs_style_correlation, style_correlations
+
+COMPARISONS_FILE = "comparisons.parquet"
+EVAL_FILE = "rm_eval.json"
+RM_DIR = "rm"  # under the run's artifacts folder: artifacts/rm/<model name>/
+
+
+@dataclass(frozen=True)
+class GoldCorrelation:
+    """Correlation of a reward with the gold utility over a set of replies."""
+
+    pearson_r: float
+    pearson_p: float
+    spearman_rho: float
+    n: int
+
+    def to_dict(self) -> dict[str, float | int]:
+        """JSON-ready form."""
+        return asdict(self)
+
+
+def gold_correlation(
+    scores: Sequence[float] | np.ndarray, gold: Sequence[float] | np.ndarray
+) -> GoldCorrelation:
+    """Pearson (scipy) and Spearman correlation of reward ``scores`` with ``gold`` utility."""
+    x, y = np.asarray(scores, dtype=float), np.asarray(gold, dtype=float)
+    if x.shape != y.shape or x.ndim != 1 or len(x) < 3:
+        raise ValueError(
+            f"gold_correlation needs two equal-length 1-d arrays of >= 3 values, got "
+            f"{x.shape} and {y.shape}"
+        )
+    if x.std() == 0 or y.std() == 0:
+        return GoldCorrelation(float("nan"), float("nan"), float("nan"), len(x))
+    pearson = stats.pearsonr(x, y)
+    return GoldCorrelation(
+        float(pearson.statistic),
+        float(pearson.pvalue),
+        float(stats.spearmanr(x, y).statistic),
+        len(x),
+    )
+
+
+def pairwise_gold_agreement(
+    score_a: np.ndarray, score_b: np.ndarray, gold_a: np.ndarray, gold_b: np.ndarray
+) -> float:
+    """Share of pairs the reward orders as the gold utility does (reward ties count half;
+    pairs the gold utility cannot separate are left out)."""
+    gold_diff = np.asarray(gold_a) - np.asarray(gold_b)
+    score_diff = np.asarray(score_a) - np.asarray(score_b)
+    keep = gold_diff != 0
+    if not keep.any():
+        return float("nan")
+    agree = np.sign(score_diff[keep]) == np.sign(gold_diff[keep])
+    return float(np.mean(agree + 0.5 * (score_diff[keep] == 0)))
+
+
+def comparisons_path(run_dir: str | Path) -> Path:
+    """Where a run keeps its annotators' comparisons."""
+    return Path(run_dir) / "artifacts" / COMPARISONS_FILE
+
+
+def write_comparisons(run_dir: str | Path, comparisons: pd.DataFrame) -> Path:
+    """Append comparisons (``sim.annotators.comparisons_frame``) to the run's file."""
+    path = comparisons_path(run_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        comparisons = pd.concat([pd.read_parquet(path), comparisons], ignore_index=True)
+    comparisons.to_parquet(path, index=False)
+    return path
+
+
+def read_comparisons(run_dir: str | Path) -> pd.DataFrame | None:
+    """The run's comparisons, or None when no annotators have labelled pairs yet."""
+    path = comparisons_path(run_dir)
+    return pd.read_parquet(path) if path.exists() else None
+
+
+def load_run_tables(
+    run_dir: str | Path, experiment_id: str | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame | None, pd.DataFrame | None]:
+    """(turns, activity, comparisons) of a run; activity = active (user_id, day) rows."""
+    from flywheel.store import RunStore
+
+    with RunStore(run_dir, read_only=True) as store:
+        turns = store.read_turns(experiment_id)
+        user_days = store.read_user_days(experiment_id)
+    if turns.empty:
+        raise ValueError(
+            f"run {run_dir} has no logged turns; run traffic (flywheel ab / flywheel run) first"
+        )
+    activity = None
+    if not user_days.empty:
+        activity = user_days.loc[user_days["active"].astype(bool), ["user_id", "day"]]
+    return turns, activity, read_comparisons(run_dir)
+
+
+def _split_users(user_ids: Sequence[str], rng: np.random.Generator, test_size: float) -> set[str]:
+    users = np.asarray(sorted(set(user_ids)))
+    if len(users) < 2:
+        raise ValueError(f"need at least 2 users to hold some out, got {len(users)}")
+    n_test = min(len(users) - 1, max(1, round(test_size * len(users))))
+    return set(rng.permutation(users)[:n_test].tolist())
+
+
+def train_and_evaluate(
+    turns: pd.DataFrame,
+    comparisons: pd.DataFrame | None,
+    kind: str,
+    backbone: str,
+    *,
+    style_controlled: bool = False,
+    activity: pd.DataFrame | None = None,
+    seed: int = 0,
+    test_size: float = 0.2,
+    minilm_config: MiniLMConfig | None = None,
+    llm_config: LLMConfig | None = None,
+    verbose: bool = False,
+) -> tuple[RewardModel, dict[str, Any]]:
+    """Fit one reward model on the training users and report on the held-out users.
+
+    Args:
+        turns: the run store's turns table (``gold_satisfaction`` included: it is used for
+            evaluation only and dropped before training).
+        comparisons: the annotators' comparisons (``gold_*`` likewise), or None; required
+            for ``kind="pairwise"``, and the source of held-out pairwise accuracy for all.
+        kind, backbone, style_controlled: which model (``rewards.rm``).
+        activity: active (user_id, day) rows for next-day return (default: from turns).
+        seed: seeds the user split and the model.
+        test_size: share of users held out.
+        minilm_config, llm_config: backbone settings (their seed is replaced by ``seed``).
+        verbose: progress bars.
+
+    Returns:
+        The model and the report dict written to ``rm_eval.json``.
+    """
+    check_kind(kind)
+    check_backbone(backbone)
+    if not 0 < test_size < 1:
+        raise ValueError(f"test_size must be in (0, 1), got {test_size}")
+    if kind == "pairwise" and (comparisons is None or comparisons.empty):
+        raise ValueError(
+            "kind 'pairwise' needs annotator comparisons and the run has none; label pairs "
+            "with sim.annotators and flywheel.rm_eval.write_comparisons first"
+        )
+    rng = np.random.default_rng(seed)
+    users = list(turns["user_id"].astype(str))
+    if comparisons is not None:
+        users += list(comparisons["user_id"].astype(str))
+    test_users = _split_users(users, rng, test_size)
+
+    table = pointwise_examples(drop_oracle_columns(turns), activity)
+    gold = turns["gold_satisfaction"].to_numpy(dtype=float)
+    is_test = table["user_id"].isin(test_users).to_numpy()
+    pw_train, pw_test, gold_test = table[~is_test], table[is_test], gold[is_test]
+    pairs_train = pairs_test = cmp_test = None
+    if comparisons is not None and not comparisons.empty:
+        cmp_is_test = comparisons["user_id"].astype(str).isin(test_users).to_numpy()
+        pairs = pairwise_examples(drop_oracle_columns(comparisons))
+        pairs_train, pairs_test = pairs[~cmp_is_test], pairs[cmp_is_test]
+        cmp_test = comparisons[cmp_is_test]
+
+    train_table = pairs_train if kind == "pairwise" else pw_train
+    if train_table is None or train_table.empty:
+        raise ValueError(f"no training rows for kind {kind!r} after holding out test users")
+    assert not any(c.startswith(ORACLE_PREFIX) for c in train_table.columns)
+    started = time.perf_counter()
+    if backbone == "minilm":
+        from rewards.rm import train_minilm
+
+        config = MiniLMConfig(**{**asdict(minilm_config or MiniLMConfig()), "seed": seed})
+        model = train_minilm(
+            kind, train_table, style_controlled=style_controlled, config=config, verbose=verbose
+        )
+    else:
+        from rewards.rm import train_llm
+
+        llm = LLMConfig(**{**asdict(llm_config or LLMConfig()), "seed": seed})
+        model = train_llm(
+            kind, train_table, style_controlled=style_controlled, config=llm, verbose=verbose
+        )
+    train_seconds = time.perf_counter() - started
+
+    report: dict[str, Any] = {
+        "model": model.name,
+        "kind": kind,
+        "backbone": backbone,
+        "style_controlled": style_controlled,
+        "seed": seed,
+        "train_seconds": train_seconds,
+        "n_train_rows": len(train_table),
+        "n_test_users": len(test_users),
+        "n_test_turns": len(pw_test),
+        "n_test_pairs": 0 if pairs_test is None else len(pairs_test),
+    }
+    started = time.perf_counter()
+    scores = model.score(as_lists(pw_test["context"]), as_lists(pw_test["reply"]))
+    report["gold_correlation"] = {"turns": gold_correlation(scores, gold_test).to_dict()}
+    correlations = style_correlations(scores, as_lists(pw_test["reply"]))
+    report["style_correlations"] = {k: v.to_dict() for k, v in correlations.items()}
+    report["max_abs_style_r"] = max_abs_style_correlation(correlations)
+    if kind != "pairwise":
+        probabilities = model.predict_proba(
+            as_lists(pw_test["context"]), as_lists(pw_test["reply"])
+        )
+        report["calibration"] = {
+            target: calibration(p, pw_test[target].astype(float).to_numpy()).to_dict()
+            for target, p in probabilities.items()
+        }
+    if pairs_test is not None and not pairs_test.empty:
+        report["pairwise_accuracy"] = evaluate_pairwise(model, pairs_test).to_dict()
+        contexts = as_lists(cmp_test["context"])
+        n = len(cmp_test)
+        both = model.score(
+            contexts * 2, as_lists(cmp_test["reply_a"]) + as_lists(cmp_test["reply_b"])
+        )
+        report["gold_correlation"]["pairs_agreement"] = pairwise_gold_agreement(
+            both[:n],
+            both[n:],
+            cmp_test["gold_utility_a"].to_numpy(),
+            cmp_test["gold_utility_b"].to_numpy(),
+        )
+    if style_controlled:
+        report["style_coefficients"] = model.style_coefficients()
+    report["history"] = model.history
+    report["eval_seconds"] = time.perf_counter() - started
+    return model, report
+
+
+def rm_train(
+    run_dir: str | Path,
+    kind: str,
+    backbone: str,
+    *,
+    style_controlled: bool = False,
+    out: str | Path | None = None,
+    experiment_id: str | None = None,
+    seed: int = 0,
+    test_size: float = 0.2,
+    minilm_config: MiniLMConfig | None = None,
+    llm_config: LLMConfig | None = None,
+    verbose: bool = True,
+) -> tuple[Path, dict[str, Any]]:
+    """What ``flywheel rm train`` does: read the run, train, save the model and rm_eval.json.
+
+    Returns the model folder (``RUN_DIR/artifacts/rm/<name>`` unless ``out``) and the report.
+    """
+    turns, activity, comparisons = load_run_tables(run_dir, experiment_id)
+    model, report = train_and_evaluate(
+        turns,
+        comparisons,
+        kind,
+        backbone,
+        style_controlled=style_controlled,
+        activity=activity,
+        seed=seed,
+        test_size=test_size,
+        minilm_config=minilm_config,
+        llm_config=llm_config,
+        verbose=verbose,
+    )
+    folder = Path(out) if out is not None else Path(run_dir) / "artifacts" / RM_DIR / model.name
+    model.save(folder)
+    report["run_dir"] = str(run_dir)
+    (folder / EVAL_FILE).write_text(json.dumps(report, indent=2, default=float))
+    return folder, report
+
+
+def summarize(report: dict[str, Any]) -> str:
+    """A few human lines from an ``rm_eval.json`` report."""
+    lines = [
+        f"{report['model']}: trained in {report['train_seconds']:.1f}s on "
+        f"{report['n_train_rows']} rows"
+    ]
+    if "pairwise_accuracy" in report:
+        acc = report["pairwise_accuracy"]
+        lines.append(
+            f"  held-out pairwise accuracy {acc['accuracy']:.3f} "
+            f"[{acc['ci_low']:.3f}, {acc['ci_high']:.3f}] (n={acc['n']})"
+        )
+    g = report["gold_correlation"]["turns"]
+    lines.append(
+        f"  gold correlation (turns) pearson {g['pearson_r']:.3f}, "
+        f"spearman {g['spearman_rho']:.3f} (n={g['n']})"
+    )
+    if "pairs_agreement" in report["gold_correlation"]:
+        lines.append(
+            f"  gold agreement (pairs) {report['gold_correlation']['pairs_agreement']:.3f}"
+        )
+    styles = ", ".join(
+        f"{k} {v['pearson_r']:+.3f}" for k, v in report["style_correlations"].items()
+    )
+    lines.append(f"  style correlations (pearson r): {styles}")
+    for target, cal in report.get("calibration", {}).items():
+        lines.append(
+            f"  {target}: AUC {cal['auc']:.3f}, ECE {cal['ece']:.4f}, Brier {cal['brier']:.4f}"
+        )
+    return "\n".join(lines)
