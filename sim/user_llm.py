@@ -55,7 +55,11 @@ def _speaker_label_re(names: Sequence[str]) -> re.Pattern[str]:
 
 
 def truncate_words(text: str, max_words: int) -> str:
-    """``text`` cut right after its ``max_words``-th ``\\w+`` word (unchanged if shorter)."""
+    """``text`` cut to at most ``max_words`` ``\\w+`` words (unchanged if shorter).
+
+    The cut goes back to the last sentence end ('.', '!', '?') inside the kept part when
+    that keeps at least half of ``max_words``, so messages rarely stop mid-sentence.
+    """
     matches = list(WORD_RE.finditer(text))
     if len(matches) <= max_words:
         return text
@@ -63,7 +67,11 @@ def truncate_words(text: str, max_words: int) -> str:
     # Keep punctuation glued to the last kept word ("great!" stays "great!").
     while end < len(text) and not text[end].isspace() and not WORD_RE.match(text[end]):
         end += 1
-    return text[:end]
+    kept = text[:end]
+    sentence_ends = [m.end() for m in re.finditer(r"[.!?]+", kept)]
+    if sentence_ends and len(WORD_RE.findall(kept[: sentence_ends[-1]])) >= max_words / 2:
+        return kept[: sentence_ends[-1]]
+    return kept
 
 
 def clean_message(text: str, speaker_names: Sequence[str], max_words: int) -> str:
@@ -102,7 +110,7 @@ class UserSimulator:
         corpus: ChitchatCorpus,
         pii_rate: float = 0.0,
         length_cap_factor: float = 2.0,
-        min_words_cap: int = 8,
+        min_words_cap: int = 12,
         split: str = "train",
     ) -> None:
         if not 0 <= pii_rate <= 1:
@@ -135,9 +143,10 @@ class UserSimulator:
         return (
             f"{user.profile} You are chatting with {character.name} in a chat app. "
             f"{character.name}: {character.persona}\n"
-            f"Write only your next chat message, in about {user.traits.message_words} words, "
-            "casual, in first person. Do not write for "
-            f"{character.name}. Never say you are an AI or an assistant."
+            "You are the human user, not an assistant: never offer help. React to what "
+            f"{character.name} just said, share something about yourself or ask a question. "
+            f"Write one casual message of about {user.traits.message_words} words. "
+            "Never say you are an AI."
         )
 
     def user_chat(self, user: User, character: Character, messages: Sequence[Message]) -> Chat:

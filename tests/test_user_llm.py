@@ -76,6 +76,8 @@ def test_clean_message(raw: str, clean: str) -> None:
 def test_truncate_words_keeps_trailing_punctuation() -> None:
     assert truncate_words("one two three! four", 3) == "one two three!"
     assert truncate_words("short", 3) == "short"
+    assert truncate_words("I like it. You are so very nice", 5) == "I like it."
+    assert truncate_words("Hi. You are so very nice", 5) == "Hi. You are so very"
 
 
 def test_user_chat_swaps_roles(tiny_policy: CountingPolicy) -> None:
