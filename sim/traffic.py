@@ -478,7 +478,8 @@ class Batcher:
     ``request(key, item)`` returns an event that fires with the item's result; the first
     request of an instant schedules a flush at that instant with ``priority`` below every
     normal event, so all requests of the instant are pending when ``handler(key, items)``
-    answers them, in request order, with one backend call per key.
+    answers them, in request order, with one backend call per key. ``gather=False`` answers
+    every request with its own call instead: the one-conversation-at-a-time baseline.
     """
 
     def __init__(
@@ -486,10 +487,13 @@ class Batcher:
         env: simpy.Environment,
         handler: Callable[[Any, list[Any]], Sequence[Any]],
         priority: int,
+        *,
+        gather: bool = True,
     ) -> None:
         self.env = env
         self.handler = handler
         self.priority = priority
+        self.gather = gather
         self._pending: dict[Any, list[tuple[Any, simpy.Event]]] = {}
 
     def request(self, key: Any, item: Any) -> simpy.Event:
@@ -502,7 +506,12 @@ class Batcher:
 
     def _flush(self, _: simpy.Event) -> None:
         pending, self._pending = self._pending, {}
-        for key, queued in pending.items():
+        batches = [
+            (key, group)
+            for key, queued in pending.items()
+            for group in ([queued] if self.gather else [[entry] for entry in queued])
+        ]
+        for key, queued in batches:
             results = self.handler(key, [item for item, _ in queued])
             if len(results) != len(queued):
                 raise RuntimeError(
@@ -527,6 +536,8 @@ class TrafficSimulator:
             world's ``[world.user_llm]`` settings); default: ``SamplingConfig()``'s.
         user_counter: the world's user LLM wrapped in ``CountingPolicy``, so the days table
             can report user-side tokens (bot-side tokens come from the turn records).
+        batching: False answers every conversation with its own backend calls (the
+            benchmark's one-conversation-at-a-time baseline).
         policies: ``{"control": Policy, "treatment": Policy}``.
         config: the traffic config.
         seed: seeds the simulator's random generator (an int or a list of ints, as
@@ -545,6 +556,7 @@ class TrafficSimulator:
         joined: Mapping[str, int] | None = None,
         user_params: Callable[[int], SamplingParams] | None = None,
         user_counter: CountingPolicy | None = None,
+        batching: bool = True,
         progress: bool = True,
     ) -> None:
         missing = {CONTROL, TREATMENT} - set(policies)
@@ -560,7 +572,10 @@ class TrafficSimulator:
         self.joined = dict(joined or {})
         self.user_counter = user_counter
         self.user_params = user_params or SamplingConfig().params
+        self.batching = batching
         self.policies = dict(policies)
+        # An A/A test serves both arms with one model: one call per instant, not one per arm.
+        self._one_policy = self.policies[CONTROL] is self.policies[TREATMENT]
         self.config = config
         self.seed = seed
         self.progress = progress
@@ -651,9 +666,10 @@ class TrafficSimulator:
             self._day_turns: list[dict[str, Any]] = []
             self._day_sessions: list[dict[str, Any]] = []
             self.stats = BatchStats()
-            self._open = Batcher(env, self._answer_open, _USER_FLUSH_PRIORITY)
-            self._user = Batcher(env, self._answer_user, _USER_FLUSH_PRIORITY)
-            self._bot = Batcher(env, self._answer_bot, _BOT_FLUSH_PRIORITY)
+            gather = self.batching
+            self._open = Batcher(env, self._answer_open, _USER_FLUSH_PRIORITY, gather=gather)
+            self._user = Batcher(env, self._answer_user, _USER_FLUSH_PRIORITY, gather=gather)
+            self._bot = Batcher(env, self._answer_bot, _BOT_FLUSH_PRIORITY, gather=gather)
             visits = self._draw_visits(day)
             yield env.all_of(
                 [env.process(self._user_day(env, day, user, starts)) for user, starts in visits]
@@ -685,7 +701,8 @@ class TrafficSimulator:
             novelty = self._novelty(user.user_id, arm, day)
             turns: list[dict[str, Any]] = []
             while True:
-                record = yield self._bot.request(policy_arm, (session, novelty))
+                key = CONTROL if self._one_policy else policy_arm
+                record = yield self._bot.request(key, (session, novelty))
                 turns.append(
                     self._turn_row(record, day, arm, policy_arm, novelty, env.now - day_start)
                 )

@@ -164,6 +164,26 @@ def test_batcher_gathers_one_instant_and_chains_kinds() -> None:
     assert got == {0: 0, 1: 10, 2: 20, 3: 30, 4: 40}
 
 
+def test_unbatched_mode_answers_each_request_alone() -> None:
+    env = simpy.Environment()
+    calls: list[list[int]] = []
+
+    def answer(key: str, items: list[int]) -> list[int]:
+        calls.append(items)
+        return items
+
+    single = Batcher(env, answer, priority=2, gather=False)
+
+    def ask(i: int):
+        yield env.timeout(1.0)
+        yield single.request("k", i)
+
+    for i in range(3):
+        env.process(ask(i))
+    env.run()
+    assert calls == [[0], [1], [2]]
+
+
 # ---------------------------------------------------------------------------- end to end
 class Crash:
     """A budget of backend calls shared by several policies; the last one raises."""
