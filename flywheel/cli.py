@@ -441,5 +441,30 @@ def dashboard(
     raise typer.Exit(code=subprocess.call(command))
 
 
+@app.command("dashboard")
+def dashboard(
+    run_dir: str = typer.Argument(..., help="Run directory (run.duckdb, generations.json)."),
+    port: int = typer.Option(8501, "--port", min=1, max=65535, help="Port on 127.0.0.1."),
+) -> None:
+    """Serve the Streamlit dashboards over RUN_DIR on 127.0.0.1 (read-only, headless)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from dashboards import APP_PATH
+
+    if not (Path(run_dir) / "run.duckdb").is_file():
+        # Not an error: the dashboard can be opened before the run starts and says so.
+        typer.echo(f"note: {run_dir} holds no run.duckdb yet; the dashboard will say so")
+    typer.echo(f"CharacterFlywheel dashboard for {run_dir}: http://127.0.0.1:{port}")
+    command = [
+        sys.executable, "-m", "streamlit", "run", str(APP_PATH),
+        "--server.address", "127.0.0.1", "--server.port", str(port),
+        "--server.headless", "true", "--browser.gatherUsageStats", "false",
+        "--", "--run-dir", str(Path(run_dir).resolve()),
+    ]  # fmt: skip
+    raise typer.Exit(code=subprocess.call(command))
+
+
 if __name__ == "__main__":
     app()

@@ -1,0 +1,303 @@
+"""Altair charts of the dashboard pages; each takes a table from ``dashboards.data``.
+
+Conventions: lifts are relative and shown in percent with their 95% CI as an error bar;
+decisions have one colour everywhere (ship green, hold red, inconclusive amber, gated
+grey); arms have the colours of ``flywheel.ab_report``'s PNG plots.
+"""
+
+from __future__ import annotations
+
+import altair as alt
+import pandas as pd
+
+from flywheel.ab_report import ARM_COLORS
+
+DECISION_COLORS = {
+    "ship": "#2a9d4b",
+    "hold": "#c0392b",
+    "inconclusive": "#e3a21a",
+    "gated": "#8c8c8c",
+}
+DECISION_SCALE = alt.Scale(domain=list(DECISION_COLORS), range=list(DECISION_COLORS.values()))
+ARM_SCALE = alt.Scale(domain=list(ARM_COLORS), range=list(ARM_COLORS.values()))
+STEERABILITY_SCALE = alt.Scale(
+    domain=["instruction_following", "violation_rate"],
+    range=[DECISION_COLORS["ship"], DECISION_COLORS["hold"]],
+)
+METRIC_TITLES = {
+    "breadth": "breadth (share of users active per day)",
+    "depth": "depth (messages per active user-day)",
+    "report_rate": "report rate (per bot reply)",
+    "violation_rate": "violation rate (per bot reply)",
+    "unsafe_rate": "unsafe rate (per bot reply)",
+    "instruction_following": "instruction following",
+}
+
+
+def _percent(frame: pd.DataFrame, columns: tuple[str, ...]) -> pd.DataFrame:
+    out = frame.copy()
+    for column in columns:
+        out[f"{column}_pct"] = out[column] * 100
+    return out
+
+
+def lift_by_generation(lifts: pd.DataFrame) -> alt.FacetChart:
+    """Breadth and depth lift per generation with 95% CIs, coloured by the decision."""
+    frame = _percent(lifts, ("lift", "ci_low", "ci_high"))
+    base = alt.Chart(frame).encode(
+        x=alt.X("generation:O", title="generation", axis=alt.Axis(labelAngle=0)),
+        color=alt.Color("decision:N", scale=DECISION_SCALE, title="decision"),
+        tooltip=[
+            "generation:O",
+            "candidate:N",
+            "metric:N",
+            "decision:N",
+            alt.Tooltip("lift_pct:Q", format="+.2f", title="lift %"),
+            alt.Tooltip("ci_low_pct:Q", format="+.2f", title="CI low %"),
+            alt.Tooltip("ci_high_pct:Q", format="+.2f", title="CI high %"),
+        ],
+    )
+    bars = base.mark_rule(strokeWidth=2).encode(
+        y=alt.Y("ci_low_pct:Q", title="relative lift, % (95% CI)"), y2="ci_high_pct:Q"
+    )
+    points = base.mark_point(filled=True, size=90).encode(
+        y="lift_pct:Q", shape=alt.Shape("decision:N", title="decision")
+    )
+    zero = alt.Chart(frame).mark_rule(color="black", strokeDash=[4, 3]).encode(y=alt.datum(0))
+    return (
+        alt.layer(zero, bars, points)
+        .properties(width=320, height=260)
+        .facet(column=alt.Column("metric:N", title=None))
+    )
+
+
+def steerability_by_generation(rows: pd.DataFrame) -> alt.Chart:
+    """Instruction-following and violation rate per generation, candidate vs its parent."""
+    return (
+        alt.Chart(rows)
+        .mark_line(point=True)
+        .encode(
+            x=alt.X("generation:O", title="generation", axis=alt.Axis(labelAngle=0)),
+            y=alt.Y("value:Q", title="share of replies", scale=alt.Scale(domain=[0, 1])),
+            color=alt.Color("metric:N", scale=STEERABILITY_SCALE, title="metric"),
+            strokeDash=alt.StrokeDash("model:N", title="model"),
+            tooltip=["generation:O", "metric:N", "model:N", alt.Tooltip("value:Q", format=".3f")],
+        )
+        .properties(height=260)
+    )
+
+
+def metric_lifts(metrics: pd.DataFrame) -> alt.LayerChart:
+    """Every metric's lift with its 95% CI: CUPED (coloured) and unadjusted (grey), with
+    the guardrails' non-inferiority margins as black ticks."""
+    frame = _percent(
+        metrics,
+        ("lift", "ci_low", "ci_high", "lift_unadjusted", "ci_low_unadjusted", "ci_high_unadjusted"),
+    )
+    frame["verdict"] = [
+        "no significant change" if not sig else ("better" if good else "worse")
+        for sig, good in zip(frame["significant"], _improved(frame), strict=True)
+    ]
+    frame["margin_pct"] = frame["noninferiority_margin"].astype(float) * 100
+    y = alt.Y("metric:N", title=None, sort=list(frame["metric"]))
+    verdicts = alt.Scale(
+        domain=["better", "worse", "no significant change"],
+        range=[DECISION_COLORS["ship"], DECISION_COLORS["hold"], "#555555"],
+    )
+    adjusted = alt.Chart(frame).encode(y=y)
+    raw = adjusted.mark_rule(color="#bbbbbb", strokeWidth=6, opacity=0.6).encode(
+        x=alt.X("ci_low_unadjusted_pct:Q"), x2="ci_high_unadjusted_pct:Q"
+    )
+    cuped_ci = adjusted.mark_rule(strokeWidth=2).encode(
+        x=alt.X("ci_low_pct:Q", title="relative lift, % (95% CI; grey: without CUPED)"),
+        x2="ci_high_pct:Q",
+        color=alt.Color("verdict:N", scale=verdicts, title="verdict"),
+    )
+    point = adjusted.mark_point(filled=True, size=80).encode(
+        x="lift_pct:Q",
+        color=alt.Color("verdict:N", scale=verdicts),
+        tooltip=[
+            "metric:N",
+            "role:N",
+            "verdict:N",
+            alt.Tooltip("lift_pct:Q", format="+.2f", title="lift %"),
+            alt.Tooltip("ci_low_pct:Q", format="+.2f", title="CI low %"),
+            alt.Tooltip("ci_high_pct:Q", format="+.2f", title="CI high %"),
+            alt.Tooltip("p_value_adjusted:Q", format=".3g", title="adjusted p"),
+        ],
+    )
+    margin = (
+        alt.Chart(frame.dropna(subset=["margin_pct"]))
+        .mark_tick(color="black", thickness=2, size=18)
+        .encode(y=y, x="margin_pct:Q", tooltip=[alt.Tooltip("margin_pct:Q", title="margin %")])
+    )
+    zero = alt.Chart(frame).mark_rule(color="black", strokeDash=[4, 3]).encode(x=alt.datum(0))
+    return alt.layer(zero, raw, cuped_ci, point, margin).properties(height=40 * len(frame) + 40)
+
+
+def _improved(frame: pd.DataFrame) -> list[bool]:
+    # The same rule as flywheel.ab.MetricResult.improved, on the recorded fields.
+    return [
+        (t > c) == bool(h)
+        for t, c, h in zip(
+            frame["treatment"], frame["control"], frame["higher_is_better"], strict=True
+        )
+    ]
+
+
+def cuped_effect(metrics: pd.DataFrame) -> alt.Chart:
+    """Share of each metric's lift variance that CUPED removed."""
+    frame = metrics.assign(reduction_pct=metrics["cuped_variance_reduction"].astype(float) * 100)
+    return (
+        alt.Chart(frame.dropna(subset=["reduction_pct"]))
+        .mark_bar()
+        .encode(
+            x=alt.X("reduction_pct:Q", title="variance removed by CUPED, %"),
+            y=alt.Y("metric:N", title=None, sort=list(frame["metric"])),
+            tooltip=["metric:N", alt.Tooltip("reduction_pct:Q", format=".1f")],
+        )
+        .properties(height=30 * len(frame) + 30)
+    )
+
+
+def daily_curve(curves: pd.DataFrame, metric: str) -> alt.LayerChart:
+    """One metric per arm and day; day 0 is the first test day, pre-period days negative."""
+    line = (
+        alt.Chart(curves)
+        .mark_line(point=True)
+        .encode(
+            x=alt.X(
+                "day:Q",
+                title="day (0 = first test day; negative: pre-period)",
+                axis=alt.Axis(tickMinStep=1),
+            ),
+            y=alt.Y(f"{metric}:Q", title=METRIC_TITLES.get(metric, metric)),
+            color=alt.Color("arm:N", scale=ARM_SCALE, title="arm"),
+            tooltip=["arm:N", "day:Q", "period:N", alt.Tooltip(f"{metric}:Q", format=".4g")],
+        )
+    )
+    start = (
+        alt.Chart(curves).mark_rule(color="#999999", strokeDash=[2, 2]).encode(x=alt.datum(-0.5))
+    )
+    return alt.layer(start, line).properties(height=280)
+
+
+def proxy_gold_scatter(frame: pd.DataFrame, color: str) -> alt.LayerChart:
+    """Reward-model score (proxy) against gold utility (oracle), with a least-squares line."""
+    points = (
+        alt.Chart(frame)
+        .mark_circle(size=45, opacity=0.6)
+        .encode(
+            x=alt.X("proxy:Q", title="reward model score (proxy)"),
+            y=alt.Y("gold:Q", title="gold utility (oracle)"),
+            color=alt.Color(f"{color}:N"),
+            tooltip=[
+                alt.Tooltip("proxy:Q", format=".3f"),
+                alt.Tooltip("gold:Q", format=".3f"),
+                f"{color}:N",
+            ],
+        )
+    )
+    fit = (
+        alt.Chart(frame)
+        .transform_regression("proxy", "gold")
+        .mark_line(color="black", strokeDash=[5, 3])
+        .encode(x="proxy:Q", y="gold:Q")
+    )
+    return alt.layer(points, fit).properties(height=340)
+
+
+def style_correlation_bars(rows: pd.DataFrame, band: float = 0.1) -> alt.LayerChart:
+    """Pearson r of each reward model's score with each style feature (a dot per model);
+    the grey band is |r| <= ``band``, the target of style control."""
+    y = alt.Y("feature:N", title=None)
+    dots = (
+        alt.Chart(rows)
+        .mark_point(filled=True, size=110, opacity=0.85)
+        .encode(
+            x=alt.X(
+                "pearson_r:Q",
+                title="Pearson r (reward vs style feature)",
+                scale=alt.Scale(domain=[-1, 1]),
+            ),
+            y=y,
+            color=alt.Color("model:N", title="reward model"),
+            shape=alt.Shape("model:N", title="reward model"),
+            tooltip=["model:N", "feature:N", alt.Tooltip("pearson_r:Q", format="+.3f"), "n:Q"],
+        )
+    )
+    shade = (
+        alt.Chart(pd.DataFrame({"low": [-band], "high": [band]}))
+        .mark_rect(color="#dddddd", opacity=0.6)
+        .encode(x="low:Q", x2="high:Q")
+    )
+    zero = alt.Chart(rows).mark_rule(color="black", strokeDash=[4, 3]).encode(x=alt.datum(0))
+    return alt.layer(shade, zero, dots).properties(height=max(120, 45 * rows["feature"].nunique()))
+
+
+def bon_curve(table: pd.DataFrame) -> alt.LayerChart:
+    """Best-of-n: proxy and gold gain over n = 1 against sqrt(KL), with +-1 s.e."""
+    rows = []
+    for column, label in (("proxy", "proxy reward (reward model)"), ("gold", "gold utility")):
+        part = table[["n", "sqrt_kl"]].copy()
+        part["curve"] = label
+        part["gain"] = table[f"{column}_gain"]
+        part["low"] = table[f"{column}_gain_low"]
+        part["high"] = table[f"{column}_gain_high"]
+        rows.append(part)
+    frame = pd.concat(rows, ignore_index=True)
+    curves = alt.Scale(
+        domain=["proxy reward (reward model)", "gold utility"], range=["#DD8452", "#4C72B0"]
+    )
+    base = alt.Chart(frame).encode(
+        x=alt.X("sqrt_kl:Q", title="sqrt(KL) = sqrt(log n - (n-1)/n)"),
+        color=alt.Color("curve:N", scale=curves, title=None),
+    )
+    line = base.mark_line(point=True).encode(
+        y=alt.Y("gain:Q", title="gain over n = 1 (sd of n = 1 samples)"),
+        tooltip=["curve:N", "n:Q", alt.Tooltip("gain:Q", format="+.3f")],
+    )
+    errors = base.mark_rule().encode(y="low:Q", y2="high:Q")
+    return alt.layer(errors, line).properties(height=320)
+
+
+def style_histogram(frame: pd.DataFrame, column: str, group: str) -> alt.Chart:
+    """Distribution of a style feature per group, each group's bars summing to 1."""
+    return (
+        alt.Chart(frame.dropna(subset=[column]))
+        .transform_joinaggregate(total="count()", groupby=[group])
+        .transform_bin(["bin_start", "bin_end"], field=column, bin=alt.Bin(maxbins=20))
+        .transform_aggregate(
+            count="count()", total="max(total)", groupby=["bin_start", "bin_end", group]
+        )
+        .transform_calculate(share="datum.count / datum.total")
+        .mark_bar(opacity=0.55)
+        .encode(
+            x=alt.X("bin_start:Q", title=column, bin="binned"),
+            x2="bin_end:Q",
+            y=alt.Y("share:Q", title="share of replies", stack=None),
+            color=alt.Color(
+                f"{group}:N", title=group, scale=ARM_SCALE if group == "arm" else alt.Undefined
+            ),
+            tooltip=[f"{group}:N", alt.Tooltip("share:Q", format=".2f")],
+        )
+        .properties(height=260)
+    )
+
+
+def style_comparison(rows: pd.DataFrame) -> alt.FacetChart:
+    """Candidate vs parent on each style statistic, side by side, one scale per statistic."""
+    models = alt.Scale(domain=["candidate", "parent"], range=["#DD8452", "#4C72B0"])
+    return (
+        alt.Chart(rows)
+        .mark_bar()
+        .encode(
+            x=alt.X("model:N", title=None, axis=alt.Axis(labelAngle=0)),
+            y=alt.Y("value:Q", title=None),
+            color=alt.Color("model:N", scale=models, title=None),
+            tooltip=["statistic:N", "model:N", alt.Tooltip("value:Q", format=".3f")],
+        )
+        .properties(width=160, height=220)
+        .facet(column=alt.Column("statistic:N", title=None))
+        .resolve_scale(y="independent")
+    )

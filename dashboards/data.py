@@ -1,0 +1,714 @@
+"""Cached, read-only loaders over a run directory, shared by every dashboard page.
+
+A run directory (``GENERATIONS_CONTRACT.md``) holds ``run.duckdb`` (``flywheel.store``),
+``generations.json`` and ``artifacts/``. The dashboard never writes to it:
+
+- the store is opened with ``RunStore(read_only=True)`` for each cached read and closed
+  again at once, so a dashboard left open never holds DuckDB's file lock against the
+  generation loop that writes the run;
+- cached reads (``st.cache_data``) are keyed by the run's *version* (modification time and
+  size of the database, its write-ahead log and ``generations.json``), so a page shows new
+  days and generations on the next rerun, and repeats nothing in between;
+- reward models are loaded once per folder (``st.cache_resource``).
+
+Analysis is not written here: lifts, CUPED and SRM come from ``flywheel.ab``, daily curves
+from ``flywheel.metrics``, steerability from ``rewards.steerability``, reward-model
+correlations from ``flywheel.rm_eval`` and ``rewards.style_control``, style profiles and
+style-shift checks from ``flywheel.style_regression``. This module finds the recorded
+results, recomputes them with those functions when a run did not record them, and shapes
+them into tables for the pages.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from flywheel.store import ARTIFACTS_DIR, DB_FILE, SCHEMA_VERSION, RunStore
+
+RUN_DIR_ENV = "FLYWHEEL_RUN_DIR"
+RUN_DIR_KEY = "run_dir"  # st.session_state key of the run directory
+GENERATIONS_FILE = "generations.json"
+GENERATIONS_SCHEMA_VERSION = 1
+AB_RESULT_FILE = "result.json"
+RM_EVAL_FILE = "rm_eval.json"
+RM_META_FILE = "reward_model.json"
+BON_FILES = ("bon.json", "sweep.json")  # contract name, and what `flywheel bon` writes
+BON_CANDIDATES_FILE = "candidates.parquet"
+SUCCESS_METRICS = ("breadth", "depth")
+# Display format of the rate columns of rewards.steerability tables.
+RATE_COLUMNS = {
+    column: st.column_config.NumberColumn(format="%.3f")
+    for column in (
+        "following_rate",
+        "following_low",
+        "following_high",
+        "violation_rate",
+        "violation_low",
+        "violation_high",
+    )
+}
+STEERABILITY_COLUMNS = ("character", "follows_all", "violates_any")
+
+
+class RunUnavailable(Exception):
+    """The run cannot be shown; ``title`` and the message say why and what to do."""
+
+    def __init__(self, title: str, message: str) -> None:
+        super().__init__(message)
+        self.title = title
+
+
+# ---------------------------------------------------------------------------- which run
+def run_dir_from_argv(argv: list[str] | None = None) -> str | None:
+    """``--run-dir PATH`` from the script's arguments (``streamlit run app.py -- --run-dir``)."""
+    args = sys.argv[1:] if argv is None else argv
+    for i, arg in enumerate(args):
+        if arg == "--run-dir" and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith("--run-dir="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def default_run_dir() -> str:
+    """The run to open first: ``--run-dir``, else ``$FLYWHEEL_RUN_DIR``, else empty."""
+    return run_dir_from_argv() or os.environ.get(RUN_DIR_ENV, "")
+
+
+def current_run_dir() -> str:
+    """The run directory the session looks at (the sidebar field edits it)."""
+    if RUN_DIR_KEY not in st.session_state:
+        st.session_state[RUN_DIR_KEY] = default_run_dir()
+    return str(st.session_state[RUN_DIR_KEY]).strip()
+
+
+def run_version(run_dir: str) -> str:
+    """Changes whenever the run's files change: the cache key of every read."""
+    root = Path(run_dir)
+    parts = []
+    for name in (DB_FILE, DB_FILE + ".wal", GENERATIONS_FILE):
+        path = root / name
+        if path.exists():
+            stat = path.stat()
+            parts.append(f"{name}:{stat.st_mtime_ns}:{stat.st_size}")
+    return "|".join(parts)
+
+
+def check_run(run_dir: str) -> tuple[str, str] | None:
+    """(title, message) when the run cannot be opened, None when it can.
+
+    Not cached: opening read-only takes milliseconds, and a lock held by a writer must be
+    noticed again as soon as the writer lets go.
+    """
+    if not run_dir:
+        return (
+            "No run selected",
+            "Pass a run directory: `flywheel dashboard RUN_DIR`, or type its path in the "
+            "sidebar. A run directory holds `run.duckdb` (written by `flywheel ab` or "
+            "`flywheel run`).",
+        )
+    root = Path(run_dir)
+    if not root.is_dir():
+        return (
+            "Run directory not found",
+            f"`{run_dir}` does not exist. Check the path, or start a run there with "
+            "`flywheel run SCENARIO --out RUN_DIR`.",
+        )
+    if not (root / DB_FILE).is_file():
+        return (
+            "No run store in this directory",
+            f"`{root / DB_FILE}` does not exist: no run has started in `{run_dir}` yet. "
+            "Start one with `flywheel run SCENARIO --out RUN_DIR` (or `flywheel ab`).",
+        )
+    try:
+        RunStore(root, read_only=True).close()
+    except RuntimeError as err:
+        # flywheel.store refuses another schema version with a message naming both.
+        return (
+            "Run store from another version",
+            f"{err}. This dashboard reads run-store schema version {SCHEMA_VERSION}; open "
+            "the run with the release that wrote it, or rerun the scenario into a new "
+            "directory.",
+        )
+    except Exception as err:  # duckdb raises its own IOException for a held lock
+        if "lock" in str(err).lower():
+            return (
+                "Run store is being written",
+                f"Another process holds `{root / DB_FILE}` for writing (a running "
+                "`flywheel run` or `flywheel ab`); DuckDB lets no reader in meanwhile. "
+                f"Reload this page when the step finishes. ({err})",
+            )
+        return ("Run store cannot be read", f"`{root / DB_FILE}`: {err}")
+    return None
+
+
+def require_run() -> str:
+    """The current run directory, or render a clear page and stop when it cannot be read."""
+    run_dir = current_run_dir()
+    problem = check_run(run_dir)
+    if problem is not None:
+        title, message = problem
+        st.error(f"**{title}**", icon=":material/block:")
+        st.markdown(message)
+        st.stop()
+    return run_dir
+
+
+# ---------------------------------------------------------------------------- store reads
+@st.cache_data(show_spinner=False)
+def _read(run_dir: str, version: str, method: str, experiment_id: str | None) -> pd.DataFrame:
+    with RunStore(run_dir, read_only=True) as store:
+        return getattr(store, method)(experiment_id)
+
+
+@st.cache_data(show_spinner=False)
+def _experiments(run_dir: str, version: str) -> pd.DataFrame:
+    with RunStore(run_dir, read_only=True) as store:
+        frame = store.experiments()
+        logged = store.read_days()
+    if frame.empty:
+        return frame
+    committed = logged.groupby("experiment_id")["day"].count()
+    frame["days_committed"] = frame["experiment_id"].map(committed).fillna(0).astype(int)
+    frame["finished"] = frame["finished_at"].notna()
+    frame["treatment_share"] = [design_share(c) for c in frame["config"]]
+    return frame
+
+
+def experiments(run_dir: str) -> pd.DataFrame:
+    """The experiments table, with each experiment's committed days and designed share."""
+    return _experiments(run_dir, run_version(run_dir))
+
+
+def design_share(config: Any) -> float | None:
+    """The designed treatment share in an experiment's stored config, if it records one."""
+    if not isinstance(config, dict):
+        return None
+    for holder in (config.get("scenario", {}), config):
+        traffic = holder.get("traffic") if isinstance(holder, dict) else None
+        if isinstance(traffic, dict) and "treatment_share" in traffic:
+            return float(traffic["treatment_share"])
+    return None
+
+
+def sessions(run_dir: str, experiment_id: str) -> pd.DataFrame:
+    """One experiment's sessions."""
+    return _read(run_dir, run_version(run_dir), "read_sessions", experiment_id)
+
+
+def turns(run_dir: str, experiment_id: str) -> pd.DataFrame:
+    """One experiment's turns (``features`` and ``checks`` as dicts)."""
+    return _read(run_dir, run_version(run_dir), "read_turns", experiment_id)
+
+
+def days(run_dir: str, experiment_id: str) -> pd.DataFrame:
+    """One experiment's per-day progress rows."""
+    return _read(run_dir, run_version(run_dir), "read_days", experiment_id)
+
+
+@st.cache_data(show_spinner=False)
+def _analysis_table(run_dir: str, version: str, experiment_id: str) -> pd.DataFrame:
+    with RunStore(run_dir, read_only=True) as store:
+        return store.analysis_table(experiment_id)
+
+
+def analysis_table(run_dir: str, experiment_id: str) -> pd.DataFrame:
+    """The experiment's user-day table in ``flywheel.metrics``' format."""
+    return _analysis_table(run_dir, run_version(run_dir), experiment_id)
+
+
+def ab_experiments(run_dir: str) -> list[str]:
+    """Experiments with at least one test day: the ones an A/B analysis can read."""
+    frame = _read(run_dir, run_version(run_dir), "read_days", None)
+    if frame.empty:
+        return []
+    tested = frame.loc[frame["period"] == "test", "experiment_id"]
+    return sorted(tested.unique().tolist())
+
+
+# ---------------------------------------------------------------------------- A/B
+@dataclass(frozen=True)
+class ABView:
+    """An experiment's A/B result as the dashboard shows it.
+
+    ``result`` has the shape of ``flywheel.ab.ABResult.to_dict()``; ``source`` says where
+    it came from (the run's record, or computed here by ``flywheel.ab.analyze``).
+    """
+
+    experiment_id: str
+    result: dict[str, Any]
+    source: str
+
+    @property
+    def metrics(self) -> pd.DataFrame:
+        """One row per metric, success metrics first: the fields of ``MetricResult``.
+
+        Stored JSON loses the analysis' metric order (the run store sorts keys), so the
+        success family comes first, then the guardrails, each in name order.
+        """
+        rows = [{"metric": name, **values} for name, values in self.result["metrics"].items()]
+        frame = pd.DataFrame(rows)
+        frame = frame.replace({None: np.nan})
+        order = frame["role"].map({"success": 0, "guardrail": 1}).fillna(2)
+        return frame.assign(_order=order).sort_values(["_order", "metric"]).drop(columns="_order")
+
+
+def _is_ab_result(value: Any) -> bool:
+    return (
+        isinstance(value, dict) and isinstance(value.get("metrics"), dict) and ("decision" in value)
+    )
+
+
+@st.cache_data(show_spinner="Analysing the A/B test with flywheel.ab ...")
+def _ab_view(run_dir: str, version: str, experiment_id: str) -> ABView:
+    with RunStore(run_dir, read_only=True) as store:
+        recorded = store.read_table("analyses", experiment_id)
+        config = store.experiments().set_index("experiment_id")["config"].get(experiment_id)
+    if len(recorded):
+        recorded = recorded.sort_values("created_at")
+        for row in recorded.iloc[::-1].itertuples(index=False):
+            if _is_ab_result(row.result):
+                return ABView(experiment_id, row.result, f"recorded in the run store ({row.name})")
+    from flywheel.ab import AnalysisConfig, analyze
+
+    share = design_share(config)
+    analysis_config = AnalysisConfig() if share is None else AnalysisConfig(treatment_share=share)
+    result = analyze(analysis_table(run_dir, experiment_id), analysis_config).to_dict()
+    note = "" if share is not None else " (designed treatment share not recorded: SRM vs 50%)"
+    return ABView(
+        experiment_id, result, "computed by the dashboard with flywheel.ab.analyze" + note
+    )
+
+
+def ab_view(run_dir: str, experiment_id: str) -> ABView:
+    """The recorded A/B result of ``experiment_id``, or one computed by ``flywheel.ab``."""
+    return _ab_view(run_dir, run_version(run_dir), experiment_id)
+
+
+@st.cache_data(show_spinner=False)
+def _daily(run_dir: str, version: str, experiment_id: str) -> pd.DataFrame:
+    from flywheel.metrics import daily_curves
+
+    return daily_curves(analysis_table(run_dir, experiment_id))
+
+
+def daily(run_dir: str, experiment_id: str) -> pd.DataFrame:
+    """Per arm and day: breadth, depth and guardrail rates (``flywheel.metrics.daily_curves``)."""
+    return _daily(run_dir, run_version(run_dir), experiment_id)
+
+
+# ---------------------------------------------------------------------------- generations
+@st.cache_data(show_spinner=False)
+def _generations(run_dir: str, version: str) -> dict[str, Any] | None:
+    path = Path(run_dir) / GENERATIONS_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise RunUnavailable(
+            "generations.json is not valid JSON",
+            f"`{path}`: {err}. The loop rewrites it atomically, so this is a damaged file; "
+            "rerun `flywheel report RUN_DIR` or the last generation.",
+        ) from err
+    version_seen = data.get("schema_version") if isinstance(data, dict) else None
+    if version_seen != GENERATIONS_SCHEMA_VERSION:
+        raise RunUnavailable(
+            "generations.json from another version",
+            f"`{path}` has schema_version {version_seen!r}; this dashboard reads version "
+            f"{GENERATIONS_SCHEMA_VERSION}. Open the run with the release that wrote it.",
+        )
+    return data
+
+
+def generations(run_dir: str) -> dict[str, Any] | None:
+    """``generations.json`` (None when the loop has not written one).
+
+    Raises:
+        RunUnavailable: the file is damaged or from another schema version.
+    """
+    return _generations(run_dir, run_version(run_dir))
+
+
+def _num(value: Any) -> float:
+    return (
+        float(value) if isinstance(value, int | float) and not isinstance(value, bool) else np.nan
+    )
+
+
+def generation_table(data: dict[str, Any]) -> pd.DataFrame:
+    """One row per generation: candidate, recipe, offline metrics, lifts, decision."""
+    rows = []
+    for gen in data.get("generations", []):
+        offline = gen.get("offline") or {}
+        ab = gen.get("ab") or {}
+        metrics = ab.get("metrics") or {}
+        gates = gen.get("gates") or []
+        row = {
+            "generation": gen.get("generation"),
+            "candidate": gen.get("candidate"),
+            "recipe": gen.get("recipe"),
+            "parent": gen.get("parent"),
+            "rm_win_rate": _num(offline.get("rm_win_rate")),
+            "rm_win_rate_sc": _num(offline.get("rm_win_rate_style_controlled")),
+            "instruction_following": _num(offline.get("instruction_following")),
+            "violation_rate": _num(offline.get("violation_rate")),
+            "gates_failed": ", ".join(g.get("name", "?") for g in gates if not g.get("passed")),
+        }
+        for metric in SUCCESS_METRICS:
+            values = metrics.get(metric) or {}
+            row[f"{metric}_lift"] = _num(values.get("lift"))
+            row[f"{metric}_ci_low"] = _num(values.get("ci_low"))
+            row[f"{metric}_ci_high"] = _num(values.get("ci_high"))
+        row["decision"] = gen.get("decision")
+        row["reason"] = gen.get("reason")
+        row["deployed_after"] = gen.get("deployed_after")
+        row["ab_experiment_id"] = gen.get("ab_experiment_id")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _pct(value: float) -> str:
+    return f"{value:+.1%}" if np.isfinite(value) else "n/a"
+
+
+def _rate(value: float, digits: int = 3) -> str:
+    return f"{value:.{digits}f}" if np.isfinite(value) else "n/a"
+
+
+def generation_display(table: pd.DataFrame) -> pd.DataFrame:
+    """The generation table as text, one column per figure of the report's table:
+    lifts as ``+x.x% [low, high]``, n/a where a generation has no such figure."""
+    out = pd.DataFrame(
+        {
+            "gen": table["generation"].astype(str),
+            "candidate": table["candidate"],
+            "recipe": table["recipe"],
+            "parent": table["parent"],
+            "RM win (raw / style-ctl)": [
+                f"{_rate(a, 2)} / {_rate(b, 2)}"
+                for a, b in zip(table["rm_win_rate"], table["rm_win_rate_sc"], strict=True)
+            ],
+            "instr. following": [_rate(v) for v in table["instruction_following"]],
+            "violations": [_rate(v) for v in table["violation_rate"]],
+        }
+    )
+    for metric in SUCCESS_METRICS:
+        out[f"{metric} lift [95% CI]"] = [
+            "n/a" if not np.isfinite(lift) else f"{_pct(lift)} [{_pct(low)}, {_pct(high)}]"
+            for lift, low, high in zip(
+                table[f"{metric}_lift"],
+                table[f"{metric}_ci_low"],
+                table[f"{metric}_ci_high"],
+                strict=True,
+            )
+        ]
+    out["decision"] = table["decision"].astype(str).str.upper()
+    out["failed gates"] = table["gates_failed"]
+    return out
+
+
+def lift_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """Long form of the success-metric lifts per generation (one row per metric), for plots."""
+    rows = []
+    for row in table.itertuples(index=False):
+        for metric in SUCCESS_METRICS:
+            lift = getattr(row, f"{metric}_lift")
+            if np.isfinite(lift):
+                rows.append(
+                    {
+                        "generation": row.generation,
+                        "candidate": row.candidate,
+                        "metric": metric,
+                        "lift": lift,
+                        "ci_low": getattr(row, f"{metric}_ci_low"),
+                        "ci_high": getattr(row, f"{metric}_ci_high"),
+                        "decision": row.decision,
+                    }
+                )
+    return pd.DataFrame(
+        rows, columns=["generation", "candidate", "metric", "lift", "ci_low", "ci_high", "decision"]
+    )
+
+
+def steerability_rows(data: dict[str, Any]) -> pd.DataFrame:
+    """Instruction following and violations per generation, candidate and parent (long)."""
+    rows = []
+    for gen in data.get("generations", []):
+        offline = gen.get("offline") or {}
+        for who, prefix in (("candidate", ""), ("parent", "parent_")):
+            for metric in ("instruction_following", "violation_rate"):
+                value = _num(offline.get(prefix + metric))
+                if np.isfinite(value):
+                    rows.append(
+                        {
+                            "generation": gen.get("generation"),
+                            "model": who,
+                            "metric": metric,
+                            "value": value,
+                            "decision": gen.get("decision"),
+                        }
+                    )
+    return pd.DataFrame(rows, columns=["generation", "model", "metric", "value", "decision"])
+
+
+def gates_table(gen: dict[str, Any]) -> pd.DataFrame:
+    """A generation's offline gates: name, passed, value, threshold, reason."""
+    rows = [
+        {k: g.get(k) for k in ("name", "passed", "value", "threshold", "reason")}
+        for g in gen.get("gates") or []
+    ]
+    return pd.DataFrame(rows, columns=["name", "passed", "value", "threshold", "reason"])
+
+
+@st.cache_data(show_spinner=False)
+def _steerability_by_policy(run_dir: str, version: str, experiment_id: str) -> pd.DataFrame:
+    from rewards.steerability import OVERALL, steerability
+
+    logged = turns(run_dir, experiment_id)
+    frames = []
+    for (period, arm, policy), group in logged.groupby(["period", "arm", "policy"]):
+        table = steerability(group[list(STEERABILITY_COLUMNS)]).table
+        overall = table[table["group"] == OVERALL].drop(columns="group")
+        frames.append(overall.assign(period=period, arm=arm, policy=policy))
+    if not frames:
+        return pd.DataFrame()
+    table = pd.concat(frames, ignore_index=True)
+    first = ["period", "arm", "policy"]
+    return table[first + [c for c in table.columns if c not in first]]
+
+
+def steerability_by_policy(run_dir: str, experiment_id: str) -> pd.DataFrame:
+    """Logged steerability per period, arm and serving policy (``rewards.steerability``)."""
+    return _steerability_by_policy(run_dir, run_version(run_dir), experiment_id)
+
+
+# ---------------------------------------------------------------------------- artifacts
+def _artifacts(run_dir: str) -> Path:
+    return Path(run_dir) / ARTIFACTS_DIR
+
+
+def _label(run_dir: str, path: Path) -> str:
+    return str(path.relative_to(run_dir))
+
+
+@st.cache_data(show_spinner=False)
+def _json_files(run_dir: str, version: str, names: tuple[str, ...]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in names:
+        for path in sorted(Path(run_dir).rglob(name)):
+            try:
+                out[_label(run_dir, path)] = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError) as err:
+                out[_label(run_dir, path)] = {"error": f"{path}: {err}"}
+    return out
+
+
+def _artifact_version(run_dir: str) -> str:
+    # Artifacts are written before the database commit that records their step, so the
+    # run's version also moves when they do; the folder listing catches files added later.
+    root = _artifacts(run_dir)
+    count = sum(1 for _ in root.rglob("*")) if root.is_dir() else 0
+    return f"{run_version(run_dir)}|{count}"
+
+
+def rm_evals(run_dir: str) -> dict[str, dict[str, Any]]:
+    """Every ``rm_eval.json`` in the run (``flywheel.rm_eval``'s report), by relative path."""
+    return _json_files(run_dir, _artifact_version(run_dir), (RM_EVAL_FILE,))
+
+
+def reward_models(run_dir: str) -> dict[str, dict[str, Any]]:
+    """Every saved reward-model folder in the run: relative folder -> its metadata."""
+    found = _json_files(run_dir, _artifact_version(run_dir), (RM_META_FILE,))
+    return {str(Path(k).parent): v for k, v in found.items()}
+
+
+def bon_sweeps(run_dir: str) -> dict[str, dict[str, Any]]:
+    """Every recorded best-of-n sweep (``bon.json`` / ``sweep.json``), by relative path."""
+    found = _json_files(run_dir, _artifact_version(run_dir), BON_FILES)
+    return {k: v for k, v in found.items() if isinstance(v.get("table"), list)}
+
+
+def ab_result_files(run_dir: str) -> dict[str, dict[str, Any]]:
+    """Every A/B ``result.json`` written next to a report, by relative path."""
+    found = _json_files(run_dir, _artifact_version(run_dir), (AB_RESULT_FILE,))
+    return {k: v for k, v in found.items() if _is_ab_result(v)}
+
+
+def rm_eval_table(evals: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    """One row per ``rm_eval.json``: model, accuracy, gold correlation, style |r|."""
+    rows = []
+    for path, report in evals.items():
+        gold = (report.get("gold_correlation") or {}).get("turns") or {}
+        accuracy = report.get("pairwise_accuracy") or {}
+        calibration = report.get("calibration") or {}
+        engaged = calibration.get("engaged") or next(iter(calibration.values()), {})
+        rows.append(
+            {
+                "file": path,
+                "model": report.get("model"),
+                "style_controlled": report.get("style_controlled"),
+                "pairwise_accuracy": _num(accuracy.get("accuracy")),
+                "auc": _num(engaged.get("auc")),
+                "gold_pearson_r": _num(gold.get("pearson_r")),
+                "gold_spearman_rho": _num(gold.get("spearman_rho")),
+                "max_abs_style_r": _num(report.get("max_abs_style_r")),
+                "n_test_turns": report.get("n_test_turns"),
+                "train_seconds": _num(report.get("train_seconds")),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def style_correlation_rows(evals: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    """Long form of each report's reward-vs-style correlations (Pearson r per feature)."""
+    rows = []
+    for path, report in evals.items():
+        for feature, values in (report.get("style_correlations") or {}).items():
+            r = _num((values or {}).get("pearson_r"))
+            rows.append(
+                {
+                    "model": report.get("model") or path,
+                    "feature": feature,
+                    "pearson_r": r,
+                    "spearman_rho": _num((values or {}).get("spearman_rho")),
+                    "n": (values or {}).get("n"),
+                }
+            )
+    return pd.DataFrame(rows, columns=["model", "feature", "pearson_r", "spearman_rho", "n"])
+
+
+def bon_table(sweep: dict[str, Any]) -> pd.DataFrame:
+    """A sweep's rows (n, kl, sqrt_kl, proxy, gold, standard errors) as recorded by
+    ``training.rejection.SweepResult``, plus both curves as gain over n = 1 in n = 1
+    standard deviations (the scale of ``SweepResult.plot``)."""
+    table = pd.DataFrame(sweep["table"]).sort_values("n").reset_index(drop=True)
+    if "sqrt_kl" not in table and "kl" in table:
+        table["sqrt_kl"] = np.sqrt(table["kl"])
+    for column in ("proxy", "gold"):
+        scale = _num(sweep.get(f"{column}_sd"))
+        scale = scale if np.isfinite(scale) and scale > 0 else 1.0
+        table[f"{column}_gain"] = (table[column] - table[column].iloc[0]) / scale
+        se = table.get(f"{column}_se", 0.0)
+        table[f"{column}_gain_low"] = table[f"{column}_gain"] - se / scale
+        table[f"{column}_gain_high"] = table[f"{column}_gain"] + se / scale
+    return table
+
+
+def bon_candidates(run_dir: str, sweep_path: str) -> pd.DataFrame | None:
+    """The scored samples next to a sweep (proxy and gold per reply), if recorded."""
+    path = Path(run_dir) / sweep_path
+    file = path.parent / BON_CANDIDATES_FILE
+    return _parquet(str(file), _artifact_version(run_dir)) if file.is_file() else None
+
+
+@st.cache_data(show_spinner=False)
+def _parquet(path: str, version: str) -> pd.DataFrame:
+    return pd.read_parquet(path)
+
+
+@st.cache_resource(show_spinner="Loading the reward model ...")
+def reward_model(folder: str) -> Any:
+    """A saved reward model (``rewards.rm.base.load_reward_model``), loaded once."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from rewards.rm.base import load_reward_model
+
+    return load_reward_model(folder)
+
+
+@st.cache_data(show_spinner="Scoring logged replies with the reward model ...")
+def _proxy_vs_gold(
+    run_dir: str, version: str, model_folder: str, experiment_id: str, n: int, seed: int
+) -> tuple[pd.DataFrame, dict[str, Any], pd.DataFrame]:
+    from flywheel.rm_eval import gold_correlation
+    from rewards.style_control import style_correlations
+
+    logged = turns(run_dir, experiment_id)
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.choice(len(logged), size=min(n, len(logged)), replace=False))
+    sample = logged.iloc[pick]
+    model = reward_model(str(Path(run_dir) / model_folder))
+    contexts = sample["user_message"].astype(str).tolist()
+    replies = sample["bot_reply"].astype(str).tolist()
+    scores = model.score(contexts, replies)
+    frame = pd.DataFrame(
+        {
+            "proxy": scores,
+            "gold": sample["gold_satisfaction"].to_numpy(dtype=float),
+            "words": [f.get("words", np.nan) for f in sample["features"]],
+            "emoji": [f.get("emoji", np.nan) for f in sample["features"]],
+            "arm": sample["arm"].to_numpy(),
+            "character": sample["character"].to_numpy(),
+            "context": contexts,
+            "reply": replies,
+        }
+    )
+    correlation = gold_correlation(scores, frame["gold"].to_numpy()).to_dict()
+    styles = pd.DataFrame([c.to_dict() for c in style_correlations(scores, replies).values()])
+    return frame, correlation, styles
+
+
+def proxy_vs_gold(
+    run_dir: str, model_folder: str, experiment_id: str, n: int, seed: int = 0
+) -> tuple[pd.DataFrame, dict[str, Any], pd.DataFrame]:
+    """Score ``n`` logged replies (seeded sample) with a reward model next to their gold
+    utility (the ORACLE the store keeps for evaluation): the scatter's rows, the
+    ``flywheel.rm_eval.gold_correlation`` and ``rewards.style_control.style_correlations``."""
+    return _proxy_vs_gold(run_dir, run_version(run_dir), model_folder, experiment_id, n, seed)
+
+
+# ---------------------------------------------------------------------------- style
+def style_frame(logged: pd.DataFrame) -> pd.DataFrame:
+    """Per reply: period, arm, policy, character, words, emoji, ends_with_question."""
+    features = pd.DataFrame(list(logged["features"]), index=logged.index)
+    frame = logged[["period", "arm", "policy", "character"]].copy()
+    for column in ("words", "emoji", "ends_with_question", "question_marks"):
+        frame[column] = features.get(column, np.nan)
+    return frame
+
+
+@st.cache_data(show_spinner=False)
+def _style_profiles(run_dir: str, version: str, experiment_id: str) -> pd.DataFrame:
+    from flywheel.style_regression import style_profile
+
+    logged = turns(run_dir, experiment_id)
+    rows = []
+    for (period, arm, policy), group in logged.groupby(["period", "arm", "policy"]):
+        rows.append(
+            {
+                "period": period,
+                "arm": arm,
+                "policy": policy,
+                "replies": len(group),
+                **style_profile(group["bot_reply"].astype(str).tolist()),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def style_profiles(run_dir: str, experiment_id: str) -> pd.DataFrame:
+    """Mean words, emoji rate and question rate of logged replies per period, arm and
+    policy (``flywheel.style_regression.style_profile``)."""
+    return _style_profiles(run_dir, run_version(run_dir), experiment_id)
+
+
+# ---------------------------------------------------------------------------- conversations
+OUTCOMES = ("left", "reported", "turn cap")
+
+
+def session_outcomes(frame: pd.DataFrame) -> pd.Series:
+    """How each session ended: reported, hit the turn cap, or the user left."""
+    reported = frame["reported"].astype(bool)
+    capped = ~frame["ended_by_user"].astype(bool)
+    return pd.Series(
+        np.where(reported, "reported", np.where(capped, "turn cap", "left")), index=frame.index
+    )

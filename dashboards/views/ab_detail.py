@@ -1,0 +1,145 @@
+"""A/B detail: daily curves per arm, lift with CIs per metric, CUPED, SRM, guardrails."""
+
+from __future__ import annotations
+
+import numpy as np
+import streamlit as st
+
+from dashboards import charts, data
+
+DAILY_METRICS = ("breadth", "depth", "report_rate", "violation_rate", "unsafe_rate")
+DECISION_BOX = {"ship": st.success, "hold": st.error}
+
+run_dir = data.require_run()
+st.title("A/B detail")
+
+experiments = data.ab_experiments(run_dir)
+if not experiments:
+    st.info(
+        "No experiment in this run has a committed test day yet, so there is no A/B test to "
+        "show. Days appear here as the traffic model commits them."
+    )
+    st.stop()
+experiment_id = st.selectbox("Experiment", experiments, key="ab_experiment")
+view = data.ab_view(run_dir, experiment_id)
+result = view.result
+metrics = view.metrics
+
+decision = str(result.get("decision", "?"))
+DECISION_BOX.get(decision, st.warning)(
+    f"**Decision: {decision.upper()}**: {result.get('reason', '')}"
+)
+st.caption(
+    f"{result.get('n_users')} users, {result.get('n_test_days')} test days, "
+    f"{result.get('n_pre_days')} pre-period days; alpha {result.get('alpha')}, "
+    f"{result.get('correction')} correction per metric family, CUPED "
+    f"{'on' if result.get('cuped') else 'off'}. Result {view.source}."
+)
+
+st.subheader("Sample ratio")
+srm = result.get("srm") or {}
+srm_text = (
+    f"{srm.get('n_control')} control / {srm.get('n_treatment')} treatment users; designed "
+    f"treatment share {srm.get('expected_treatment_share', float('nan')):.1%}; chi-square "
+    f"p = {result.get('srm_p_value', float('nan')):.3g}"
+)
+if srm.get("flagged"):
+    st.error(f"**Sample ratio mismatch**: {srm_text}. Find the assignment or logging bug first.")
+else:
+    st.success(f"No sample ratio mismatch: {srm_text}.")
+
+st.subheader("Lift per metric")
+st.altair_chart(charts.metric_lifts(metrics), width="stretch")
+st.dataframe(
+    metrics[
+        [
+            "metric",
+            "role",
+            "control",
+            "treatment",
+            "lift",
+            "ci_low",
+            "ci_high",
+            "p_value",
+            "p_value_adjusted",
+            "significant",
+            "cuped_variance_reduction",
+            "mde",
+        ]
+    ],
+    hide_index=True,
+    width="stretch",
+    column_config={
+        **{
+            c: st.column_config.NumberColumn(c, format="percent")
+            for c in ("lift", "ci_low", "ci_high", "cuped_variance_reduction", "mde")
+        },
+        "control": st.column_config.NumberColumn(format="%.4g"),
+        "treatment": st.column_config.NumberColumn(format="%.4g"),
+        "p_value": st.column_config.NumberColumn("p", format="%.3g"),
+        "p_value_adjusted": st.column_config.NumberColumn("p adj.", format="%.3g"),
+    },
+)
+
+st.subheader("CUPED")
+left, right = st.columns(2)
+with left:
+    st.altair_chart(charts.cuped_effect(metrics), width="stretch")
+with right:
+    cuped = metrics[
+        [
+            "metric",
+            "lift_unadjusted",
+            "ci_low_unadjusted",
+            "ci_high_unadjusted",
+            "lift",
+            "ci_low",
+            "ci_high",
+            "cuped_theta",
+        ]
+    ]
+    st.dataframe(
+        cuped,
+        hide_index=True,
+        width="stretch",
+        column_config={
+            c: st.column_config.NumberColumn(c, format="percent")
+            for c in cuped.columns
+            if c not in ("metric", "cuped_theta")
+        },
+    )
+    st.caption(
+        "CUPED adjusts each metric with its own pre-period value (theta pooled over both "
+        "arms); the narrower CI is the variance it removed."
+    )
+
+st.subheader("Guardrails")
+guardrails = metrics[metrics["role"] == "guardrail"]
+if guardrails.empty:
+    st.info("This analysis has no guardrail metrics.")
+else:
+    columns = st.columns(len(guardrails))
+    for column, row in zip(columns, guardrails.itertuples(index=False), strict=True):
+        measured = row.lift is not None and np.isfinite(row.lift)
+        verdict = "non-inferior" if row.noninferior else "NOT shown non-inferior"
+        column.metric(
+            row.metric,
+            f"{row.treatment:.4f}",
+            f"{row.lift:+.1%} vs control" if measured else None,
+            delta_color="inverse",
+            help=f"control {row.control:.4f}; "
+            + (f"CI up to {row.ci_high:+.1%}; " if measured else "no events in either arm; ")
+            + f"margin +{row.noninferiority_margin:.0%}",
+        )
+        (column.success if row.noninferior else column.error)(verdict)
+
+st.subheader("Daily curves per arm")
+curves = data.daily(run_dir, experiment_id)
+metric = st.selectbox(
+    "Metric", DAILY_METRICS, format_func=lambda m: charts.METRIC_TITLES.get(m, m), key="ab_daily"
+)
+st.altair_chart(charts.daily_curve(curves, metric), width="stretch")
+st.caption("flywheel.metrics.daily_curves; the dashed line separates pre-period and test.")
+
+st.subheader("Logged steerability per arm")
+st.dataframe(data.steerability_by_policy(run_dir, experiment_id), hide_index=True, width="stretch")
