@@ -13,8 +13,8 @@ A run directory (``GENERATIONS_CONTRACT.md``) holds ``run.duckdb`` (``flywheel.s
 
 Analysis is not written here: lifts, CUPED and SRM come from ``flywheel.ab``, daily curves
 from ``flywheel.metrics``, steerability from ``rewards.steerability``, reward-model
-correlations from ``flywheel.rm_eval`` and ``rewards.style_control``, style profiles and
-style-shift checks from ``flywheel.style_regression``. This module finds the recorded
+correlations from ``flywheel.rm_eval`` and ``rewards.style_control``, style profiles from
+``flywheel.style_regression`` (whose verdicts the loop records in ``generations.json``). This module finds the recorded
 results, recomputes them with those functions when a run did not record them, and shapes
 them into tables for the pages.
 """
@@ -38,7 +38,6 @@ RUN_DIR_ENV = "FLYWHEEL_RUN_DIR"
 RUN_DIR_KEY = "run_dir"  # st.session_state key of the run directory
 GENERATIONS_FILE = "generations.json"
 GENERATIONS_SCHEMA_VERSION = 1
-AB_RESULT_FILE = "result.json"
 RM_EVAL_FILE = "rm_eval.json"
 RM_META_FILE = "reward_model.json"
 BON_FILES = ("bon.json", "sweep.json")  # contract name, and what `flywheel bon` writes
@@ -536,12 +535,6 @@ def bon_sweeps(run_dir: str) -> dict[str, dict[str, Any]]:
     """Every recorded best-of-n sweep (``bon.json`` / ``sweep.json``), by relative path."""
     found = _json_files(run_dir, _artifact_version(run_dir), BON_FILES)
     return {k: v for k, v in found.items() if isinstance(v.get("table"), list)}
-
-
-def ab_result_files(run_dir: str) -> dict[str, dict[str, Any]]:
-    """Every A/B ``result.json`` written next to a report, by relative path."""
-    found = _json_files(run_dir, _artifact_version(run_dir), (AB_RESULT_FILE,))
-    return {k: v for k, v in found.items() if _is_ab_result(v)}
 
 
 def rm_eval_table(evals: dict[str, dict[str, Any]]) -> pd.DataFrame:

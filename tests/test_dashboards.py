@@ -95,10 +95,17 @@ def test_overview_shows_the_generation_table(run_dir: Path, generations: dict) -
     assert all(g["reason"] in texts(app) for g in recorded)
 
 
-def test_ab_detail_shows_the_recorded_analysis(run_dir: Path) -> None:
+def ab_experiment(generations: dict) -> str:
+    """The first generation's A/B experiment (the loop and the recording name it)."""
+    return next(g["ab_experiment_id"] for g in generations["generations"] if g["ab"])
+
+
+def test_ab_detail_shows_the_recorded_analysis(run_dir: Path, generations: dict) -> None:
     app = open_page(run_dir, "A/B detail")
+    experiment = ab_experiment(generations)
+    app.selectbox(key="ab_experiment").set_value(experiment).run()
     with RunStore(run_dir, read_only=True) as store:
-        recorded = store.read_analysis("ab", "ab")
+        recorded = store.read_analysis(experiment, "ab")
     assert recorded is not None
     shown = app.dataframe[0].value.set_index("metric")
     for name, metric in recorded["metrics"].items():
@@ -122,10 +129,12 @@ def test_ab_detail_computes_the_analysis_when_none_was_recorded(tmp_path: Path) 
 
     run = replay_run(tmp_path / "run", analyses=False, generations=False, artifacts=False)
     app = open_page(run, "A/B detail")
+    experiment = app.selectbox(key="ab_experiment").value
     with RunStore(run, read_only=True) as store:
-        config = store.experiments()["config"][0]
-        share = config["scenario"]["traffic"]["treatment_share"]
-        expected = analyze(store.analysis_table("ab"), AnalysisConfig(treatment_share=share))
+        config = store.experiments().set_index("experiment_id").loc[experiment, "config"]
+        traffic = config.get("traffic") or config["scenario"]["traffic"]
+        table = store.analysis_table(experiment)
+    expected = analyze(table, AnalysisConfig(treatment_share=traffic["treatment_share"]))
     shown = app.dataframe[0].value.set_index("metric")
     for metric in expected.metrics:
         assert shown.loc[metric.name, "lift"] == pytest.approx(metric.lift, nan_ok=True)
@@ -160,13 +169,14 @@ def test_reward_models_scores_logged_replies(run_dir: Path) -> None:
     app = open_page(run_dir, "Reward models")
     app.radio(key="rm_source").set_value("logged replies").run()
     folder = app.selectbox(key="rm_model").value
+    experiment = app.selectbox(key="rm_experiment").value
     app.slider(key="rm_sample").set_value(40).run()
     app.button(key="rm_score").click().run()
     assert not app.exception, [e.value for e in app.exception]
     shown = {m.label: m.value for m in app.metric}
-    frame, gold, _ = data.proxy_vs_gold(str(run_dir), folder, "ab", 40)
+    frame, gold, _ = data.proxy_vs_gold(str(run_dir), folder, experiment, 40)
     with RunStore(run_dir, read_only=True) as store:
-        turns = store.read_turns("ab")
+        turns = store.read_turns(experiment)
     logged = frame.merge(
         turns, left_on=["context", "reply"], right_on=["user_message", "bot_reply"]
     )
@@ -184,12 +194,12 @@ def test_reward_models_scores_logged_replies(run_dir: Path) -> None:
 def test_style_artifacts_page(run_dir: Path, generations: dict) -> None:
     app = open_page(run_dir, "Style artifacts")
     first = generations["generations"][0]
-    suite = next(g for g in first["gates"] if g["name"] == "style_regression")
+    suite = next(g for g in first["gates"] if "style" in g["name"])
     verdict = app.success if suite["passed"] else app.error
     assert any(suite["reason"] in m.value for m in verdict)
     profiles = app.dataframe[-1].value
     with RunStore(run_dir, read_only=True) as store:
-        turns = store.read_turns("ab")
+        turns = store.read_turns(app.selectbox(key="style_experiment").value)
     words = turns.assign(words=[f["words"] for f in turns["features"]])
     expected = words.groupby(["period", "arm", "policy"])["words"].mean()
     got = profiles.set_index(["period", "arm", "policy"])["mean_words"]
@@ -202,9 +212,10 @@ def test_style_artifacts_page(run_dir: Path, generations: dict) -> None:
 
 def test_conversations_filter_and_transcript(run_dir: Path) -> None:
     app = open_page(run_dir, "Conversations")
+    experiment = app.selectbox(key="conv_experiment").value
     with RunStore(run_dir, read_only=True) as store:
-        sessions = store.read_sessions("ab")
-        turns = store.read_turns("ab")
+        sessions = store.read_sessions(experiment)
+        turns = store.read_turns(experiment)
     assert len(app.dataframe[0].value) == len(sessions)
     app.multiselect(key="conv_arm").set_value(["treatment"]).run()
     listed = app.dataframe[0].value
@@ -260,7 +271,7 @@ def test_generations_json_of_another_version(run_dir: Path, tmp_path: Path) -> N
     app = open_page(other)
     assert [e.value for e in app.error] == ["**generations.json from another version**"]
     assert not app.table  # no generation table from a file it cannot read ...
-    assert "ab" in list(app.dataframe[0].value["experiment_id"])  # ... but the store is shown
+    assert ab_experiment(document) in list(app.dataframe[0].value["experiment_id"])  # store
 
 
 @pytest.mark.parametrize("page", list(PAGES))
