@@ -17,6 +17,7 @@ import torch
 
 from policies.base import Chat, Generation, SamplingParams, validate_chat
 from policies.spec import DEFAULT_MODEL, PolicySpec
+from policies.tokens import fit_prompt_ids, stop_token_ids
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
@@ -63,27 +64,9 @@ class HFPolicy:
         self.name = self.spec.label
         self.model, self.tokenizer = load_causal_lm(self.spec.model, DTYPES[self.spec.dtype])
         self.device = self.model.device
-        eos = {self.tokenizer.eos_token_id}
+        self.stop_ids = stop_token_ids(self.tokenizer)
         if isinstance(self.model.generation_config.eos_token_id, int):
-            eos.add(self.model.generation_config.eos_token_id)
-        end_of_turn = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
-        if isinstance(end_of_turn, int) and end_of_turn != self.tokenizer.unk_token_id:
-            eos.add(end_of_turn)
-        self.stop_ids = sorted(i for i in eos if i is not None)
-
-    def _prompt_ids(self, chat: Chat) -> list[int]:
-        """Token ids of the chat, dropping the oldest turns (never the system prompt)."""
-        head = chat[:1] if chat[0]["role"] == "system" else []
-        turns = chat[len(head) :]
-        while True:
-            ids = self.tokenizer.apply_chat_template(
-                head + turns, add_generation_prompt=True, tokenize=True
-            )
-            if hasattr(ids, "keys"):  # newer transformers return a BatchEncoding
-                ids = ids["input_ids"]
-            if len(ids) <= self.spec.max_prompt_tokens or len(turns) <= 1:
-                return list(ids)[-self.spec.max_prompt_tokens :]
-            turns = turns[1:]
+            self.stop_ids = sorted({*self.stop_ids, self.model.generation_config.eos_token_id})
 
     @torch.inference_mode()
     def generate(self, chats: Sequence[Chat], params: SamplingParams) -> list[Generation]:
@@ -100,7 +83,7 @@ class HFPolicy:
     def _generate_chunk(
         self, chats: Sequence[Chat], params: SamplingParams, seed: int
     ) -> list[Generation]:
-        prompts = [self._prompt_ids(chat) for chat in chats]
+        prompts = [fit_prompt_ids(self.tokenizer, c, self.spec.max_prompt_tokens) for c in chats]
         batch = self.tokenizer.pad({"input_ids": prompts}, return_tensors="pt").to(self.device)
         sampling = params.temperature > 0
         torch.manual_seed(seed)

@@ -6,6 +6,7 @@ import pytest
 
 from policies import PolicySpec, SamplingParams, load_policy
 from policies.hf import HFPolicy
+from policies.tokens import fit_prompt_ids
 
 CHATS = [
     [{"role": "system", "content": "You are a pirate."}, {"role": "user", "content": "hi"}],
@@ -63,7 +64,7 @@ def test_long_history_drops_oldest_turns_keeps_system(tiny_llama_dir) -> None:
             {"role": "assistant", "content": "ok"},
         ]
     chat.append({"role": "user", "content": "last"})
-    ids = policy._prompt_ids(chat)
+    ids = fit_prompt_ids(policy.tokenizer, chat, policy.spec.max_prompt_tokens)
     text = policy.tokenizer.decode(ids)
     assert len(ids) <= 60
     assert "SYSTEM-PROMPT" in text and "last" in text and "message 0 " not in text

@@ -17,7 +17,6 @@ from policies.hf import HFPolicy
 from policies.vllm_engine import (
     INSTALL_HINT,
     completion_length,
-    fit_prompt_ids,
     sampling_kwargs,
     stop_token_ids,
 )
@@ -49,22 +48,6 @@ def test_sampling_params_mapping() -> None:
 @pytest.fixture(scope="module")
 def tiny_hf(tiny_llama_dir) -> HFPolicy:
     return load_policy(PolicySpec(model=str(tiny_llama_dir), dtype="float32", max_prompt_tokens=60))
-
-
-def test_prompt_matches_hf_backend_and_trims_like_it(tiny_hf: HFPolicy) -> None:
-    short = [{"role": "system", "content": "You are a chef."}, {"role": "user", "content": "hi"}]
-    long = [{"role": "system", "content": "SYSTEM-PROMPT"}]
-    for i in range(20):
-        long += [
-            {"role": "user", "content": f"message {i} " * 3},
-            {"role": "assistant", "content": "ok"},
-        ]
-    long.append({"role": "user", "content": "last"})
-    for chat in (short, long):
-        ids = fit_prompt_ids(tiny_hf.tokenizer, chat, 60)
-        assert ids == tiny_hf._prompt_ids(chat)
-    text = tiny_hf.tokenizer.decode(fit_prompt_ids(tiny_hf.tokenizer, long, 60))
-    assert "SYSTEM-PROMPT" in text and "last" in text and "message 0 " not in text
 
 
 def test_stop_tokens_and_completion_length(tiny_hf: HFPolicy) -> None:
