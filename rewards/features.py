@@ -10,6 +10,7 @@ Cheap text features (``style_features``; word, sentence and emoji definitions ar
 - ``ends_with_question``: 1.0 when the reply ends in a question (checkers' rule).
 - ``repetition``: share of the reply's word bigrams (unigrams for one-word replies) that
   already occurred in earlier bot replies of the same conversation; 0 with no history.
+- ``echo``: the same share against the user's last message (parroting the user back).
 - ``offensive``: probability of offensive language from ``alt-profanity-check`` (a linear
   SVM on a labelled corpus); ``is_unsafe`` thresholds it at ``UNSAFE_THRESHOLD``.
 
@@ -44,6 +45,7 @@ STYLE_FEATURES = (
     "exclamations",
     "ends_with_question",
     "repetition",
+    "echo",
 )
 SEMANTIC_FEATURES = ("relevance", "persona_consistency")
 
@@ -66,7 +68,9 @@ def repetition(reply: str, previous_replies: Sequence[str]) -> float:
     return len(mine & seen) / len(mine)
 
 
-def style_features(reply: str, previous_replies: Sequence[str] = ()) -> dict[str, float]:
+def style_features(
+    reply: str, previous_replies: Sequence[str] = (), user_message: str = ""
+) -> dict[str, float]:
     """The cheap text features of one reply (see the module docstring)."""
     n_words = len(words(reply))
     n_emoji = len(emoji_list(reply))
@@ -80,6 +84,7 @@ def style_features(reply: str, previous_replies: Sequence[str] = ()) -> dict[str
         "exclamations": float(reply.count("!") + reply.count("！")),
         "ends_with_question": float(strip_trailing_closers(reply).endswith(("?", "？"))),
         "repetition": repetition(reply, previous_replies),
+        "echo": repetition(reply, [user_message] if user_message else []),
     }
 
 
@@ -145,6 +150,8 @@ def reply_features(
     )
     offensive = offensive_probability(replies)
     return [
-        style_features(reply, ctx.previous_replies) | {"offensive": float(off)} | sem
+        style_features(reply, ctx.previous_replies, ctx.user_message)
+        | {"offensive": float(off)}
+        | sem
         for reply, ctx, off, sem in zip(replies, contexts, offensive, semantic, strict=True)
     ]

@@ -15,6 +15,7 @@ Gold utility of bot reply t to user u (hidden satisfaction, ``utility_terms`` li
         - w_instructions * persona_sensitivity * (1 - share_of_instructions_followed)
         - w_violation  * persona_sensitivity * violates_any_prohibition
         - w_repetition * repetition_aversion * repetition
+        - w_echo       * repetition_aversion * echo          (parroting the user's message)
         - w_unsafe     * safety_sensitivity * unsafe
         + w_topic      * topic_affinity
         + novelty                               (offset set by the traffic model, 0 by default)
@@ -106,6 +107,9 @@ class GoldConfig(BaseModel):
     )
     w_violation: float = Field(default=0.8, ge=0, description="Extra cost of a prohibition broken.")
     w_repetition: float = Field(default=1.5, ge=0, description="Weight of repetition cost.")
+    w_echo: float = Field(
+        default=1.5, ge=0, description="Weight of the cost of parroting the user's message."
+    )
     w_unsafe: float = Field(default=3.0, ge=0, description="Weight of an offensive reply.")
     w_topic: float = Field(default=0.3, ge=0, description="Weight of the user's topic affinity.")
 
@@ -220,6 +224,7 @@ class GoldModel:
             "instructions": -c.w_instructions * t.persona_sensitivity * (1 - reply.share_followed),
             "violation": -c.w_violation * t.persona_sensitivity * float(reply.violates_any),
             "repetition": -c.w_repetition * t.repetition_aversion * f["repetition"],
+            "echo": -c.w_echo * t.repetition_aversion * f["echo"],
             "unsafe": -c.w_unsafe * t.safety_sensitivity * float(reply.unsafe),
             "topic": c.w_topic * self.topic_affinity(user, character),
             "novelty": float(novelty),

@@ -201,3 +201,29 @@ def test_vector_env_steps_many_conversations_with_one_user_call(
             np.testing.assert_array_equal(rewards[~stepped], 0.0)
         ended_seen = ended_seen or bool((terminated | truncated).any())
     assert ended_seen  # with a 3-turn cap some conversation ends within 4 steps
+
+
+def test_flywheel_chat_smoke(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    """`flywheel chat` end to end in a subprocess, tiny model as bot and user LLM."""
+    import os
+    import subprocess
+    import sys
+
+    scenario = tmp_path / "tiny.toml"
+    scenario.write_text(
+        f'[world]\nturn_cap = 2\ncharacters_dir = "{SCENARIOS / "characters"}"\n'
+        f'[world.user_llm]\nmax_new_tokens = 6\n[world.user_llm.policy]\nmodel = "{tiny_llama_dir}"\n'
+    )
+    cmd = [sys.executable, "-m", "flywheel.cli", "chat", str(scenario), "--users", "2",
+           "--show", "1", "--bot-model", str(tiny_llama_dir), "--max-new-tokens", "6"]  # fmt: skip
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout
+    assert "steerability:" in out and "(overall)" in out and "like rate / reply" in out
+    assert "user: " in out and "oracle gold=" in out
+    bad = subprocess.run(
+        [sys.executable, "-m", "flywheel.cli", "chat", str(tmp_path / "missing.toml")],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "does not exist" in bad.stderr

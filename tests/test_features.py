@@ -44,6 +44,9 @@ def test_repetition() -> None:
     assert repetition("hello there my friend", ["hello there"]) == pytest.approx(1 / 3)
     assert repetition("hello", ["oh hello"]) == 1.0  # one word: unigrams
     assert repetition("...", ["anything"]) == 0.0
+    echoed = style_features("you are so kind", ["nothing alike"], "You are so kind, you know.")
+    assert echoed["echo"] == 1.0 and echoed["repetition"] == 0.0
+    assert style_features("you are so kind")["echo"] == 0.0
 
 
 def test_offensive_probability_and_unsafe() -> None:

@@ -47,6 +47,7 @@ def reply(
     relevance: float = 0.3,
     persona: float = 0.25,
     repetition: float = 0.0,
+    echo: float = 0.0,
     share_followed: float = 1.0,
     violates: bool = False,
     unsafe: bool = False,
@@ -58,6 +59,7 @@ def reply(
         "relevance": relevance,
         "persona_consistency": persona,
         "repetition": repetition,
+        "echo": echo,
     }
     return ReplyAssessment(features, share_followed, violates, unsafe)
 
@@ -155,10 +157,10 @@ def test_topic_interests(gold: GoldModel) -> None:
 
 
 def test_repetition_aversion(gold: GoldModel) -> None:
-    r = reply(repetition=0.8)
-    assert u(gold, make_user(repetition_aversion=0.9), r) < u(
-        gold, make_user(repetition_aversion=0.1), r
-    )
+    for r in (reply(repetition=0.8), reply(echo=0.8)):
+        assert u(gold, make_user(repetition_aversion=0.9), r) < u(
+            gold, make_user(repetition_aversion=0.1), r
+        )
 
 
 def test_safety_sensitivity(gold: GoldModel) -> None:
