@@ -293,7 +293,7 @@ def style_comparison(rows: pd.DataFrame) -> alt.FacetChart:
         .mark_bar()
         .encode(
             x=alt.X("model:N", title=None, axis=alt.Axis(labelAngle=0)),
-            y=alt.Y("value:Q", title=None),
+            y=alt.Y("value:Q", title=None, axis=alt.Axis(format="~g")),
             color=alt.Color("model:N", scale=models, title=None),
             tooltip=["statistic:N", "model:N", alt.Tooltip("value:Q", format=".3f")],
         )

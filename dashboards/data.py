@@ -5,7 +5,8 @@ A run directory (``GENERATIONS_CONTRACT.md``) holds ``run.duckdb`` (``flywheel.s
 
 - the store is opened with ``RunStore(read_only=True)`` for each cached read and closed
   again at once, so a dashboard left open never holds DuckDB's file lock against the
-  generation loop that writes the run;
+  generation loop that writes the run; while a writer holds the lock (DuckDB then admits
+  no reader), the pages read a snapshot copy of the store as of its last commit;
 - cached reads (``st.cache_data``) are keyed by the run's *version* (modification time and
   size of the database, its write-ahead log and ``generations.json``), so a page shows new
   days and generations on the next rerun, and repeats nothing in between;
@@ -21,9 +22,12 @@ them into tables for the pages.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +60,9 @@ RATE_COLUMNS = {
     )
 }
 STEERABILITY_COLUMNS = ("character", "follows_all", "violates_any")
+SNAPSHOT_ROOT = Path(tempfile.gettempdir()) / "flywheel-dashboard-snapshots"
+# run directory -> the snapshot its reads use while a writer holds the store (see check_run)
+_SNAPSHOTS: dict[str, Path] = {}
 
 
 class RunUnavailable(Exception):
@@ -139,15 +146,57 @@ def check_run(run_dir: str) -> tuple[str, str] | None:
             "directory.",
         )
     except Exception as err:  # duckdb raises its own IOException for a held lock
-        if "lock" in str(err).lower():
+        if "lock" not in str(err).lower():
+            return ("Run store cannot be read", f"`{root / DB_FILE}`: {err}")
+        try:
+            _SNAPSHOTS[run_dir] = _snapshot(run_dir)
+        except Exception as copy_err:  # a copy torn by a write in progress fails to open
             return (
                 "Run store is being written",
                 f"Another process holds `{root / DB_FILE}` for writing (a running "
-                "`flywheel run` or `flywheel ab`); DuckDB lets no reader in meanwhile. "
-                f"Reload this page when the step finishes. ({err})",
+                "`flywheel run` or `flywheel ab`); DuckDB lets no reader in meanwhile, and a "
+                f"snapshot copy could not be opened ({copy_err}). Reload this page in a "
+                f"moment. ({err})",
             )
-        return ("Run store cannot be read", f"`{root / DB_FILE}`: {err}")
+        return None
+    _SNAPSHOTS.pop(run_dir, None)
     return None
+
+
+def _snapshot(run_dir: str) -> Path:
+    """A read-only copy of the store of a run that a writer holds, one per run version.
+
+    DuckDB admits no reader while a process writes, and ``flywheel run`` keeps its store
+    open for the whole run; a copy of the database and its write-ahead log shows the run as
+    of its last commit. Older copies of the same run are removed.
+    """
+    root = Path(run_dir).resolve()
+    run_key = hashlib.sha256(str(root).encode()).hexdigest()[:16]
+    version_key = hashlib.sha256(run_version(run_dir).encode()).hexdigest()[:16]
+    target = SNAPSHOT_ROOT / run_key / version_key
+    if not (target / DB_FILE).is_file():
+        staging = target.with_name(f".{version_key}.partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        for name in (DB_FILE, DB_FILE + ".wal"):
+            if (root / name).is_file():
+                shutil.copy2(root / name, staging / name)
+        RunStore(staging, read_only=True).close()  # a torn copy fails here, not in a page
+        os.replace(staging, target)
+    for old in target.parent.iterdir():
+        if old != target:
+            shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def snapshot_of(run_dir: str) -> Path | None:
+    """The snapshot the pages read while a writer holds ``run_dir``'s store, else None."""
+    return _SNAPSHOTS.get(run_dir)
+
+
+def _store(run_dir: str) -> RunStore:
+    """The run's store opened read-only (its snapshot while a writer holds it)."""
+    return RunStore(_SNAPSHOTS.get(run_dir, run_dir), read_only=True)
 
 
 def require_run() -> str:
@@ -159,19 +208,26 @@ def require_run() -> str:
         st.error(f"**{title}**", icon=":material/block:")
         st.markdown(message)
         st.stop()
+    snapshot = snapshot_of(run_dir)
+    if snapshot is not None:
+        st.warning(
+            "**Live run**: another process is writing this run store, so the pages show a "
+            f"snapshot of its last commit (copied to `{snapshot}`); reload for newer data.",
+            icon=":material/sync:",
+        )
     return run_dir
 
 
 # ---------------------------------------------------------------------------- store reads
 @st.cache_data(show_spinner=False)
 def _read(run_dir: str, version: str, method: str, experiment_id: str | None) -> pd.DataFrame:
-    with RunStore(run_dir, read_only=True) as store:
+    with _store(run_dir) as store:
         return getattr(store, method)(experiment_id)
 
 
 @st.cache_data(show_spinner=False)
 def _experiments(run_dir: str, version: str) -> pd.DataFrame:
-    with RunStore(run_dir, read_only=True) as store:
+    with _store(run_dir) as store:
         frame = store.experiments()
         logged = store.read_days()
     if frame.empty:
@@ -180,12 +236,28 @@ def _experiments(run_dir: str, version: str) -> pd.DataFrame:
     frame["days_committed"] = frame["experiment_id"].map(committed).fillna(0).astype(int)
     frame["finished"] = frame["finished_at"].notna()
     frame["treatment_share"] = [design_share(c) for c in frame["config"]]
+    arms = [arm_policies(c) for c in frame["config"]]
+    frame["control"] = [a[0] for a in arms]
+    frame["treatment"] = [a[1] for a in arms]
+    frame["same_policy"] = [a[0] is not None and a[0] == a[1] for a in arms]
     return frame
 
 
 def experiments(run_dir: str) -> pd.DataFrame:
-    """The experiments table, with each experiment's committed days and designed share."""
+    """The experiments table, with each experiment's committed days, designed share, arm
+    policies and ``same_policy`` (both arms served by one model: production traffic or an
+    A/A test, where no lift is expected)."""
     return _experiments(run_dir, run_version(run_dir))
+
+
+def arm_policies(config: Any) -> tuple[str | None, str | None]:
+    """(control, treatment) policy labels an experiment's stored config records, if any."""
+    if not isinstance(config, dict):
+        return None, None
+    control, treatment = config.get("control"), config.get("treatment")
+    return (None if control is None else str(control)), (
+        None if treatment is None else str(treatment)
+    )
 
 
 def design_share(config: Any) -> float | None:
@@ -216,7 +288,7 @@ def days(run_dir: str, experiment_id: str) -> pd.DataFrame:
 
 @st.cache_data(show_spinner=False)
 def _analysis_table(run_dir: str, version: str, experiment_id: str) -> pd.DataFrame:
-    with RunStore(run_dir, read_only=True) as store:
+    with _store(run_dir) as store:
         return store.analysis_table(experiment_id)
 
 
@@ -269,7 +341,7 @@ def _is_ab_result(value: Any) -> bool:
 
 @st.cache_data(show_spinner="Analysing the A/B test with flywheel.ab ...")
 def _ab_view(run_dir: str, version: str, experiment_id: str) -> ABView:
-    with RunStore(run_dir, read_only=True) as store:
+    with _store(run_dir) as store:
         recorded = store.read_table("analyses", experiment_id)
         config = store.experiments().set_index("experiment_id")["config"].get(experiment_id)
     if len(recorded):

@@ -20,7 +20,25 @@ if not experiments:
         "show. Days appear here as the traffic model commits them."
     )
     st.stop()
-experiment_id = st.selectbox("Experiment", experiments, key="ab_experiment")
+stored = data.experiments(run_dir).set_index("experiment_id")
+# A/B tests first: production-traffic experiments serve one model in both arms.
+experiments = sorted(experiments, key=lambda e: (bool(stored.loc[e, "same_policy"]), e))
+experiment_id = st.selectbox(
+    "Experiment",
+    experiments,
+    format_func=lambda e: (
+        f"{e} (A/A: same policy in both arms)" if stored.loc[e, "same_policy"] else e
+    ),
+    key="ab_experiment",
+)
+arms = stored.loc[experiment_id]
+if arms["control"] is not None:
+    st.caption(f"control: `{arms['control']}` · treatment: `{arms['treatment']}`")
+if arms["same_policy"]:
+    st.info(
+        "Both arms were served by the same policy (production traffic or an A/A test): any "
+        "significant lift here is a false positive, about alpha of the time."
+    )
 view = data.ab_view(run_dir, experiment_id)
 result = view.result
 metrics = view.metrics

@@ -85,12 +85,17 @@ if experiments.empty:
     st.info("The run store holds no experiment yet.")
 else:
     rows = experiments[
-        ["experiment_id", "days_committed", "finished", "treatment_share", "started_at"]
-    ].copy()
+        ["experiment_id", "control", "treatment", "days_committed", "finished",
+         "treatment_share", "started_at"]
+    ].copy()  # fmt: skip
+    same = dict(zip(experiments["experiment_id"], experiments["same_policy"], strict=True))
     decisions = {}
     for experiment_id in data.ab_experiments(run_dir):
-        view = data.ab_view(run_dir, experiment_id)
-        decisions[experiment_id] = view.result.get("decision")
+        if same[experiment_id]:
+            # Production traffic (or an A/A test): one model in both arms, nothing to decide.
+            decisions[experiment_id] = "A/A (same policy)"
+        else:
+            decisions[experiment_id] = data.ab_view(run_dir, experiment_id).result.get("decision")
     rows["A/B decision"] = rows["experiment_id"].map(decisions)
     st.dataframe(rows, hide_index=True, width="stretch")
     if generations is None:
