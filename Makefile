@@ -20,7 +20,7 @@ install: $(STAMP)
 
 # The dashboard's browser test renders the real page in Debian's headless Chromium.
 browser:
-	command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium)
+	command -v chromium >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium)
 
 demo: install
 	$(VENV)/bin/flywheel models prepare
