@@ -11,10 +11,17 @@ training::
 ``style`` holds standardised style covariates of the reply; ``beta`` is fitted jointly
 with the content term, so the style term absorbs what style alone explains. At scoring
 time the style term is dropped (style set to its training mean, i.e. zero after
-standardisation) and only ``content`` is the reward. Because a flexible content term can
-still encode style through the text itself, training also adds ODIN's decorrelation
-penalty: the squared Pearson correlation between the content score and each covariate
-within a batch. What correlation remains on held-out replies is reported by
+standardisation) and only ``content`` is the reward.
+
+A flexible content term can still read style in the text itself, and a low correlation
+does not rule that out: when content varies a lot, a sizeable per-reply bonus for emoji
+hides behind |r| < 0.1, and RL would find it. So the content term reads the reply through
+:func:`strip_style`, which removes what can be removed without changing what is said
+(emoji; "!" becomes "."): appending emoji or exclamation marks cannot raise a
+style-controlled reward at all. Length and questions cannot be removed that way; for them
+(and for whatever emoji leave in the embedding of the rest) training adds ODIN's
+decorrelation penalty: the squared Pearson correlation between the content score and each
+covariate within a batch. What correlation remains on held-out replies is reported by
 :func:`style_correlations`.
 
 Style covariates (:data:`STYLE_FEATURES`), taken from ``rewards.features.style_features``
@@ -32,15 +39,18 @@ style term follow diminishing returns (the tenth emoji adds less than the first)
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import emoji
 import numpy as np
 import torch
 from scipy import stats
 from torch import nn
 
+from rewards.checkers import TEXT_SYMBOLS
 from rewards.features import style_features
 
 # Reported name -> key in rewards.features.style_features.
@@ -55,6 +65,20 @@ COVARIATES: tuple[str, ...] = tuple(
     f"{form}{name}" for form in ("", "log_") for name in STYLE_FEATURES
 )
 _EPS = 1e-8
+_SPACES_RE = re.compile(r"[ \t]{2,}")
+
+
+def strip_style(reply: str) -> str:
+    """The reply with its removable style taken out: emoji dropped, "!" made ".".
+
+    Emoji are those ``rewards.checkers.emoji_list`` counts (©, ® and ™ stay), so the
+    stripped text has no emoji by the project's own rule.
+    """
+    text = emoji.replace_emoji(
+        reply, replace=lambda chars, _: chars if chars in TEXT_SYMBOLS else ""
+    )
+    text = text.replace("!", ".").replace("！", "。")
+    return _SPACES_RE.sub(" ", text).strip()
 
 
 def style_counts(replies: Sequence[str]) -> np.ndarray:

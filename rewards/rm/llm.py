@@ -19,7 +19,8 @@ pairs:
 Style control: :class:`StyleControlledRewardTrainer` adds the separate style term
 ``beta . style`` to both sides of the BT logit and ODIN's decorrelation penalty on the
 model's own score; ``beta`` is kept in the model folder for reports, the adapter scores
-without it.
+without it. The model reads replies through ``strip_style`` (no emoji, no "!"), in
+training and scoring alike, so those two cannot raise its score.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from rewards.style_control import (
     StyleScaler,
     StyleTerm,
     decorrelation_penalty,
+    strip_style,
     style_counts,
 )
 
@@ -256,6 +258,8 @@ class LLMRewardModel(RewardModel):
 
     def _raw(self, target: str, contexts: list[str], replies: list[str]) -> np.ndarray:
         model = self.models[target]
+        if self.style_controlled:
+            replies = [strip_style(r) for r in replies]
         device = next(model.parameters()).device
         ids = [
             self.tokenizer.apply_chat_template(_chat(c, r), tokenize=True, return_dict=True)[
@@ -356,7 +360,9 @@ class LLMRewardModel(RewardModel):
         )
 
 
-def _pairs_dataset(pairs: pd.DataFrame, scaler: StyleScaler, shared_prompt: bool) -> Any:
+def _pairs_dataset(
+    pairs: pd.DataFrame, scaler: StyleScaler, shared_prompt: bool, style_controlled: bool
+) -> Any:
     from datasets import Dataset
 
     chosen, rejected = as_lists(pairs["chosen"]), as_lists(pairs["rejected"])
@@ -364,6 +370,8 @@ def _pairs_dataset(pairs: pd.DataFrame, scaler: StyleScaler, shared_prompt: bool
         "chosen_style": scaler.covariates(chosen).tolist(),
         "rejected_style": scaler.covariates(rejected).tolist(),
     }
+    if style_controlled:  # the model reads stripped text; the style term reads the original
+        chosen, rejected = [strip_style(r) for r in chosen], [strip_style(r) for r in rejected]
     if shared_prompt:
         columns["prompt"] = [[{"role": "user", "content": c}] for c in as_lists(pairs["context"])]
         columns["chosen"] = [[{"role": "assistant", "content": r}] for r in chosen]
@@ -431,7 +439,9 @@ def train_llm(
                 pairs = pairs.iloc[np.sort(rng.choice(len(pairs), config.max_pairs, replace=False))]
         else:
             pairs = case_control_pairs(train, target, rng, max_pairs=config.max_pairs)
-        dataset = _pairs_dataset(pairs, scaler, shared_prompt=kind == "pairwise")
+        dataset = _pairs_dataset(
+            pairs, scaler, shared_prompt=kind == "pairwise", style_controlled=style_controlled
+        )
         output_dir = tempfile.mkdtemp(prefix=f"rm-{target}-")
         args = RewardConfig(
             output_dir=output_dir,

@@ -6,10 +6,13 @@ statistics. MiniLM's WordPiece vocabulary maps every emoji to ``[UNK]`` and igno
 punctuation counts, so a naive head would be half-blind to exactly the style tricks we
 worry about; a naive model therefore also receives the reply's style covariates as inputs,
 as an LLM reward model that reads the raw text would. A style-controlled model receives
-them only through its separate style term (``rewards.style_control``), dropped at scoring.
+them only through its separate style term (``rewards.style_control``), dropped at scoring,
+and embeds the reply through ``strip_style`` (no emoji, no "!").
 
 Training: AdamW on minibatches, early stopping on a held-out slice of the training rows
-(best validation objective kept). Pairwise: ``-log sigmoid(logit_chosen - logit_rejected)``.
+(best validation objective kept). A small head on 1,152 inputs ends up overconfident, so
+pointwise and signal models are then Platt-scaled on that slice (``logit' = a + b logit``,
+a binomial GLM from statsmodels; monotone, so rankings are unchanged). Pairwise: ``-log sigmoid(logit_chosen - logit_rejected)``.
 Pointwise and signals: binary cross-entropy per target, rows with a missing label
 (``returned_next_day`` on the last logged day) masked out of that target.
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,6 +41,7 @@ from rewards.style_control import (
     StyleScaler,
     StyleTerm,
     decorrelation_penalty,
+    strip_style,
     style_counts,
 )
 
@@ -136,6 +141,7 @@ class MiniLMRewardModel(RewardModel):
         scaler: StyleScaler,
         head: _Head,
         history: dict[str, Any] | None = None,
+        platt: dict[str, tuple[float, float]] | None = None,
     ) -> None:
         check_kind(kind)
         self.kind = kind
@@ -144,6 +150,7 @@ class MiniLMRewardModel(RewardModel):
         self.scaler = scaler
         self.head = head.eval()
         self.history = history or {}
+        self.platt = platt or {}
 
     def features(self, contexts: Sequence[str], replies: Sequence[str]) -> np.ndarray:
         """Head inputs for (context, reply) pairs (see the module docstring)."""
@@ -160,7 +167,12 @@ class MiniLMRewardModel(RewardModel):
             z = self.head.content_logits(x)
             if with_style and self.style_controlled:
                 z = z + self.head.style_logits(torch.from_numpy(self.scaler.covariates(replies)))
-        return z.numpy().astype(np.float64)
+        z = z.numpy().astype(np.float64)
+        for j, target in enumerate(self.targets):
+            if target in self.platt:
+                a, b = self.platt[target]
+                z[:, j] = a + b * z[:, j]
+        return z
 
     def style_coefficients(self) -> dict[str, list[float]]:
         """Fitted style-term beta per covariate and target (empty for a naive model)."""
@@ -179,6 +191,7 @@ class MiniLMRewardModel(RewardModel):
                 "scaler": self.scaler.to_dict(),
                 "n_inputs": int(self.head.mean.shape[0]),
                 "history": self.history,
+                "platt": self.platt,
                 "style_coefficients": self.style_coefficients(),
             },
         )
@@ -208,6 +221,7 @@ class MiniLMRewardModel(RewardModel):
             StyleScaler.from_dict(meta["scaler"]),
             head,
             meta.get("history"),
+            {t: (float(a), float(b)) for t, (a, b) in meta.get("platt", {}).items()},
         )
 
 
@@ -222,10 +236,13 @@ def _features(
     contexts: Sequence[str],
     replies: Sequence[str],
 ) -> np.ndarray:
-    e_c, e_r = _embed(config, contexts), _embed(config, replies)
-    parts = [e_c, e_r, e_c * e_r]
-    if not style_controlled:
-        parts.append(scaler.covariates(replies))
+    e_c = _embed(config, contexts)
+    if style_controlled:
+        e_r = _embed(config, [strip_style(r) for r in replies])
+        parts = [e_c, e_r, e_c * e_r]
+    else:
+        e_r = _embed(config, replies)
+        parts = [e_c, e_r, e_c * e_r, scaler.covariates(replies)]
     return np.concatenate(parts, axis=1).astype(np.float32)
 
 
@@ -298,7 +315,38 @@ def train_minilm(
     tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in data.items()}
     val_idx, fit_idx = torch.from_numpy(order[:n_val]), torch.from_numpy(order[n_val:])
     history = _fit(head, kind, tensors, fit_idx, val_idx, config, style_controlled, verbose)
-    return MiniLMRewardModel(kind, style_controlled, config, scaler, head, history)
+    platt: dict[str, tuple[float, float]] = {}
+    if kind != "pairwise":
+        with torch.no_grad():
+            z = head.content_logits(tensors["x"][val_idx]).numpy().astype(np.float64)
+        y, m = data["y"][order[:n_val]], data["m"][order[:n_val]] > 0
+        history["platt"] = {}
+        for j, target in enumerate(targets):
+            platt_fit = _platt(z[m[:, j], j], y[m[:, j], j])
+            history["platt"][target] = platt_fit
+            if platt_fit["fitted"]:
+                platt[target] = (platt_fit["a"], platt_fit["b"])
+    return MiniLMRewardModel(kind, style_controlled, config, scaler, head, history, platt)
+
+
+def _platt(logits: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """Platt scaling ``a + b * logit`` by a binomial GLM; not applied (and the reason kept
+    in the history) when the validation slice cannot support it."""
+    import statsmodels.api as sm
+    from statsmodels.tools.sm_exceptions import PerfectSeparationWarning
+
+    if len(labels) < 20 or labels.min() == labels.max():
+        return {"fitted": False, "reason": f"{len(labels)} rows, classes {sorted(set(labels))}"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PerfectSeparationWarning)
+        try:
+            result = sm.GLM(labels, sm.add_constant(logits), family=sm.families.Binomial()).fit()
+        except PerfectSeparationWarning as err:
+            return {"fitted": False, "reason": f"perfect separation: {err}"}
+    a, b = (float(v) for v in result.params)
+    if not (np.isfinite(a) and np.isfinite(b) and b > 0):
+        return {"fitted": False, "reason": f"non-monotone fit a={a}, b={b}"}
+    return {"fitted": True, "a": a, "b": b}
 
 
 def _objective(

@@ -1,0 +1,262 @@
+"""Reward models on the artifact trap: does style control remove the emoji / length bias?
+
+Three stages, each skipped when its output already exists in RUN_DIR (rerun to resume):
+
+1. Traffic. The artifact-trap world (``scenarios/world_artifact_trap.toml``: emoji and long
+   replies earn likes today, fatigue and length misfit cost satisfaction later) is served by
+   the packaged SmolLM2 wrapped in :class:`StyleVariationPolicy`, which plants style
+   variation the 135M model rarely produces by itself: a share of replies get 1-4 emoji
+   appended, another share a friendly filler sentence. The variation is independent of the
+   reply's content, so whatever a reward model learns about it is learned from the users'
+   reactions alone. ``sim.traffic`` runs the days into the run store at RUN_DIR (A/A: the
+   same policy in both arms).
+2. Comparisons. Logged turns are paired with an alternative reply from the same policy for
+   the same conversation state (one batched call), and simulated annotators
+   (``sim.annotators``: users of the population, gold utility + Bradley-Terry noise) label
+   them into ``RUN_DIR/artifacts/comparisons.parquet``.
+3. Reward models. ``flywheel.rm_eval.rm_train`` (what ``flywheel rm train`` runs) for each
+   requested kind x backbone, naive and style-controlled; prints held-out pairwise accuracy,
+   gold correlation, the correlation with emoji count and length, and training time.
+
+    .venv/bin/python benchmarks/rm_artifact_trap.py --run-dir runs/artifact_trap
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from policies.base import Chat, Generation, Policy, SamplingParams
+
+ROOT = Path(__file__).resolve().parents[1]
+SCENARIO = ROOT / "scenarios" / "world_artifact_trap.toml"
+EMOJI = ("😀", "😊", "🎉", "✨", "😂", "❤️", "👍", "🔥", "🥰", "🌟")
+FILLERS = (
+    "I really love chatting with you about this, it always makes my day brighter.",
+    "Honestly, there is so much more I could say, and I am always happy to keep going.",
+    "Let me know what you think, because your thoughts always matter a lot to me here.",
+    "It is such a fun thing to talk about, and I could go on about it for a long while.",
+)
+
+
+class StyleVariationPolicy:
+    """Wraps a policy and plants content-independent style variation in its replies.
+
+    Args:
+        base: the policy that writes the replies.
+        emoji_rate: share of replies that get 1-4 emoji appended.
+        filler_rate: share of replies that get one or two filler sentences appended.
+    Which replies, and what is appended, is drawn per call from a generator seeded with
+    the call's ``params.seed``, so runs are reproducible.
+    """
+
+    def __init__(self, base: Policy, emoji_rate: float = 0.4, filler_rate: float = 0.35) -> None:
+        for name, rate in (("emoji_rate", emoji_rate), ("filler_rate", filler_rate)):
+            if not 0 <= rate <= 1:
+                raise ValueError(f"StyleVariationPolicy.{name} must be in [0, 1], got {rate}")
+        self.base = base
+        self.emoji_rate = emoji_rate
+        self.filler_rate = filler_rate
+        self.name = f"stylevar@{emoji_rate:g},{filler_rate:g}:{base.name}"
+
+    def generate(self, chats: Sequence[Chat], params: SamplingParams) -> list[Generation]:
+        """Generate with the base policy, then append emoji / filler to drawn replies."""
+        replies = self.base.generate(chats, params)
+        rng = np.random.default_rng([params.seed, 7919])
+        out = []
+        for reply in replies:
+            text = reply.text.rstrip()
+            if rng.random() < self.filler_rate:
+                picks = rng.choice(len(FILLERS), size=int(rng.integers(1, 3)), replace=False)
+                text = " ".join([text, *(FILLERS[int(i)] for i in picks)])
+            if rng.random() < self.emoji_rate:
+                text = text + " " + "".join(rng.choice(EMOJI, size=int(rng.integers(1, 5))))
+            out.append(Generation(text, reply.prompt_tokens, reply.completion_tokens))
+        return out
+
+
+def run_traffic(
+    run_dir: Path,
+    n_users: int,
+    pre_days: int,
+    test_days: int,
+    turn_cap: int,
+    slot_minutes: int,
+    seed: int,
+):
+    """Stage 1: the artifact-trap world's traffic into RUN_DIR's store. Returns the world,
+    the bot policy and the final users (with their latent states)."""
+    from flywheel.store import RunStore
+    from sim.traffic import SamplingConfig, TrafficConfig, TrafficSimulator
+    from sim.world import World, load_world_config
+
+    world_config = load_world_config(SCENARIO).model_copy(update={"turn_cap": turn_cap})
+    world = World.build(world_config, seed=seed)
+    bot = StyleVariationPolicy(world.user_simulator.policy)
+    users = world.sampler.sample(n_users)
+    config = TrafficConfig(
+        n_users=n_users, pre_days=pre_days, test_days=test_days, treatment_share=0.5,
+        salt="rm-artifact-trap", slot_minutes=slot_minutes,
+        bot_sampling=SamplingConfig(max_new_tokens=48),
+    )  # fmt: skip
+    simulator = TrafficSimulator(
+        world.engine,
+        users,
+        {"control": bot, "treatment": bot},
+        config,
+        seed=seed,
+        user_params=world.user_params,
+    )
+    experiment = {
+        "scenario": str(SCENARIO.name),
+        "policy": bot.name,
+        "seed": seed,
+        "traffic": config.model_dump(mode="json"),
+    }
+    started = time.perf_counter()
+    with RunStore(run_dir) as store:
+        state = simulator.run(store.open_sink("traffic", experiment))
+    print(f"traffic: {time.perf_counter() - started:.0f}s, {simulator.stats.as_row()}", flush=True)
+    return world, bot, state.users
+
+
+def run_annotators(run_dir: Path, world, bot: Policy, panel, n_pairs: int, seed: int) -> None:
+    """Stage 2: pairs from logged turns, labelled by simulated annotators."""
+    from flywheel.rm_eval import write_comparisons
+    from flywheel.store import RunStore
+    from sim.annotators import (
+        AnnotatorConfig,
+        SimulatedAnnotators,
+        comparisons_frame,
+        pairs_from_turns,
+    )
+
+    rng = np.random.default_rng(seed + 1)
+    with RunStore(run_dir, read_only=True) as store:
+        turns = store.read_turns()
+    started = time.perf_counter()
+    pairs = []
+    # Chunks keep one generate call's memory bounded; each chunk is still ONE batched call.
+    for chunk in np.array_split(rng.permutation(len(turns))[:n_pairs], max(1, n_pairs // 256)):
+        params = SamplingParams(
+            max_new_tokens=48, temperature=0.8, top_p=0.95, seed=int(rng.integers(2**31))
+        )
+        pairs += pairs_from_turns(turns.iloc[np.sort(chunk)], world.characters, bot, params, rng)
+        print(f"  pairs {len(pairs)}/{n_pairs} ({time.perf_counter() - started:.0f}s)", flush=True)
+    annotators = SimulatedAnnotators(
+        world.gold,
+        world.characters,
+        panel,
+        world.engine.embedder,
+        AnnotatorConfig(noise=0.5, disagreement=0.2),
+    )
+    frame = comparisons_frame(annotators.label(pairs, rng))
+    write_comparisons(run_dir, frame)
+    print(
+        f"annotators: {len(frame)} comparisons in {time.perf_counter() - started:.0f}s", flush=True
+    )
+
+
+def train_models(
+    run_dir: Path, kinds: list[str], backbones: list[str], llm_max_pairs: int, seed: int
+) -> list[dict]:
+    """Stage 3: naive and style-controlled models for every kind x backbone."""
+    from flywheel.rm_eval import rm_train, summarize
+    from rewards.rm import LLMConfig
+
+    reports = []
+    for backbone in backbones:
+        for kind in kinds:
+            for controlled in (False, True):
+                _, report = rm_train(
+                    run_dir, kind, backbone, style_controlled=controlled, seed=seed,
+                    llm_config=LLMConfig(max_pairs=llm_max_pairs), verbose=False,
+                )  # fmt: skip
+                print(summarize(report), flush=True)
+                reports.append(report)
+    return reports
+
+
+def table(reports: list[dict]) -> str:
+    """The figures side by side, as Markdown."""
+    lines = [
+        "| model | train s | pairwise acc | gold r (turns) | gold agree (pairs) "
+        "| r(emoji) | r(length) | max abs style r |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in reports:
+        acc = r.get("pairwise_accuracy", {}).get("accuracy", float("nan"))
+        s = r["style_correlations"]
+        lines.append(
+            f"| {r['model']} | {r['train_seconds']:.0f} | {acc:.3f} "
+            f"| {r['gold_correlation']['turns']['pearson_r']:+.3f} "
+            f"| {r['gold_correlation'].get('pairs_agreement', float('nan')):.3f} "
+            f"| {s['emoji']['pearson_r']:+.3f} | {s['length']['pearson_r']:+.3f} "
+            f"| {r['max_abs_style_r']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run-dir", type=Path, default=Path("runs/rm_artifact_trap"))
+    parser.add_argument("--users", type=int, default=160)
+    parser.add_argument("--pre-days", type=int, default=1)
+    parser.add_argument("--test-days", type=int, default=3)
+    parser.add_argument("--turn-cap", type=int, default=4)
+    parser.add_argument(
+        "--slot-minutes",
+        type=int,
+        default=720,
+        help="arrival slot: wide slots batch more conversations into one generate call",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads; on a shared, oversubscribed CPU one thread was 6x faster than two",
+    )
+    parser.add_argument("--pairs", type=int, default=1500)
+    parser.add_argument("--kinds", default="pointwise,pairwise,signals")
+    parser.add_argument("--backbones", default="minilm,llm")
+    parser.add_argument("--llm-max-pairs", type=int, default=600)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+
+    from flywheel.rm_eval import comparisons_path
+    from flywheel.store import DB_FILE
+
+    if not (args.run_dir / DB_FILE).exists() or not comparisons_path(args.run_dir).exists():
+        world, bot, users = run_traffic(
+            args.run_dir, args.users, args.pre_days, args.test_days, args.turn_cap,
+            args.slot_minutes, args.seed,
+        )  # fmt: skip
+        if not comparisons_path(args.run_dir).exists():
+            run_annotators(args.run_dir, world, bot, users, args.pairs, args.seed)
+    reports = train_models(
+        args.run_dir,
+        args.kinds.split(","),
+        args.backbones.split(","),
+        args.llm_max_pairs,
+        args.seed,
+    )
+    print(table(reports))
+    out = args.run_dir / "artifacts" / "rm_artifact_trap.json"
+    out.write_text(json.dumps(reports, indent=2, default=float))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
