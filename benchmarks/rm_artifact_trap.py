@@ -167,7 +167,12 @@ def run_annotators(run_dir: Path, world, bot: Policy, panel, n_pairs: int, seed:
 
 
 def train_models(
-    run_dir: Path, kinds: list[str], backbones: list[str], llm_max_pairs: int, seed: int
+    run_dir: Path,
+    kinds: list[str],
+    backbones: list[str],
+    llm_max_pairs: int,
+    llm_eval_rows: int,
+    seed: int,
 ) -> list[dict]:
     """Stage 3: naive and style-controlled models for every kind x backbone."""
     from flywheel.rm_eval import rm_train, summarize
@@ -179,7 +184,8 @@ def train_models(
             for controlled in (False, True):
                 _, report = rm_train(
                     run_dir, kind, backbone, style_controlled=controlled, seed=seed,
-                    llm_config=LLMConfig(max_pairs=llm_max_pairs), verbose=False,
+                    llm_config=LLMConfig(max_pairs=llm_max_pairs),
+                    max_eval_rows=llm_eval_rows if backbone == "llm" else None, verbose=False,
                 )  # fmt: skip
                 print(summarize(report), flush=True)
                 reports.append(report)
@@ -229,6 +235,12 @@ def main() -> None:
     parser.add_argument("--kinds", default="pointwise,pairwise,signals")
     parser.add_argument("--backbones", default="minilm,llm")
     parser.add_argument("--llm-max-pairs", type=int, default=600)
+    parser.add_argument(
+        "--llm-eval-rows",
+        type=int,
+        default=300,
+        help="LLM backbone: held-out turns and pairs scored (each a random sample)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     import torch
@@ -250,6 +262,7 @@ def main() -> None:
         args.kinds.split(","),
         args.backbones.split(","),
         args.llm_max_pairs,
+        args.llm_eval_rows,
         args.seed,
     )
     print(table(reports))

@@ -102,6 +102,9 @@ def rm_train(
         None, "--max-pairs", help="LLM backbone: most training pairs per target."
     ),
     epochs: float = typer.Option(1.0, "--epochs", help="LLM backbone: passes over the pairs."),
+    eval_rows: int | None = typer.Option(
+        None, "--eval-rows", help="Score at most this many held-out turns and pairs."
+    ),
 ) -> None:
     """Train a reward model on RUN_DIR's logs; write it and rm_eval.json (held-out accuracy,
     gold correlation, style correlations)."""
@@ -114,6 +117,7 @@ def rm_train(
         folder, report = run_rm_train(
             run_dir, kind, backbone, style_controlled=style_controlled, out=out,
             experiment_id=experiment, seed=seed, test_size=test_size, llm_config=llm_config,
+            max_eval_rows=eval_rows,
         )  # fmt: skip
     except (FileNotFoundError, ValueError) as err:
         typer.echo(f"error: {err}", err=True)
