@@ -26,7 +26,7 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -36,6 +36,9 @@ from flywheel.store import SCHEMA_VERSION, RunStore
 from policies import Policy, PolicySpec, load_policy
 from sim.traffic import CONTROL, TREATMENT, TrafficConfig
 from sim.world import WorldConfig
+
+if TYPE_CHECKING:
+    from flywheel.ab import ABResult, AnalysisConfig
 
 EXPERIMENT_ID = "ab"
 AB_DIR = "ab"
@@ -77,7 +80,7 @@ class ABScenario(BaseModel):
         AnalysisConfig(**value)  # its own checks name the field and the value
         return value
 
-    def analysis_config(self) -> Any:
+    def analysis_config(self) -> AnalysisConfig:
         """The ``flywheel.ab.AnalysisConfig`` of this scenario."""
         from flywheel.ab import AnalysisConfig
 
@@ -169,7 +172,7 @@ class PolicyCache:
 class ABOutcome:
     """What ``run_ab`` produced: the analysis, the files and the simulation figures."""
 
-    result: Any  # flywheel.ab.ABResult
+    result: ABResult
     paths: dict[str, Path]
     simulation: dict[str, Any]
 

@@ -750,7 +750,7 @@ class TrafficSimulator:
         self.stats.max_bot_batch = max(self.stats.max_bot_batch, len(sessions))
         self.stats.bot_tokens += sum(int(r.completion_tokens) for r in records)
         self._turns_done += len(sessions)
-        self._bar.set_postfix(turns=self._turns_done, batch=len(sessions), refresh=False)
+        self._bar.set_postfix(turns=self._turns_done, batch=len(sessions))
         return records
 
     def _seed(self) -> int:

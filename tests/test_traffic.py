@@ -2,7 +2,9 @@
 
 The end-to-end tests run ``flywheel ab`` on a tiny random Llama (real SmolLM2 tokenizer)
 for both arms and the simulated users, with every session opening in one evening slot, so
-a simulated day is a handful of batched backend calls.
+a simulated day is a handful of batched backend calls. The resume tests compare an
+interrupted-then-resumed run with an independent uninterrupted one (a separate process):
+equal tables are also the "same scenario + seed -> same numbers" check.
 """
 
 from __future__ import annotations
