@@ -22,8 +22,10 @@ install: $(STAMP)
 browser:
 	command -v chromium >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium)
 
+# Rerunning resumes an interrupted run; a finished run prints its table again.
 demo: install
 	$(VENV)/bin/flywheel models prepare
+	$(VENV)/bin/flywheel run scenarios/quickstart.toml --out runs/quickstart
 
 test: install browser
 	$(VENV)/bin/ruff check .
