@@ -451,6 +451,7 @@ def train_llm(
             learning_rate=config.lr,
             max_length=config.max_length,
             bf16=config.bf16,
+            use_cpu=not torch.cuda.is_available(),  # transformers refuses CPU bf16 without it
             activation_checkpointing=False,  # a 135M model fits; recomputation only costs time
             dataloader_pin_memory=torch.cuda.is_available(),
             logging_steps=max(1, len(pairs) // config.batch_size // 10),
