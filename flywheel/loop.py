@@ -153,8 +153,7 @@ class FlywheelRun:
         """Who serves after a generation's decision."""
         if record["decision"] != "ship":
             return self._spec_by_name(record["parent"])
-        recipe = record["recipe"]
-        return self.candidate_spec(record["generation"], recipe)
+        return self.candidate_spec(record["generation"], record["recipe_name"])
 
     def _spec_by_name(self, name: str) -> PolicySpec:
         if name == GEN0:
@@ -180,61 +179,92 @@ class FlywheelRun:
         """Every step of one generation (skipping finished ones); returns its record."""
         scenario = self.scenario
         traffic_id, ab_id = experiment_ids(generation)
+        collect_traffic = scenario.collect_traffic(generation)
         self.console.rule(f"generation {generation}: deployed {deployed.label}")
-        collect = self._step(generation, "collect", {
-            "experiment_id": traffic_id, "traffic": scenario.collect_traffic(generation).model_dump(mode="json"),
-            "policy": deployed.label,
-        }, {}, lambda seed: self.simulate(
-            traffic_id, scenario.collect_traffic(generation), deployed, deployed, seed,
-        ))  # fmt: skip
+
+        collect = self._step(
+            generation,
+            "collect",
+            config={"traffic": collect_traffic.model_dump(mode="json")},
+            inputs={"experiment_id": traffic_id, "policy": deployed.label},
+            work=lambda seed: self.simulate(traffic_id, collect_traffic, deployed, deployed, seed),
+        )
         curate = self._step(
-            generation, "curate", {"curation": scenario.curation}, {"experiment_id": traffic_id},
-            lambda seed: self.curate(generation, traffic_id, seed),
-        )  # fmt: skip
+            generation,
+            "curate",
+            config={"curation": scenario.curation},
+            inputs={"experiment_id": traffic_id},
+            work=lambda seed: self.curate(generation, traffic_id, seed),
+        )
         rms = self._step(
-            generation, "reward_models", scenario.reward_models.model_dump(mode="json"),
-            {"experiment_id": traffic_id},
-            lambda seed: self.train_reward_models(generation, traffic_id, seed),
-        )  # fmt: skip
+            generation,
+            "reward_models",
+            config=scenario.reward_models.model_dump(mode="json"),
+            inputs={"experiment_id": traffic_id},
+            work=lambda seed: self.train_reward_models(generation, traffic_id, seed),
+        )
+
         candidates = []
         for recipe in scenario.recipes:
             trained = self._step(
-                generation, f"candidate:{recipe.name}", recipe.model_dump(mode="json"),
-                {"deployed": deployed.label, "data": curate["train"], "reward_models": rms},
-                lambda seed, r=recipe: self.make_candidate(generation, r, deployed, curate, rms, traffic_id, seed),
-            )  # fmt: skip
+                generation,
+                f"candidate:{recipe.name}",
+                config=recipe.model_dump(mode="json"),
+                inputs={"deployed": deployed.label, "data": curate["train"], "reward_models": rms},
+                work=lambda seed, r=recipe: self.make_candidate(
+                    generation, r, deployed, curate, rms, traffic_id, seed
+                ),
+            )
             offline = self._step(
-                generation, f"offline:{recipe.name}", scenario.gates.model_dump(mode="json"),
-                {"candidate": trained["model_path"], "deployed": deployed.label},
-                lambda seed, r=recipe: self.evaluate(generation, r.name, deployed, curate, rms, seed),
-            )  # fmt: skip
+                generation,
+                f"offline:{recipe.name}",
+                config=scenario.gates.model_dump(mode="json"),
+                inputs={"candidate": trained["model_path"], "deployed": deployed.label},
+                work=lambda seed, r=recipe: self.evaluate(
+                    generation, r.name, deployed, curate, rms, seed
+                ),
+            )
             candidates.append({"recipe": recipe, "trained": trained, "offline": offline})
+
+        # The A/B test goes to the candidate the honest (style-controlled) RM likes most.
+        def sc_win(c: dict[str, Any]) -> float:
+            return c["offline"]["offline"]["rm_win_rate_style_controlled"]
+
         passed = [c for c in candidates if c["offline"]["passed"]]
-        best = max(
-            passed,
-            key=lambda c: c["offline"]["offline"]["rm_win_rate_style_controlled"],
-            default=None,
-        )
+        best = max(passed, key=sc_win, default=None)
         if best is None:
-            ab = self._step(generation, "ab", {"skipped": True}, {}, lambda seed: {"skipped": True})
-        else:
-            name = best["recipe"].name
             ab = self._step(
-                generation, "ab", {
-                    "experiment_id": ab_id, "traffic": scenario.ab_traffic(generation).model_dump(mode="json"),
-                    "analysis": scenario.analysis,
-                }, {"control": deployed.label, "treatment": candidate_name(generation, name)},
-                lambda seed: self.ab_test(generation, deployed, self.candidate_spec(generation, name), seed),
+                generation, "ab", config={"skipped": True}, inputs={},
+                work=lambda seed: {"skipped": True},
             )  # fmt: skip
-        shown = best or max(
-            candidates, key=lambda c: c["offline"]["offline"]["rm_win_rate_style_controlled"]
-        )
+        else:
+            treatment = self.candidate_spec(generation, best["recipe"].name)
+            ab = self._step(
+                generation,
+                "ab",
+                config={
+                    "traffic": scenario.ab_traffic(generation).model_dump(mode="json"),
+                    "analysis": scenario.analysis,
+                },
+                inputs={
+                    "experiment_id": ab_id,
+                    "control": deployed.label,
+                    "treatment": treatment.label,
+                },
+                work=lambda seed: self.ab_test(generation, deployed, treatment, seed),
+            )
+        shown = best or max(candidates, key=sc_win)
         record = self._step(
-            generation, "decide", {}, {"ab": ab, "candidate": candidate_name(generation, shown["recipe"].name)},
-            lambda seed: self.decide(generation, deployed, collect, rms, candidates, shown, ab),
-        )  # fmt: skip
+            generation,
+            "decide",
+            config={},
+            inputs={"ab": ab, "candidate": candidate_name(generation, shown["recipe"].name)},
+            work=lambda seed: self.decide(
+                generation, deployed, collect, rms, candidates, shown, ab
+            ),
+        )
         self.ledger.put_generation(generation, record)
-        self.pool.retain([self.deployed_spec(record), self.scenario.world.user_llm.policy])
+        self.pool.retain([self.deployed_spec(record), scenario.world.user_llm.policy])
         verdict = record["decision"].upper()
         self.console.print(f"[bold]generation {generation}: {verdict}[/bold] {record['reason']}")
         return record
@@ -243,10 +273,12 @@ class FlywheelRun:
         self,
         generation: int,
         step: str,
+        *,
         config: dict[str, Any],
         inputs: dict[str, Any],
         work: Callable[[int], dict[str, Any]],
     ) -> dict[str, Any]:
+        """Run one ledger step with its derived seed, then the fault hooks."""
         seed = derive_seed(self.scenario.seed, generation, step)
         existing = self.ledger.step(generation, step)
         if existing is None or existing["status"] != "done":

@@ -544,9 +544,19 @@ def check_files(scenario: Scenario, source: str) -> None:
         try:
             world = load_characters(world_dir)
             heldout = load_characters(steer_dir)
-            check_heldout(world, heldout)
         except (ValueError, FileNotFoundError) as err:
-            problems.append(f"  scenario.gates.steerability.characters_dir: {err}")
+            problems.append(f"  scenario.world.characters_dir / gates.steerability: {err}")
+        else:
+            unknown = sorted(set(scenario.world.characters or ()) - set(world))
+            if unknown:
+                problems.append(
+                    f"  scenario.world.characters = {scenario.world.characters}: {unknown} are "
+                    f"not in {world_dir}; fix: use names from {sorted(world)}"
+                )
+            try:
+                check_heldout(world, heldout)
+            except ValueError as err:
+                problems.append(f"  scenario.gates.steerability.characters_dir: {err}")
     if problems:
         raise ScenarioError(f"{source}: invalid scenario\n" + "\n".join(problems))
 

@@ -127,6 +127,12 @@ def test_missing_file_and_bad_toml(tmp_path: Path) -> None:
     assert "not valid TOML" in error_of(tmp_path, "seed = = 1\n")
 
 
+def test_unknown_character_names_are_errors(tmp_path: Path) -> None:
+    message = error_of(tmp_path, '[world]\ncharacters = ["Captain Mara", "Whiskers"]\n')
+    assert "scenario.world.characters" in message and "'Whiskers'" in message
+    assert "Dr. Whiskers" in message
+
+
 def test_relative_folders_resolve_next_to_the_file(tmp_path: Path) -> None:
     message = error_of(tmp_path, '[world]\ncharacters_dir = "cast"\n')
     assert f"{tmp_path / 'cast'}" in message and "no such folder" in message
