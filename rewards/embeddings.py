@@ -1,39 +1,38 @@
 """Sentence embeddings from the packaged all-MiniLM-L6-v2 (sentence-transformers).
 
-One process-wide ``Embedder`` per model folder (``get_embedder``), with an LRU cache per text
-so that texts seen every turn (character personas, the same user message scored against
-several replies) are encoded once. ``encode`` batches every uncached text in one call.
-Vectors are L2-normalised, so a dot product is the cosine similarity.
+One process-wide ``Embedder`` per model folder (``get_embedder``). ``encode`` encodes the
+distinct texts of one call in one batched forward pass. Vectors are L2-normalised, so a dot
+product is the cosine similarity.
+
+There is deliberately no cache across calls: a text's vector differs in the last float bits
+with the batch it was encoded in, so a cache would make features depend on the history of
+calls, and a resumed run (which starts with an empty cache) would drift from an
+uninterrupted one. Without it, the same calls give the same numbers, in any process.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-DEFAULT_CACHE_SIZE = 50_000  # texts; ~75 MB of float32 384-d vectors
-
 
 class Embedder:
-    """Batched, cached sentence encoder.
+    """Batched sentence encoder.
 
     Args:
         model_path: a sentence-transformers folder; default: the packaged MiniLM
             (``policies.models.minilm_path()``).
         batch_size: texts per forward pass.
-        cache_size: most texts kept in the LRU cache.
     """
 
     def __init__(
         self,
         model_path: str | Path | None = None,
         batch_size: int = 64,
-        cache_size: int = DEFAULT_CACHE_SIZE,
     ) -> None:
         # Models come from packages, never from the hub at run time.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -51,29 +50,21 @@ class Embedder:
         )
         self.dim = int(get_dim() or 0)
         self.batch_size = batch_size
-        self.cache_size = cache_size
-        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """Unit-norm embeddings, shape ``(len(texts), dim)``, float32, in input order."""
-        missing = list(dict.fromkeys(t for t in texts if t not in self._cache))
-        if missing:
-            vectors = self.model.encode(
-                missing,
-                batch_size=self.batch_size,
-                normalize_embeddings=True,
-                convert_to_numpy=True,
-                show_progress_bar=False,
-            )
-            for text, vec in zip(missing, vectors, strict=True):
-                self._cache[text] = vec.astype(np.float32)
-        out = np.empty((len(texts), self.dim), dtype=np.float32)
-        for i, text in enumerate(texts):
-            self._cache.move_to_end(text)
-            out[i] = self._cache[text]
-        while len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
-        return out
+        distinct = list(dict.fromkeys(texts))
+        if not distinct:
+            return np.empty((0, self.dim), dtype=np.float32)
+        vectors = self.model.encode(
+            distinct,
+            batch_size=self.batch_size,
+            normalize_embeddings=True,
+            convert_to_numpy=True,
+            show_progress_bar=False,
+        ).astype(np.float32)
+        row = {text: i for i, text in enumerate(distinct)}
+        return vectors[[row[text] for text in texts]]
 
 
 @functools.cache

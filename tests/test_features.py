@@ -56,14 +56,17 @@ def test_offensive_probability_and_unsafe() -> None:
     assert offensive_probability([]).shape == (0,)
 
 
-def test_embeddings_are_unit_norm_cached_and_order_preserving(embedder: Embedder) -> None:
+def test_embeddings_are_unit_norm_deterministic_and_order_preserving(embedder: Embedder) -> None:
     texts = ["the cat sat on the mat", "stock markets fell today", "the cat sat on the mat"]
     vectors = embedder.encode(texts)
     assert vectors.shape == (3, embedder.dim)
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
     np.testing.assert_array_equal(vectors[0], vectors[2])
-    again = embedder.encode(["stock markets fell today"])
-    np.testing.assert_array_equal(again[0], vectors[1])
+    # The same call gives the same bits (what resume relies on); another batch, the same
+    # vector up to float noise.
+    np.testing.assert_array_equal(embedder.encode(texts), vectors)
+    alone = embedder.encode(["stock markets fell today"])
+    np.testing.assert_allclose(alone[0], vectors[1], atol=1e-5)
     assert get_embedder() is embedder  # one model per process
     sims = cosine_rows(vectors[:1], vectors[1:2])
     assert -1.0 <= sims[0] < 0.5
