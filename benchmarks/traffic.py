@@ -17,8 +17,16 @@ in the same process, on the same model:
 
 Tokens are generated tokens (bot + user). Usage::
 
-    .venv/bin/python benchmarks/traffic.py --model tiny              # random 2-layer Llama
-    .venv/bin/python benchmarks/traffic.py --model smollm2 --users 120 --baseline-users 12
+    .venv/bin/python benchmarks/traffic.py                          # SmolLM2, 300 users
+    .venv/bin/python benchmarks/traffic.py --users 120 --baseline-users 16
+    .venv/bin/python benchmarks/traffic.py --model tiny --users 400  # random 2-layer Llama
+
+Measured here (2 shared cores, OMP_NUM_THREADS=1, load average 4-7 from other jobs), one day:
+SmolLM2 at 120 users: batched 18.8 tok/s (mean batch 11.4) vs 5.6 one at a time (3.3x;
+2.4x conversations/s), 0.92 of the replayed generation ceiling, 0.27 of a raw batch of 64
+short chats (smaller batches, longer prompts). The tiny random Llama gains only 1.4x from
+batching: its cost is per row (a 49k-token vocabulary projection and top-p sort for
+every row), not weight reads, so it is no stand-in for a real model here.
 """
 
 from __future__ import annotations
@@ -196,10 +204,10 @@ def render(rows: Sequence[Row], model: str) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the benchmark and print its table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="tiny", help="'tiny' (random 2-layer Llama), "
+    parser.add_argument("--model", default="smollm2", help="'tiny' (random 2-layer Llama), "
                         "'smollm2' or any HF folder / id")  # fmt: skip
-    parser.add_argument("--users", type=int, default=400, help="population of the batched run")
-    parser.add_argument("--baseline-users", type=int, default=24,
+    parser.add_argument("--users", type=int, default=300, help="population of the batched run")
+    parser.add_argument("--baseline-users", type=int, default=16,
                         help="population of the one-at-a-time run")  # fmt: skip
     parser.add_argument("--turn-cap", type=int, default=3)
     parser.add_argument("--max-new-tokens", type=int, default=32, help="bot and user replies")
