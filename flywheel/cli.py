@@ -154,6 +154,42 @@ def chat(
     print_run(run, show, echo=typer.echo)
 
 
+@app.command("ab")
+def ab(
+    scenario: str = typer.Argument(
+        ..., help="Scenario TOML: seed and world, traffic, analysis tables."
+    ),
+    control: str = typer.Option(
+        "smollm2", "--control", help="Control POLICY: HF id, local folder or smollm2."
+    ),
+    treatment: str = typer.Option(
+        "smollm2",
+        "--treatment",
+        help="Treatment POLICY; 'violate:MODEL' or 'violate@RATE:MODEL' plants a "
+        "policy that breaks its characters' prohibitions on a RATE share of replies.",
+    ),
+    out: str = typer.Option(..., "--out", help="Run directory; rerun with it to resume."),
+    progress: bool = typer.Option(True, "--progress/--quiet", help="Progress bar over days."),
+) -> None:
+    """Simulate an A/B test (pre-period + test days of traffic) and analyse it: writes
+    RUN_DIR/ab/result.json, report.md and plots. Rerunning resumes an interrupted run."""
+    from flywheel.experiment import run_ab
+
+    try:
+        outcome = run_ab(scenario, control, treatment, out, progress=progress)
+    except (FileNotFoundError, ValueError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(code=2) from err
+    typer.echo(outcome.result.summary())
+    sim = outcome.simulation
+    typer.echo(
+        f"simulated {sim['days']} days, {sim['sessions']} sessions, {sim['bot_replies']} bot "
+        f"replies in {sim['simulated_wall_s']:.0f} s ({sim['tokens_per_s']:.1f} tokens/s, mean "
+        f"bot batch {sim['mean_bot_batch']:.1f})"
+    )
+    typer.echo(f"wrote {', '.join(str(p) for p in outcome.paths.values())}")
+
+
 train_app = typer.Typer(
     help="Train the next character model on a run's logs (SFT, DPO, GRPO).", no_args_is_help=True
 )
@@ -171,8 +207,10 @@ def _run_world(run_dir: str, experiment: str | None) -> tuple[Any, Any]:
         experiments = store.experiments()
     if turns.empty:
         raise ValueError(f"run {run_dir} has no logged turns; run traffic (flywheel ab) first")
-    config = experiments["config"].iloc[0] if experiment is None else (
-        experiments.set_index("experiment_id").loc[experiment, "config"]
+    config = (
+        experiments["config"].iloc[0]
+        if experiment is None
+        else (experiments.set_index("experiment_id").loc[experiment, "config"])
     )
     world = WorldConfig.model_validate(config["scenario"]["world"])
     characters = select_characters(load_characters(world.characters_dir), world.characters)
@@ -180,8 +218,16 @@ def _run_world(run_dir: str, experiment: str | None) -> tuple[Any, Any]:
 
 
 def _train(
-    recipe: str, run_dir: str, from_model: str, out: str, steps: int, rm: str | None,
-    experiment: str | None, seed: int, full: bool, config: str | None,
+    recipe: str,
+    run_dir: str,
+    from_model: str,
+    out: str,
+    steps: int,
+    rm: str | None,
+    experiment: str | None,
+    seed: int,
+    full: bool,
+    config: str | None,
 ) -> None:
     from rewards.rm.base import load_reward_model
     from training import recipes
@@ -192,8 +238,14 @@ def _train(
     checkers = {name: c.checkers for name, c in characters.items()}
     scorer = load_reward_model(rm) if rm else None
     overrides = load_config_overrides(config) if config else None
-    common = {"model": from_model, "out": out, "steps": steps, "seed": seed,
-              "use_peft": not full, "overrides": overrides}
+    common = {
+        "model": from_model,
+        "out": out,
+        "steps": steps,
+        "seed": seed,
+        "use_peft": not full,
+        "overrides": overrides,
+    }
     if recipe == "sft":
         folder = recipes.run_sft(turns, prompts, **common)
     elif recipe == "dpo":
@@ -221,7 +273,9 @@ def _train_command(recipe: str, summary: str) -> None:
         seed: int = typer.Option(0, "--seed", help="Seeds the user split, sampling, training."),
         full: bool = typer.Option(False, "--full", help="Full fine-tuning instead of LoRA."),
         config: str | None = typer.Option(
-            None, "--config", help="YAML of TRL config fields (GPU: training/configs/grpo_vllm.yaml)."
+            None,
+            "--config",
+            help="YAML of TRL config fields (GPU: training/configs/grpo_vllm.yaml).",
         ),
     ) -> None:
         try:
@@ -232,10 +286,16 @@ def _train_command(recipe: str, summary: str) -> None:
 
 
 _train_command("sft", "Supervised fine-tuning on RUN_DIR's curated replies (train users only).")
-_train_command("dpo", "DPO on best/worst pairs of the model's own replies to curated contexts, "
-               "scored by --rm, the steerability checkers and the artifact penalty.")
-_train_command("grpo", "GRPO on curated contexts with the --rm score, steerability checkers and "
-               "the artifact penalty as separate rewards.")
+_train_command(
+    "dpo",
+    "DPO on best/worst pairs of the model's own replies to curated contexts, "
+    "scored by --rm, the steerability checkers and the artifact penalty.",
+)
+_train_command(
+    "grpo",
+    "GRPO on curated contexts with the --rm score, steerability checkers and "
+    "the artifact penalty as separate rewards.",
+)
 
 
 def _gold_scorer(run_dir: str, characters: dict[str, Any]) -> Any:
@@ -288,7 +348,9 @@ def bon(
     run_dir: str = typer.Argument(..., help="Run directory (run.duckdb + artifacts/)."),
     n: str = typer.Option("1,2,4,8,16", "--n", help="Comma-separated n of best-of-n."),
     rm: str = typer.Option(..., "--rm", help="Reward model folder: the proxy being optimised."),
-    policy: str = typer.Option("smollm2", "--policy", help="Sampling policy (HF folder or smollm2)."),
+    policy: str = typer.Option(
+        "smollm2", "--policy", help="Sampling policy (HF folder or smollm2)."
+    ),
     contexts: int = typer.Option(48, "--contexts", min=1, help="Held-out contexts to sample."),
     max_new_tokens: int = typer.Option(48, "--max-new-tokens", min=1, help="Reply cap."),
     out: str | None = typer.Option(None, "--out", help="Folder (default RUN_DIR/artifacts/bon)."),
@@ -330,46 +392,22 @@ def bon(
     folder.mkdir(parents=True, exist_ok=True)
     sweep.table.to_csv(folder / "sweep.csv", index=False)
     candidates.drop(columns=["prompt"]).to_parquet(folder / "candidates.parquet")
-    (folder / "sweep.json").write_text(json.dumps(
-        {"rm": rm, "policy": policy, "proxy_sd": sweep.proxy_sd, "gold_sd": sweep.gold_sd,
-         "n_contexts": sweep.n_contexts, "table": sweep.table.to_dict(orient="records")},
-        indent=2,
-    ))
+    (folder / "sweep.json").write_text(
+        json.dumps(
+            {
+                "rm": rm,
+                "policy": policy,
+                "proxy_sd": sweep.proxy_sd,
+                "gold_sd": sweep.gold_sd,
+                "n_contexts": sweep.n_contexts,
+                "table": sweep.table.to_dict(orient="records"),
+            },
+            indent=2,
+        )
+    )
     png = sweep.plot(folder / "bon.png", title=f"Best-of-n under {Path(rm).name}")
     typer.echo(sweep.summary())
     typer.echo(f"wrote {folder / 'sweep.csv'}, {folder / 'sweep.json'}, {png}")
-
-
-@app.command("ab")
-def ab(
-    scenario: str = typer.Argument(..., help="Scenario TOML: seed and world, traffic, analysis tables."),
-    control: str = typer.Option(
-        "smollm2", "--control", help="Control POLICY: HF id, local folder or smollm2."
-    ),
-    treatment: str = typer.Option(
-        "smollm2", "--treatment", help="Treatment POLICY; 'violate:MODEL' or 'violate@RATE:MODEL' plants a "
-        "policy that breaks its characters' prohibitions on a RATE share of replies.",
-    ),
-    out: str = typer.Option(..., "--out", help="Run directory; rerun with it to resume."),
-    progress: bool = typer.Option(True, "--progress/--quiet", help="Progress bar over days."),
-) -> None:
-    """Simulate an A/B test (pre-period + test days of traffic) and analyse it: writes
-    RUN_DIR/ab/result.json, report.md and plots. Rerunning resumes an interrupted run."""
-    from flywheel.experiment import run_ab
-
-    try:
-        outcome = run_ab(scenario, control, treatment, out, progress=progress)
-    except (FileNotFoundError, ValueError) as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(code=2) from err
-    typer.echo(outcome.result.summary())
-    sim = outcome.simulation
-    typer.echo(
-        f"simulated {sim['days']} days, {sim['sessions']} sessions, {sim['bot_replies']} bot "
-        f"replies in {sim['simulated_wall_s']:.0f} s ({sim['tokens_per_s']:.1f} tokens/s, mean "
-        f"bot batch {sim['mean_bot_batch']:.1f})"
-    )
-    typer.echo(f"wrote {', '.join(str(p) for p in outcome.paths.values())}")
 
 
 @app.command("run")
@@ -418,31 +456,6 @@ def report(
         raise typer.Exit(code=2) from err
     records = document["generations"]
     typer.echo(render_markdown(document["scenario"], records) if markdown else text_table(records))
-
-
-@app.command("dashboard")
-def dashboard(
-    run_dir: str = typer.Argument(..., help="Run directory (run.duckdb, generations.json)."),
-    port: int = typer.Option(8501, "--port", min=1, max=65535, help="Port on 127.0.0.1."),
-) -> None:
-    """Serve the Streamlit dashboards over RUN_DIR on 127.0.0.1 (read-only, headless)."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from dashboards import APP_PATH
-
-    if not (Path(run_dir) / "run.duckdb").is_file():
-        # Not an error: the dashboard can be opened before the run starts and says so.
-        typer.echo(f"note: {run_dir} holds no run.duckdb yet; the dashboard will say so")
-    typer.echo(f"CharacterFlywheel dashboard for {run_dir}: http://127.0.0.1:{port}")
-    command = [
-        sys.executable, "-m", "streamlit", "run", str(APP_PATH),
-        "--server.address", "127.0.0.1", "--server.port", str(port),
-        "--server.headless", "true", "--browser.gatherUsageStats", "false",
-        "--", "--run-dir", str(Path(run_dir).resolve()),
-    ]  # fmt: skip
-    raise typer.Exit(code=subprocess.call(command))
 
 
 @app.command("dashboard")
