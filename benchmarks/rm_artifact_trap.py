@@ -17,6 +17,8 @@ Three stages, each skipped when its output already exists in RUN_DIR (rerun to r
 3. Reward models. ``flywheel.rm_eval.rm_train`` (what ``flywheel rm train`` runs) for each
    requested kind x backbone, naive and style-controlled; prints held-out pairwise accuracy,
    gold correlation, the correlation with emoji count and length, and training time.
+   ``pointwise:liked`` is a pointwise model of likes alone, the immediate signal the trap
+   rewards.
 
     .venv/bin/python benchmarks/rm_artifact_trap.py --run-dir runs/artifact_trap
 """
@@ -151,7 +153,8 @@ def run_annotators(run_dir: Path, world, bot: Policy, panel, n_pairs: int, seed:
             max_new_tokens=48, temperature=0.8, top_p=0.95, seed=int(rng.integers(2**31))
         )
         pairs += pairs_from_turns(turns.iloc[np.sort(chunk)], world.characters, bot, params, rng)
-        print(f"  pairs {len(pairs)}/{n_pairs} ({time.perf_counter() - started:.0f}s)", flush=True)
+        total = min(n_pairs, len(turns))  # one pair per logged turn at most
+        print(f"  pairs {len(pairs)}/{total} ({time.perf_counter() - started:.0f}s)", flush=True)
     annotators = SimulatedAnnotators(
         world.gold,
         world.characters,
@@ -172,42 +175,77 @@ def train_models(
     backbones: list[str],
     llm_max_pairs: int,
     llm_eval_rows: int,
+    folds: int,
     seed: int,
 ) -> list[dict]:
-    """Stage 3: naive and style-controlled models for every kind x backbone."""
-    from flywheel.rm_eval import rm_train, summarize
+    """Stage 3: naive and style-controlled models for every kind x backbone.
+
+    MiniLM models are cross-validated over ``folds`` user folds (cheap, and every logged
+    pair is then held out once); LLM models get the one split ``flywheel rm train`` makes,
+    with the model saved under RUN_DIR/artifacts/rm/.
+    """
+    from flywheel.rm_eval import cross_validate, load_run_tables, rm_train, summarize
     from rewards.rm import LLMConfig
 
-    reports = []
+    turns, activity, comparisons = load_run_tables(run_dir)
+    rows = []
     for backbone in backbones:
-        for kind in kinds:
+        for spec in kinds:
+            kind, _, target = spec.partition(":")  # "pointwise:liked" = a likes model
             for controlled in (False, True):
-                _, report = rm_train(
-                    run_dir, kind, backbone, style_controlled=controlled, seed=seed,
-                    llm_config=LLMConfig(max_pairs=llm_max_pairs),
-                    max_eval_rows=llm_eval_rows if backbone == "llm" else None, verbose=False,
-                )  # fmt: skip
-                print(summarize(report), flush=True)
-                reports.append(report)
-    return reports
+                if backbone == "minilm" and folds > 1:
+                    result = cross_validate(
+                        turns, comparisons, kind, backbone, folds=folds, seed=seed,
+                        style_controlled=controlled, target=target or None, activity=activity,
+                    )  # fmt: skip
+                    rows.append(result["pooled"])
+                else:
+                    _, report = rm_train(
+                        run_dir, kind, backbone, style_controlled=controlled, seed=seed,
+                        target=target or None, llm_config=LLMConfig(max_pairs=llm_max_pairs),
+                        max_eval_rows=llm_eval_rows, verbose=False,
+                    )  # fmt: skip
+                    print(summarize(report), flush=True)
+                    rows.append(_as_row(report))
+                print(table(rows[-1:]), flush=True)
+    return rows
 
 
-def table(reports: list[dict]) -> str:
+def _as_row(report: dict) -> dict:
+    """One split's report in the pooled layout of ``cross_validate``."""
+    return {
+        "model": report["model"],
+        "folds": 1,
+        "train_seconds_mean": report["train_seconds"],
+        "gold_pearson_turns": report["gold_correlation"]["turns"]["pearson_r"],
+        "style_pearson": {k: v["pearson_r"] for k, v in report["style_correlations"].items()},
+        "style_sensitivity_sd": {
+            k: v["mean_delta_sd"] for k, v in report["style_sensitivity"].items()
+        },
+        "n_turns": report["n_test_turns"],
+        "pairwise_accuracy": report.get("pairwise_accuracy", {}),
+        "gold_pairs_agreement": report["gold_correlation"].get("pairs_agreement", float("nan")),
+    }
+
+
+def table(rows: list[dict]) -> str:
     """The figures side by side, as Markdown."""
+    nan = float("nan")
     lines = [
-        "| model | train s | pairwise acc | gold r (turns) | gold agree (pairs) "
-        "| r(emoji) | r(length) | max abs style r |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | folds | train s | pairwise acc [95% CI] (n) | gold r | gold agree "
+        "| r(emoji) | r(length) | +emoji (sd) | +filler (sd) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in reports:
-        acc = r.get("pairwise_accuracy", {}).get("accuracy", float("nan"))
-        s = r["style_correlations"]
+    for r in rows:
+        acc = r.get("pairwise_accuracy") or {}
+        style, sens = r["style_pearson"], r["style_sensitivity_sd"]
         lines.append(
-            f"| {r['model']} | {r['train_seconds']:.0f} | {acc:.3f} "
-            f"| {r['gold_correlation']['turns']['pearson_r']:+.3f} "
-            f"| {r['gold_correlation'].get('pairs_agreement', float('nan')):.3f} "
-            f"| {s['emoji']['pearson_r']:+.3f} | {s['length']['pearson_r']:+.3f} "
-            f"| {r['max_abs_style_r']:.3f} |"
+            f"| {r['model']} | {r['folds']} | {r['train_seconds_mean']:.0f} "
+            f"| {acc.get('accuracy', nan):.3f} [{acc.get('ci_low', nan):.3f}, "
+            f"{acc.get('ci_high', nan):.3f}] ({acc.get('n', 0)}) "
+            f"| {r['gold_pearson_turns']:+.3f} | {r.get('gold_pairs_agreement', nan):.3f} "
+            f"| {style['emoji']:+.3f} | {style['length']:+.3f} "
+            f"| {sens['emoji']:+.2f} | {sens['filler']:+.2f} |"
         )
     return "\n".join(lines)
 
@@ -232,7 +270,11 @@ def main() -> None:
         help="torch threads; on a shared, oversubscribed CPU one thread was 6x faster than two",
     )
     parser.add_argument("--pairs", type=int, default=1500)
-    parser.add_argument("--kinds", default="pointwise,pairwise,signals")
+    parser.add_argument(
+        "--kinds",
+        default="pointwise,pointwise:liked,pairwise,signals",
+        help="kinds to train; KIND:TARGET picks a pointwise target (pointwise:liked)",
+    )
     parser.add_argument("--backbones", default="minilm,llm")
     parser.add_argument("--llm-max-pairs", type=int, default=600)
     parser.add_argument(
@@ -241,6 +283,7 @@ def main() -> None:
         default=300,
         help="LLM backbone: held-out turns and pairs scored (each a random sample)",
     )
+    parser.add_argument("--folds", type=int, default=5, help="MiniLM: user folds (1 = one split)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     import torch
@@ -263,10 +306,13 @@ def main() -> None:
         args.backbones.split(","),
         args.llm_max_pairs,
         args.llm_eval_rows,
+        args.folds,
         args.seed,
     )
     print(table(reports))
-    out = args.run_dir / "artifacts" / "rm_artifact_trap.json"
+    out = (
+        args.run_dir / "artifacts" / f"rm_artifact_trap_{'-'.join(args.backbones.split(','))}.json"
+    )
     out.write_text(json.dumps(reports, indent=2, default=float))
     print(f"wrote {out}")
 

@@ -87,6 +87,10 @@ def rm_train(
     style_controlled: bool = typer.Option(
         False, "--style-controlled", help="Fit style as a separate term, dropped at scoring."
     ),
+    target: str | None = typer.Option(
+        None, "--target", help="pointwise only: engaged (default) | continued | liked | "
+        "returned_next_day.",
+    ),
     out: str | None = typer.Option(
         None, "--out", help="Model folder (default RUN_DIR/artifacts/rm/<model name>)."
     ),
@@ -115,7 +119,7 @@ def rm_train(
     try:
         llm_config = LLMConfig(model=llm_model, max_pairs=max_pairs, epochs=epochs)
         folder, report = run_rm_train(
-            run_dir, kind, backbone, style_controlled=style_controlled, out=out,
+            run_dir, kind, backbone, style_controlled=style_controlled, target=target, out=out,
             experiment_id=experiment, seed=seed, test_size=test_size, llm_config=llm_config,
             max_eval_rows=eval_rows,
         )  # fmt: skip

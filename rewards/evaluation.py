@@ -7,6 +7,11 @@
   bins, weighted by bin size).
 - :func:`style_correlations` (from ``rewards.style_control``): correlation of the reward
   with each style feature.
+- :func:`style_sensitivity`: what a policy gains by style alone: the mean change of the
+  reward when the same reply gets emoji, "!" for every ".", or a content-free filler
+  sentence appended (:data:`STYLE_PROBES`), in units of the reward's spread. Correlation
+  understates this: when content moves the reward a lot, a sizeable per-reply style bonus
+  shows as a small r, and RL finds the bonus anyway.
 - :func:`win_rate`: how often a candidate policy's reply beats the baseline's reply to the
   same context under a reward model (ties half), with a Wilson interval.
 - :func:`style_controlled_win_rates`: the raw and the style-controlled win rate side by
@@ -37,10 +42,12 @@ WIN_RATE_GAP_WARNING = 0.10  # 10 points between raw and style-controlled win ra
 _PROB_CLIP = 1e-7
 
 __all__ = [
+    "STYLE_PROBES",
     "WIN_RATE_GAP_WARNING",
     "Accuracy",
     "Calibration",
     "StyleCorrelation",
+    "StyleSensitivity",
     "WinRate",
     "WinRateComparison",
     "calibration",
@@ -48,6 +55,7 @@ __all__ = [
     "pairwise_accuracy",
     "style_controlled_win_rates",
     "style_correlations",
+    "style_sensitivity",
     "win_rate",
 ]
 
@@ -287,3 +295,61 @@ def style_controlled_win_rates(
         )
         warnings.warn(message, stacklevel=2)
     return WinRateComparison(raw, controlled, gap, message)
+
+
+def _add_emoji(reply: str) -> str:
+    return f"{reply} 😀🎉"
+
+
+def _exclaim(reply: str) -> str:
+    return reply.replace(".", "!")
+
+
+def _add_filler(reply: str) -> str:
+    return f"{reply} Anyway, that is what I think, and I could keep talking about this for ages."
+
+
+# Content-free edits a policy could learn; module-level functions so the dict pickles.
+STYLE_PROBES = {"emoji": _add_emoji, "exclamation": _exclaim, "filler": _add_filler}
+
+
+@dataclass(frozen=True)
+class StyleSensitivity:
+    """Reward change from one content-free style edit, over a set of replies."""
+
+    probe: str
+    mean_delta: float  # in reward units
+    mean_delta_sd: float  # in units of the reward's standard deviation over the replies
+    share_raised: float  # share of replies the edit scores higher
+    n: int
+
+    def to_dict(self) -> dict[str, float | int | str]:
+        """JSON-ready form."""
+        return asdict(self)
+
+
+def style_sensitivity(
+    model: RewardModel, contexts: Sequence[str], replies: Sequence[str]
+) -> dict[str, StyleSensitivity]:
+    """The reward gained by each of :data:`STYLE_PROBES` applied to the same replies."""
+    contexts, replies = as_lists(contexts), as_lists(replies)
+    if len(contexts) != len(replies) or len(replies) < 2:
+        raise ValueError(
+            f"style_sensitivity needs >= 2 replies with one context each, got {len(replies)} "
+            f"replies and {len(contexts)} contexts"
+        )
+    n = len(replies)
+    edited = [probe(r) for probe in STYLE_PROBES.values() for r in replies]
+    scores = model.score(contexts * (1 + len(STYLE_PROBES)), replies + edited)
+    base, spread = scores[:n], float(np.std(scores[:n]))
+    out = {}
+    for i, name in enumerate(STYLE_PROBES):
+        delta = scores[n * (i + 1) : n * (i + 2)] - base
+        out[name] = StyleSensitivity(
+            probe=name,
+            mean_delta=float(delta.mean()),
+            mean_delta_sd=float(delta.mean() / spread) if spread > 0 else float("nan"),
+            share_raised=float(np.mean(delta > 0)),
+            n=n,
+        )
+    return out

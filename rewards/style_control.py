@@ -66,18 +66,20 @@ COVARIATES: tuple[str, ...] = tuple(
 )
 _EPS = 1e-8
 _SPACES_RE = re.compile(r"[ \t]{2,}")
+_EXCLAIM_RE = re.compile(r"[.!?]*![.!?]*")
 
 
 def strip_style(reply: str) -> str:
     """The reply with its removable style taken out: emoji dropped, "!" made ".".
 
-    Emoji are those ``rewards.checkers.emoji_list`` counts (©, ® and ™ stay), so the
-    stripped text has no emoji by the project's own rule.
+    A run of terminal punctuation holding any "!" ("!!", "?!", ".!") becomes one ".", so
+    "Great!!" and "Great." read the same. Emoji are those ``rewards.checkers.emoji_list``
+    counts (©, ® and ™ stay), so the stripped text has no emoji by the project's own rule.
     """
     text = emoji.replace_emoji(
         reply, replace=lambda chars, _: chars if chars in TEXT_SYMBOLS else ""
     )
-    text = text.replace("!", ".").replace("！", "。")
+    text = _EXCLAIM_RE.sub(".", text.replace("！", "!"))
     return _SPACES_RE.sub(" ", text).strip()
 
 

@@ -14,6 +14,7 @@ import pytest
 from scipy import stats
 
 from flywheel.rm_eval import (
+    cross_validate,
     gold_correlation,
     pairwise_gold_agreement,
     read_comparisons,
@@ -234,6 +235,11 @@ def test_minilm_pointwise_and_signal_models_learn_engagement() -> None:
     score = signals.score(test["context"], test["reply"])
     assert score[on_topic].mean() > score[~on_topic].mean() + 0.5
 
+    likes = train_minilm("pointwise", table, config=MiniLMConfig(seed=0), target="liked")
+    assert likes.targets == ("liked",) and likes.name == "pointwise-liked-minilm"
+    with pytest.raises(ValueError, match="pointwise models only"):
+        train_minilm("pairwise", table, target="liked")
+
 
 # ---------------------------------------------------------------------------- LLM backbone
 def test_llm_reward_model_trains_with_reward_trainer(tiny_llama_dir: Path, tmp_path: Path) -> None:
@@ -341,6 +347,17 @@ def test_train_and_evaluate_reports_accuracy_gold_and_style() -> None:
     assert "style_coefficients" in report
     with pytest.raises(ValueError, match="needs annotator comparisons"):
         train_and_evaluate(turns, None, "pairwise", "minilm")
+
+
+def test_cross_validate_holds_every_user_out_once() -> None:
+    rng = np.random.default_rng(6)
+    turns, comparisons = relevance_turns(rng, 200), _comparisons(rng, 200)
+    result = cross_validate(turns, comparisons, "pairwise", "minilm", folds=2, seed=0)
+    assert len(result["folds"]) == 2
+    pooled = result["pooled"]
+    assert pooled["pairwise_accuracy"]["n"] == 200 and pooled["n_turns"] == 200
+    assert pooled["pairwise_accuracy"]["accuracy"] > 0.85
+    assert set(pooled["style_sensitivity_sd"]) == {"emoji", "exclamation", "filler"}
 
 
 def _write_run(run_dir: Path, turns: pd.DataFrame) -> None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy import stats
 
-from rewards.evaluation import evaluate_pairwise, style_controlled_win_rates
+from rewards.evaluation import evaluate_pairwise, style_controlled_win_rates, style_sensitivity
 from rewards.rm import LLMConfig, MiniLMConfig, train_llm, train_minilm
 from rewards.style_control import (
     COVARIATES,
@@ -93,7 +93,8 @@ def test_style_counts_use_the_project_feature_rules() -> None:
 
 
 def test_strip_style_removes_emoji_and_exclamations_only() -> None:
-    assert strip_style("Great idea!! 👍🏽 Try it 😀🎉") == "Great idea.. Try it"
+    assert strip_style("Great idea!! 👍🏽 Try it 😀🎉") == "Great idea. Try it"
+    assert strip_style("Really?! Yes.") == "Really. Yes."
     assert strip_style("Fair use © 2024, right?") == "Fair use © 2024, right?"
     assert style_counts([strip_style("Wow! 🎉🎉 so fun!")])[0].tolist() == [3, 0, 0, 0]
 
@@ -164,6 +165,11 @@ def test_style_controlled_model_ignores_planted_emoji_signal() -> None:
     # With the style term kept, the model still explains its training labels' emoji part.
     with_style = controlled.score(contexts, replies, with_style=True)
     assert style_correlations(with_style, replies)["emoji"].pearson_r > 0.3
+    # What a policy would gain by appending emoji: a clear bonus naive, none controlled.
+    assert style_sensitivity(naive, contexts, replies)["emoji"].mean_delta_sd > 0.3
+    gain = style_sensitivity(controlled, contexts, replies)
+    assert gain["emoji"].mean_delta == 0.0
+    assert abs(gain["exclamation"].mean_delta_sd) < 0.05
 
 
 def test_style_term_recovers_a_pure_style_driver() -> None:

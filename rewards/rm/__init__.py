@@ -11,12 +11,14 @@ imports TRL only when a model is trained or loaded.
 from rewards.rm.base import (
     BACKBONES,
     KINDS,
+    POINTWISE_TARGETS,
     SIGNAL_WEIGHTS,
     TARGETS,
     RewardModel,
     check_backbone,
     check_kind,
     load_reward_model,
+    resolve_targets,
 )
 from rewards.rm.llm import LLMConfig, LLMRewardModel, train_llm
 from rewards.rm.minilm import MiniLMConfig, MiniLMRewardModel, train_minilm
@@ -24,6 +26,7 @@ from rewards.rm.minilm import MiniLMConfig, MiniLMRewardModel, train_minilm
 __all__ = [
     "BACKBONES",
     "KINDS",
+    "POINTWISE_TARGETS",
     "SIGNAL_WEIGHTS",
     "TARGETS",
     "LLMConfig",
@@ -34,6 +37,7 @@ __all__ = [
     "check_backbone",
     "check_kind",
     "load_reward_model",
+    "resolve_targets",
     "train_llm",
     "train_minilm",
 ]

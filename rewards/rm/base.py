@@ -4,7 +4,9 @@ Kinds (:data:`KINDS`):
 
 - ``pointwise``: a Bradley-Terry / logistic model of engagement, ``P(engaged | context,
   reply) = sigmoid(logit)``; the score is the logit (an absolute score, comparable across
-  contexts).
+  contexts). ``target`` picks another logged signal to model instead of ``engaged``
+  (:data:`POINTWISE_TARGETS`), e.g. ``liked``: the immediate reaction a naive product
+  team optimises first.
 - ``pairwise``: a Bradley-Terry model of annotator preferences, ``P(a preferred to b) =
   sigmoid(score(a) - score(b))``; the score is defined up to a constant per context.
 - ``signals``: auxiliary user-signal models ``P(continue)``, ``P(like)``, ``P(return next
@@ -36,6 +38,7 @@ TARGETS: dict[str, tuple[str, ...]] = {
     "pairwise": (PREFERENCE_TARGET,),
     "signals": SIGNAL_TARGETS,
 }
+POINTWISE_TARGETS: tuple[str, ...] = (ENGAGEMENT_TARGET, *SIGNAL_TARGETS)
 # Expected engagement events per reply: each signal counts once. Change the weights here,
 # not at call sites, so every consumer of a signals model optimises the same thing.
 SIGNAL_WEIGHTS: dict[str, float] = {"continued": 1.0, "liked": 1.0, "returned_next_day": 1.0}
@@ -46,6 +49,20 @@ def check_kind(kind: str) -> None:
     """Fail fast on an unknown kind, naming the choices."""
     if kind not in KINDS:
         raise ValueError(f"reward model kind must be one of {KINDS}, got {kind!r}")
+
+
+def resolve_targets(kind: str, target: str | None = None) -> tuple[str, ...]:
+    """The targets a model of ``kind`` predicts; ``target`` overrides a pointwise one."""
+    check_kind(kind)
+    if target is None or (kind == "pointwise" and target == ENGAGEMENT_TARGET):
+        return TARGETS[kind]
+    if kind != "pointwise":
+        raise ValueError(
+            f"target applies to pointwise models only, got target={target!r} with kind={kind!r}"
+        )
+    if target not in POINTWISE_TARGETS:
+        raise ValueError(f"pointwise target must be one of {POINTWISE_TARGETS}, got {target!r}")
+    return (target,)
 
 
 def check_backbone(backbone: str) -> None:
@@ -69,17 +86,14 @@ class RewardModel(ABC):
     kind: str
     backbone: str
     style_controlled: bool
-
-    @property
-    def targets(self) -> tuple[str, ...]:
-        """The outputs the model predicts, one logit each."""
-        return TARGETS[self.kind]
+    targets: tuple[str, ...]  # the outputs the model predicts, one logit each
 
     @property
     def name(self) -> str:
-        """Short stable name, e.g. ``pairwise-minilm-sc``; used as a metric name."""
+        """Short stable name, e.g. ``pairwise-minilm-sc`` or ``pointwise-liked-minilm``."""
         suffix = "-sc" if self.style_controlled else ""
-        return f"{self.kind}-{self.backbone}{suffix}"
+        target = "" if self.targets == TARGETS[self.kind] else f"-{self.targets[0]}"
+        return f"{self.kind}{target}-{self.backbone}{suffix}"
 
     @abstractmethod
     def logits(

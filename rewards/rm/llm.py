@@ -46,6 +46,7 @@ from rewards.rm.base import (
     check_kind,
     check_texts,
     read_meta,
+    resolve_targets,
     write_meta,
 )
 from rewards.style_control import (
@@ -251,6 +252,7 @@ class LLMRewardModel(RewardModel):
         self.config = config
         self.scaler = scaler
         self.models = {t: m.eval() for t, m in models.items()}
+        self.targets = tuple(self.models)
         self.tokenizer = tokenizer
         self.intercepts = intercepts
         self._style_coefficients = style_coefficients
@@ -318,6 +320,7 @@ class LLMRewardModel(RewardModel):
             {
                 "backbone": self.backbone,
                 "kind": self.kind,
+                "targets": list(self.targets),
                 "style_controlled": self.style_controlled,
                 "config": asdict(self.config),
                 "scaler": self.scaler.to_dict(),
@@ -337,7 +340,7 @@ class LLMRewardModel(RewardModel):
         meta = read_meta(path)
         config = LLMConfig(**meta["config"])
         models = {}
-        for target in TARGETS[meta["kind"]]:
+        for target in meta.get("targets") or TARGETS[meta["kind"]]:
             if config.lora_r:
                 from peft import PeftModel
 
@@ -405,14 +408,16 @@ def train_llm(
     *,
     style_controlled: bool = False,
     config: LLMConfig | None = None,
+    target: str | None = None,
     verbose: bool = False,
 ) -> LLMRewardModel:
     """Fit an LLM-backbone reward model with TRL's ``RewardTrainer`` (+ LoRA).
 
     ``train`` is the pairwise table for ``pairwise`` and the pointwise table for
-    ``pointwise`` / ``signals`` (``rewards.datasets``).
+    ``pointwise`` / ``signals`` (``rewards.datasets``); ``target`` picks the signal a
+    pointwise model fits (default ``engaged``).
     """
-    check_kind(kind)
+    targets = resolve_targets(kind, target)
     config = config or LLMConfig()
     from transformers import AutoTokenizer
     from trl import RewardConfig, RewardTrainer
@@ -426,13 +431,13 @@ def train_llm(
         require_columns(train, ("context", "chosen", "rejected"), "pairwise")
         replies = as_lists(train["chosen"]) + as_lists(train["rejected"])
     else:
-        require_columns(train, ("context", "reply", *TARGETS[kind]), kind)
+        require_columns(train, ("context", "reply", *targets), kind)
         replies = as_lists(train["reply"])
     scaler = StyleScaler.fit(style_counts(replies))
     trainer_cls, collator_cls = _style_trainer_class()
 
     models, intercepts, betas, history = {}, {}, {}, {}
-    for target in TARGETS[kind]:
+    for target in targets:
         if kind == "pairwise":
             pairs = train
             if config.max_pairs is not None and len(pairs) > config.max_pairs:
@@ -505,7 +510,7 @@ def train_llm(
         kind, style_controlled, config, scaler, models, tokenizer, {}, betas, history
     )
     if kind != "pairwise":
-        for target in TARGETS[kind]:
+        for target in targets:
             rows = train[train[target].notna()]
             if len(rows) > config.calibration_rows:
                 rows = rows.iloc[

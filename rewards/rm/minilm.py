@@ -35,7 +35,15 @@ from tqdm.auto import tqdm
 
 from rewards.datasets import as_lists, require_columns
 from rewards.embeddings import get_embedder
-from rewards.rm.base import RewardModel, check_kind, check_texts, read_meta, write_meta
+from rewards.rm.base import (
+    TARGETS,
+    RewardModel,
+    check_kind,
+    check_texts,
+    read_meta,
+    resolve_targets,
+    write_meta,
+)
 from rewards.style_control import (
     COVARIATES,
     StyleScaler,
@@ -142,9 +150,11 @@ class MiniLMRewardModel(RewardModel):
         head: _Head,
         history: dict[str, Any] | None = None,
         platt: dict[str, tuple[float, float]] | None = None,
+        targets: tuple[str, ...] | None = None,
     ) -> None:
         check_kind(kind)
         self.kind = kind
+        self.targets = tuple(targets) if targets else TARGETS[kind]
         self.style_controlled = style_controlled
         self.config = config
         self.scaler = scaler
@@ -204,11 +214,10 @@ class MiniLMRewardModel(RewardModel):
         meta = read_meta(path)
         config = MiniLMConfig(**meta["config"])
         kind = meta["kind"]
-        from rewards.rm.base import TARGETS
-
+        targets = tuple(meta.get("targets") or TARGETS[kind])
         head = _Head(
             meta["n_inputs"],
-            len(TARGETS[kind]),
+            len(targets),
             config.hidden,
             config.dropout,
             meta["style_controlled"],
@@ -222,6 +231,7 @@ class MiniLMRewardModel(RewardModel):
             head,
             meta.get("history"),
             {t: (float(a), float(b)) for t, (a, b) in meta.get("platt", {}).items()},
+            targets,
         )
 
 
@@ -252,6 +262,7 @@ def train_minilm(
     *,
     style_controlled: bool = False,
     config: MiniLMConfig | None = None,
+    target: str | None = None,
     verbose: bool = False,
 ) -> MiniLMRewardModel:
     """Fit a MiniLM-backbone reward model.
@@ -263,15 +274,13 @@ def train_minilm(
         train: the training table (``rewards.datasets``).
         style_controlled: fit the style term separately and drop it at scoring.
         config: training settings; defaults to :class:`MiniLMConfig()`.
+        target: for ``pointwise``, the signal to model instead of ``engaged``.
         verbose: show a progress bar over epochs.
     """
-    check_kind(kind)
+    targets = resolve_targets(kind, target)
     config = config or MiniLMConfig()
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
-    from rewards.rm.base import TARGETS
-
-    targets = TARGETS[kind]
     if kind == "pairwise":
         require_columns(train, ("context", "chosen", "rejected"), "pairwise")
         contexts = as_lists(train["context"])
@@ -326,7 +335,7 @@ def train_minilm(
             history["platt"][target] = platt_fit
             if platt_fit["fitted"]:
                 platt[target] = (platt_fit["a"], platt_fit["b"])
-    return MiniLMRewardModel(kind, style_controlled, config, scaler, head, history, platt)
+    return MiniLMRewardModel(kind, style_controlled, config, scaler, head, history, platt, targets)
 
 
 def _platt(logits: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
