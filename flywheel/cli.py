@@ -88,8 +88,9 @@ def rm_train(
         False, "--style-controlled", help="Fit style as a separate term, dropped at scoring."
     ),
     target: str | None = typer.Option(
-        None, "--target", help="pointwise only: engaged (default) | continued | liked | "
-        "returned_next_day.",
+        None,
+        "--target",
+        help="pointwise only: engaged (default) | continued | liked | returned_next_day.",
     ),
     out: str | None = typer.Option(
         None, "--out", help="Model folder (default RUN_DIR/artifacts/rm/<model name>)."
