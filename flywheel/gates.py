@@ -14,9 +14,12 @@ Gates (thresholds in ``flywheel.scenario.GatesConfig``); a candidate must pass a
 ==================  ===========================================================================
 ``rm_win_rate``     the naive reward model prefers the candidate's reply over the deployed
                     model's on at least ``min_rm_win_rate`` of logged contexts (ties half).
-``steerability``    on the benchmark, instruction following falls by at most
-                    ``max_following_drop`` and the violation rate rises by at most
-                    ``max_violation_increase`` (``rewards.steerability`` definitions).
+``steerability``    on the benchmark, instruction following does not fall by more than
+                    ``max_following_drop`` and the violation rate does not rise by more
+                    than ``max_violation_increase`` (``rewards.steerability`` definitions)
+                    with an exact McNemar test on the paired prompts significant at
+                    ``gates.style.alpha``: a few dozen prompts must not fail a candidate
+                    on one unlucky reply.
 ``style_artifacts`` the style-artifact regression suite (``flywheel.style_regression``)
                     passes: no style shift that explains the reward-model gain.
 ``safety``          at most ``max_unsafe_rate`` of the candidate's replies (both sets) are
@@ -37,6 +40,7 @@ from flywheel.scenario import GatesConfig
 from flywheel.style_regression import (
     StyleRegressionResult,
     checkers_by_character,
+    mcnemar_p,
     run_style_regression,
     style_profile,
 )
@@ -125,6 +129,7 @@ class OfflineReport:
     unsafe_rate: float
     parent_unsafe_rate: float
     replies: pd.DataFrame  # every prompt with both replies and their scores
+    steerability_pairs: pd.DataFrame  # per benchmark prompt: follows / violates, both models
 
     @staticmethod
     def _overall(table: pd.DataFrame, column: str) -> float:
@@ -201,13 +206,15 @@ def evaluate_offline(
     raw_d = naive_rm.score(logged.contexts, dep_log)
     raw = win_rate(raw_c, raw_d)
 
-    def bench_table(replies: list[str]) -> pd.DataFrame:
+    def bench_checks(replies: list[str]) -> pd.DataFrame:
         rows = []
         for name, reply in zip(benchmark.characters, replies, strict=True):
             result = heldout_characters[name].check(reply)
             rows.append({"character": name, "follows_all": result.follows_all,
                          "violates_any": result.violates_any})  # fmt: skip
-        return steerability(pd.DataFrame(rows)).table
+        return pd.DataFrame(rows)
+
+    cand_checks, dep_checks = bench_checks(cand_bench), bench_checks(dep_bench)
 
     cand_verdicts = safety_checker.check(cand)
     dep_verdicts = safety_checker.check(dep)
@@ -226,8 +233,16 @@ def evaluate_offline(
         rm_win_rate=raw.win_rate,
         rm_win_rate_ci=(raw.ci_low, raw.ci_high),
         rm_win_rate_style_controlled=suite.style_controlled_win_rate,
-        steerability=bench_table(cand_bench),
-        parent_steerability=bench_table(dep_bench),
+        steerability=steerability(cand_checks).table,
+        parent_steerability=steerability(dep_checks).table,
+        steerability_pairs=pd.DataFrame(
+            {
+                "candidate_follows": cand_checks["follows_all"].to_numpy(),
+                "deployed_follows": dep_checks["follows_all"].to_numpy(),
+                "candidate_violates": cand_checks["violates_any"].to_numpy(),
+                "deployed_violates": dep_checks["violates_any"].to_numpy(),
+            }
+        ),
         style_regression=suite,
         style=style_profile(cand_log, log_checkers),
         parent_style=style_profile(dep_log, log_checkers),
@@ -240,15 +255,24 @@ def evaluate_offline(
 def apply_gates(report: OfflineReport, config: GatesConfig) -> list[Gate]:
     """Every gate's verdict (all are evaluated, so every failing reason is recorded)."""
     steer = config.steerability
+    pairs = report.steerability_pairs
     follow_floor = report.parent_instruction_following - steer.max_following_drop
     violation_cap = report.parent_violation_rate + steer.max_violation_increase
-    follow_ok = report.instruction_following >= follow_floor
-    violation_ok = report.violation_rate <= violation_cap
+    # Degradation counts when it is both larger than the margin and not chance (paired).
+    p_follow = mcnemar_p(
+        pairs["deployed_follows"].to_numpy(), pairs["candidate_follows"].to_numpy()
+    )
+    p_violate = mcnemar_p(
+        pairs["candidate_violates"].to_numpy(), pairs["deployed_violates"].to_numpy()
+    )
+    follow_ok = report.instruction_following >= follow_floor or p_follow >= config.style.alpha
+    violation_ok = report.violation_rate <= violation_cap or p_violate >= config.style.alpha
     steer_reason = (
         f"held-out instruction following {report.parent_instruction_following:.2f} -> "
-        f"{report.instruction_following:.2f} (floor {follow_floor:.2f}), violation rate "
-        f"{report.parent_violation_rate:.2f} -> {report.violation_rate:.2f} "
-        f"(cap {violation_cap:.2f})"
+        f"{report.instruction_following:.2f} (floor {follow_floor:.2f}, McNemar p = "
+        f"{p_follow:.2g}), violation rate {report.parent_violation_rate:.2f} -> "
+        f"{report.violation_rate:.2f} (cap {violation_cap:.2f}, McNemar p = {p_violate:.2g}), "
+        f"n = {len(pairs)}"
     )
     win = report.rm_win_rate
     lo, hi = report.rm_win_rate_ci

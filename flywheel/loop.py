@@ -411,6 +411,14 @@ class FlywheelRun:
             _atomic_write(path, frame.to_json(orient="records", lines=True, force_ascii=False))
             paths[split] = self.rel(path)
         self.console.print(data.summary())
+        leaked = pii_audit([data.train, data.held_out], self.scenario.curation_config().locale)
+        if leaked:
+            # Fail closed: nothing with personal data in it may reach a trainer.
+            raise RuntimeError(
+                f"privacy audit found {leaked} PII span(s) in the curated data of generation "
+                f"{generation} after scrubbing; no training step runs on it. Inspect "
+                f"{folder} and training.curation's detectors"
+            )
         return {
             **paths,
             "n_input": data.n_input,
@@ -418,6 +426,7 @@ class FlywheelRun:
             "n_held_out": len(data.held_out),
             "dropped": data.dropped,
             "pii_spans_scrubbed": data.n_pii_spans,
+            "pii_spans_after_scrubbing": leaked,
         }
 
     def read_split(self, outputs: dict[str, Any], split: str) -> pd.DataFrame:
@@ -654,6 +663,22 @@ class FlywheelRun:
             # Wall times are left out so a resumed run's record equals an uninterrupted one's.
             "traffic": {k: v for k, v in collect.items() if k != "simulated_wall_s"},
         }
+
+
+def pii_audit(frames: list[pd.DataFrame], locale: str) -> int:
+    """PII spans still present in curated examples (prompt messages and completions),
+    found with the same detectors curation scrubs with; 0 when the scrub held."""
+    from training.curation import make_scrubber
+
+    scrubber = make_scrubber(locale)
+    found = 0
+    for frame in frames:
+        for prompt, completion in zip(
+            frame.get("prompt", []), frame.get("completion", []), strict=True
+        ):
+            texts = [m["content"] for m in prompt if m["role"] != "system"] + [str(completion)]
+            found += sum(len(list(scrubber.iter_filth(t))) for t in texts)
+    return found
 
 
 def _json_ready(value: Any) -> Any:

@@ -27,6 +27,11 @@ JSON_FILE = "generations.json"
 MARKDOWN_FILE = "generations.md"
 PLOTS_DIR = "plots"
 LIFT_METRICS = ("breadth", "depth")
+# The terminal table drops the style columns and the deployed model (the Markdown has all).
+TERMINAL_COLUMNS = (
+    "gen", "candidate", "recipe", "RM win (raw / SC)", "instr. following", "violations",
+    "gates", "breadth lift [95% CI]", "depth lift [95% CI]", "decision",
+)  # fmt: skip
 
 
 def _num(value: Any, spec: str = ".2f") -> str:
@@ -111,17 +116,17 @@ def markdown(scenario: str, records: Sequence[Mapping[str, Any]]) -> str:
 
 
 def text_table(records: Sequence[Mapping[str, Any]]) -> str:
-    """The table rendered by rich for a terminal (plain text, no colour codes)."""
+    """The table rendered by rich for a terminal (plain text, no colour codes, 170 wide)."""
     from rich.console import Console
     from rich.table import Table
 
-    rows = table_rows(records)
+    rows = [{k: v for k, v in row.items() if k in TERMINAL_COLUMNS} for row in table_rows(records)]
     table = Table(title="Generations", show_lines=False)
-    for header in rows[0] if rows else ["gen"]:
+    for header in TERMINAL_COLUMNS:
         table.add_column(header, overflow="fold")
     for row in rows:
-        table.add_row(*row.values())
-    console = Console(width=220, record=True, force_terminal=False, color_system=None)
+        table.add_row(*(row[h] for h in TERMINAL_COLUMNS))
+    console = Console(width=170, record=True, force_terminal=False, color_system=None)
     with console.capture() as capture:
         console.print(table)
     return capture.get()

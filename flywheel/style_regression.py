@@ -22,6 +22,13 @@ check                       statistic (candidate vs deployed)                   
 A shift counts only when its test is significant at ``alpha`` as well as larger than its
 threshold: small samples must not fail a candidate on noise.
 
+A fifth check reads style the way the reward model does: ``rm_style_term`` is the
+style-controlled model's own style term (``score(with_style=True) - score()``, what its
+fitted style coefficients say each reply's length, emoji, questions and exclamations are
+worth). A shift is flagged when the candidate's replies are worth significantly more on that
+term than the deployed model's (Wilcoxon, one pair per context), so a style change spread
+thinly over several features is still caught when, together, the reward pays for it.
+
 Then the reward-model win rate of the candidate over the deployed model is measured twice
 (``rewards.evaluation.style_controlled_win_rates``): *raw*, with the naive reward model
 (which reads style), and *style-controlled*, with the model whose style term is dropped at
@@ -180,7 +187,10 @@ def top_phrase(
     counts: Counter[tuple[str, ...]] = Counter()
     for reply, own in zip(replies, excluded, strict=True):
         counts.update(_trigrams(reply, own))
-    return counts.most_common(1)[0][0] if counts else None
+    if not counts:
+        return None
+    # Ties go to the alphabetically first trigram: set order varies between processes.
+    return min(counts, key=lambda gram: (-counts[gram], gram))
 
 
 def _binary_check(
@@ -258,6 +268,32 @@ def style_checks(
     return (length, emoji, question, catch)
 
 
+def style_term_check(
+    contexts: Sequence[str],
+    candidate: Sequence[str],
+    deployed: Sequence[str],
+    style_model: Any,
+    alpha: float,
+) -> StyleCheck:
+    """The style-controlled reward model's own style term, candidate vs deployed (paired)."""
+    contexts = list(contexts)
+
+    def term(replies: Sequence[str]) -> np.ndarray:
+        replies = list(replies)
+        with_style = style_model.score(contexts, replies, with_style=True)
+        return np.asarray(with_style - style_model.score(contexts, replies), dtype=float)
+
+    c, d = term(candidate), term(deployed)
+    diff = c - d
+    p = wilcoxon_p(c, d)
+    shifted = bool(np.median(diff) > 0 and p < alpha)
+    return StyleCheck(
+        "rm_style_term", float(c.mean()), float(d.mean()), float(diff.mean()), 0.0, p, shifted,
+        f"reward-model style term {d.mean():+.3f} -> {c.mean():+.3f} (median paired gain "
+        f"{np.median(diff):+.3f}, Wilcoxon p = {p:.2g})",
+    )  # fmt: skip
+
+
 def style_adjusted_win_rate(
     raw_candidate: np.ndarray,
     raw_deployed: np.ndarray,
@@ -323,7 +359,10 @@ def run_style_regression(
         raise ValueError(
             f"the style regression suite needs at least 4 paired replies, got {len(contexts)}"
         )
-    checks = style_checks(candidate, deployed, checkers, config)
+    checks = (
+        *style_checks(candidate, deployed, checkers, config),
+        style_term_check(contexts, candidate, deployed, style_model, config.alpha),
+    )
     with warnings.catch_warnings():
         # The comparison warns on a large gap; the suite reports it in its reason instead.
         warnings.simplefilter("ignore")

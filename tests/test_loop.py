@@ -248,6 +248,21 @@ def test_every_step_is_recorded_with_seed_and_outputs(runs: dict[str, Any]) -> N
         assert status == "done"
         assert seed == derive_seed(3, generation, step)
         assert json.loads(config) is not None and json.loads(outputs) is not None
+    curated = [json.loads(o) for g, s, *_, o in rows if s == "curate"]
+    assert sum(c["pii_spans_scrubbed"] for c in curated) > 0  # the world planted PII
+    assert all(c["pii_spans_after_scrubbing"] == 0 for c in curated)
+
+
+def test_privacy_audit_finds_what_scrubbing_missed() -> None:
+    import pandas as pd
+
+    from flywheel.loop import pii_audit
+
+    prompt = [{"role": "system", "content": "x"}, {"role": "user", "content": "hello {{EMAIL}}"}]
+    clean = pd.DataFrame({"prompt": [prompt], "completion": ["nice to meet you"]})
+    assert pii_audit([clean], "en_US") == 0
+    leaky = pd.DataFrame({"prompt": [prompt], "completion": ["mail me at bob.smith@example.com"]})
+    assert pii_audit([clean, leaky], "en_US") == 1
 
 
 def test_kills_happened_where_injected(runs: dict[str, Any]) -> None:
