@@ -276,12 +276,6 @@ def test_kills_happened_where_injected(runs: dict[str, Any]) -> None:
     assert runs["after_second"][(2, "collect")] == "running"
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="open (issue 7): the twice-killed tiny run still diverges from the uninterrupted "
-    "one somewhere after the embedding-cache fix; traffic-level resume is exact "
-    "(tests/test_traffic.py)",
-)
 def test_resumed_run_equals_uninterrupted_run(runs: dict[str, Any]) -> None:
     clean, resumed = snapshot(runs["clean"]), snapshot(runs["resumed"])
     assert resumed["generations"] == clean["generations"]
