@@ -310,7 +310,7 @@ def _gold_scorer(run_dir: str, characters: dict[str, Any]) -> Any:
 
     from flywheel.store import RunStore
     from rewards.embeddings import get_embedder
-    from rewards.features import ReplyContext, is_unsafe, reply_features
+    from rewards.features import ReplyContext, reply_features
     from sim.gold import GoldModel, ReplyAssessment
     from sim.population import User, UserState, UserTraits
     from sim.world import WorldConfig
@@ -339,9 +339,7 @@ def _gold_scorer(run_dir: str, characters: dict[str, Any]) -> Any:
         out = []
         for row, f in zip(candidates.itertuples(index=False), feats, strict=True):
             character = characters[row.character]
-            checked = character.check(row.reply)
-            share = float(np.mean(list(checked.checks.values()))) if checked.checks else 1.0
-            assessment = ReplyAssessment(f, share, checked.violates_any, is_unsafe(f["offensive"]))
+            assessment, _ = ReplyAssessment.of(character, row.reply, f)
             out.append(gold.utility(user(row.user_id), character, assessment))
         return np.asarray(out)
 

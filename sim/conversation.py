@@ -38,7 +38,7 @@ from scipy.special import softmax
 
 from policies.base import Chat, Message, Policy, SamplingParams
 from rewards.embeddings import Embedder
-from rewards.features import ReplyContext, is_unsafe, reply_features
+from rewards.features import ReplyContext, reply_features
 from sim.characters import Character
 from sim.gold import GoldModel, ReplyAssessment
 from sim.population import User
@@ -289,10 +289,7 @@ class ConversationEngine:
         self, session: Session, reply: str, feats: dict[str, float], n_tokens: int, novelty: float
     ) -> TurnRecord:
         user, character = session.user, session.character
-        checked = character.check(reply)
-        share = float(np.mean(list(checked.checks.values()))) if checked.checks else 1.0
-        unsafe = is_unsafe(feats["offensive"])
-        assessment = ReplyAssessment(feats, share, checked.violates_any, unsafe)
+        assessment, checked = ReplyAssessment.of(character, reply, feats)
         utility = self.gold.utility(user, character, assessment, novelty)
         turn_index = len(session.turns)
         signals = self.gold.respond(user, utility, assessment, turn_index, session.rng)
@@ -312,7 +309,7 @@ class ConversationEngine:
             checks=checked.checks,
             follows_all=checked.follows_all,
             violates_any=checked.violates_any,
-            unsafe=unsafe,
+            unsafe=assessment.unsafe,
             gold_satisfaction=utility,
             continued=signals.continued,
             liked=signals.liked,

@@ -65,9 +65,11 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 from scipy.special import expit, logit
 
+from rewards.features import is_unsafe
 from sim.characters import TOPICS
 
 if TYPE_CHECKING:
+    from rewards.checkers import CheckResult
     from sim.characters import Character
     from sim.population import User
 
@@ -160,6 +162,17 @@ class ReplyAssessment:
     share_followed: float
     violates_any: bool
     unsafe: bool
+
+    @classmethod
+    def of(
+        cls, character: Character, reply: str, features: dict[str, float]
+    ) -> tuple[ReplyAssessment, CheckResult]:
+        """Assess ``reply`` (its ``reply_features``) for ``character``; also returns the
+        checker results, which the conversation logs."""
+        checked = character.check(reply)
+        share = float(np.mean(list(checked.checks.values()))) if checked.checks else 1.0
+        unsafe = is_unsafe(features["offensive"])
+        return cls(features, share, checked.violates_any, unsafe), checked
 
 
 @dataclass(frozen=True)
