@@ -5,7 +5,9 @@ finishes with exactly what an uninterrupted run produced, losing nothing."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import math
 import os
 import signal
 import subprocess
@@ -297,6 +299,36 @@ def test_report_prints_the_table_again(runs: dict[str, Any]) -> None:
     assert "gen1-rs" in result.output and "gen2-rs" in result.output
     markdown = CliRunner().invoke(app, ["report", str(runs["resumed"]), "--markdown"])
     assert markdown.output.startswith("# Flywheel run: tiny")
+
+
+def test_best_of_n_sweep_on_a_run_reward_model(
+    runs: dict[str, Any], tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    """``flywheel bon`` on a loop run: proxy and gold of the proxy-best of n, n = 1, 2, 4."""
+    from typer.testing import CliRunner
+
+    from flywheel.cli import app
+
+    run_dir, out = runs["clean"], tmp_path / "bon"
+    rm = next((run_dir / "artifacts" / "gen1" / "rm").iterdir())
+    result = CliRunner().invoke(
+        app,
+        ["bon", str(run_dir), "--rm", str(rm), "--policy", str(tiny_llama_dir),
+         "--n", "4,1,2", "--contexts", "3", "--max-new-tokens", "6", "--out", str(out)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    sweep = json.loads((out / "sweep.json").read_text())
+    table = sweep["table"]
+    assert [row["n"] for row in table] == [1, 2, 4]
+    assert [row["kl"] for row in table] == pytest.approx(
+        [math.log(n) - (n - 1) / n for n in (1, 2, 4)]
+    )
+    # The expected best of n under the proxy never falls as n grows.
+    assert all(a["proxy"] <= b["proxy"] + 1e-9 for a, b in itertools.pairwise(table))
+    assert all(math.isfinite(row["gold"]) for row in table)
+    assert (out / "bon.png").stat().st_size > 0
+    bad = CliRunner().invoke(app, ["bon", str(run_dir), "--rm", str(rm), "--n", "0,2"])
+    assert bad.exit_code == 2 and "--n must list positive integers" in bad.output
 
 
 def test_report_without_a_run_is_a_clear_error(tmp_path: Path) -> None:
