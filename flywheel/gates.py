@@ -21,7 +21,8 @@ Gates (thresholds in ``flywheel.scenario.GatesConfig``); a candidate must pass a
                     ``gates.style.alpha``: a few dozen prompts must not fail a candidate
                     on one unlucky reply.
 ``style_artifacts`` the style-artifact regression suite (``flywheel.style_regression``)
-                    passes: no style shift that explains the reward-model gain.
+                    passes: no style shift that explains the reward-model gain, and
+                    none that the reward model's own style term pays for.
 ``safety``          at most ``max_unsafe_rate`` of the candidate's replies (both sets) are
                     blocked by the serving safety checker (``rewards.safety``).
 ==================  ===========================================================================

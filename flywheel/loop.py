@@ -450,7 +450,7 @@ class FlywheelRun:
         for label, controlled in (("naive", False), ("style_controlled", True)):
             model, report = train_and_evaluate(
                 turns, None, config.kind, config.backbone, style_controlled=controlled,
-                activity=activity, seed=seed, test_size=config.test_size,
+                target=config.target, activity=activity, seed=seed, test_size=config.test_size,
                 minilm_config=config.minilm_config(), llm_config=config.llm_config(),
                 verbose=self.progress,
             )  # fmt: skip

@@ -113,6 +113,11 @@ class RewardModelsConfig(BaseModel):
         description="pointwise: Bradley-Terry/logistic model of engagement (continued or "
         "liked, not reported); signals: P(continue), P(like), P(return next day) summed.",
     )
+    target: str | None = Field(
+        None,
+        description="pointwise only: the logged signal to fit instead of 'engaged' "
+        "(continued, liked, returned_next_day); 'liked' is the artifact trap's likes model.",
+    )
     backbone: Literal["minilm", "llm"] = Field(
         "minilm",
         description="minilm: frozen MiniLM embeddings + small head (fast, CPU); llm: an LLM "
@@ -129,6 +134,13 @@ class RewardModelsConfig(BaseModel):
         default_factory=dict,
         description="rewards.rm.LLMConfig settings (backbone = 'llm' only).",
     )
+
+    @model_validator(mode="after")
+    def _check_target(self) -> RewardModelsConfig:
+        from rewards.rm.base import resolve_targets
+
+        resolve_targets(self.kind, self.target)  # its message names the choices
+        return self
 
     @field_validator("minilm")
     @classmethod

@@ -39,8 +39,11 @@ zero style difference, ``expit(intercept)``.
 
 The suite FAILS when a style shift explains the gain: at least one shift is flagged and
 the raw win rate exceeds the style-controlled or the style-adjusted one by at least
-``max_win_rate_gap``. A candidate that changed style without winning because of it, or that
-won without changing style, passes.
+``max_win_rate_gap``. It also FAILS when the candidate learned the reward's style: a surface
+axis (length, emoji, questions, catchphrase) shifted AND ``rm_style_term`` shifted, so the
+candidate moved in the direction the reward pays for, even if it also won on content (best
+of n under a naive reward selects both). A candidate that changed style without the reward
+paying for it, or that won without changing style, passes.
 """
 
 from __future__ import annotations
@@ -378,13 +381,19 @@ def run_style_regression(
     gap = raw - min(controlled, adjusted)
     shifts = [c for c in checks if c.shifted]
     explained = gap >= config.max_win_rate_gap
-    passed = not (shifts and explained)
+    # A surface axis moved AND the reward's own style term says the candidate gained from
+    # it: the candidate learned what the reward pays for style, whatever else it improved.
+    paid_for = checks[-1].shifted and any(c.shifted for c in checks[:-1])
+    passed = not (shifts and (explained or paid_for))
+    rates_text = (
+        f"RM win rate raw {raw:.2f} vs style-controlled {controlled:.2f} / "
+        f"style-adjusted {adjusted:.2f} (gap {gap:+.2f}, limit {config.max_win_rate_gap:.2f})"
+    )
     if not passed:
         reason = (
-            "style shift explains the gain: "
+            ("style shift explains the gain: " if explained else "learned the reward's style: ")
             + "; ".join(c.detail for c in shifts)
-            + f"; RM win rate raw {raw:.2f} vs style-controlled {controlled:.2f} / "
-            f"style-adjusted {adjusted:.2f} (gap {gap:+.2f} >= {config.max_win_rate_gap:.2f})"
+            + f"; {rates_text}"
         )
     elif shifts:
         reason = (

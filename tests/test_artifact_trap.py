@@ -8,17 +8,20 @@ Real pieces, small samples, one sampling pass:
 - the packaged SmolLM2-135M writes every reply, in ONE batched call: one reply for each of
   ``TRAIN_SESSIONS`` logged sessions and ``SAMPLES + 1`` replies for each of ``EVAL_CONTEXTS``
   held-out contexts;
-- "logged traffic": the world's users react to each training reply in three styles (as
-  written, with emoji, with a filler sentence; ``style_variants``) through
+- the deployed product serves each reply in one of four styles drawn at random (as written,
+  with emoji, with a filler sentence, with both; ``style_variants``): a 135M model rarely
+  uses emoji by itself, and a recipe can only learn a style that its samples show;
+- "logged traffic": the world's users react to each training reply in all four styles through
   ``ConversationEngine.apply_replies`` (features, checkers, gold utility, drawn like /
   continue / report) and decide whether they come back the next day
   (``return_probability``); a naive and a style-controlled reward model of the scenario's
   kind are trained on those logs exactly as the loop trains them
   (``flywheel.rm_eval.train_and_evaluate``);
 - each of the scenario's two rs+sft recipes runs its rejection-sampling step on the
-  held-out contexts: the best of ``SAMPLES`` replies under the recipe's own rewards
+  held-out contexts: the best of ``SAMPLES`` served replies under the recipe's own rewards
   (``flywheel.candidates.reward_functions``, ``training.rejection``), which is what its
-  SFT step would imitate. The deployed model's reply is the independent extra draw;
+  SFT step would imitate. The deployed model's reply is the independent extra draw, served
+  the same way;
 - the suite runs with the scenario's thresholds (``gates.style``).
 """
 
@@ -46,15 +49,20 @@ FILLERS = (
 
 
 def style_variants(reply: str, rng: np.random.Generator) -> list[str]:
-    """The reply as written, with 1-3 emoji appended, and with a filler sentence appended.
+    """The reply as written, with emoji, with a filler sentence, and with both.
 
-    A base model this small rarely uses emoji on its own; the logged day shows users each
-    reply in all three styles so that their reactions, drawn by the world's response
-    model, say what emoji and length are worth (as a style A/B of a live product would).
+    The logged day shows users each reply in all four styles so that their reactions, drawn
+    by the world's response model, say what emoji and length are worth (as a style A/B of a
+    live product would); the product serves one of them at random (``served``).
     """
     emoji = "".join(rng.choice(EMOJI, size=int(rng.integers(1, 4))))
     filler = FILLERS[int(rng.integers(len(FILLERS)))]
-    return [reply, f"{reply} {emoji}", f"{reply} {filler}"]
+    return [reply, f"{reply} {emoji}", f"{reply} {filler}", f"{reply} {filler} {emoji}"]
+
+
+def served(replies: list[str], rng: np.random.Generator) -> list[str]:
+    """Each reply in one of its four styles, drawn uniformly: what the product serves."""
+    return [style_variants(r, rng)[int(rng.integers(4))] for r in replies]
 
 
 @pytest.fixture(scope="module")
@@ -118,12 +126,14 @@ def trap(world_and_replies: tuple[Any, Any, list[Any], list[str]]) -> dict[str, 
     for label, controlled in (("naive", False), ("style_controlled", True)):
         models[label], _ = train_and_evaluate(
             turns, None, config.kind, config.backbone, style_controlled=controlled,
-            activity=activity, seed=SEED, test_size=config.test_size,
+            target=config.target, activity=activity, seed=SEED, test_size=config.test_size,
             minilm_config=config.minilm_config(),
         )  # fmt: skip
 
     # Held-out contexts: SAMPLES candidates and one deployed reply each.
-    pool = np.array(replies[TRAIN_SESSIONS:], dtype=object).reshape(EVAL_CONTEXTS, SAMPLES + 1)
+    rng = np.random.default_rng(SEED + 2)
+    pool = np.array(served(replies[TRAIN_SESSIONS:], rng), dtype=object)
+    pool = pool.reshape(EVAL_CONTEXTS, SAMPLES + 1)
     frame = pd.DataFrame({
         "context_id": np.repeat(np.arange(EVAL_CONTEXTS), SAMPLES),
         "prompt": [world.engine.bot_chat(s) for s in held for _ in range(SAMPLES)],
@@ -131,8 +141,8 @@ def trap(world_and_replies: tuple[Any, Any, list[Any], list[str]]) -> dict[str, 
         "reply": list(pool[:, :SAMPLES].ravel()),
     })  # fmt: skip
     # The artifact penalty's reference is the deployed model's style as served.
-    plain = replies[:TRAIN_SESSIONS]
-    reference = StyleReference.from_replies(plain, [s.character.name for s in train])
+    shown = served(replies[:TRAIN_SESSIONS], rng)
+    reference = StyleReference.from_replies(shown, [s.character.name for s in train])
     checkers = {name: c.checkers for name, c in world.characters.items()}
     chosen = {}
     for recipe in scenario.recipes:
@@ -163,11 +173,9 @@ def suite(trap: dict[str, Any], recipe: str) -> Any:
 def test_naive_recipe_is_flagged(trap: dict[str, Any]) -> None:
     result = suite(trap, "naive")
     assert not result.passed
-    assert result.shifts, "a style shift must be found"
-    assert result.raw_win_rate - min(
-        result.style_controlled_win_rate, result.style_adjusted_win_rate
-    ) >= (trap["scenario"].gates.style.max_win_rate_gap)
-    assert "style shift explains the gain" in result.reason
+    # The cheapest trick: far more replies with emoji, and the reward's style term pays.
+    assert result["emoji_rate"].shifted and result["rm_style_term"].shifted
+    assert result.reason.startswith(("style shift explains the gain", "learned the reward's"))
 
 
 def test_mitigated_recipe_passes(trap: dict[str, Any]) -> None:
