@@ -110,6 +110,13 @@ def main() -> None:
     parser.add_argument("--eval-samples", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--learning-rate", type=float, default=1e-4, help="LoRA learning rate")
+    parser.add_argument(
+        "--artifact-tolerance",
+        type=float,
+        default=0.5,
+        help="style drift (in reference sd) the artifact penalty forgives; 0 pulls every "
+        "feature toward the base model's mean (a tighter leash on length)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--threads",
@@ -186,7 +193,7 @@ def main() -> None:
     if args.trained is None:
         model_dir = train_grpo(
             grpo_records(train_chats, train_characters),
-            build_rewards(checkers, reference),
+            build_rewards(checkers, reference, artifact_tolerance=args.artifact_tolerance),
             model_config(args.model),
             grpo_args,
             out / "model",

@@ -11,13 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from training.models import (
-    final_metrics,
-    load_model_and_tokenizer,
-    save_checkpoint,
-    seed_everything,
-    trainer_defaults,
-)
+from training.models import train_and_save, trainer_defaults
 
 
 def dpo_config(output_dir: str | Path, max_steps: int = 20, seed: int = 0, **overrides: Any) -> Any:
@@ -52,30 +46,11 @@ def train_dpo(
     Returns:
         ``out_dir``, loadable with ``policies.load_policy(str(out_dir))``.
     """
-    from datasets import Dataset
-    from trl import DPOTrainer, get_peft_config
+    from trl import DPOTrainer
 
     if not records:
         raise ValueError(
             "train_dpo got no preference pairs; run rejection sampling with n >= 2 on more "
             "contexts (pairs whose best and worst score tie are dropped)"
         )
-    seed_everything(args.seed)
-    model, tokenizer = load_model_and_tokenizer(model_args)
-    trainer = DPOTrainer(
-        model=model,
-        args=args,
-        train_dataset=Dataset.from_list(records),
-        processing_class=tokenizer,
-        peft_config=get_peft_config(model_args),
-    )
-    trainer.train()
-    return save_checkpoint(
-        trainer.model,
-        tokenizer,
-        out_dir,
-        recipe="dpo",
-        model_args=model_args,
-        metrics=final_metrics(trainer.state.log_history)
-        | {"global_step": trainer.state.global_step},
-    )
+    return train_and_save(DPOTrainer, "dpo", records, model_args, args, out_dir)

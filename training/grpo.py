@@ -22,13 +22,7 @@ from typing import Any
 import yaml
 
 from rewards.checkers import Checker
-from training.models import (
-    final_metrics,
-    load_model_and_tokenizer,
-    save_checkpoint,
-    seed_everything,
-    trainer_defaults,
-)
+from training.models import train_and_save, trainer_defaults
 from training.rewards import (
     ArtifactPenalty,
     ReplyScorer,
@@ -157,8 +151,7 @@ def train_grpo(
     Returns:
         ``out_dir``, loadable with ``policies.load_policy(str(out_dir))``.
     """
-    from datasets import Dataset
-    from trl import GRPOTrainer, get_peft_config
+    from trl import GRPOTrainer
 
     if not records:
         raise ValueError("train_grpo got no prompts; curate logged turns first")
@@ -169,25 +162,8 @@ def train_grpo(
         if missing:
             raise ValueError(f"no weight for reward(s) {missing}; pass weights={{name: w}}")
         args.reward_weights = [weights[n] for n in names]
-    seed_everything(args.seed)
-    model, tokenizer = load_model_and_tokenizer(model_args)
-    trainer = GRPOTrainer(
-        model=model,
-        reward_funcs=reward_funcs,
-        args=args,
-        train_dataset=Dataset.from_list(records),
-        processing_class=tokenizer,
-        peft_config=get_peft_config(model_args),
+    return train_and_save(
+        GRPOTrainer, "grpo", records, model_args, args, out_dir,
+        extra_metrics={"reward_names": names}, reward_funcs=reward_funcs,
         callbacks=list(callbacks),
-    )
-    trainer.train()
-    return save_checkpoint(
-        trainer.model,
-        tokenizer,
-        out_dir,
-        recipe="grpo",
-        model_args=model_args,
-        metrics=final_metrics(trainer.state.log_history)
-        | {"global_step": trainer.state.global_step}
-        | {"reward_names": names},
-    )
+    )  # fmt: skip

@@ -165,6 +165,38 @@ def final_metrics(log_history: list[dict[str, Any]]) -> dict[str, float]:
     return last
 
 
+def train_and_save(
+    trainer_cls: Any,
+    recipe: str,
+    records: list[dict[str, Any]],
+    model_args: Any,
+    args: Any,
+    out_dir: str | Path,
+    extra_metrics: dict[str, Any] | None = None,
+    **trainer_kwargs: Any,
+) -> Path:
+    """Seed, load the model (LoRA when ``model_args`` asks for it), train a TRL trainer on
+    ``records`` and save the merged checkpoint with its final metrics and ``extra_metrics``
+    (``save_checkpoint``). ``trainer_kwargs`` go to the trainer (GRPO's ``reward_funcs``)."""
+    from datasets import Dataset
+    from trl import get_peft_config
+
+    seed_everything(args.seed)
+    model, tokenizer = load_model_and_tokenizer(model_args)
+    trainer = trainer_cls(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(records),
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+        **trainer_kwargs,
+    )
+    trainer.train()
+    metrics = final_metrics(trainer.state.log_history) | {"global_step": trainer.state.global_step}
+    metrics |= extra_metrics or {}
+    return save_checkpoint(trainer.model, tokenizer, out_dir, recipe, model_args, metrics)
+
+
 def time_limit_callback(seconds: float) -> Any:
     """A TrainerCallback that ends training after ``seconds`` of wall time (after a step).
 

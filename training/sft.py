@@ -12,13 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from training.models import (
-    final_metrics,
-    load_model_and_tokenizer,
-    save_checkpoint,
-    seed_everything,
-    trainer_defaults,
-)
+from training.models import train_and_save, trainer_defaults
 
 
 def sft_config(output_dir: str | Path, max_steps: int = 20, seed: int = 0, **overrides: Any) -> Any:
@@ -52,27 +46,8 @@ def train_sft(
     Returns:
         ``out_dir``, loadable with ``policies.load_policy(str(out_dir))``.
     """
-    from datasets import Dataset
-    from trl import SFTTrainer, get_peft_config
+    from trl import SFTTrainer
 
     if not records:
         raise ValueError("train_sft got no records; curate more logged turns or relax the filters")
-    seed_everything(args.seed)
-    model, tokenizer = load_model_and_tokenizer(model_args)
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=Dataset.from_list(records),
-        processing_class=tokenizer,
-        peft_config=get_peft_config(model_args),
-    )
-    trainer.train()
-    return save_checkpoint(
-        trainer.model,
-        tokenizer,
-        out_dir,
-        recipe="sft",
-        model_args=model_args,
-        metrics=final_metrics(trainer.state.log_history)
-        | {"global_step": trainer.state.global_step},
-    )
+    return train_and_save(SFTTrainer, "sft", records, model_args, args, out_dir)
