@@ -201,8 +201,9 @@ train_app = typer.Typer(
 app.add_typer(train_app, name="train")
 
 
-def _run_world(run_dir: str, experiment: str | None) -> tuple[Any, Any]:
-    """(turns, characters by name) of a run: its logs and the cast its scenario played."""
+def _run_world(run_dir: str, experiment: str | None) -> tuple[Any, Any, Any]:
+    """(turns, characters by name, WorldConfig) of a run: its logs and the world they were
+    logged in (the first experiment's unless ``experiment`` names one)."""
     from flywheel.store import RunStore
     from sim.characters import load_characters, select_characters
     from sim.world import WorldConfig
@@ -217,9 +218,11 @@ def _run_world(run_dir: str, experiment: str | None) -> tuple[Any, Any]:
         if experiment is None
         else (experiments.set_index("experiment_id").loc[experiment, "config"])
     )
-    world = WorldConfig.model_validate(config["scenario"]["world"])
+    # `flywheel run` records the world beside the scenario's name; `flywheel ab` records
+    # the whole scenario.
+    world = WorldConfig.model_validate(config.get("world") or config["scenario"]["world"])
     characters = select_characters(load_characters(world.characters_dir), world.characters)
-    return turns, characters
+    return turns, characters, world
 
 
 def _train(
@@ -238,7 +241,7 @@ def _train(
     from training import recipes
     from training.grpo import load_config_overrides
 
-    turns, characters = _run_world(run_dir, experiment)
+    turns, characters, _ = _run_world(run_dir, experiment)
     prompts = {name: c.system_prompt() for name, c in characters.items()}
     checkers = {name: c.checkers for name, c in characters.items()}
     scorer = load_reward_model(rm) if rm else None
@@ -303,9 +306,9 @@ _train_command(
 )
 
 
-def _gold_scorer(run_dir: str, characters: dict[str, Any]) -> Any:
+def _gold_scorer(run_dir: str, characters: dict[str, Any], world: Any) -> Any:
     """Gold utility (ORACLE) of candidate replies for the users who wrote their contexts,
-    from the users' logged latent traits and a fresh latent state."""
+    from the users' logged latent traits and a fresh latent state, under ``world.gold``."""
     from dataclasses import fields as dc_fields
 
     from flywheel.store import RunStore
@@ -313,12 +316,10 @@ def _gold_scorer(run_dir: str, characters: dict[str, Any]) -> Any:
     from rewards.features import ReplyContext, reply_features
     from sim.gold import GoldModel, ReplyAssessment
     from sim.population import User, UserState, UserTraits
-    from sim.world import WorldConfig
 
     with RunStore(run_dir, read_only=True) as store:
         users = store.read_users().drop_duplicates("user_id").set_index("user_id")
-        config = store.experiments()["config"].iloc[0]
-    gold = GoldModel(WorldConfig.model_validate(config["scenario"]["world"]).gold)
+    gold = GoldModel(world.gold)
     embedder = get_embedder()
     trait_names = {f.name for f in dc_fields(UserTraits)}
 
@@ -373,7 +374,7 @@ def bon(
         ns = sorted({int(x) for x in n.split(",") if x.strip()})
         if not ns or ns[0] < 1:
             raise ValueError(f"--n must list positive integers, got {n!r}; e.g. --n 1,2,4,8,16")
-        turns, characters = _run_world(run_dir, None)
+        turns, characters, world = _run_world(run_dir, None)
         data = curated(turns, {k: c.system_prompt() for k, c in characters.items()}, seed)
         held = data.held_out if not data.held_out.empty else data.train
         held = held.drop_duplicates("session_id").head(contexts)
@@ -384,7 +385,7 @@ def bon(
             list(held["character"]),
             ns,
             proxy=lambda c, r: proxy.score(c, r),
-            gold=_gold_scorer(run_dir, characters),
+            gold=_gold_scorer(run_dir, characters, world),
             params=SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, seed=seed),
             extra=held[["user_id"]],
         )
