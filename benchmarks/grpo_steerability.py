@@ -1,9 +1,10 @@
 """GRPO on the packaged SmolLM2: instruction following and gold utility up, style held.
 
 Trains SmolLM2-135M-Instruct with TRL's GRPOTrainer (LoRA, CPU) on first-turn character
-prompts written from the chit-chat *train* openers, with two rewards: the characters'
-steerability checkers and the artifact penalty against the base model's own style
-statistics (``training.rewards``). Then it evaluates base and trained model on the same
+prompts written from the chit-chat *train* openers, with the flywheel's rewards
+(``training.rewards``): the characters' steerability checkers, the artifact penalty against
+the base model's own style statistics and, with ``--rm``, a reward model trained on logged
+engagement (``flywheel rm train``; the proxy for what users want, never the gold utility). Then it evaluates base and trained model on the same
 held-out prompts (the chit-chat *held-out* openers, new users, every character equally
 often) and prints before/after numbers:
 
@@ -125,6 +126,12 @@ def main() -> None:
         help="torch intra-op threads; 1 on a shared CPU (see THREADS_NOTE)",
     )
     parser.add_argument(
+        "--rm",
+        default=None,
+        help="reward model folder (flywheel rm train RUN_DIR ...) added as the reward_model "
+        "reward; without it GRPO optimises steerability and the artifact penalty only",
+    )
+    parser.add_argument(
         "--trained", default=None, help="evaluate this GRPO checkpoint instead of training one"
     )
     args = parser.parse_args()
@@ -182,6 +189,11 @@ def main() -> None:
     del base_policy
 
     checkers = {name: world.characters[name].checkers for name in names}
+    scorer = None
+    if args.rm is not None:
+        from rewards.rm.base import load_reward_model
+
+        scorer = load_reward_model(args.rm)
     grpo_args = grpo_config(
         out / "trainer",
         max_steps=args.max_steps,
@@ -193,7 +205,7 @@ def main() -> None:
     if args.trained is None:
         model_dir = train_grpo(
             grpo_records(train_chats, train_characters),
-            build_rewards(checkers, reference, artifact_tolerance=args.artifact_tolerance),
+            build_rewards(checkers, reference, scorer, artifact_tolerance=args.artifact_tolerance),
             model_config(args.model),
             grpo_args,
             out / "model",

@@ -120,6 +120,8 @@ def run_traffic(
     )
     experiment = {
         "scenario": str(SCENARIO.name),
+        # The world, as `flywheel run` records it: `flywheel bon` / `train` read it back.
+        "world": world_config.model_dump(mode="json"),
         "policy": bot.name,
         "seed": seed,
         "traffic": config.model_dump(mode="json"),
