@@ -11,8 +11,14 @@ often) and prints before/after numbers:
 - instruction-following rate (share of replies meeting every instruction of their
   character) and violation rate (``rewards.steerability``),
 - gold utility (the simulator's oracle, ``sim.gold``) of each reply for its user,
-- emoji rate (share of replies with an emoji), emoji per reply and mean length in words,
-  with the ratio to the base model (the brief: within 15%).
+- emoji rate (share of replies with an emoji), overall and over the characters that may
+  use emoji (three characters forbid them, so there a falling rate is instruction
+  following), emoji per reply and mean length in words, with the ratio to the base model
+  (the brief: within 15%).
+
+Base and trained model answer the same prompts with the same sampling seeds, so each
+metric is compared by a paired t-test (statsmodels) on per-prompt means: the prompt, not
+the reply, is the unit, since the samples of one prompt are not independent.
 
 The training run stops after ``--minutes`` of wall time (or ``--max-steps``), whichever
 comes first. Usage::
@@ -80,22 +86,81 @@ def evaluate(world, policy, users, characters, samples: int, seed: int, max_new_
     return pd.DataFrame(rows)
 
 
+def emoji_allowed(turns: pd.DataFrame) -> pd.Series:
+    """Rows whose character has no ``no_emoji`` instruction (its check column is empty)."""
+    if "check_no_emoji" not in turns:
+        return pd.Series(True, index=turns.index)
+    return turns["check_no_emoji"].isna()
+
+
+def per_reply_metrics(turns: pd.DataFrame) -> pd.DataFrame:
+    """One column per compared metric, one row per reply (NaN where a metric does not apply)."""
+    has_emoji = (turns["feature_emoji"] > 0).astype(float)
+    return pd.DataFrame(
+        {
+            "instruction_following_rate": turns["follows_all"].astype(float),
+            "violation_rate": turns["violates_any"].astype(float),
+            "gold_utility": turns["gold_satisfaction"].astype(float),
+            "emoji_rate": has_emoji,
+            "emoji_rate_where_allowed": has_emoji.where(emoji_allowed(turns)),
+            "emoji_per_reply": turns["feature_emoji"].astype(float),
+            "mean_words": turns["feature_words"].astype(float),
+        }
+    )
+
+
 def summarise(turns: pd.DataFrame) -> dict[str, float]:
     """The before/after metrics of one model's evaluation replies."""
     from rewards.steerability import steerability
 
     result = steerability(turns)
+    metrics = per_reply_metrics(turns).mean().to_dict()
+    metrics["instruction_following_rate"] = result.following_rate
+    metrics["violation_rate"] = result.violation_rate
     n = len(turns)
-    return {
+    gold = turns["gold_satisfaction"]
+    return metrics | {
         "n_replies": n,
-        "instruction_following_rate": result.following_rate,
-        "violation_rate": result.violation_rate,
-        "gold_utility": float(turns["gold_satisfaction"].mean()),
-        "gold_utility_se": float(turns["gold_satisfaction"].std(ddof=1) / np.sqrt(n)),
-        "emoji_rate": float((turns["feature_emoji"] > 0).mean()),
-        "emoji_per_reply": float(turns["feature_emoji"].mean()),
-        "mean_words": float(turns["feature_words"].mean()),
+        "n_replies_emoji_allowed": int(emoji_allowed(turns).sum()),
+        "gold_utility_se": float(gold.std(ddof=1) / np.sqrt(n)),
     }
+
+
+def paired_tests(base: pd.DataFrame, trained: pd.DataFrame) -> dict[str, dict[str, float]]:
+    """Per metric: mean per-prompt difference (trained - base), its 95% CI and the paired
+    t-test p-value, over the prompts (sessions) both models answered."""
+    from statsmodels.stats.weightstats import DescrStatsW
+
+    if not (base["session_id"].to_numpy() == trained["session_id"].to_numpy()).all():
+        raise ValueError("base and trained evaluations must answer the same prompts in order")
+    prompt = base["session_id"].to_numpy()
+    before = per_reply_metrics(base).groupby(prompt).mean()
+    after = per_reply_metrics(trained).groupby(prompt).mean()
+    tests = {}
+    for metric in before:
+        diff = (after[metric] - before[metric]).dropna().to_numpy()
+        stats = DescrStatsW(diff)
+        if diff.std() > 0:
+            p_value = stats.ttest_mean()[1]
+            low, high = stats.tconfint_mean()
+        else:  # identical on every prompt: no test to run
+            p_value, low, high = 1.0, diff.mean(), diff.mean()
+        tests[metric] = {
+            "diff": float(diff.mean()),
+            "ci_low": float(low),
+            "ci_high": float(high),
+            "p_value": float(p_value),
+            "n_prompts": len(diff),
+        }
+    return tests
+
+
+def parse_tolerance(text: str) -> float | dict[str, float]:
+    """``"0.5"`` (every feature) or ``"words=0,emoji=1"`` (per feature, others 0.5)."""
+    if "=" not in text:
+        return float(text)
+    pairs = [item.split("=", 1) for item in text.split(",") if item.strip()]
+    return {name.strip(): float(value) for name, value in pairs}
 
 
 def main() -> None:
@@ -107,16 +172,16 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=25.0, help="wall-time cap of training")
     parser.add_argument("--max-steps", type=int, default=200)
     parser.add_argument("--train-prompts", type=int, default=400)
-    parser.add_argument("--eval-prompts", type=int, default=90)
-    parser.add_argument("--eval-samples", type=int, default=2)
+    parser.add_argument("--eval-prompts", type=int, default=300)
+    parser.add_argument("--eval-samples", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--learning-rate", type=float, default=1e-4, help="LoRA learning rate")
     parser.add_argument(
         "--artifact-tolerance",
-        type=float,
+        type=parse_tolerance,
         default=0.5,
-        help="style drift (in reference sd) the artifact penalty forgives; 0 pulls every "
-        "feature toward the base model's mean (a tighter leash on length)",
+        help="style drift (in reference sd) the artifact penalty forgives: one value, or per "
+        "feature as words=0,emoji=1 (others 0.5); 0 pulls a feature toward the base mean",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -230,6 +295,7 @@ def main() -> None:
         args.max_new_tokens,
     )
     before, after = summarise(base_turns), summarise(trained_turns)
+    tests = paired_tests(base_turns, trained_turns)
     report = {
         "command": "benchmarks/grpo_steerability.py "
         + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
@@ -238,6 +304,7 @@ def main() -> None:
         "seconds_per_step": train_s / max(steps, 1),
         "before": before,
         "after": after,
+        "paired_tests": tests,
         "per_character_following": {
             "before": base_turns.groupby("character")["follows_all"].mean().to_dict(),
             "after": trained_turns.groupby("character")["follows_all"].mean().to_dict(),
@@ -245,26 +312,24 @@ def main() -> None:
         "reference_style": reference.to_dict(),
     }
     (out / "before_after.json").write_text(json.dumps(report, indent=2))
-    base_turns.assign(model="base").to_parquet(out / "eval_base.parquet")
     trained_turns.assign(model="grpo").to_parquet(out / "eval_grpo.parquet")
 
     print(f"\nGRPO: {steps} steps in {train_s / 60:.1f} min ({train_s / max(steps, 1):.1f} s/step)")
-    print(f"held-out: {before['n_replies']} replies per model, {len(names)} characters\n")
-    print(f"{'metric':<30}{'base':>10}{'GRPO':>10}{'after/base':>12}")
-    for key in (
-        "instruction_following_rate",
-        "violation_rate",
-        "gold_utility",
-        "emoji_rate",
-        "emoji_per_reply",
-        "mean_words",
-    ):
+    print(
+        f"held-out: {before['n_replies']} replies per model ({args.eval_prompts} prompts x "
+        f"{args.eval_samples} samples), {len(names)} characters; "
+        f"{before['n_replies_emoji_allowed']} replies by characters that may use emoji\n"
+    )
+    header = f"{'metric':<28}{'base':>9}{'GRPO':>9}{'GRPO/base':>11}  {'diff [95% CI]':<24}{'p':>8}"
+    print(header)
+    for key, test in tests.items():
         b, a = before[key], after[key]
         ratio = f"{a / b:.2f}" if b else "n/a"
-        print(f"{key:<30}{b:>10.3f}{a:>10.3f}{ratio:>12}")
+        ci = f"{test['diff']:+.3f} [{test['ci_low']:+.3f}, {test['ci_high']:+.3f}]"
+        print(f"{key:<28}{b:>9.3f}{a:>9.3f}{ratio:>11}  {ci:<24}{test['p_value']:>8.4f}")
     print(
-        f"\n(gold utility se: base {before['gold_utility_se']:.3f}, "
-        f"GRPO {after['gold_utility_se']:.3f}); full report: {out / 'before_after.json'}"
+        "\n(paired t-tests on per-prompt means, statsmodels); full report: "
+        f"{out / 'before_after.json'}"
     )
 
 

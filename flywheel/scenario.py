@@ -200,8 +200,10 @@ class RecipeConfig(BaseModel):
         ge=0,
         description="Weight of the reward-model reward (ignored when reward_model = 'none').",
     )
-    artifact_tolerance: float = Field(
-        0.5, ge=0, description="Style drift (in reference standard deviations) that costs nothing."
+    artifact_tolerance: float | dict[str, float] = Field(
+        0.5,
+        description="Style drift (in reference standard deviations) that costs nothing: one "
+        "value, or one per feature, e.g. {words = 0, emoji = 1} (others keep 0.5).",
     )
     prompts: int = Field(
         32, ge=1, description="Training contexts drawn from the curated train split."
@@ -226,6 +228,14 @@ class RecipeConfig(BaseModel):
         description="YAML of TRL config fields merged under `trainer` (the GPU switch, e.g. "
         "training/configs/grpo_vllm.yaml); relative to the scenario file.",
     )
+
+    @field_validator("artifact_tolerance")
+    @classmethod
+    def _check_tolerance(cls, value: float | dict[str, float]) -> float | dict[str, float]:
+        from training.rewards import artifact_tolerances
+
+        artifact_tolerances(value)
+        return value
 
     @model_validator(mode="after")
     def _check_trainer(self) -> RecipeConfig:

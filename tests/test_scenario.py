@@ -174,3 +174,17 @@ def test_cli_reports_a_bad_scenario_without_a_traceback(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert "scenario.gates.min_rm_win_rate = 2" in result.output
     assert not (tmp_path / "run").exists()
+
+
+def test_artifact_tolerance_is_one_value_or_one_per_known_feature(tmp_path: Path) -> None:
+    recipe = '[[recipes]]\nname = "g"\nkind = "grpo"\n'
+    ok = recipe + "artifact_tolerance = { words = 0, emoji = 1 }\n"
+    assert load_scenario(write(tmp_path, ok, "ok.toml")).recipes[0].artifact_tolerance == {
+        "words": 0,
+        "emoji": 1,
+    }
+    message = error_of(tmp_path, recipe + "artifact_tolerance = { emojis = 1 }\n")
+    assert "scenario.recipes.0.artifact_tolerance" in message and "emojis" in message
+    assert "'emoji'" in message  # the fix lists the known features
+    message = error_of(tmp_path, recipe + "artifact_tolerance = -1\n")
+    assert "artifact_tolerance" in message and "-1" in message and ">= 0" in message

@@ -178,6 +178,23 @@ def test_artifact_penalty_is_zero_near_reference_and_grows_with_emoji_spam():
     assert logged["reward/artifact_penalty"] == pytest.approx(np.mean(values))
 
 
+def test_artifact_tolerance_per_feature_keeps_a_tight_leash_on_length_only():
+    long_reply = " ".join(["word"] * 60) + " 😀"
+    scalar = ArtifactPenalty(REFERENCE, tolerance=0.0)
+    per_feature = ArtifactPenalty(REFERENCE, tolerance={"words": 0.0, "emoji": 10.0})
+    stats = REFERENCE.for_character(None)
+    words_term = abs(60 - stats["words"][0]) / stats["words"][1]
+    emoji_term = abs(1 - stats["emoji"][0]) / stats["emoji"][1]
+    assert scalar.score(long_reply) == pytest.approx(-(words_term + emoji_term))
+    # emoji forgiven (10 sd), words still fully counted, exclamations keep the default 0.5
+    assert per_feature.score(long_reply) == pytest.approx(-words_term)
+    assert per_feature.tolerance["exclamations"] == 0.5
+    with pytest.raises(ValueError, match="emojis"):
+        ArtifactPenalty(REFERENCE, tolerance={"emojis": 1.0})
+    with pytest.raises(ValueError, match="'words' is -1"):
+        ArtifactPenalty(REFERENCE, tolerance={"words": -1.0})
+
+
 def test_reward_model_reward_scores_last_user_message_and_checks_finiteness():
     class LengthScorer:
         def score(self, contexts, replies):

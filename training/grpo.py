@@ -118,7 +118,7 @@ def build_rewards(
     checkers: Mapping[str, Sequence[Checker]],
     reference: StyleReference,
     scorer: ReplyScorer | None = None,
-    artifact_tolerance: float = 0.5,
+    artifact_tolerance: float | Mapping[str, float] = 0.5,
 ) -> list[Any]:
     """The reward functions in TRL's order: [reward_model,] steerability, artifact_penalty."""
     rewards: list[Any] = [] if scorer is None else [RewardModelReward(scorer)]

@@ -41,9 +41,35 @@ from rewards.features import style_features
 # deviation: a reference model that never uses emoji has std 0, and one emoji must then
 # cost a bounded, not an infinite, penalty.
 ARTIFACT_FEATURES: dict[str, float] = {"words": 2.0, "emoji": 0.5, "exclamations": 0.5}
+# Drift (in reference standard deviations) the artifact penalty forgives by default.
+DEFAULT_TOLERANCE = 0.5
 # A character needs this many reference replies for its own statistics; with fewer, the
 # pooled statistics over every character are used.
 MIN_REFERENCE_REPLIES = 8
+
+
+def artifact_tolerances(tolerance: float | Mapping[str, float]) -> dict[str, float]:
+    """Per-feature tolerances (reference sd) from one value or a partial mapping.
+
+    Raises ValueError naming an unknown feature or a negative value, with the fix.
+    """
+    if isinstance(tolerance, Mapping):
+        unknown = sorted(set(tolerance) - set(ARTIFACT_FEATURES))
+        if unknown:
+            raise ValueError(
+                f"artifact tolerance for unknown feature(s) {unknown}; fix: use "
+                f"{sorted(ARTIFACT_FEATURES)}"
+            )
+        values = {f: float(tolerance.get(f, DEFAULT_TOLERANCE)) for f in ARTIFACT_FEATURES}
+    else:
+        values = dict.fromkeys(ARTIFACT_FEATURES, float(tolerance))
+    for feature, value in values.items():
+        if not value >= 0:
+            raise ValueError(
+                f"artifact tolerance of {feature!r} is {value}; fix: a value >= 0 "
+                "(reference standard deviations of drift that cost nothing)"
+            )
+    return values
 
 
 def completion_text(completion: Any) -> str:
@@ -214,24 +240,27 @@ class StyleReference:
 class ArtifactPenalty:
     """``artifact_penalty``: minus the style drift of a reply from the reference model.
 
-    penalty = - sum over features of max(0, |x - mean| / std - tolerance), with the
-    reference statistics of the row's character (pooled if unknown).
+    penalty = - sum over features of max(0, |x - mean| / std - tolerance[feature]), with
+    the reference statistics of the row's character (pooled if unknown). ``tolerance`` is
+    one value for every feature or one per feature (``{"words": 0, "emoji": 1}``; features
+    left out keep ``DEFAULT_TOLERANCE``): a tight leash on length, a loose one on a rare
+    emoji whose reference std is only the floor.
     """
 
     __name__ = "artifact_penalty"
 
-    def __init__(self, reference: StyleReference, tolerance: float = 0.5) -> None:
-        if tolerance < 0:
-            raise ValueError(f"artifact tolerance must be >= 0 std, got {tolerance}")
+    def __init__(
+        self, reference: StyleReference, tolerance: float | Mapping[str, float] = 0.5
+    ) -> None:
         self.reference = reference
-        self.tolerance = tolerance
+        self.tolerance = artifact_tolerances(tolerance)
 
     def score(self, reply: str, character: str | None = None) -> float:
         """The (non-positive) penalty of one reply."""
         features = style_features(reply)
         stats = self.reference.for_character(character)
         return -sum(
-            max(0.0, abs(features[f] - mean) / std - self.tolerance)
+            max(0.0, abs(features[f] - mean) / std - self.tolerance[f])
             for f, (mean, std) in stats.items()
         )
 
