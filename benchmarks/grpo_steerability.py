@@ -105,6 +105,10 @@ def per_reply_metrics(turns: pd.DataFrame) -> pd.DataFrame:
             "emoji_rate_where_allowed": has_emoji.where(emoji_allowed(turns)),
             "emoji_per_reply": turns["feature_emoji"].astype(float),
             "mean_words": turns["feature_words"].astype(float),
+            # Diagnostics: what the reply talks about (MiniLM cosines, sim.gold's inputs).
+            "relevance": turns["feature_relevance"].astype(float),
+            "persona_consistency": turns["feature_persona_consistency"].astype(float),
+            "prompt_leak": turns["feature_prompt_leak"].astype(float),
         }
     )
 
@@ -183,6 +187,20 @@ def main() -> None:
         help="style drift (in reference sd) the artifact penalty forgives: one value, or per "
         "feature as words=0,emoji=1 (others 0.5); 0 pulls a feature toward the base mean",
     )
+    parser.add_argument(
+        "--beta",
+        type=float,
+        default=0.2,
+        help="KL coefficient to the base model (TRL GRPOConfig.beta); 0 = no KL leash",
+    )
+    parser.add_argument(
+        "--normalise",
+        choices=("reference", "group"),
+        default="reference",
+        help="reference: each reward over its spread on the base model's replies, then "
+        "summed (sum_then_normalize); group: each standardised within its group "
+        "(normalize_then_sum); see training.rewards",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--threads",
@@ -209,7 +227,7 @@ def main() -> None:
     from sim.world import World, load_world_config
     from training.grpo import build_rewards, grpo_config, grpo_records, train_grpo
     from training.models import model_config, time_limit_callback
-    from training.rewards import StyleReference
+    from training.rewards import StyleReference, reference_scales
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -259,18 +277,35 @@ def main() -> None:
         from rewards.rm.base import load_reward_model
 
         scorer = load_reward_model(args.rm)
+    rewards = build_rewards(checkers, reference, scorer, artifact_tolerance=args.artifact_tolerance)
+    scales = None
+    if args.normalise == "reference":
+        scales = reference_scales(
+            rewards,
+            train_chats[:n_reference],
+            [g.text for g in reference_replies],
+            train_characters[:n_reference],
+        )
+        rewards = build_rewards(
+            checkers, reference, scorer, artifact_tolerance=args.artifact_tolerance, scales=scales
+        )
+        print(f"reward scales (sd over the base model's replies): {scales}", flush=True)
     grpo_args = grpo_config(
         out / "trainer",
         max_steps=args.max_steps,
         seed=args.seed,
         max_completion_length=args.max_new_tokens,
         learning_rate=args.learning_rate,
+        beta=args.beta,
+        multi_objective_aggregation="sum_then_normalize"
+        if args.normalise == "reference"
+        else "normalize_then_sum",
     )
     t0 = time.monotonic()
     if args.trained is None:
         model_dir = train_grpo(
             grpo_records(train_chats, train_characters),
-            build_rewards(checkers, reference, scorer, artifact_tolerance=args.artifact_tolerance),
+            rewards,
             model_config(args.model),
             grpo_args,
             out / "model",
@@ -302,6 +337,7 @@ def main() -> None:
         "train_seconds": train_s,
         "train_steps": steps,
         "seconds_per_step": train_s / max(steps, 1),
+        "reward_scales": scales,
         "before": before,
         "after": after,
         "paired_tests": tests,

@@ -4,7 +4,7 @@ Three stages, each skipped when its output already exists in RUN_DIR (rerun to r
 
 1. Traffic. The artifact-trap world (``scenarios/world_artifact_trap.toml``: emoji and long
    replies earn likes today, fatigue and length misfit cost satisfaction later) is served by
-   the packaged SmolLM2 wrapped in :class:`StyleVariationPolicy`, which plants style
+   the packaged SmolLM2 wrapped in ``sim.planted.StyleVariationPolicy``, which plants style
    variation the 135M model rarely produces by itself: a share of replies get 1-4 emoji
    appended, another share a friendly filler sentence. The variation is independent of the
    reply's content, so whatever a reward model learns about it is learned from the users'
@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -37,53 +36,11 @@ import numpy as np
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from policies.base import Chat, Generation, Policy, SamplingParams
+from policies.base import Policy, SamplingParams
+from sim.planted import StyleVariationPolicy
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENARIO = ROOT / "scenarios" / "world_artifact_trap.toml"
-EMOJI = ("😀", "😊", "🎉", "✨", "😂", "❤️", "👍", "🔥", "🥰", "🌟")
-FILLERS = (
-    "I really love chatting with you about this, it always makes my day brighter.",
-    "Honestly, there is so much more I could say, and I am always happy to keep going.",
-    "Let me know what you think, because your thoughts always matter a lot to me here.",
-    "It is such a fun thing to talk about, and I could go on about it for a long while.",
-)
-
-
-class StyleVariationPolicy:
-    """Wraps a policy and plants content-independent style variation in its replies.
-
-    Args:
-        base: the policy that writes the replies.
-        emoji_rate: share of replies that get 1-4 emoji appended.
-        filler_rate: share of replies that get one or two filler sentences appended.
-    Which replies, and what is appended, is drawn per call from a generator seeded with
-    the call's ``params.seed``, so runs are reproducible.
-    """
-
-    def __init__(self, base: Policy, emoji_rate: float = 0.4, filler_rate: float = 0.35) -> None:
-        for name, rate in (("emoji_rate", emoji_rate), ("filler_rate", filler_rate)):
-            if not 0 <= rate <= 1:
-                raise ValueError(f"StyleVariationPolicy.{name} must be in [0, 1], got {rate}")
-        self.base = base
-        self.emoji_rate = emoji_rate
-        self.filler_rate = filler_rate
-        self.name = f"stylevar@{emoji_rate:g},{filler_rate:g}:{base.name}"
-
-    def generate(self, chats: Sequence[Chat], params: SamplingParams) -> list[Generation]:
-        """Generate with the base policy, then append emoji / filler to drawn replies."""
-        replies = self.base.generate(chats, params)
-        rng = np.random.default_rng([params.seed, 7919])
-        out = []
-        for reply in replies:
-            text = reply.text.rstrip()
-            if rng.random() < self.filler_rate:
-                picks = rng.choice(len(FILLERS), size=int(rng.integers(1, 3)), replace=False)
-                text = " ".join([text, *(FILLERS[int(i)] for i in picks)])
-            if rng.random() < self.emoji_rate:
-                text = text + " " + "".join(rng.choice(EMOJI, size=int(rng.integers(1, 5))))
-            out.append(Generation(text, reply.prompt_tokens, reply.completion_tokens))
-        return out
 
 
 def run_traffic(

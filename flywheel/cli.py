@@ -6,9 +6,12 @@ answers in well under a second.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 app = typer.Typer(
     help="Rehearse a character-chat LLM improvement flywheel in simulation.",
@@ -171,7 +174,8 @@ def ab(
         "smollm2",
         "--treatment",
         help="Treatment POLICY; 'violate:MODEL' or 'violate@RATE:MODEL' plants a "
-        "policy that breaks its characters' prohibitions on a RATE share of replies.",
+        "policy that breaks its characters' prohibitions on a RATE share of replies, "
+        "'stylevar@EMOJI,FILLER:MODEL' one that appends emoji / filler to drawn replies.",
     ),
     out: str = typer.Option(..., "--out", help="Run directory; rerun with it to resume."),
     progress: bool = typer.Option(True, "--progress/--quiet", help="Progress bar over days."),
@@ -306,9 +310,11 @@ _train_command(
 )
 
 
-def _gold_scorer(run_dir: str, characters: dict[str, Any], world: Any) -> Any:
+def _gold_scorer(run_dir: str, characters: dict[str, Any], world: Any, turns: pd.DataFrame) -> Any:
     """Gold utility (ORACLE) of candidate replies for the users who wrote their contexts,
-    from the users' logged latent traits and a fresh latent state, under ``world.gold``."""
+    from the users' logged latent traits and the emoji exposure each had at that moment
+    (replayed from the logged replies before it, ``GoldModel.replay_exposure``), under
+    ``world.gold``. Candidates need user_id, session_id, turn_index and day columns."""
     from dataclasses import fields as dc_fields
 
     from flywheel.store import RunStore
@@ -322,26 +328,46 @@ def _gold_scorer(run_dir: str, characters: dict[str, Any], world: Any) -> Any:
     gold = GoldModel(world.gold)
     embedder = get_embedder()
     trait_names = {f.name for f in dc_fields(UserTraits)}
+    served = turns.assign(emoji=[f["emoji"] for f in turns["features"]]).sort_values(
+        ["day", "hour", "session_id", "turn_index"]
+    )
+    history = {
+        user_id: list(group[["day", "session_id", "turn_index", "emoji"]].itertuples(index=False))
+        for user_id, group in served.groupby("user_id")
+    }
 
-    def user(user_id: str) -> Any:
+    def user_at(user_id: str, day: int, session_id: str, turn_index: int) -> Any:
         traits = {k: v for k, v in users.loc[user_id, "traits"].items() if k in trait_names}
         if "topic_interests" in traits:
             traits["topic_interests"] = tuple(traits["topic_interests"])
-        return User(user_id, users.loc[user_id, "segment"], UserTraits(**traits), UserState())
+        user = User(user_id, users.loc[user_id, "segment"], UserTraits(**traits), UserState())
+        before = []
+        for row in history.get(user_id, []):
+            if row.session_id == session_id and row.turn_index >= turn_index:
+                break
+            before.append((row.day, row.session_id, row.emoji))
+        gold.replay_exposure(user, [*before, (day, session_id, 0.0)])
+        return user
 
     def score(candidates: Any) -> Any:
         import numpy as np
 
         contexts = [
-            ReplyContext(p[-1]["content"], characters[c].persona)
+            ReplyContext(
+                p[-1]["content"], characters[c].persona, rules_prompt=characters[c].rules_prompt()
+            )
             for p, c in zip(candidates["prompt"], candidates["character"], strict=True)
         ]
         feats = reply_features(embedder, list(candidates["reply"]), contexts)
+        cache: dict[tuple[Any, ...], Any] = {}
         out = []
         for row, f in zip(candidates.itertuples(index=False), feats, strict=True):
+            key = (row.user_id, int(row.day), row.session_id, int(row.turn_index))
+            if key not in cache:
+                cache[key] = user_at(*key)
             character = characters[row.character]
             assessment, _ = ReplyAssessment.of(character, row.reply, f)
-            out.append(gold.utility(user(row.user_id), character, assessment))
+            out.append(gold.utility(cache[key], character, assessment))
         return np.asarray(out)
 
     return score
@@ -353,7 +379,10 @@ def bon(
     n: str = typer.Option("1,2,4,8,16", "--n", help="Comma-separated n of best-of-n."),
     rm: str = typer.Option(..., "--rm", help="Reward model folder: the proxy being optimised."),
     policy: str = typer.Option(
-        "smollm2", "--policy", help="Sampling policy (HF folder or smollm2)."
+        "smollm2",
+        "--policy",
+        help="Sampling policy: HF folder or smollm2, or a planted wrapper such as "
+        "stylevar@0.4,0.35:smollm2 (emoji / filler on drawn samples, as the run served).",
     ),
     contexts: int = typer.Option(48, "--contexts", min=1, help="Held-out contexts to sample."),
     max_new_tokens: int = typer.Option(48, "--max-new-tokens", min=1, help="Reply cap."),
@@ -367,6 +396,7 @@ def bon(
 
     from policies import PolicySpec, SamplingParams, load_policy
     from rewards.rm.base import load_reward_model
+    from sim.planted import planted_policy
     from training.recipes import curated
     from training.rejection import run_best_of_n_sweep
 
@@ -380,14 +410,14 @@ def bon(
         held = held.drop_duplicates("session_id").head(contexts)
         proxy = load_reward_model(rm)
         sweep, candidates = run_best_of_n_sweep(
-            load_policy(PolicySpec(model=policy, dtype="bfloat16")),
+            planted_policy(policy, lambda m: load_policy(PolicySpec(model=m, dtype="bfloat16"))),
             list(held["prompt"]),
             list(held["character"]),
             ns,
             proxy=lambda c, r: proxy.score(c, r),
-            gold=_gold_scorer(run_dir, characters, world),
+            gold=_gold_scorer(run_dir, characters, world, turns),
             params=SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, seed=seed),
-            extra=held[["user_id"]],
+            extra=held[["user_id", "session_id", "turn_index", "day"]],
         )
     except (FileNotFoundError, ValueError) as err:
         typer.echo(f"error: {err}", err=True)

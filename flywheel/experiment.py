@@ -159,12 +159,11 @@ class PolicyCache:
         self._loaded[spec] = policy
 
     def arm(self, text: str) -> Policy:
-        """A command-line POLICY: a model, or ``violate[@RATE]:MODEL`` around one."""
-        from sim.planted import ViolatingPolicy, parse_planted
+        """A command-line POLICY: a model, or a planted wrapper around one
+        (``violate[@RATE]:MODEL``, ``stylevar[@EMOJI,FILLER]:MODEL``; ``sim.planted``)."""
+        from sim.planted import planted_policy
 
-        rate, base = parse_planted(text)
-        policy = self.get(PolicySpec(model=base))
-        return policy if rate is None else ViolatingPolicy(policy, rate)
+        return planted_policy(text, lambda model: self.get(PolicySpec(model=model)))
 
 
 # ---------------------------------------------------------------------------- the experiment

@@ -14,11 +14,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from policies.base import Chat, Generation, SamplingParams, validate_chat
 from policies.spec import DEFAULT_MODEL, PolicySpec
 from policies.tokens import fit_prompt_ids, stop_token_ids
 
+# Calls of at least this many batches (minutes on a CPU: best-of-n pools, benchmark
+# evaluations) show a progress bar; the simulator's per-turn calls stay silent.
+PROGRESS_MIN_CHUNKS = 4
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
@@ -75,9 +79,16 @@ class HFPolicy:
             validate_chat(chat, i)
         out: list[Generation] = []
         size = self.spec.batch_size
-        for chunk_index, start in enumerate(range(0, len(chats), size)):
+        starts = range(0, len(chats), size)
+        quiet = len(starts) < PROGRESS_MIN_CHUNKS or os.environ.get("FLYWHEEL_QUIET") == "1"
+        bar = tqdm(
+            total=len(chats), desc=f"generate {self.name}", unit="reply", disable=quiet, leave=False
+        )
+        for chunk_index, start in enumerate(starts):
             chunk = chats[start : start + size]
             out.extend(self._generate_chunk(chunk, params, params.seed + chunk_index))
+            bar.update(len(chunk))
+        bar.close()
         return out
 
     def _generate_chunk(

@@ -19,6 +19,10 @@ in one encode call for a whole batch of replies):
 
 - ``relevance``: cosine(reply, last user message).
 - ``persona_consistency``: cosine(reply, the character's persona text).
+- ``prompt_leak``: cosine(reply, the character's rules prompt: the app framing and its
+  instructions); high when a reply recites its setup ("You are chatting with the user...
+  Rules: ...") instead of talking to the user, the degenerate text a policy optimised
+  against a reward model can drift into. 0.0 when the context gives no rules prompt.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ STYLE_FEATURES = (
     "repetition",
     "echo",
 )
-SEMANTIC_FEATURES = ("relevance", "persona_consistency")
+SEMANTIC_FEATURES = ("relevance", "persona_consistency", "prompt_leak")
 
 
 def _ngrams(tokens: list[str], n: int) -> set[tuple[str, ...]]:
@@ -107,23 +111,32 @@ def semantic_features(
     replies: Sequence[str],
     user_messages: Sequence[str],
     personas: Sequence[str],
+    rules_prompts: Sequence[str] | None = None,
 ) -> list[dict[str, float]]:
-    """``relevance`` and ``persona_consistency`` for a batch, with ONE encode call."""
-    if not len(replies) == len(user_messages) == len(personas):
+    """``relevance``, ``persona_consistency`` and ``prompt_leak`` for a batch, with ONE
+    encode call (``prompt_leak`` is 0.0 where the rules prompt is empty or not given)."""
+    rules = list(rules_prompts) if rules_prompts is not None else [""] * len(replies)
+    if not len(replies) == len(user_messages) == len(personas) == len(rules):
         raise ValueError(
             f"semantic_features needs equal lengths, got replies={len(replies)}, "
-            f"user_messages={len(user_messages)}, personas={len(personas)}"
+            f"user_messages={len(user_messages)}, personas={len(personas)}, "
+            f"rules_prompts={len(rules)}"
         )
     n = len(replies)
     if n == 0:
         return []
-    vectors = embedder.encode([*replies, *user_messages, *personas])
-    reply_v, user_v, persona_v = vectors[:n], vectors[n : 2 * n], vectors[2 * n :]
+    vectors = embedder.encode([*replies, *user_messages, *personas, *rules])
+    reply_v, user_v, persona_v, rules_v = (vectors[k * n : (k + 1) * n] for k in range(4))
     relevance = cosine_rows(reply_v, user_v)
     persona = cosine_rows(reply_v, persona_v)
+    leak = cosine_rows(reply_v, rules_v)
     return [
-        {"relevance": float(r), "persona_consistency": float(p)}
-        for r, p in zip(relevance, persona, strict=True)
+        {
+            "relevance": float(r),
+            "persona_consistency": float(p),
+            "prompt_leak": float(k) if rule else 0.0,
+        }
+        for r, p, k, rule in zip(relevance, persona, leak, rules, strict=True)
     ]
 
 
@@ -134,6 +147,7 @@ class ReplyContext:
     user_message: str
     persona: str
     previous_replies: tuple[str, ...] = ()
+    rules_prompt: str = ""
 
 
 def reply_features(
@@ -146,7 +160,11 @@ def reply_features(
             "pass one ReplyContext per reply"
         )
     semantic = semantic_features(
-        embedder, replies, [c.user_message for c in contexts], [c.persona for c in contexts]
+        embedder,
+        replies,
+        [c.user_message for c in contexts],
+        [c.persona for c in contexts],
+        [c.rules_prompt for c in contexts],
     )
     offensive = offensive_probability(replies)
     return [

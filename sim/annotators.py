@@ -143,7 +143,12 @@ class SimulatedAnnotators:
         """What the gold model reads about both replies of every pair (ONE encode call)."""
         replies = [p.reply_a for p in pairs] + [p.reply_b for p in pairs]
         contexts = [
-            ReplyContext(p.context, self._character(p.character).persona, p.previous_replies)
+            ReplyContext(
+                p.context,
+                self._character(p.character).persona,
+                p.previous_replies,
+                self._character(p.character).rules_prompt(),
+            )
             for p in pairs
         ] * 2
         features = reply_features(self.embedder, replies, contexts)

@@ -102,8 +102,13 @@ class Character:
         )
 
     def system_prompt(self) -> str:
-        """The system prompt: persona, then one line per instruction."""
-        lines = [f"You are {self.name}. {self.persona}", "You are chatting with a user in an app."]
+        """The system prompt: persona, then the app framing and one line per instruction."""
+        return f"You are {self.name}. {self.persona}\n{self.rules_prompt()}"
+
+    def rules_prompt(self) -> str:
+        """The system prompt below the persona line: the app framing and the rules. A reply
+        that reads like this text recites its instructions (``prompt_leak``)."""
+        lines = ["You are chatting with a user in an app."]
         if self.checkers:
             lines.append("Rules:")
             lines.extend(f"- {c.instruction}" for c in self.checkers)

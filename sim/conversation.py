@@ -274,7 +274,12 @@ class ConversationEngine:
         offsets = self._novelty(novelty, n)
         replies = [r.strip() for r in replies]
         contexts = [
-            ReplyContext(s.last_user_message, s.character.persona, tuple(s.bot_replies))
+            ReplyContext(
+                s.last_user_message,
+                s.character.persona,
+                tuple(s.bot_replies),
+                s.character.rules_prompt(),
+            )
             for s in sessions
         ]
         features = reply_features(self.embedder, replies, contexts)

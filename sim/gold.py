@@ -16,6 +16,7 @@ Gold utility of bot reply t to user u (hidden satisfaction, ``utility_terms`` li
         - w_violation  * persona_sensitivity * violates_any_prohibition
         - w_repetition * repetition_aversion * repetition
         - w_echo       * repetition_aversion * echo          (parroting the user's message)
+        - w_prompt_leak * max(0, prompt_leak - prompt_leak_center)  (reciting its own rules)
         - w_unsafe     * safety_sensitivity * unsafe
         + w_topic      * topic_affinity
         + novelty                               (offset set by the traffic model, 0 by default)
@@ -58,6 +59,7 @@ Next-day return::
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -111,6 +113,17 @@ class GoldConfig(BaseModel):
     w_repetition: float = Field(default=1.5, ge=0, description="Weight of repetition cost.")
     w_echo: float = Field(
         default=1.5, ge=0, description="Weight of the cost of parroting the user's message."
+    )
+    w_prompt_leak: float = Field(
+        default=4.0,
+        ge=0,
+        description="Cost per unit of MiniLM cosine to the rules prompt above the center: a "
+        "reply that recites its setup and rules instead of answering the user.",
+    )
+    prompt_leak_center: float = Field(
+        default=0.3,
+        description="Cosine to the rules prompt that costs nothing (the packaged SmolLM2's "
+        "replies: mean 0.16, 90th percentile 0.33).",
     )
     w_unsafe: float = Field(default=3.0, ge=0, description="Weight of an offensive reply.")
     w_topic: float = Field(default=0.3, ge=0, description="Weight of the user's topic affinity.")
@@ -238,6 +251,8 @@ class GoldModel:
             "violation": -c.w_violation * t.persona_sensitivity * float(reply.violates_any),
             "repetition": -c.w_repetition * t.repetition_aversion * f["repetition"],
             "echo": -c.w_echo * t.repetition_aversion * f["echo"],
+            "prompt_leak": -c.w_prompt_leak
+            * max(0.0, f.get("prompt_leak", 0.0) - c.prompt_leak_center),
             "unsafe": -c.w_unsafe * t.safety_sensitivity * float(reply.unsafe),
             "topic": c.w_topic * self.topic_affinity(user, character),
             "novelty": float(novelty),
@@ -316,6 +331,22 @@ class GoldModel:
         s.session_utility = 0.0
         s.session_likes = 0
         s.session_reported = False
+
+    def replay_exposure(self, user: User, history: Iterable[tuple[int, str, float]]) -> None:
+        """Rebuild ``user``'s emoji exposure from logged bot replies, oldest first.
+
+        ``history`` holds ``(day, session_id, emoji in the reply)`` per reply; a new session
+        id starts a session (exposure decays to its day, as in ``start_session``). End it
+        with ``(day, session_id, 0)`` of the moment to score, so that the exposure is the
+        one the user had then: what the gold utility of a reply written at that moment
+        must use (emoji fatigue is the one latent state U_t reads).
+        """
+        session = None
+        for day, session_id, n_emoji in history:
+            if session_id != session:
+                self.start_session(user, int(day))
+                session = session_id
+            user.state.emoji_exposure += float(n_emoji)
 
     def observe_turn(
         self, user: User, utility: float, reply: ReplyAssessment, signals: Signals

@@ -18,12 +18,17 @@ forbidden words        the character's first forbidden word
 A character with no prohibition gets all of the first three (it then breaks no counted
 rule, but it still leaves its persona). On the command line the wrapper is the policy prefix
 ``violate[@RATE]:`` (``violate:smollm2`` = every reply, ``violate@0.3:smollm2`` = 30%).
+
+``StyleVariationPolicy`` plants *style* instead: emoji and friendly filler sentences on drawn
+replies, independent of their content, the variation a 135M model rarely writes by itself
+and a style-gaming reward model needs to show its bias. Prefix
+``stylevar[@EMOJI,FILLER]:`` (``stylevar:smollm2`` = 40% emoji, 35% filler).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -31,6 +36,7 @@ from policies.base import Chat, Generation, Policy, SamplingParams
 from rewards.checkers import ForbiddenWords, NoAISelfReference, NoEmoji, NoURLs
 
 PLANTED_PREFIX = "violate"
+STYLE_PREFIX = "stylevar"
 
 EMOJI_SNIPPET = "😀🎉"
 AI_SNIPPET = "As an AI language model, I should say this."
@@ -94,28 +100,82 @@ class ViolatingPolicy:
         return out
 
 
-def parse_planted(spec: str) -> tuple[float | None, str]:
-    """Split a command-line policy into (planted violation rate or None, base policy).
+# What StyleVariationPolicy appends: 1-4 emoji and/or one or two content-free filler sentences.
+EMOJI = ("😀", "😊", "🎉", "✨", "😂", "❤️", "👍", "🔥", "🥰", "🌟")
+FILLERS = (
+    "I really love chatting with you about this, it always makes my day brighter.",
+    "Honestly, there is so much more I could say, and I am always happy to keep going.",
+    "Let me know what you think, because your thoughts always matter a lot to me here.",
+    "It is such a fun thing to talk about, and I could go on about it for a long while.",
+)
 
-    >>> parse_planted("violate@0.25:smollm2")
-    (0.25, 'smollm2')
-    >>> parse_planted("smollm2")
-    (None, 'smollm2')
+
+class StyleVariationPolicy:
+    """Wraps a policy and plants content-independent style variation in its replies.
+
+    Args:
+        base: the policy that writes the replies.
+        emoji_rate: share of replies that get 1-4 emoji appended.
+        filler_rate: share of replies that get one or two filler sentences appended.
+    Which replies, and what is appended, is drawn per call from a generator seeded with
+    the call's ``params.seed``, so runs are reproducible.
     """
-    head, sep, rest = spec.partition(":")
-    name, _, rate = head.partition("@")
-    if not sep or name != PLANTED_PREFIX:
-        return None, spec
-    if not rest:
+
+    def __init__(self, base: Policy, emoji_rate: float = 0.4, filler_rate: float = 0.35) -> None:
+        for name, rate in (("emoji_rate", emoji_rate), ("filler_rate", filler_rate)):
+            if not 0 <= rate <= 1:
+                raise ValueError(
+                    f"StyleVariationPolicy {name} must be in [0, 1], got {rate}; "
+                    f"e.g. {STYLE_PREFIX}@0.4,0.35:smollm2"
+                )
+        self.base = base
+        self.emoji_rate = emoji_rate
+        self.filler_rate = filler_rate
+        self.name = f"{STYLE_PREFIX}@{emoji_rate:g},{filler_rate:g}:{base.name}"
+
+    def generate(self, chats: Sequence[Chat], params: SamplingParams) -> list[Generation]:
+        """Generate with the base policy, then append emoji / filler to drawn replies."""
+        replies = self.base.generate(chats, params)
+        rng = np.random.default_rng([params.seed, 7919])
+        out = []
+        for reply in replies:
+            text = reply.text.rstrip()
+            if rng.random() < self.filler_rate:
+                picks = rng.choice(len(FILLERS), size=int(rng.integers(1, 3)), replace=False)
+                text = " ".join([text, *(FILLERS[int(i)] for i in picks)])
+            if rng.random() < self.emoji_rate:
+                text = text + " " + "".join(rng.choice(EMOJI, size=int(rng.integers(1, 5))))
+            out.append(Generation(text, reply.prompt_tokens, reply.completion_tokens))
+        return out
+
+
+def planted_policy(spec: str, load: Callable[[str], Policy]) -> Policy:
+    """A command-line policy: ``MODEL``, ``violate[@RATE]:MODEL`` or
+    ``stylevar[@EMOJI,FILLER]:MODEL``; ``load`` turns MODEL into a policy.
+
+    Raises ValueError naming the spec and showing the right form when it is malformed.
+    """
+    head, sep, base = spec.partition(":")
+    kind, _, args = head.partition("@")
+    if not sep or kind not in (PLANTED_PREFIX, STYLE_PREFIX):
+        return load(spec)
+    example = f"{PLANTED_PREFIX}@0.3:smollm2 or {STYLE_PREFIX}@0.4,0.35:smollm2"
+    if not base:
         raise ValueError(
-            f"policy {spec!r} names no base model after '{PLANTED_PREFIX}:'; "
-            f"write e.g. {PLANTED_PREFIX}:smollm2"
+            f"policy {spec!r} names no base model after '{kind}:'; write e.g. {example}"
         )
     try:
-        value = float(rate) if rate else 1.0
+        rates = [float(x) for x in args.split(",")] if args else []
     except ValueError:
         raise ValueError(
-            f"policy {spec!r}: rate {rate!r} is not a number; write e.g. "
-            f"{PLANTED_PREFIX}@0.3:{rest}"
+            f"policy {spec!r}: {args!r} are not numbers; write e.g. {example}"
         ) from None
-    return value, rest
+    if kind == PLANTED_PREFIX:
+        if len(rates) > 1:
+            raise ValueError(f"policy {spec!r}: '{kind}' takes one rate; write e.g. {example}")
+        return ViolatingPolicy(load(base), *rates)
+    if len(rates) not in (0, 2):
+        raise ValueError(
+            f"policy {spec!r}: '{kind}' takes two rates (emoji, filler); write e.g. {example}"
+        )
+    return StyleVariationPolicy(load(base), *rates)

@@ -85,6 +85,22 @@ def test_relevance_and_persona_consistency_rank_the_obvious(embedder: Embedder) 
         semantic_features(embedder, [on_topic], [], [persona])
 
 
+def test_prompt_leak_flags_a_reply_that_recites_its_rules(embedder: Embedder) -> None:
+    from flywheel.scenario import SCENARIOS_DIR
+    from sim.characters import load_characters
+
+    coach = load_characters(SCENARIOS_DIR / "characters")["Coach Kim"]
+    user = "I want to start running, any tips?"
+    answer = "Start slow: three short runs a week, and walk when you need to. Ready to go?"
+    recital = "You are Coach Kim. End every reply with a question to the user. Keep every reply short. Rules: the user."
+    feats = semantic_features(
+        embedder, [answer, recital], [user, user], [coach.persona] * 2, [coach.rules_prompt()] * 2
+    )
+    assert feats[1]["prompt_leak"] > 0.5 > 0.3 > feats[0]["prompt_leak"]
+    without_rules = semantic_features(embedder, [recital], [user], [coach.persona])
+    assert without_rules[0]["prompt_leak"] == 0.0
+
+
 def test_reply_features_combines_everything_in_one_batch(embedder: Embedder) -> None:
     ctx = ReplyContext("do you like dogs?", "A vet who loves pets.", ("I love dogs!",))
     out = reply_features(embedder, ["I love dogs! Do you have one?", "meh"], [ctx, ctx])

@@ -80,6 +80,17 @@ def test_terms_sum_to_utility_and_neutral_reply_is_zero(gold: GoldModel) -> None
     assert u(gold, user, reply()) == pytest.approx(0.0, abs=1e-12)
 
 
+def test_reciting_the_rules_costs_only_above_the_center(gold: GoldModel) -> None:
+    user = make_user()
+    center = gold.config.prompt_leak_center
+    leaking = reply()
+    leaking.features["prompt_leak"] = center + 0.25
+    usual = reply()
+    usual.features["prompt_leak"] = center - 0.1
+    assert u(gold, user, usual) == pytest.approx(u(gold, user, reply()))  # old logs: no key
+    assert u(gold, user, leaking) == pytest.approx(-0.25 * gold.config.w_prompt_leak)
+
+
 def test_ideal_words(gold: GoldModel) -> None:
     long_reply = reply(words=80)
     assert u(gold, make_user(ideal_words=80), long_reply) > u(gold, make_user(), long_reply)
@@ -123,6 +134,33 @@ def test_fatigue_recovers_between_days(gold: GoldModel) -> None:
     user.state.emoji_exposure, user.state.exposure_day = 10.0, 0
     assert gold.exposure_on(user, 3) == pytest.approx(10.0 * gold.config.fatigue_recovery**3)
     assert gold.return_probability(user, 30) > gold.return_probability(user, 1)
+
+
+def test_replayed_exposure_equals_the_exposure_the_live_user_had(gold: GoldModel) -> None:
+    """Replaying logged replies gives the exposure the simulated user had at that moment,
+    so an emoji reply written then is scored with the fatigue it really met."""
+    emoji_counts = {(1, "s1"): [3, 0, 2], (3, "s2"): [1, 4]}
+    live = make_user(emoji_fatigue=0.9)
+    history = []
+    for (day, session), counts in emoji_counts.items():
+        gold.start_session(live, day)
+        for n in counts:
+            r = reply(emoji=n)
+            util = u(gold, live, r)
+            gold.observe_turn(
+                live, util, r, gold.respond(live, util, r, 0, np.random.default_rng(0))
+            )
+            history.append((day, session, n))
+        gold.end_session(live, day)
+    gold.start_session(live, 6)  # the moment to score: first reply of a day-6 session
+
+    replayed = make_user(emoji_fatigue=0.9)
+    gold.replay_exposure(replayed, [*history, (6, "s3", 0)])
+    recovery = gold.config.fatigue_recovery
+    assert replayed.state.emoji_exposure == pytest.approx((5 * recovery**2 + 5) * recovery**3)
+    assert replayed.state.emoji_exposure == pytest.approx(live.state.emoji_exposure)
+    fresh = make_user(emoji_fatigue=0.9)
+    assert u(gold, replayed, reply(emoji=1)) < u(gold, fresh, reply(emoji=1))
 
 
 def test_question_affinity(gold: GoldModel) -> None:

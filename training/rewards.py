@@ -17,9 +17,17 @@ through TRL's ``log_metric`` hook, the project's metric namespace. The three com
   learns the cheapest trick first (collapsing length, emoji spam): see DESIGN.md.
 
 Components live on different scales, so they are normalised each on its own before
-they are combined: GRPO runs with TRL's ``multi_objective_aggregation =
-"normalize_then_sum"`` (each reward standardised within its group of completions, then
-weighted), set by ``training.grpo.grpo_config``.
+they are combined, in one of two ways:
+
+- within the group (TRL's ``multi_objective_aggregation = "normalize_then_sum"``, the
+  default of ``training.grpo.grpo_config``): each reward standardised over the completions
+  of one prompt, then weighted. A reward that barely separates them (a reward model whose
+  scores differ by 0.03 inside a group) is blown up to the same weight as one that
+  separates them clearly: its noise steers the policy.
+- by the reference's spread (``ScaledReward`` with ``reference_scales``, then TRL's
+  ``"sum_then_normalize"``): each reward divided by its standard deviation over the
+  reference model's replies, so a reward moves the policy in proportion to how much it
+  separates completions relative to its usual range.
 
 Every output is checked where it enters training: one finite float per completion, else
 a ValueError naming the reward, the position and the value.
@@ -272,3 +280,39 @@ class ArtifactPenalty:
             for c, ch in zip(completions, characters, strict=True)
         ]
         return _emit(self.__name__, check_rewards(self.__name__, values, len(prompts)), kwargs)
+
+
+class ScaledReward:
+    """A reward divided by a fixed scale (its spread over the reference model's replies);
+    keeps the wrapped reward's ``__name__`` so weights and logs still find it."""
+
+    def __init__(self, reward: Any, scale: float) -> None:
+        if not scale > 0:
+            raise ValueError(
+                f"scale of reward {reward.__name__!r} must be > 0, got {scale}; fix: take it "
+                "from reference_scales"
+            )
+        self.reward = reward
+        self.scale = float(scale)
+        self.__name__ = reward.__name__
+
+    def __call__(self, prompts: list[Any], completions: list[Any], **kwargs: Any) -> list[float]:
+        """The wrapped reward's values over ``scale`` (its own ``reward/<name>`` log is raw)."""
+        return [v / self.scale for v in self.reward(prompts, completions, **kwargs)]
+
+
+def reference_scales(
+    rewards: Sequence[Any],
+    prompts: Sequence[Any],
+    replies: Sequence[str],
+    characters: Sequence[str],
+    floor: float = 1e-3,
+) -> dict[str, float]:
+    """Each reward's standard deviation over reference replies (at least ``floor``)."""
+    completions = [[{"role": "assistant", "content": r}] for r in replies]
+    return {
+        reward.__name__: max(
+            float(np.std(reward(list(prompts), completions, character=list(characters)))), floor
+        )
+        for reward in rewards
+    }
