@@ -20,6 +20,13 @@ Base and trained model answer the same prompts with the same sampling seeds, so 
 metric is compared by a paired t-test (statsmodels) on per-prompt means: the prompt, not
 the reply, is the unit, since the samples of one prompt are not independent.
 
+Two guards against a policy that games its rewards (both measured: without them, 50 steps
+at lr 5e-4 turn SmolLM2 into text that recites its rules, "You are the user. The user is
+the user...", which the reward model scores as high as a real answer): a KL leash to the
+base model (``--beta``), and each reward divided by its spread over the base model's
+replies (``--normalise reference``) instead of standardised within its group, where a
+reward model's 0.03 differences would weigh as much as a broken instruction.
+
 The training run stops after ``--minutes`` of wall time (or ``--max-steps``), whichever
 comes first. Usage::
 

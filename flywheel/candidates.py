@@ -4,7 +4,9 @@ The recipe starts from the deployed model and reads the generation's curated *tr
 split (held-out users are kept for the offline gates). The rewards are the named functions
 of ``training.rewards``: the chosen reward model, the character checkers (steerability) and
 the artifact penalty, which measures style drift against the deployed model's own logged
-replies. A weight of 0 leaves a reward out.
+replies. A weight of 0 leaves a reward out. ``reward_normalisation = "reference"`` divides
+each reward by its spread over the deployed model's logged replies instead of standardising
+it per context (``training.rewards`` says why).
 
 - ``rs+sft``: ``samples`` replies per context from the deployed model in one batched call,
   each scored by the rewards (standardised per context, weighted); the best reply of each
@@ -31,6 +33,10 @@ import pandas as pd
 
 from flywheel.scenario import RecipeConfig, trainer_file_fields
 from policies.base import SamplingParams
+
+# Logged replies of the deployed model over which each reward's spread is measured
+# (recipes with reward_normalisation = "reference").
+SCALE_REPLIES = 128
 
 
 def training_contexts(
@@ -66,6 +72,20 @@ def reward_functions(
         funcs.append(ArtifactPenalty(reference, tolerance=recipe.artifact_tolerance))
     weights = {f.__name__: recipe.weights()[f.__name__] for f in funcs}
     return funcs, weights
+
+
+def scaled_by_logged_replies(
+    funcs: Sequence[Any], train: pd.DataFrame, rng: np.random.Generator
+) -> list[Any]:
+    """``funcs`` each divided by its spread over (up to ``SCALE_REPLIES``) logged replies of
+    the deployed model (``training.rewards.reference_scales``)."""
+    from training.rewards import ScaledReward, reference_scales
+
+    rows = train.iloc[np.sort(rng.permutation(len(train))[:SCALE_REPLIES])]
+    scales = reference_scales(
+        funcs, list(rows["prompt"]), list(rows["completion"]), list(rows["character"])
+    )
+    return [ScaledReward(f, scales[f.__name__]) for f in funcs]
 
 
 def trainer_overrides(recipe: RecipeConfig) -> dict[str, Any]:
@@ -110,6 +130,8 @@ def train_candidate(
     rng = np.random.default_rng(seed)
     prompts, characters = training_contexts(train, recipe.prompts, rng)
     funcs, weights = reward_functions(recipe, checkers, reference, reward_model)
+    if recipe.reward_normalisation == "reference":
+        funcs = scaled_by_logged_replies(funcs, train, rng)
     model_args = model_config(
         base_model, use_peft=recipe.use_peft, lora_r=recipe.lora_r, lora_alpha=recipe.lora_alpha
     )
@@ -121,6 +143,8 @@ def train_candidate(
     if recipe.kind == "grpo":
         from training.grpo import grpo_config, grpo_records, train_grpo
 
+        if recipe.reward_normalisation == "reference":
+            overrides.setdefault("multi_objective_aggregation", "sum_then_normalize")
         args = grpo_config(work, max_steps=recipe.max_steps, seed=seed, **overrides)
         records = grpo_records(prompts, characters)
         train_grpo(records, funcs, model_args, args, staging, weights=weights)
@@ -140,7 +164,9 @@ def train_candidate(
             seed=seed,
         )
         samples = sample_candidates(deployed, prompts, characters, recipe.samples, params)
-        scored = score_candidates(samples, funcs, weights)
+        scored = score_candidates(
+            samples, funcs, weights, standardise=recipe.reward_normalisation == "group"
+        )
         if recipe.kind == "rs+sft":
             from training.sft import sft_config, train_sft
 

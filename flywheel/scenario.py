@@ -205,6 +205,13 @@ class RecipeConfig(BaseModel):
         description="Style drift (in reference standard deviations) that costs nothing: one "
         "value, or one per feature, e.g. {words = 0, emoji = 1} (others keep 0.5).",
     )
+    reward_normalisation: Literal["group", "reference"] = Field(
+        "group",
+        description="How each reward is normalised before the weighted sum: 'group' "
+        "standardises it over the samples of one context (TRL normalize_then_sum); "
+        "'reference' divides it by its spread over the deployed model's logged replies "
+        "(sum_then_normalize), so a reward that barely separates samples weighs little.",
+    )
     prompts: int = Field(
         32, ge=1, description="Training contexts drawn from the curated train split."
     )

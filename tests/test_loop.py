@@ -79,6 +79,7 @@ minilm = {{ max_epochs = 3, hidden = 8 }}
 [[recipes]]
 name = "rs"
 kind = "rs+sft"
+reward_normalisation = "reference"
 prompts = 4
 samples = 2
 max_steps = 1

@@ -25,9 +25,11 @@ from training.rejection import (
 from training.rewards import (
     ArtifactPenalty,
     RewardModelReward,
+    ScaledReward,
     SteerabilityReward,
     StyleReference,
     check_rewards,
+    reference_scales,
 )
 
 CHECKERS = {
@@ -195,6 +197,25 @@ def test_artifact_tolerance_per_feature_keeps_a_tight_leash_on_length_only():
         ArtifactPenalty(REFERENCE, tolerance={"words": -1.0})
 
 
+def test_scaled_rewards_divide_by_their_spread_on_reference_replies():
+    reference_replies = ["What do you play?", "I play chess.", "I play chess 😀", "Go?"]
+    characters = ["Pixel"] * 4
+    raw = SteerabilityReward(CHECKERS)
+    scales = reference_scales([raw], [PROMPTS[0]] * 4, reference_replies, characters)
+    expected = np.std([raw.score(r, "Pixel") for r in reference_replies])
+    assert scales == {"steerability": pytest.approx(expected)}
+    scaled = ScaledReward(raw, scales["steerability"])
+    assert scaled.__name__ == "steerability"
+    values = scaled(
+        [PROMPTS[0]] * 2, ["What do you play?", "I play chess."], character=["Pixel"] * 2
+    )
+    assert values == pytest.approx([2.0 / expected, (2 / 3) / expected])
+    constant = reference_scales([raw], [PROMPTS[0]] * 2, ["Go?", "Go?"], ["Pixel"] * 2)
+    assert constant["steerability"] == 1e-3  # the floor: no division by zero
+    with pytest.raises(ValueError, match="steerability"):
+        ScaledReward(raw, 0.0)
+
+
 def test_reward_model_reward_scores_last_user_message_and_checks_finiteness():
     class LengthScorer:
         def score(self, contexts, replies):
@@ -266,6 +287,12 @@ def test_rejection_sampling_keeps_best_and_pairs_best_with_worst(tiny_llama_dir)
         group = scored[scored["prompt"].map(lambda p, pr=pair["prompt"]: p == pr)]
         assert pair["chosen"][0]["content"] == group.loc[group["score"].idxmax(), "reply"]
         assert pair["rejected"][0]["content"] == group.loc[group["score"].idxmin(), "reply"]
+    # Scaled rewards are summed as they are: the score is the plain weighted sum.
+    plain = score_candidates(
+        candidates, build_rewards(CHECKERS, REFERENCE), {"steerability": 2.0}, standardise=False
+    )
+    expected = 2.0 * plain["reward/steerability"] + plain["reward/artifact_penalty"]
+    np.testing.assert_allclose(plain["score"], expected)
 
 
 def test_grpo_gpu_switch_is_a_config_file(tmp_path):

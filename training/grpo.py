@@ -42,9 +42,13 @@ def grpo_config(
     """A :class:`trl.GRPOConfig` sized for CPU; any GRPOConfig field may be overridden.
 
     Two prompts x 8 completions of at most 48 tokens a step; each reward normalised
-    within its group before the weighted sum (``normalize_then_sum``); no KL term by
-    default (``beta=0``: the artifact penalty is the leash, and no reference forward pass
-    is paid for).
+    within its group before the weighted sum (``normalize_then_sum``; the reference-scaled
+    alternative is in ``training.rewards``); a KL leash to the starting model
+    (``beta=0.2``, one extra forward pass of the LoRA-disabled model a step). The style
+    penalty alone is no leash: measured with ``beta=0``, 50 steps at lr 5e-4 turned
+    SmolLM2 into text that recites its rules ("You are the user. The user is...");
+    with 0.2 the same run stays at ~0.05 nats a token and its replies read like the
+    base model's (benchmarks/README.md, grpo_steerability.py).
     """
     from trl import GRPOConfig
 
@@ -56,7 +60,7 @@ def grpo_config(
         "temperature": 0.8,
         "learning_rate": 1e-4,
         "lr_scheduler_type": "constant",
-        "beta": 0.0,
+        "beta": 0.2,
         "multi_objective_aggregation": "normalize_then_sum",
     }
     return GRPOConfig(**(kwargs | overrides))

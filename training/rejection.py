@@ -79,9 +79,12 @@ def score_candidates(
     candidates: pd.DataFrame,
     reward_funcs: Sequence[Any],
     weights: Mapping[str, float] | None = None,
+    standardise: bool = True,
 ) -> pd.DataFrame:
     """Add ``reward/<name>`` per reward function and ``score``, their weighted sum after
-    standardising each within its context (std 0 -> 0), as GRPO's normalize_then_sum."""
+    standardising each within its context (std 0 -> 0), as GRPO's normalize_then_sum;
+    with ``standardise=False`` the plain weighted sum (for rewards already scaled,
+    ``training.rewards.ScaledReward``)."""
     out = candidates.copy()
     prompts = list(out["prompt"])
     completions = [[{"role": "assistant", "content": r}] for r in out["reply"]]
@@ -96,6 +99,9 @@ def score_candidates(
             )
         )
         out[f"reward/{name}"] = values
+        if not standardise:
+            score += (weights or {}).get(name, 1.0) * values
+            continue
         grouped = out.groupby("context_id")[f"reward/{name}"]
         std = grouped.transform("std", ddof=0).to_numpy()
         centred = values - grouped.transform("mean").to_numpy()
