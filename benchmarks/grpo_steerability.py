@@ -121,13 +121,10 @@ def per_reply_metrics(turns: pd.DataFrame) -> pd.DataFrame:
 
 
 def summarise(turns: pd.DataFrame) -> dict[str, float]:
-    """The before/after metrics of one model's evaluation replies."""
-    from rewards.steerability import steerability
-
-    result = steerability(turns)
+    """The before/after metrics of one model's evaluation replies (the means of
+    ``per_reply_metrics``: instruction following and violations as ``rewards.steerability``
+    counts them)."""
     metrics = per_reply_metrics(turns).mean().to_dict()
-    metrics["instruction_following_rate"] = result.following_rate
-    metrics["violation_rate"] = result.violation_rate
     n = len(turns)
     gold = turns["gold_satisfaction"]
     return metrics | {
@@ -234,7 +231,7 @@ def main() -> None:
     from sim.world import World, load_world_config
     from training.grpo import build_rewards, grpo_config, grpo_records, train_grpo
     from training.models import model_config, time_limit_callback
-    from training.rewards import StyleReference, reference_scales
+    from training.rewards import StyleReference, scaled_by_reference
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -287,15 +284,13 @@ def main() -> None:
     rewards = build_rewards(checkers, reference, scorer, artifact_tolerance=args.artifact_tolerance)
     scales = None
     if args.normalise == "reference":
-        scales = reference_scales(
+        rewards = scaled_by_reference(
             rewards,
             train_chats[:n_reference],
             [g.text for g in reference_replies],
             train_characters[:n_reference],
         )
-        rewards = build_rewards(
-            checkers, reference, scorer, artifact_tolerance=args.artifact_tolerance, scales=scales
-        )
+        scales = {r.__name__: r.scale for r in rewards}
         print(f"reward scales (sd over the base model's replies): {scales}", flush=True)
     grpo_args = grpo_config(
         out / "trainer",

@@ -78,14 +78,13 @@ def scaled_by_logged_replies(
     funcs: Sequence[Any], train: pd.DataFrame, rng: np.random.Generator
 ) -> list[Any]:
     """``funcs`` each divided by its spread over (up to ``SCALE_REPLIES``) logged replies of
-    the deployed model (``training.rewards.reference_scales``)."""
-    from training.rewards import ScaledReward, reference_scales
+    the deployed model (``training.rewards.scaled_by_reference``)."""
+    from training.rewards import scaled_by_reference
 
     rows = train.iloc[np.sort(rng.permutation(len(train))[:SCALE_REPLIES])]
-    scales = reference_scales(
+    return scaled_by_reference(
         funcs, list(rows["prompt"]), list(rows["completion"]), list(rows["character"])
     )
-    return [ScaledReward(f, scales[f.__name__]) for f in funcs]
 
 
 def trainer_overrides(recipe: RecipeConfig) -> dict[str, Any]:

@@ -319,7 +319,7 @@ def _gold_scorer(run_dir: str, characters: dict[str, Any], world: Any, turns: pd
 
     from flywheel.store import RunStore
     from rewards.embeddings import get_embedder
-    from rewards.features import ReplyContext, reply_features
+    from rewards.features import reply_features
     from sim.gold import GoldModel, ReplyAssessment
     from sim.population import User, UserState, UserTraits
 
@@ -353,9 +353,7 @@ def _gold_scorer(run_dir: str, characters: dict[str, Any], world: Any, turns: pd
         import numpy as np
 
         contexts = [
-            ReplyContext(
-                p[-1]["content"], characters[c].persona, rules_prompt=characters[c].rules_prompt()
-            )
+            characters[c].reply_context(p[-1]["content"])
             for p, c in zip(candidates["prompt"], candidates["character"], strict=True)
         ]
         feats = reply_features(embedder, list(candidates["reply"]), contexts)

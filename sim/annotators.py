@@ -37,7 +37,7 @@ from scipy.special import expit
 
 from policies.base import Chat, Policy, SamplingParams
 from rewards.embeddings import Embedder
-from rewards.features import ReplyContext, is_unsafe, reply_features
+from rewards.features import is_unsafe, reply_features
 from sim.characters import Character
 from sim.gold import GoldModel, ReplyAssessment
 from sim.population import User
@@ -143,13 +143,7 @@ class SimulatedAnnotators:
         """What the gold model reads about both replies of every pair (ONE encode call)."""
         replies = [p.reply_a for p in pairs] + [p.reply_b for p in pairs]
         contexts = [
-            ReplyContext(
-                p.context,
-                self._character(p.character).persona,
-                p.previous_replies,
-                self._character(p.character).rules_prompt(),
-            )
-            for p in pairs
+            self._character(p.character).reply_context(p.context, p.previous_replies) for p in pairs
         ] * 2
         features = reply_features(self.embedder, replies, contexts)
         assessed = []

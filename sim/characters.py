@@ -26,6 +26,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from rewards.checkers import Checker, CheckResult, build_checkers, run_checkers
+from rewards.features import ReplyContext
 
 # The topic vocabulary shared by characters and user interests (sim.population).
 TOPICS = (
@@ -113,6 +114,12 @@ class Character:
             lines.append("Rules:")
             lines.extend(f"- {c.instruction}" for c in self.checkers)
         return "\n".join(lines)
+
+    def reply_context(
+        self, user_message: str, previous_replies: tuple[str, ...] = ()
+    ) -> ReplyContext:
+        """What a reply's features need from this character (``rewards.features``)."""
+        return ReplyContext(user_message, self.persona, previous_replies, self.rules_prompt())
 
     def check(self, reply: str) -> CheckResult:
         """Run this character's checkers on ``reply``."""

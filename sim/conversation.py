@@ -38,7 +38,7 @@ from scipy.special import softmax
 
 from policies.base import Chat, Message, Policy, SamplingParams
 from rewards.embeddings import Embedder
-from rewards.features import ReplyContext, reply_features
+from rewards.features import reply_features
 from sim.characters import Character
 from sim.gold import GoldModel, ReplyAssessment
 from sim.population import User
@@ -274,13 +274,7 @@ class ConversationEngine:
         offsets = self._novelty(novelty, n)
         replies = [r.strip() for r in replies]
         contexts = [
-            ReplyContext(
-                s.last_user_message,
-                s.character.persona,
-                tuple(s.bot_replies),
-                s.character.rules_prompt(),
-            )
-            for s in sessions
+            s.character.reply_context(s.last_user_message, tuple(s.bot_replies)) for s in sessions
         ]
         features = reply_features(self.embedder, replies, contexts)
         records = []

@@ -27,7 +27,6 @@ from training.rewards import (
     ArtifactPenalty,
     ReplyScorer,
     RewardModelReward,
-    ScaledReward,
     SteerabilityReward,
     StyleReference,
 )
@@ -124,16 +123,11 @@ def build_rewards(
     reference: StyleReference,
     scorer: ReplyScorer | None = None,
     artifact_tolerance: float | Mapping[str, float] = 0.5,
-    scales: Mapping[str, float] | None = None,
 ) -> list[Any]:
-    """The reward functions in TRL's order: [reward_model,] steerability, artifact_penalty;
-    each divided by ``scales[name]`` when given (``training.rewards.reference_scales``;
-    combine them with ``multi_objective_aggregation = "sum_then_normalize"``)."""
+    """The reward functions in TRL's order: [reward_model,] steerability, artifact_penalty."""
     rewards: list[Any] = [] if scorer is None else [RewardModelReward(scorer)]
     rewards.append(SteerabilityReward(checkers))
     rewards.append(ArtifactPenalty(reference, tolerance=artifact_tolerance))
-    if scales is not None:
-        rewards = [ScaledReward(r, scales[r.__name__]) for r in rewards]
     return rewards
 
 

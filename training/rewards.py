@@ -316,3 +316,15 @@ def reference_scales(
         )
         for reward in rewards
     }
+
+
+def scaled_by_reference(
+    rewards: Sequence[Any],
+    prompts: Sequence[Any],
+    replies: Sequence[str],
+    characters: Sequence[str],
+) -> list[ScaledReward]:
+    """``rewards`` each divided by its spread over the reference replies
+    (``reference_scales``); combine them with ``sum_then_normalize``."""
+    scales = reference_scales(rewards, prompts, replies, characters)
+    return [ScaledReward(r, scales[r.__name__]) for r in rewards]
