@@ -51,8 +51,6 @@ import pandas as pd
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 EVAL_HOUR = 12.0  # simulated hour of day of every evaluation session
-# Reference replies per character for the artifact penalty's style statistics.
-REFERENCE_PER_CHARACTER = 8
 # THREADS_NOTE: on a CPU shared with other jobs, torch's default of one thread per core
 # collapses (threads spin at barriers while their partner is descheduled). Measured here
 # with 6 other jobs on 2 cores, SmolLM2 generating 16 x 48 tokens: 225 s with 2 threads,
@@ -171,6 +169,15 @@ def parse_tolerance(text: str) -> float | dict[str, float]:
     return {name.strip(): float(value) for name, value in pairs}
 
 
+def parse_features(text: str) -> tuple[str, ...]:
+    """``"emoji,exclamations"`` -> the features (checked); ``"none"`` -> ()."""
+    from training.rewards import check_rate_feature
+
+    if text.strip() == "none":
+        return ()
+    return tuple(check_rate_feature(f.strip()) for f in text.split(",") if f.strip())
+
+
 def main() -> None:
     """Parse arguments, evaluate the base model, train, evaluate again, print."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -205,6 +212,23 @@ def main() -> None:
         "summed (sum_then_normalize); group: each standardised within its group "
         "(normalize_then_sum); see training.rewards",
     )
+    parser.add_argument(
+        "--reference-samples",
+        type=int,
+        default=2,
+        help="base-model replies per training prompt for the reference (style statistics, "
+        "reward scales, held rates); a 3%% emoji rate needs hundreds of replies",
+    )
+    parser.add_argument(
+        "--hold-rate",
+        type=parse_features,
+        default=("emoji",),
+        help="features whose rate a RateConstraint holds at the base model's (comma list of "
+        "emoji, exclamations; 'none' for none); characters forbidding one are not held",
+    )
+    parser.add_argument(
+        "--rate-lr", type=float, default=0.1, help="RateConstraint multiplier step size"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--threads",
@@ -231,7 +255,12 @@ def main() -> None:
     from sim.world import World, load_world_config
     from training.grpo import build_rewards, grpo_config, grpo_records, train_grpo
     from training.models import model_config, time_limit_callback
-    from training.rewards import StyleReference, scaled_by_reference
+    from training.rewards import (
+        RateConstraint,
+        StyleReference,
+        characters_allowing,
+        scaled_by_reference,
+    )
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -262,17 +291,20 @@ def main() -> None:
     )
     print(f"base evaluated in {time.monotonic() - t0:.0f}s", flush=True)
     base_turns.assign(model="base").to_parquet(out / "eval_base.parquet")
-    # The reference style: the base model's own replies to training prompts.
+    # The reference: the base model's own replies to the training prompts (style
+    # statistics, reward scales, the rate a RateConstraint holds).
     from policies import SamplingParams
 
-    n_reference = REFERENCE_PER_CHARACTER * len(names)
-    reference_replies = base_policy.generate(
-        train_chats[:n_reference],
-        SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.8, seed=args.seed),
-    )
-    reference = StyleReference.from_replies(
-        [g.text for g in reference_replies], train_characters[:n_reference]
-    )
+    reference_chats = train_chats * args.reference_samples
+    reference_characters = train_characters * args.reference_samples
+    reference_replies = [
+        g.text
+        for g in base_policy.generate(
+            reference_chats,
+            SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.8, seed=args.seed),
+        )
+    ]
+    reference = StyleReference.from_replies(reference_replies, reference_characters)
     del base_policy
 
     checkers = {name: world.characters[name].checkers for name in names}
@@ -285,13 +317,23 @@ def main() -> None:
     scales = None
     if args.normalise == "reference":
         rewards = scaled_by_reference(
-            rewards,
-            train_chats[:n_reference],
-            [g.text for g in reference_replies],
-            train_characters[:n_reference],
+            rewards, reference_chats, reference_replies, reference_characters
         )
         scales = {r.__name__: r.scale for r in rewards}
         print(f"reward scales (sd over the base model's replies): {scales}", flush=True)
+    constraints = [
+        RateConstraint.from_replies(
+            feature,
+            reference_replies,
+            reference_characters,
+            characters_allowing(feature, checkers),
+            lr=args.rate_lr,
+        )
+        for feature in args.hold_rate
+    ]
+    for c in constraints:
+        print(f"{c.__name__}: holding {c.target:.4f} for {sorted(c.characters)}", flush=True)
+    rewards = [*rewards, *constraints]
     grpo_args = grpo_config(
         out / "trainer",
         max_steps=args.max_steps,
@@ -340,6 +382,15 @@ def main() -> None:
         "train_steps": steps,
         "seconds_per_step": train_s / max(steps, 1),
         "reward_scales": scales,
+        "rate_constraints": {
+            c.__name__: {
+                "target": c.target,
+                "final_multiplier": c.multiplier,
+                "trace": c.history,
+                "characters": sorted(c.characters),
+            }
+            for c in constraints
+        },
         "before": before,
         "after": after,
         "paired_tests": tests,
@@ -353,6 +404,8 @@ def main() -> None:
     trained_turns.assign(model="grpo").to_parquet(out / "eval_grpo.parquet")
 
     print(f"\nGRPO: {steps} steps in {train_s / 60:.1f} min ({train_s / max(steps, 1):.1f} s/step)")
+    for c in constraints:
+        print(f"{c.__name__}: target {c.target:.4f}, final multiplier {c.multiplier:+.2f}")
     print(
         f"held-out: {before['n_replies']} replies per model ({args.eval_prompts} prompts x "
         f"{args.eval_samples} samples), {len(names)} characters; "

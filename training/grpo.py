@@ -24,6 +24,7 @@ import yaml
 from rewards.checkers import Checker
 from training.models import train_and_save, trainer_defaults
 from training.rewards import (
+    RATE_FEATURES,
     ArtifactPenalty,
     ReplyScorer,
     RewardModelReward,
@@ -32,7 +33,12 @@ from training.rewards import (
 )
 
 # Default weight of each reward after per-reward normalisation (normalize_then_sum).
-DEFAULT_WEIGHTS = {"reward_model": 1.0, "steerability": 1.0, "artifact_penalty": 1.0}
+DEFAULT_WEIGHTS = {
+    "reward_model": 1.0,
+    "steerability": 1.0,
+    "artifact_penalty": 1.0,
+    **{f"{feature}_rate": 1.0 for feature in RATE_FEATURES},
+}
 
 
 def grpo_config(

@@ -15,6 +15,10 @@ through TRL's ``log_metric`` hook, the project's metric namespace. The three com
   from the *reference model's* replies to the same character, in reference standard
   deviations beyond a tolerance, summed over features and negated. Without it GRPO
   learns the cheapest trick first (collapsing length, emoji spam): see DESIGN.md.
+- ``emoji_rate`` (optional, ``RateConstraint``): holds the share of replies with an emoji
+  at the reference model's rate. A per-reply penalty cannot hold a rare feature: at a 3%
+  rate a reply without emoji sits inside any tolerance band, so nothing stops the rate
+  from falling to zero (measured: 0.028 -> 0.006 in 50 GRPO steps).
 
 Components live on different scales, so they are normalised each on its own before
 they are combined, in one of two ways:
@@ -36,7 +40,7 @@ a ValueError naming the reward, the position and the value.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -315,6 +319,7 @@ def reference_scales(
             float(np.std(reward(list(prompts), completions, character=list(characters)))), floor
         )
         for reward in rewards
+        if not isinstance(reward, RateConstraint)  # already in reference-sd units; stateful
     }
 
 
@@ -325,6 +330,126 @@ def scaled_by_reference(
     characters: Sequence[str],
 ) -> list[ScaledReward]:
     """``rewards`` each divided by its spread over the reference replies
-    (``reference_scales``); combine them with ``sum_then_normalize``."""
+    (``reference_scales``; a ``RateConstraint`` passes through as it is); combine them
+    with ``sum_then_normalize``."""
     scales = reference_scales(rewards, prompts, replies, characters)
-    return [ScaledReward(r, scales[r.__name__]) for r in rewards]
+    return [r if r.__name__ not in scales else ScaledReward(r, scales[r.__name__]) for r in rewards]
+
+
+# Count features whose *rate* (share of replies with at least one) a RateConstraint can
+# hold, with the checker kind that forbids the feature for a character (None: none does).
+RATE_FEATURES: dict[str, str | None] = {"emoji": "no_emoji", "exclamations": None}
+
+
+def check_rate_feature(feature: str) -> str:
+    """``feature`` if a RateConstraint can hold it, else a ValueError listing those it can."""
+    if feature not in RATE_FEATURES:
+        raise ValueError(
+            f"rate feature {feature!r} is unknown; fix: one of {sorted(RATE_FEATURES)}"
+        )
+    return feature
+
+
+def characters_allowing(feature: str, checkers: Mapping[str, Sequence[Checker]]) -> list[str]:
+    """The characters none of whose checkers forbids ``feature`` (no ``no_emoji``)."""
+    forbidding = RATE_FEATURES.get(feature)
+    return sorted(
+        name
+        for name, checks in checkers.items()
+        if all(getattr(c, "kind", None) != forbidding for c in checks)
+    )
+
+
+class RateConstraint:
+    """``<feature>_rate``: holds the share of replies with a feature at a target rate.
+
+    A Lagrangian constraint E[x] = target on x = 1 if the reply has the feature: each
+    reply of a held character is rewarded ``multiplier * (x - target)``, and after every
+    batch the multiplier moves by ``lr * (target - batch rate) / target`` (dual ascent,
+    clipped to +-``max_multiplier``). While the policy uses the feature less than the
+    target the multiplier grows and pays for it, more and it turns into a penalty; it
+    keeps growing against any other reward that pushes the rate away, which a fixed bonus
+    would not. Its unit is the reference-scaled rewards' (one reference sd), so it is
+    never rescaled (``scaled_by_reference`` passes it through).
+
+    Characters outside ``characters`` (those forbidding the feature: steerability already
+    teaches them) get 0 and do not count in the batch rate. The multiplier is state: call
+    it only on the policy's own samples (GRPO), never on reference replies.
+    """
+
+    def __init__(
+        self,
+        feature: str,
+        target: float,
+        characters: Collection[str] | None = None,
+        lr: float = 0.05,
+        max_multiplier: float = 3.0,
+    ) -> None:
+        check_rate_feature(feature)
+        if not 0 < target < 1:
+            raise ValueError(
+                f"RateConstraint target for {feature!r} is {target}; fix: a rate in (0, 1), "
+                "measured on the reference model's replies (a feature it never uses has "
+                "nothing to hold)"
+            )
+        if not lr > 0 or not max_multiplier > 0:
+            raise ValueError(
+                f"RateConstraint lr ({lr}) and max_multiplier ({max_multiplier}) must be > 0"
+            )
+        self.feature = feature
+        self.target = float(target)
+        self.characters = None if characters is None else frozenset(characters)
+        self.lr = float(lr)
+        self.max_multiplier = float(max_multiplier)
+        self.multiplier = 0.0
+        # (held replies, batch rate, multiplier after the update) per call: the trace
+        self.history: list[tuple[int, float, float]] = []
+        self.__name__ = f"{feature}_rate"
+
+    @classmethod
+    def from_replies(
+        cls,
+        feature: str,
+        replies: Sequence[str],
+        characters: Sequence[str],
+        held: Collection[str],
+        **kwargs: Any,
+    ) -> RateConstraint:
+        """Target = the feature's rate over the reference ``replies`` of ``held`` characters."""
+        check_rate_feature(feature)
+        rates = [
+            float(style_features(r)[feature] > 0)
+            for r, ch in zip(replies, characters, strict=True)
+            if ch in held
+        ]
+        if not rates:
+            raise ValueError(
+                f"no reference replies by the characters held at a {feature} rate "
+                f"({sorted(held)}); fix: sample the reference model for them"
+            )
+        return cls(feature, float(np.mean(rates)), held, **kwargs)
+
+    def __call__(self, prompts: list[Any], completions: list[Any], **kwargs: Any) -> list[float]:
+        """Reward each held completion, then move the multiplier by this batch's rate."""
+        characters = kwargs.get("character") or [None] * len(completions)
+        has = [
+            float(style_features(completion_text(c))[self.feature] > 0)
+            if self.characters is None or ch in self.characters
+            else None
+            for c, ch in zip(completions, characters, strict=True)
+        ]
+        values = [0.0 if x is None else self.multiplier * (x - self.target) for x in has]
+        held = [x for x in has if x is not None]
+        if held:
+            error = (self.target - float(np.mean(held))) / self.target
+            self.multiplier = float(
+                np.clip(
+                    self.multiplier + self.lr * error, -self.max_multiplier, self.max_multiplier
+                )
+            )
+            self.history.append((len(held), float(np.mean(held)), self.multiplier))
+            log_metric = kwargs.get("log_metric")
+            if log_metric is not None:
+                log_metric(f"reward/{self.__name__}_batch", float(np.mean(held)))
+                log_metric(f"reward/{self.__name__}_multiplier", self.multiplier)
+        return _emit(self.__name__, check_rewards(self.__name__, values, len(prompts)), kwargs)
