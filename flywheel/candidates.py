@@ -14,7 +14,8 @@ it per context (``training.rewards`` says why).
 - ``dpo``: the same samples; the best and worst reply of each context form a preference
   pair (``training.dpo``).
 - ``grpo``: the contexts as prompts for TRL's GRPOTrainer with the rewards
-  (``training.grpo``).
+  (``training.grpo``), plus a ``RateConstraint`` per ``hold_rates`` feature holding its
+  rate at the deployed model's logged one.
 
 The checkpoint is written into a staging folder and renamed into place when complete, so a
 killed run never leaves a half-written model where a finished one is expected.
@@ -23,6 +24,7 @@ killed run never leaves a half-written model where a finished one is expected.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -33,6 +35,9 @@ import pandas as pd
 
 from flywheel.scenario import RecipeConfig, trainer_file_fields
 from policies.base import SamplingParams
+from rewards.features import style_features
+
+logger = logging.getLogger(__name__)
 
 # Logged replies of the deployed model over which each reward's spread is measured
 # (recipes with reward_normalisation = "reference").
@@ -85,6 +90,30 @@ def scaled_by_logged_replies(
     return scaled_by_reference(
         funcs, list(rows["prompt"]), list(rows["completion"]), list(rows["character"])
     )
+
+
+def rate_constraints(
+    recipe: RecipeConfig, train: pd.DataFrame, checkers: Mapping[str, Sequence[Any]]
+) -> list[Any]:
+    """One ``RateConstraint`` per ``hold_rates`` feature, its target the rate in the deployed
+    model's logged train replies of the characters allowed the feature. A feature those
+    replies never use has nothing to hold: it is skipped with a warning."""
+    from training.rewards import RateConstraint, characters_allowing
+
+    constraints = []
+    for feature in recipe.hold_rates:
+        held = characters_allowing(feature, checkers)
+        rows = train[train["character"].isin(held)]
+        has = [style_features(str(r))[feature] > 0 for r in rows["completion"]]
+        if not any(has):
+            logger.warning(
+                "recipe %r: the deployed model's %d logged replies by %s never use %s; "
+                "nothing to hold",
+                recipe.name, len(has), held, feature,
+            )  # fmt: skip
+            continue
+        constraints.append(RateConstraint(feature, float(np.mean(has)), held))
+    return constraints
 
 
 def trainer_overrides(recipe: RecipeConfig) -> dict[str, Any]:
@@ -144,6 +173,9 @@ def train_candidate(
 
         if recipe.reward_normalisation == "reference":
             overrides.setdefault("multi_objective_aggregation", "sum_then_normalize")
+        for constraint in rate_constraints(recipe, train, checkers):
+            funcs.append(constraint)
+            weights[constraint.__name__] = 1.0
         args = grpo_config(work, max_steps=recipe.max_steps, seed=seed, **overrides)
         records = grpo_records(prompts, characters)
         train_grpo(records, funcs, model_args, args, staging, weights=weights)

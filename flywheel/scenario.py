@@ -212,6 +212,13 @@ class RecipeConfig(BaseModel):
         "'reference' divides it by its spread over the deployed model's logged replies "
         "(sum_then_normalize), so a reward that barely separates samples weighs little.",
     )
+    hold_rates: list[str] = Field(
+        default_factory=list,
+        description="grpo only: features whose rate (share of replies with one: emoji, "
+        "exclamations) is held at the deployed model's logged rate by a Lagrange multiplier "
+        "(training.rewards.RateConstraint), e.g. ['emoji']; characters forbidding one are "
+        "not held.",
+    )
     prompts: int = Field(
         32, ge=1, description="Training contexts drawn from the curated train split."
     )
@@ -244,6 +251,13 @@ class RecipeConfig(BaseModel):
         artifact_tolerances(value)
         return value
 
+    @field_validator("hold_rates")
+    @classmethod
+    def _check_hold_rates(cls, value: list[str]) -> list[str]:
+        from training.rewards import check_rate_feature
+
+        return [check_rate_feature(feature) for feature in value]
+
     @model_validator(mode="after")
     def _check_trainer(self) -> RecipeConfig:
         config_cls = _trl_config_class(self.kind)
@@ -253,6 +267,11 @@ class RecipeConfig(BaseModel):
             raise ValueError(
                 f"recipe {self.name!r}: trainer setting(s) {unknown} are not "
                 f"{config_cls.__name__} fields; fix: use trl.{config_cls.__name__} field names"
+            )
+        if self.hold_rates and self.kind != "grpo":
+            raise ValueError(
+                f"recipe {self.name!r}: hold_rates needs online sampling; fix: use it with "
+                f"kind = 'grpo' or remove it (kind is {self.kind!r})"
             )
         if self.reward_model == "none" and self.steerability_weight == 0:
             raise ValueError(

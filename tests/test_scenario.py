@@ -176,6 +176,18 @@ def test_cli_reports_a_bad_scenario_without_a_traceback(tmp_path: Path) -> None:
     assert not (tmp_path / "run").exists()
 
 
+def test_hold_rates_names_known_features_of_grpo_recipes_only(tmp_path: Path) -> None:
+    grpo = '[[recipes]]\nname = "g"\nkind = "grpo"\n'
+    ok = load_scenario(write(tmp_path, grpo + 'hold_rates = ["emoji"]\n', "ok.toml"))
+    assert ok.recipes[0].hold_rates == ["emoji"]
+    message = error_of(tmp_path, grpo + 'hold_rates = ["words"]\n')
+    assert "scenario.recipes.0.hold_rates" in message and "'words'" in message
+    assert "'emoji'" in message  # the fix lists the features it can hold
+    dpo = '[[recipes]]\nname = "d"\nkind = "dpo"\nhold_rates = ["emoji"]\n'
+    message = error_of(tmp_path, dpo)
+    assert "hold_rates" in message and "kind = 'grpo'" in message and "'dpo'" in message
+
+
 def test_artifact_tolerance_is_one_value_or_one_per_known_feature(tmp_path: Path) -> None:
     recipe = '[[recipes]]\nname = "g"\nkind = "grpo"\n'
     ok = recipe + "artifact_tolerance = { words = 0, emoji = 1 }\n"

@@ -284,6 +284,32 @@ def test_rate_constraint_is_never_rescaled_nor_fed_reference_replies():
         RateConstraint.from_replies("emoji", ["Go?"], ["Pixel"], ["Mara"])
 
 
+def test_grpo_recipe_holds_rates_at_the_deployed_models_logged_rate(caplog):
+    from flywheel.candidates import rate_constraints
+    from flywheel.scenario import RecipeConfig
+
+    train = pd.DataFrame(
+        {
+            "character": ["Mara", "Mara", "Mara", "Mara", "Pixel"],
+            "completion": ["Ahoy 😀", "Ahoy", "Ahoy!", "Ahoy", "Go 😀 😀"],
+        }
+    )
+    recipe = RecipeConfig(name="g", kind="grpo", hold_rates=["emoji", "exclamations"])
+    emoji, exclamations = rate_constraints(recipe, train, CHECKERS)
+    # emoji: Mara only (Pixel forbids it), 1 of 4; exclamations: everyone, 1 of 5
+    assert (emoji.target, sorted(emoji.characters)) == (0.25, ["Mara"])
+    assert (exclamations.target, sorted(exclamations.characters)) == (0.2, ["Mara", "Pixel"])
+    never = train.assign(completion=["Ahoy"] * 4 + ["Go 😀"])
+    with caplog.at_level("WARNING"):
+        assert (
+            rate_constraints(
+                RecipeConfig(name="g", kind="grpo", hold_rates=["emoji"]), never, CHECKERS
+            )
+            == []
+        )
+    assert "never use emoji" in caplog.text
+
+
 def test_reward_model_reward_scores_last_user_message_and_checks_finiteness():
     class LengthScorer:
         def score(self, contexts, replies):
