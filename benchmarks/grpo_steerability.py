@@ -255,12 +255,7 @@ def main() -> None:
     from sim.world import World, load_world_config
     from training.grpo import build_rewards, grpo_config, grpo_records, train_grpo
     from training.models import model_config, time_limit_callback
-    from training.rewards import (
-        RateConstraint,
-        StyleReference,
-        characters_allowing,
-        scaled_by_reference,
-    )
+    from training.rewards import StyleReference, held_rates, scaled_by_reference
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -321,16 +316,9 @@ def main() -> None:
         )
         scales = {r.__name__: r.scale for r in rewards}
         print(f"reward scales (sd over the base model's replies): {scales}", flush=True)
-    constraints = [
-        RateConstraint.from_replies(
-            feature,
-            reference_replies,
-            reference_characters,
-            characters_allowing(feature, checkers),
-            lr=args.rate_lr,
-        )
-        for feature in args.hold_rate
-    ]
+    constraints = held_rates(
+        args.hold_rate, reference_replies, reference_characters, checkers, lr=args.rate_lr
+    )
     for c in constraints:
         print(f"{c.__name__}: holding {c.target:.4f} for {sorted(c.characters)}", flush=True)
     rewards = [*rewards, *constraints]

@@ -24,7 +24,6 @@ killed run never leaves a half-written model where a finished one is expected.
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -35,9 +34,6 @@ import pandas as pd
 
 from flywheel.scenario import RecipeConfig, trainer_file_fields
 from policies.base import SamplingParams
-from rewards.features import style_features
-
-logger = logging.getLogger(__name__)
 
 # Logged replies of the deployed model over which each reward's spread is measured
 # (recipes with reward_normalisation = "reference").
@@ -90,30 +86,6 @@ def scaled_by_logged_replies(
     return scaled_by_reference(
         funcs, list(rows["prompt"]), list(rows["completion"]), list(rows["character"])
     )
-
-
-def rate_constraints(
-    recipe: RecipeConfig, train: pd.DataFrame, checkers: Mapping[str, Sequence[Any]]
-) -> list[Any]:
-    """One ``RateConstraint`` per ``hold_rates`` feature, its target the rate in the deployed
-    model's logged train replies of the characters allowed the feature. A feature those
-    replies never use has nothing to hold: it is skipped with a warning."""
-    from training.rewards import RateConstraint, characters_allowing
-
-    constraints = []
-    for feature in recipe.hold_rates:
-        held = characters_allowing(feature, checkers)
-        rows = train[train["character"].isin(held)]
-        has = [style_features(str(r))[feature] > 0 for r in rows["completion"]]
-        if not any(has):
-            logger.warning(
-                "recipe %r: the deployed model's %d logged replies by %s never use %s; "
-                "nothing to hold",
-                recipe.name, len(has), held, feature,
-            )  # fmt: skip
-            continue
-        constraints.append(RateConstraint(feature, float(np.mean(has)), held))
-    return constraints
 
 
 def trainer_overrides(recipe: RecipeConfig) -> dict[str, Any]:
@@ -170,10 +142,12 @@ def train_candidate(
     seed_everything(seed)
     if recipe.kind == "grpo":
         from training.grpo import grpo_config, grpo_records, train_grpo
+        from training.rewards import held_rates
 
         if recipe.reward_normalisation == "reference":
             overrides.setdefault("multi_objective_aggregation", "sum_then_normalize")
-        for constraint in rate_constraints(recipe, train, checkers):
+        replies, labels = list(train["completion"]), list(train["character"])
+        for constraint in held_rates(recipe.hold_rates, replies, labels, checkers):
             funcs.append(constraint)
             weights[constraint.__name__] = 1.0
         args = grpo_config(work, max_steps=recipe.max_steps, seed=seed, **overrides)

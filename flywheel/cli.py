@@ -240,7 +240,10 @@ def _train(
     seed: int,
     full: bool,
     config: str | None,
+    hold_rates: list[str],
 ) -> None:
+    if hold_rates and recipe != "grpo":
+        raise ValueError(f"--hold-rate needs online sampling; fix: use it with grpo, not {recipe}")
     from rewards.rm.base import load_reward_model
     from training import recipes
     from training.grpo import load_config_overrides
@@ -263,7 +266,9 @@ def _train(
     elif recipe == "dpo":
         folder = recipes.run_dpo(turns, prompts, checkers, scorer=scorer, **common)
     else:
-        folder = recipes.run_grpo(turns, prompts, checkers, scorer=scorer, **common)
+        folder = recipes.run_grpo(
+            turns, prompts, checkers, scorer=scorer, hold_rates=hold_rates, **common
+        )
     typer.echo(f"wrote {folder} (serve it with --treatment {folder})")
 
 
@@ -289,9 +294,18 @@ def _train_command(recipe: str, summary: str) -> None:
             "--config",
             help="YAML of TRL config fields (GPU: training/configs/grpo_vllm.yaml).",
         ),
+        hold_rate: str = typer.Option(
+            "",
+            "--hold-rate",
+            help="GRPO: features whose rate is held at the logged replies' rate, comma "
+            "separated (emoji, exclamations).",
+        ),
     ) -> None:
         try:
-            _train(recipe, run_dir, from_model, out, steps, rm, experiment, seed, full, config)
+            _train(
+                recipe, run_dir, from_model, out, steps, rm, experiment, seed, full, config,
+                [f.strip() for f in hold_rate.split(",") if f.strip()],
+            )  # fmt: skip
         except (FileNotFoundError, ValueError) as err:
             typer.echo(f"error: {err}", err=True)
             raise typer.Exit(code=2) from err

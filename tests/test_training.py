@@ -31,6 +31,7 @@ from training.rewards import (
     StyleReference,
     characters_allowing,
     check_rewards,
+    held_rates,
     reference_scales,
     scaled_by_reference,
 )
@@ -227,8 +228,8 @@ def test_rate_constraint_pays_for_a_feature_the_policy_stopped_using_and_settles
     held = characters_allowing("emoji", CHECKERS)
     assert held == ["Mara"]  # Pixel forbids emoji: steerability handles it, not the rate
     reference = ["Ahoy there 😀", "Ahoy!", "Ahoy, mate", "Ahoy ho", "Ahoy 😀 😀"]
-    constraint = RateConstraint.from_replies(
-        "emoji", [*reference, "no 😀"], ["Mara"] * 5 + ["Pixel"], held, lr=0.1
+    (constraint,) = held_rates(
+        ["emoji"], [*reference, "no 😀"], ["Mara"] * 5 + ["Pixel"], CHECKERS, lr=0.1
     )
     assert constraint.__name__ == "emoji_rate"
     assert constraint.target == pytest.approx(0.4)  # 2 of Mara's 5 (Pixel's reply not counted)
@@ -280,34 +281,21 @@ def test_rate_constraint_is_never_rescaled_nor_fed_reference_replies():
         RateConstraint("words", 0.5)
     with pytest.raises(ValueError, match=r"target for .emoji. is 0\.0"):
         RateConstraint("emoji", 0.0)
-    with pytest.raises(ValueError, match="no reference replies"):
-        RateConstraint.from_replies("emoji", ["Go?"], ["Pixel"], ["Mara"])
 
 
-def test_grpo_recipe_holds_rates_at_the_deployed_models_logged_rate(caplog):
-    from flywheel.candidates import rate_constraints
-    from flywheel.scenario import RecipeConfig
-
-    train = pd.DataFrame(
-        {
-            "character": ["Mara", "Mara", "Mara", "Mara", "Pixel"],
-            "completion": ["Ahoy 😀", "Ahoy", "Ahoy!", "Ahoy", "Go 😀 😀"],
-        }
-    )
-    recipe = RecipeConfig(name="g", kind="grpo", hold_rates=["emoji", "exclamations"])
-    emoji, exclamations = rate_constraints(recipe, train, CHECKERS)
+def test_held_rates_target_the_reference_rate_of_characters_allowed_the_feature(caplog):
+    replies = ["Ahoy 😀", "Ahoy", "Ahoy!", "Ahoy", "Go 😀 😀"]
+    characters = ["Mara", "Mara", "Mara", "Mara", "Pixel"]
+    emoji, exclamations = held_rates(["emoji", "exclamations"], replies, characters, CHECKERS)
     # emoji: Mara only (Pixel forbids it), 1 of 4; exclamations: everyone, 1 of 5
     assert (emoji.target, sorted(emoji.characters)) == (0.25, ["Mara"])
     assert (exclamations.target, sorted(exclamations.characters)) == (0.2, ["Mara", "Pixel"])
-    never = train.assign(completion=["Ahoy"] * 4 + ["Go 😀"])
+    never = ["Ahoy"] * 4 + ["Go 😀"]
     with caplog.at_level("WARNING"):
-        assert (
-            rate_constraints(
-                RecipeConfig(name="g", kind="grpo", hold_rates=["emoji"]), never, CHECKERS
-            )
-            == []
-        )
+        assert held_rates(["emoji"], never, characters, CHECKERS) == []
     assert "never use emoji" in caplog.text
+    with pytest.raises(ValueError, match="'words' is unknown"):
+        held_rates(["words"], replies, characters, CHECKERS)
 
 
 def test_reward_model_reward_scores_last_user_message_and_checks_finiteness():
@@ -456,13 +444,17 @@ def test_flywheel_train_command_end_to_end(recipe, tiny_llama_dir, tmp_path):
              "grpo": "per_device_train_batch_size: 4\nnum_generations: 4\n"
                      "max_completion_length: 8\n"}[recipe]  # fmt: skip
     config.write_text(small)
+    hold = ["--hold-rate", "exclamations"] if recipe == "grpo" else []
     out = tmp_path / recipe
     done = subprocess.run(
         [sys.executable, "-m", "flywheel.cli", "train", recipe, str(tmp_path / "run"),
          "--from", str(tiny_llama_dir), "--out", str(out), "--steps", "1",
-         "--config", str(config)],
+         "--config", str(config), *hold],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads((out / TRAINING_MARKER).read_text())["metrics"]["global_step"] == 1
+    metrics = json.loads((out / TRAINING_MARKER).read_text())["metrics"]
+    assert metrics["global_step"] == 1
+    if recipe == "grpo":  # every logged reply has a "!": the rate held is 1
+        assert metrics["reward_names"][-1] == "exclamations_rate"
     _assert_serves(out)

@@ -111,18 +111,22 @@ def run_grpo(
     use_peft: bool = True,
     overrides: Mapping[str, Any] | None = None,
     callbacks: Sequence[Any] = (),
+    hold_rates: Sequence[str] = (),
 ) -> Path:
     """GRPO on the curated contexts with the reward model (if any), steerability and the
-    artifact penalty against the starting model's style."""
+    artifact penalty against the starting model's style; each ``hold_rates`` feature
+    (``"emoji"``) held at its rate in the logged train replies (``RateConstraint``)."""
     from training.grpo import build_rewards, grpo_config, grpo_records, train_grpo
+    from training.rewards import held_rates
 
     data = curated(turns, system_prompts, seed)
     prompts, characters = list(data.train["prompt"]), list(data.train["character"])
     reference = _reference(model, prompts, characters, seed)
+    constraints = held_rates(hold_rates, list(data.train["completion"]), characters, checkers)
     args = grpo_config(Path(out) / "trainer", max_steps=steps, seed=seed, **(overrides or {}))
     return train_grpo(
         grpo_records(prompts, characters),
-        build_rewards(checkers, reference, scorer),
+        [*build_rewards(checkers, reference, scorer), *constraints],
         model_config(model, use_peft=use_peft),
         args,
         out,

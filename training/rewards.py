@@ -39,6 +39,7 @@ a ValueError naming the reward, the position and the value.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -48,6 +49,8 @@ import numpy as np
 
 from rewards.checkers import Checker, run_checkers
 from rewards.features import style_features
+
+logger = logging.getLogger(__name__)
 
 # Style features the artifact penalty watches, with the floor on their reference standard
 # deviation: a reference model that never uses emoji has std 0, and one emoji must then
@@ -386,9 +389,9 @@ class RateConstraint:
         max_multiplier: float = 3.0,
     ) -> None:
         check_rate_feature(feature)
-        if not 0 < target < 1:
+        if not 0 < target <= 1:
             raise ValueError(
-                f"RateConstraint target for {feature!r} is {target}; fix: a rate in (0, 1), "
+                f"RateConstraint target for {feature!r} is {target}; fix: a rate in (0, 1], "
                 "measured on the reference model's replies (a feature it never uses has "
                 "nothing to hold)"
             )
@@ -405,29 +408,6 @@ class RateConstraint:
         # (held replies, batch rate, multiplier after the update) per call: the trace
         self.history: list[tuple[int, float, float]] = []
         self.__name__ = f"{feature}_rate"
-
-    @classmethod
-    def from_replies(
-        cls,
-        feature: str,
-        replies: Sequence[str],
-        characters: Sequence[str],
-        held: Collection[str],
-        **kwargs: Any,
-    ) -> RateConstraint:
-        """Target = the feature's rate over the reference ``replies`` of ``held`` characters."""
-        check_rate_feature(feature)
-        rates = [
-            float(style_features(r)[feature] > 0)
-            for r, ch in zip(replies, characters, strict=True)
-            if ch in held
-        ]
-        if not rates:
-            raise ValueError(
-                f"no reference replies by the characters held at a {feature} rate "
-                f"({sorted(held)}); fix: sample the reference model for them"
-            )
-        return cls(feature, float(np.mean(rates)), held, **kwargs)
 
     def __call__(self, prompts: list[Any], completions: list[Any], **kwargs: Any) -> list[float]:
         """Reward each held completion, then move the multiplier by this batch's rate."""
@@ -453,3 +433,31 @@ class RateConstraint:
                 log_metric(f"reward/{self.__name__}_batch", float(np.mean(held)))
                 log_metric(f"reward/{self.__name__}_multiplier", self.multiplier)
         return _emit(self.__name__, check_rewards(self.__name__, values, len(prompts)), kwargs)
+
+
+def held_rates(
+    features: Sequence[str],
+    replies: Sequence[str],
+    characters: Sequence[str],
+    checkers: Mapping[str, Sequence[Checker]],
+    **kwargs: Any,
+) -> list[RateConstraint]:
+    """One ``RateConstraint`` per feature, its target the feature's rate over the reference
+    ``replies`` of the characters allowed it (``characters_allowing``). A feature those
+    replies never use has nothing to hold: it is skipped with a warning."""
+    constraints = []
+    for feature in features:
+        held = characters_allowing(check_rate_feature(feature), checkers)
+        has = [
+            style_features(r)[feature] > 0
+            for r, ch in zip(replies, characters, strict=True)
+            if ch in held
+        ]
+        if not any(has):
+            logger.warning(
+                "the %d reference replies by %s never use %s; nothing to hold",
+                len(has), held, feature,
+            )  # fmt: skip
+            continue
+        constraints.append(RateConstraint(feature, float(np.mean(has)), held, **kwargs))
+    return constraints
