@@ -331,7 +331,7 @@ def scaled_by_reference(
     prompts: Sequence[Any],
     replies: Sequence[str],
     characters: Sequence[str],
-) -> list[ScaledReward]:
+) -> list[Any]:
     """``rewards`` each divided by its spread over the reference replies
     (``reference_scales``; a ``RateConstraint`` passes through as it is); combine them
     with ``sum_then_normalize``."""
@@ -385,7 +385,7 @@ class RateConstraint:
         feature: str,
         target: float,
         characters: Collection[str] | None = None,
-        lr: float = 0.05,
+        lr: float = 0.1,
         max_multiplier: float = 3.0,
     ) -> None:
         check_rate_feature(feature)
