@@ -308,7 +308,16 @@ def main() -> None:
         from rewards.rm.base import load_reward_model
 
         scorer = load_reward_model(args.rm)
-    rewards = build_rewards(checkers, reference, scorer, artifact_tolerance=args.artifact_tolerance)
+    constraints = held_rates(
+        args.hold_rate, reference_replies, reference_characters, checkers, lr=args.rate_lr
+    )
+    rewards = build_rewards(
+        checkers,
+        reference,
+        scorer,
+        artifact_tolerance=args.artifact_tolerance,
+        held=[c.feature for c in constraints],
+    )
     scales = None
     if args.normalise == "reference":
         rewards = scaled_by_reference(
@@ -316,9 +325,6 @@ def main() -> None:
         )
         scales = {r.__name__: r.scale for r in rewards}
         print(f"reward scales (sd over the base model's replies): {scales}", flush=True)
-    constraints = held_rates(
-        args.hold_rate, reference_replies, reference_characters, checkers, lr=args.rate_lr
-    )
     for c in constraints:
         print(f"{c.__name__}: holding {c.target:.4f} for {sorted(c.characters)}", flush=True)
     rewards = [*rewards, *constraints]

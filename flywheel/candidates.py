@@ -58,8 +58,11 @@ def reward_functions(
     checkers: Mapping[str, Sequence[Any]],
     reference: Any,
     reward_model: Any | None,
+    held: Sequence[str] = (),
 ) -> tuple[list[Any], dict[str, float]]:
-    """The recipe's reward functions (weight 0 left out) and their weights by name."""
+    """The recipe's reward functions (weight 0 left out) and their weights by name
+    (``held``: features a ``RateConstraint`` holds, judged by the artifact penalty only
+    when present)."""
     from training.rewards import ArtifactPenalty, RewardModelReward, SteerabilityReward
 
     funcs: list[Any] = []
@@ -70,7 +73,7 @@ def reward_functions(
     if recipe.steerability_weight > 0:
         funcs.append(SteerabilityReward(checkers))
     if recipe.artifact_penalty_weight > 0:
-        funcs.append(ArtifactPenalty(reference, tolerance=recipe.artifact_tolerance))
+        funcs.append(ArtifactPenalty(reference, tolerance=recipe.artifact_tolerance, held=held))
     weights = {f.__name__: recipe.weights()[f.__name__] for f in funcs}
     return funcs, weights
 
@@ -126,10 +129,15 @@ def train_candidate(
         ``{"examples": n, "reward_names": [...], "trainer_metrics": {...}}``.
     """
     from training.models import TRAINING_MARKER, model_config, seed_everything
+    from training.rewards import held_rates
 
     rng = np.random.default_rng(seed)
     prompts, characters = training_contexts(train, recipe.prompts, rng)
-    funcs, weights = reward_functions(recipe, checkers, reference, reward_model)
+    constraints = held_rates(
+        recipe.hold_rates, list(train["completion"]), list(train["character"]), checkers
+    )
+    held = [c.feature for c in constraints]
+    funcs, weights = reward_functions(recipe, checkers, reference, reward_model, held)
     if recipe.reward_normalisation == "reference":
         funcs = scaled_by_logged_replies(funcs, train, rng)
     model_args = model_config(
@@ -142,14 +150,11 @@ def train_candidate(
     seed_everything(seed)
     if recipe.kind == "grpo":
         from training.grpo import grpo_config, grpo_records, train_grpo
-        from training.rewards import held_rates
 
         if recipe.reward_normalisation == "reference":
             overrides.setdefault("multi_objective_aggregation", "sum_then_normalize")
-        replies, labels = list(train["completion"]), list(train["character"])
-        for constraint in held_rates(recipe.hold_rates, replies, labels, checkers):
-            funcs.append(constraint)
-            weights[constraint.__name__] = 1.0
+        funcs = [*funcs, *constraints]
+        weights |= {c.__name__: 1.0 for c in constraints}
         args = grpo_config(work, max_steps=recipe.max_steps, seed=seed, **overrides)
         records = grpo_records(prompts, characters)
         train_grpo(records, funcs, model_args, args, staging, weights=weights)

@@ -205,6 +205,24 @@ def test_artifact_tolerance_per_feature_keeps_a_tight_leash_on_length_only():
         ArtifactPenalty(REFERENCE, tolerance={"words": -1.0})
 
 
+def test_artifact_penalty_judges_a_held_feature_only_when_present():
+    reference = StyleReference.from_replies(["Hi there friend"] * 18 + ["Hi 😀 friend 😀"] * 2)
+    assert reference.when_present["emoji"] == (2.0, 0.5)  # 2 emoji each; std at the floor
+    plain = ArtifactPenalty(reference, tolerance=1.0)
+    held = ArtifactPenalty(reference, tolerance=1.0, held=["emoji"])
+    two, spam = "Hi 😀 friend 😀", "Hi " + "😀 " * 8 + "friend"
+    # unheld: two emoji sit 3 sd above the mean of 0.2 (std 0.6), beyond the tolerance
+    emoji_mean, emoji_std = reference.for_character(None)["emoji"]
+    assert plain.score(two) == pytest.approx(-(abs(2 - emoji_mean) / emoji_std - 1.0))
+    # held: presence is the RateConstraint's business; two emoji is the usual amount
+    assert held.score(two) == 0.0
+    assert held.score("Hi there friend") == plain.score("Hi there friend") == 0.0
+    # spam is still spam: 8 emoji are 12 sd above the 2 of a reply with emoji
+    assert held.score(spam) == pytest.approx(-((8 - 2.0) / 0.5 - 1.0))
+    with pytest.raises(ValueError, match="'words' is unknown"):
+        ArtifactPenalty(reference, held=["words"])
+
+
 def test_scaled_rewards_divide_by_their_spread_on_reference_replies():
     reference_replies = ["What do you play?", "I play chess.", "I play chess 😀", "Go?"]
     characters = ["Pixel"] * 4

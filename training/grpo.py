@@ -15,7 +15,7 @@ GRPOConfig fields (``training/configs/grpo_vllm.yaml``) and an accelerate config
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -129,11 +129,13 @@ def build_rewards(
     reference: StyleReference,
     scorer: ReplyScorer | None = None,
     artifact_tolerance: float | Mapping[str, float] = 0.5,
+    held: Collection[str] = (),
 ) -> list[Any]:
-    """The reward functions in TRL's order: [reward_model,] steerability, artifact_penalty."""
+    """The reward functions in TRL's order: [reward_model,] steerability, artifact_penalty
+    (``held``: features whose rate a ``RateConstraint`` holds, see ``ArtifactPenalty``)."""
     rewards: list[Any] = [] if scorer is None else [RewardModelReward(scorer)]
     rewards.append(SteerabilityReward(checkers))
-    rewards.append(ArtifactPenalty(reference, tolerance=artifact_tolerance))
+    rewards.append(ArtifactPenalty(reference, tolerance=artifact_tolerance, held=held))
     return rewards
 
 

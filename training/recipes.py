@@ -123,10 +123,11 @@ def run_grpo(
     prompts, characters = list(data.train["prompt"]), list(data.train["character"])
     reference = _reference(model, prompts, characters, seed)
     constraints = held_rates(hold_rates, list(data.train["completion"]), characters, checkers)
+    rewards = build_rewards(checkers, reference, scorer, held=[c.feature for c in constraints])
     args = grpo_config(Path(out) / "trainer", max_steps=steps, seed=seed, **(overrides or {}))
     return train_grpo(
         grpo_records(prompts, characters),
-        [*build_rewards(checkers, reference, scorer), *constraints],
+        [*rewards, *constraints],
         model_config(model, use_peft=use_peft),
         args,
         out,

@@ -42,7 +42,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -56,6 +56,9 @@ logger = logging.getLogger(__name__)
 # deviation: a reference model that never uses emoji has std 0, and one emoji must then
 # cost a bounded, not an infinite, penalty.
 ARTIFACT_FEATURES: dict[str, float] = {"words": 2.0, "emoji": 0.5, "exclamations": 0.5}
+# Count features whose *rate* (share of replies with at least one) a RateConstraint can
+# hold, with the checker kind that forbids the feature for a character (None: none does).
+RATE_FEATURES: dict[str, str | None] = {"emoji": "no_emoji", "exclamations": None}
 # Drift (in reference standard deviations) the artifact penalty forgives by default.
 DEFAULT_TOLERANCE = 0.5
 # A character needs this many reference replies for its own statistics; with fewer, the
@@ -206,9 +209,11 @@ class SteerabilityReward:
 @dataclass(frozen=True)
 class StyleReference:
     """Mean and standard deviation of style features of the reference model's replies,
-    per character and pooled (key ``None``)."""
+    per character and pooled (key ``None``); for the rate features, also pooled over the
+    replies that use them (``when_present``: how many emoji a reply with emoji has)."""
 
     stats: Mapping[str | None, Mapping[str, tuple[float, float]]]
+    when_present: Mapping[str, tuple[float, float]] = field(default_factory=dict)
 
     @classmethod
     def from_replies(
@@ -241,7 +246,12 @@ class StyleReference:
             rows = table[label_array == name]
             if len(rows) >= MIN_REFERENCE_REPLIES:
                 stats[name] = fit(rows)
-        return cls(stats)
+        when_present = {}
+        for j, (f, floor) in enumerate(ARTIFACT_FEATURES.items()):
+            used = table[table[:, j] > 0, j]
+            if f in RATE_FEATURES and len(used):
+                when_present[f] = (float(used.mean()), max(float(used.std()), floor))
+        return cls(stats, when_present)
 
     def for_character(self, character: str | None) -> Mapping[str, tuple[float, float]]:
         """The character's statistics, or the pooled ones when it has too few replies."""
@@ -249,7 +259,8 @@ class StyleReference:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (pooled statistics under the key ``"*"``)."""
-        return {("*" if k is None else k): dict(v) for k, v in self.stats.items()}
+        stats = {("*" if k is None else k): dict(v) for k, v in self.stats.items()}
+        return stats | {"when_present": dict(self.when_present)}
 
 
 class ArtifactPenalty:
@@ -260,24 +271,36 @@ class ArtifactPenalty:
     one value for every feature or one per feature (``{"words": 0, "emoji": 1}``; features
     left out keep ``DEFAULT_TOLERANCE``): a tight leash on length, a loose one on a rare
     emoji whose reference std is only the floor.
+
+    A feature a ``RateConstraint`` holds (``held``) is judged only when present, against
+    the reference replies that use it: the constraint decides how often, the penalty how
+    much. Otherwise any emoji is an outlier (reference mean 0.1, std at the floor) and the
+    penalty fights the constraint: measured, 2.2 reference sd a reply with emoji.
     """
 
     __name__ = "artifact_penalty"
 
     def __init__(
-        self, reference: StyleReference, tolerance: float | Mapping[str, float] = 0.5
+        self,
+        reference: StyleReference,
+        tolerance: float | Mapping[str, float] = 0.5,
+        held: Collection[str] = (),
     ) -> None:
         self.reference = reference
         self.tolerance = artifact_tolerances(tolerance)
+        self.held = frozenset(check_rate_feature(f) for f in held)
 
     def score(self, reply: str, character: str | None = None) -> float:
         """The (non-positive) penalty of one reply."""
         features = style_features(reply)
-        stats = self.reference.for_character(character)
-        return -sum(
-            max(0.0, abs(features[f] - mean) / std - self.tolerance[f])
-            for f, (mean, std) in stats.items()
-        )
+        penalty = 0.0
+        for f, (mean, std) in self.reference.for_character(character).items():
+            if f in self.held:
+                if not features[f]:
+                    continue
+                mean, std = self.reference.when_present.get(f, (mean, std))
+            penalty += max(0.0, abs(features[f] - mean) / std - self.tolerance[f])
+        return -penalty
 
     def __call__(self, prompts: list[Any], completions: list[Any], **kwargs: Any) -> list[float]:
         """Penalise each completion's style drift."""
@@ -337,11 +360,6 @@ def scaled_by_reference(
     with ``sum_then_normalize``."""
     scales = reference_scales(rewards, prompts, replies, characters)
     return [r if r.__name__ not in scales else ScaledReward(r, scales[r.__name__]) for r in rewards]
-
-
-# Count features whose *rate* (share of replies with at least one) a RateConstraint can
-# hold, with the checker kind that forbids the feature for a character (None: none does).
-RATE_FEATURES: dict[str, str | None] = {"emoji": "no_emoji", "exclamations": None}
 
 
 def check_rate_feature(feature: str) -> str:
