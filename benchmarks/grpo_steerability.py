@@ -27,6 +27,11 @@ base model (``--beta``), and each reward divided by its spread over the base mod
 replies (``--normalise reference``) instead of standardised within its group, where a
 reward model's 0.03 differences would weigh as much as a broken instruction.
 
+``--hold-rate emoji`` (the default) adds a ``RateConstraint``: the share of replies with
+emoji, over the characters that may use them, held at the base model's rate by a Lagrange
+multiplier, with the artifact penalty judging emoji only when present
+(``training.rewards``; benchmarks/README.md has the runs that show why both are needed).
+
 The training run stops after ``--minutes`` of wall time (or ``--max-steps``), whichever
 comes first. Usage::
 
@@ -175,7 +180,10 @@ def parse_features(text: str) -> tuple[str, ...]:
 
     if text.strip() == "none":
         return ()
-    return tuple(check_rate_feature(f.strip()) for f in text.split(",") if f.strip())
+    try:
+        return tuple(check_rate_feature(f.strip()) for f in text.split(",") if f.strip())
+    except ValueError as err:  # argparse prints this message instead of a generic one
+        raise argparse.ArgumentTypeError(str(err)) from err
 
 
 def main() -> None:
