@@ -281,9 +281,10 @@ def test_rate_constraint_pays_for_a_feature_the_policy_stopped_using_and_settles
         step(["Ahoy 😀"] * 4)
     assert constraint.multiplier == -constraint.max_multiplier
     # exactly on target (2 of 5 held replies) it does not move; Pixel's emoji is not counted
+    constraint.multiplier = 1.0
     chars[:] = ["Mara"] * 5 + ["Pixel"]
     step(["Ahoy 😀", "Ahoy 😀", "Ahoy", "Ahoy", "Ahoy", "Go 😀"])
-    assert constraint.multiplier == -constraint.max_multiplier
+    assert constraint.multiplier == pytest.approx(1.0)
 
 
 def test_rate_constraint_is_never_rescaled_nor_fed_reference_replies():
