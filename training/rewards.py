@@ -439,16 +439,18 @@ class RateConstraint:
         values = [0.0 if x is None else self.multiplier * (x - self.target) for x in has]
         held = [x for x in has if x is not None]
         if held:
-            error = (self.target - float(np.mean(held))) / self.target
+            rate = float(np.mean(held))
             self.multiplier = float(
                 np.clip(
-                    self.multiplier + self.lr * error, -self.max_multiplier, self.max_multiplier
+                    self.multiplier + self.lr * (self.target - rate) / self.target,
+                    -self.max_multiplier,
+                    self.max_multiplier,
                 )
             )
-            self.history.append((len(held), float(np.mean(held)), self.multiplier))
+            self.history.append((len(held), rate, self.multiplier))
             log_metric = kwargs.get("log_metric")
             if log_metric is not None:
-                log_metric(f"reward/{self.__name__}_batch", float(np.mean(held)))
+                log_metric(f"reward/{self.__name__}_batch", rate)
                 log_metric(f"reward/{self.__name__}_multiplier", self.multiplier)
         return _emit(self.__name__, check_rewards(self.__name__, values, len(prompts)), kwargs)
 
