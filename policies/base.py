@@ -40,11 +40,16 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class Generation:
-    """One generated reply and what it cost."""
+    """One generated reply and what it cost.
+
+    ``completion_ids``: the sampled token ids up to and including the stop token, where
+    the backend returns them (transformers does; others leave it empty).
+    """
 
     text: str
     prompt_tokens: int
     completion_tokens: int
+    completion_ids: tuple[int, ...] = ()
 
 
 @runtime_checkable

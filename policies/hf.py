@@ -113,7 +113,8 @@ class HFPolicy:
         for prompt, row in zip(prompts, new_tokens, strict=True):
             completion = _until_stop(row, self.stop_ids)
             text = self.tokenizer.decode(completion, skip_special_tokens=True).strip()
-            results.append(Generation(text, len(prompt), len(completion)))
+            sampled = tuple(row[: len(completion) + 1])  # with its stop token, if any
+            results.append(Generation(text, len(prompt), len(completion), sampled))
         return results
 
 
