@@ -147,6 +147,7 @@ def train_grpo(
     out_dir: str | Path,
     weights: Mapping[str, float] | None = None,
     callbacks: Sequence[Any] = (),
+    anchors: Sequence[Any] = (),
 ) -> Path:
     """Run GRPO on ``records`` with ``reward_funcs`` and save a merged checkpoint.
 
@@ -159,11 +160,13 @@ def train_grpo(
         out_dir: where the checkpoint goes.
         weights: ``{reward name: weight}``; defaults to ``DEFAULT_WEIGHTS``.
         callbacks: extra TrainerCallbacks (e.g. ``training.models.time_limit_callback``).
+        anchors: ``training.anchor.TokenAnchor`` s: hold a rare feature's token mass at
+            the base model's (an extra loss term; see ``training.anchor``).
 
     Returns:
         ``out_dir``, loadable with ``policies.load_policy(str(out_dir))``.
     """
-    from trl import GRPOTrainer
+    from training.anchor import AnchoredGRPOTrainer
 
     if not records:
         raise ValueError("train_grpo got no prompts; curate logged turns first")
@@ -175,7 +178,7 @@ def train_grpo(
             raise ValueError(f"no weight for reward(s) {missing}; pass weights={{name: w}}")
         args.reward_weights = [weights[n] for n in names]
     return train_and_save(
-        GRPOTrainer, "grpo", records, model_args, args, out_dir,
+        AnchoredGRPOTrainer, "grpo", records, model_args, args, out_dir,
         extra_metrics={"reward_names": names}, reward_funcs=reward_funcs,
-        callbacks=list(callbacks),
+        callbacks=list(callbacks), anchors=list(anchors),
     )  # fmt: skip

@@ -1,0 +1,130 @@
+"""Token-mass anchors: the feature's tokens, its mass, the loss, and GRPO with an anchor."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import emoji
+import pytest
+import torch
+
+from training.anchor import (
+    MIN_LOG_MASS,
+    TokenAnchor,
+    anchor_loss,
+    expected_features,
+    feature_token_ids,
+    log_feature_mass,
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Great job today 😊 keep going!",
+        "Look up at the stars 🌟🌍 tonight",
+        "Nice one 👍🏻\n🚀 Let's go ✨",
+        "No emoji here — just “quotes”, café, 日本語 and naïve words.",
+    ],
+)
+def test_emoji_tokens_start_each_emoji_of_a_reply_once(tokenizer, text):
+    ids = set(feature_token_ids(tokenizer, "emoji"))
+    tokens = tokenizer.encode(text, add_special_tokens=False)
+    assert sum(t in ids for t in tokens) == emoji.emoji_count(text)
+
+
+def test_exclamation_tokens_and_unknown_feature(tokenizer):
+    ids = set(feature_token_ids(tokenizer, "exclamations"))
+    tokens = tokenizer.encode("Wow! That is great!!", add_special_tokens=False)
+    assert sum(t in ids for t in tokens) >= 2
+    assert not any(t in ids for t in tokenizer.encode("No shouting.", add_special_tokens=False))
+    with pytest.raises(ValueError, match=r"words.*fix"):
+        feature_token_ids(tokenizer, "words")
+    with pytest.raises(ValueError, match="coef"):
+        TokenAnchor("emoji", ["Mara"], coef=0)
+
+
+def test_feature_mass_follows_temperature_and_nucleus():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    ids = torch.tensor([1, 3])
+    expected = torch.softmax(logits / 0.5, -1)[0, [1, 3]].sum().log()
+    assert log_feature_mass(logits, ids, temperature=0.5).item() == pytest.approx(expected.item())
+    # top_p 0.6 keeps token 0 alone (p = 0.64): the feature cannot be sampled
+    assert log_feature_mass(logits, ids, top_p=0.6).item() == pytest.approx(MIN_LOG_MASS)
+
+
+def test_anchor_loss_pulls_the_policy_mass_toward_the_reference_where_held():
+    log_ref = torch.log(torch.tensor([[0.02, 1e-6, 0.02]]))
+    log_policy = torch.log(torch.tensor([[0.005, 1e-6, 0.05]])).requires_grad_()
+    held = torch.tensor([[1.0, 1.0, 0.0]])
+    loss, log_ratio = anchor_loss(log_policy, log_ref, held)
+    loss.backward()
+    grad = log_policy.grad[0]
+    assert loss.item() > 0 and log_ratio.item() < 0  # the held position lost mass
+    assert grad[0] < 0  # descending raises the mass that fell below the reference
+    assert grad[2] == 0  # not held (a character that forbids the feature)
+    assert abs(grad[1]) < 1e-3 * abs(grad[0])  # mid-word: neither model would start one
+    same, zero_ratio = anchor_loss(log_ref, log_ref, held)
+    assert same.item() == 0 and zero_ratio.item() == 0
+
+
+def test_expected_features_sum_the_feature_probability_at_each_sampled_position(tiny_llama_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    ids = feature_token_ids(tokenizer, "emoji")
+    prompts = [[5, 6, 7, 8], [9, 10]]  # different lengths: padding must not move positions
+    completions = [[11, 12, 13], [14, ids[0], 16, ids[1], 2]]  # emoji at 1 and 3
+    counts, present = expected_features(
+        model, prompts, completions, ids, temperature=0.8, top_p=1.0, pad_token_id=2
+    )
+    first_emoji = [len(completions[0]), 2]  # positions summed for "present"
+    for i, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + completion])).logits[0]
+        probs = torch.softmax(logits / 0.8, -1)[:, ids].sum(-1)
+        drawn = probs[len(prompt) - 1 : len(prompt) + len(completion) - 1]
+        assert counts[i] == pytest.approx(drawn.sum().item(), rel=1e-3)
+        assert present[i] == pytest.approx(drawn[: first_emoji[i]].sum().item(), rel=1e-3)
+
+
+def test_grpo_with_an_anchor_logs_its_drift_only_for_held_characters(tiny_llama_dir, tmp_path):
+    from test_training import CHECKERS, PROMPTS, REFERENCE
+
+    from training.grpo import build_rewards, grpo_config, grpo_records, train_grpo
+    from training.models import TRAINING_MARKER, model_config
+
+    def run(characters: list[str], name: str) -> dict:
+        args = grpo_config(
+            tmp_path / f"work-{name}",
+            max_steps=2,
+            per_device_train_batch_size=4,
+            num_generations=4,
+            max_completion_length=8,
+            learning_rate=1e-2,
+        )
+        out = train_grpo(
+            grpo_records(PROMPTS, characters),
+            build_rewards(CHECKERS, REFERENCE, held=["emoji"]),
+            model_config(str(tiny_llama_dir)),
+            args,
+            tmp_path / name,
+            anchors=[TokenAnchor("emoji", ["Mara"])],
+        )
+        return json.loads((out / TRAINING_MARKER).read_text())["metrics"]
+
+    held = run(["Mara"] * len(PROMPTS), "held")
+    # step 2 compares a LoRA-updated policy with the base model: it has drifted, a little
+    assert held["anchor/emoji_loss"] > 0 and math.isfinite(held["anchor/emoji_log_ratio"])
+    assert held["anchor/emoji_log_ratio"] != 0
+    # Pixel forbids emoji: its completions are never anchored
+    assert "anchor/emoji_loss" not in run(["Pixel"] * len(PROMPTS), "forbidden")
