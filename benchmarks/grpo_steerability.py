@@ -14,7 +14,12 @@ often) and prints before/after numbers:
 - emoji rate (share of replies with an emoji), overall and over the characters that may
   use emoji (three characters forbid them, so there a falling rate is instruction
   following), emoji per reply and mean length in words, with the ratio to the base model
-  (the brief: within 15%).
+  (the brief: within 15%),
+- expected emoji rate and emoji per reply: each model's probability of starting an emoji
+  at each position of its own sampled replies, summed up to the first emoji (the rate) or
+  over the whole reply (the count) (``training.anchor.expected_features``). The same
+  quantities as the counted ones, unbiased, with far less variance: at a few emoji
+  replies in a hundred, counting cannot tell 15% apart in 1,200 replies.
 
 Base and trained model answer the same prompts with the same sampling seeds, so each
 metric is compared by a paired t-test (statsmodels) on per-prompt means: the prompt, not
@@ -30,7 +35,10 @@ reward model's 0.03 differences would weigh as much as a broken instruction.
 ``--hold-rate emoji`` (the default) adds a ``RateConstraint``: the share of replies with
 emoji, over the characters that may use them, held at the base model's rate by a Lagrange
 multiplier, with the artifact penalty judging emoji only when present
-(``training.rewards``; benchmarks/README.md has the runs that show why both are needed).
+(``training.rewards``). ``--anchor emoji`` adds a ``TokenAnchor`` instead or as well
+(``training.anchor``): the policy's probability of starting an emoji held at the base
+model's at every completion position by an extra loss term (measured: at ``--anchor-coef
+1`` its gradient swamps GRPO's). benchmarks/README.md has the runs that compare them.
 
 The training run stops after ``--minutes`` of wall time (or ``--max-steps``), whichever
 comes first. Usage::
@@ -56,6 +64,15 @@ import pandas as pd
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 EVAL_HOUR = 12.0  # simulated hour of day of every evaluation session
+# Style the brief asks to hold "within 15% of the base model's": tested for equivalence.
+HELD_STYLE = (
+    "mean_words",
+    "emoji_rate_where_allowed",
+    "expected_emoji_rate_where_allowed",
+    "emoji_per_reply_where_allowed",
+    "expected_emoji_per_reply_where_allowed",
+)
+EQUIVALENCE_MARGIN = 0.15
 # THREADS_NOTE: on a CPU shared with other jobs, torch's default of one thread per core
 # collapses (threads spin at barriers while their partner is descheduled). Measured here
 # with 6 other jobs on 2 cores, SmolLM2 generating 16 x 48 tokens: 225 s with 2 threads,
@@ -92,8 +109,32 @@ def evaluate(world, policy, users, characters, samples: int, seed: int, max_new_
         records = world.engine.apply_replies(
             sessions, [g.text for g in generations], [g.completion_tokens for g in generations]
         )
-        rows.extend(r.to_row() | {"sample": k} for r in records)
+        count, present = expected_emoji(policy, chats, generations, params)
+        rows.extend(
+            r.to_row() | {"sample": k, "expected_emoji": c, "expected_has_emoji": h}
+            for r, c, h in zip(records, count, present, strict=True)
+        )
     return pd.DataFrame(rows)
+
+
+def expected_emoji(policy, chats, generations, params) -> tuple[np.ndarray, np.ndarray]:
+    """Per reply, the policy's expected emoji count and its probability of having an emoji,
+    from its own token probabilities along its sampled tokens
+    (``training.anchor.expected_features``): the quantities counting estimates, with far
+    less variance at a rate of a few replies in a hundred."""
+    from policies.tokens import fit_prompt_ids
+    from training.anchor import expected_features, feature_token_ids
+
+    tokenizer = policy.tokenizer
+    return expected_features(
+        policy.model,
+        [fit_prompt_ids(tokenizer, chat, policy.spec.max_prompt_tokens) for chat in chats],
+        [g.completion_ids for g in generations],
+        feature_token_ids(tokenizer, "emoji"),
+        params.temperature,
+        params.top_p,
+        tokenizer.pad_token_id,
+    )
 
 
 def emoji_allowed(turns: pd.DataFrame) -> pd.Series:
@@ -114,6 +155,18 @@ def per_reply_metrics(turns: pd.DataFrame) -> pd.DataFrame:
             "emoji_rate": has_emoji,
             "emoji_rate_where_allowed": has_emoji.where(emoji_allowed(turns)),
             "emoji_per_reply": turns["feature_emoji"].astype(float),
+            "emoji_per_reply_where_allowed": turns["feature_emoji"]
+            .astype(float)
+            .where(emoji_allowed(turns)),
+            # The same, from the model's token probabilities (lower variance).
+            "expected_emoji_rate": turns["expected_has_emoji"],
+            "expected_emoji_rate_where_allowed": turns["expected_has_emoji"].where(
+                emoji_allowed(turns)
+            ),
+            "expected_emoji_per_reply": turns["expected_emoji"],
+            "expected_emoji_per_reply_where_allowed": turns["expected_emoji"].where(
+                emoji_allowed(turns)
+            ),
             "mean_words": turns["feature_words"].astype(float),
             # Diagnostics: what the reply talks about (MiniLM cosines, sim.gold's inputs).
             "relevance": turns["feature_relevance"].astype(float),
@@ -139,8 +192,11 @@ def summarise(turns: pd.DataFrame) -> dict[str, float]:
 
 def paired_tests(base: pd.DataFrame, trained: pd.DataFrame) -> dict[str, dict[str, float]]:
     """Per metric: mean per-prompt difference (trained - base), its 95% CI and the paired
-    t-test p-value, over the prompts (sessions) both models answered."""
-    from statsmodels.stats.weightstats import DescrStatsW
+    t-test p-value, over the prompts (sessions) both models answered. For ``HELD_STYLE``
+    also ``equivalence_p``: the paired TOST p-value (statsmodels ``ttost_paired``) of
+    "the difference lies within +-15% of the base mean"; below 0.05 shows the metric held,
+    which a large p-value of the plain t-test never does."""
+    from statsmodels.stats.weightstats import DescrStatsW, ttost_paired
 
     if not (base["session_id"].to_numpy() == trained["session_id"].to_numpy()).all():
         raise ValueError("base and trained evaluations must answer the same prompts in order")
@@ -163,6 +219,12 @@ def paired_tests(base: pd.DataFrame, trained: pd.DataFrame) -> dict[str, dict[st
             "p_value": float(p_value),
             "n_prompts": len(diff),
         }
+        if metric in HELD_STYLE:
+            pair = pd.concat([after[metric], before[metric]], axis=1).dropna().to_numpy()
+            margin = EQUIVALENCE_MARGIN * abs(pair[:, 1].mean())
+            tests[metric]["equivalence_p"] = float(
+                ttost_paired(pair[:, 0], pair[:, 1], -margin, margin)[0]
+            )
     return tests
 
 
@@ -237,6 +299,16 @@ def main() -> None:
     parser.add_argument(
         "--rate-lr", type=float, default=0.1, help="RateConstraint multiplier step size"
     )
+    parser.add_argument(
+        "--anchor",
+        type=parse_features,
+        default=(),
+        help="features whose token mass a TokenAnchor holds at the base model's at every "
+        "completion position (training.anchor; comma list of emoji, exclamations; 'none')",
+    )
+    parser.add_argument(
+        "--anchor-coef", type=float, default=1.0, help="weight of each TokenAnchor's loss"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--threads",
@@ -261,6 +333,7 @@ def main() -> None:
     from policies import load_policy
     from sim.user_llm import UserSimulator
     from sim.world import World, load_world_config
+    from training.anchor import token_anchors
     from training.grpo import build_rewards, grpo_config, grpo_records, train_grpo
     from training.models import model_config, time_limit_callback
     from training.rewards import StyleReference, held_rates, scaled_by_reference
@@ -319,12 +392,13 @@ def main() -> None:
     constraints = held_rates(
         args.hold_rate, reference_replies, reference_characters, checkers, lr=args.rate_lr
     )
+    anchors = token_anchors(args.anchor, checkers, args.anchor_coef)
     rewards = build_rewards(
         checkers,
         reference,
         scorer,
         artifact_tolerance=args.artifact_tolerance,
-        held=[c.feature for c in constraints],
+        held=sorted({c.feature for c in constraints} | {a.feature for a in anchors}),
     )
     scales = None
     if args.normalise == "reference":
@@ -335,6 +409,8 @@ def main() -> None:
         print(f"reward scales (sd over the base model's replies): {scales}", flush=True)
     for c in constraints:
         print(f"{c.__name__}: holding {c.target:.4f} for {sorted(c.characters)}", flush=True)
+    for a in anchors:
+        print(f"anchor: {a.feature} token mass for {sorted(a.characters)}", flush=True)
     rewards = [*rewards, *constraints]
     grpo_args = grpo_config(
         out / "trainer",
@@ -356,6 +432,7 @@ def main() -> None:
             grpo_args,
             out / "model",
             callbacks=[time_limit_callback(args.minutes * 60)],
+            anchors=anchors,
         )
         train_s = time.monotonic() - t0
     else:
@@ -393,6 +470,7 @@ def main() -> None:
             }
             for c in constraints
         },
+        "anchors": {a.feature: sorted(a.characters) for a in anchors},
         "before": before,
         "after": after,
         "paired_tests": tests,
@@ -420,6 +498,9 @@ def main() -> None:
         ratio = f"{a / b:.2f}" if b else "n/a"
         ci = f"{test['diff']:+.3f} [{test['ci_low']:+.3f}, {test['ci_high']:+.3f}]"
         print(f"{key:<28}{b:>9.3f}{a:>9.3f}{ratio:>11}  {ci:<24}{test['p_value']:>8.4f}")
+    print(f"\nwithin {EQUIVALENCE_MARGIN:.0%} of the base model (paired TOST, p < 0.05 = held):")
+    for key in HELD_STYLE:
+        print(f"  {key:<40} p = {tests[key]['equivalence_p']:.4f}")
     print(
         "\n(paired t-tests on per-prompt means, statsmodels); full report: "
         f"{out / 'before_after.json'}"
