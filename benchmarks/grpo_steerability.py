@@ -453,6 +453,8 @@ def main() -> None:
         args.max_new_tokens,
     )
     before, after = summarise(base_turns), summarise(trained_turns)
+    # A --trained checkpoint was not trained with this process's constraints.
+    trained_with = constraints if args.trained is None else []
     tests = paired_tests(base_turns, trained_turns)
     report = {
         "command": "benchmarks/grpo_steerability.py "
@@ -468,7 +470,7 @@ def main() -> None:
                 "trace": c.history,
                 "characters": sorted(c.characters),
             }
-            for c in constraints
+            for c in trained_with
         },
         "anchors": {a.feature: sorted(a.characters) for a in anchors},
         "before": before,
@@ -484,7 +486,7 @@ def main() -> None:
     trained_turns.assign(model="grpo").to_parquet(out / "eval_grpo.parquet")
 
     print(f"\nGRPO: {steps} steps in {train_s / 60:.1f} min ({train_s / max(steps, 1):.1f} s/step)")
-    for c in constraints:
+    for c in trained_with:
         print(f"{c.__name__}: target {c.target:.4f}, final multiplier {c.multiplier:+.2f}")
     print(
         f"held-out: {before['n_replies']} replies per model ({args.eval_prompts} prompts x "
