@@ -106,8 +106,8 @@ def test_grpo_with_an_anchor_logs_its_drift_only_for_held_characters(tiny_llama_
     def run(characters: list[str], name: str) -> dict:
         args = grpo_config(
             tmp_path / f"work-{name}",
-            max_steps=2,
-            per_device_train_batch_size=4,
+            max_steps=3,
+            per_device_train_batch_size=8,  # two prompts a step
             num_generations=4,
             max_completion_length=8,
             learning_rate=1e-2,
@@ -122,8 +122,8 @@ def test_grpo_with_an_anchor_logs_its_drift_only_for_held_characters(tiny_llama_
         )
         return json.loads((out / TRAINING_MARKER).read_text())["metrics"]
 
-    held = run(["Mara"] * len(PROMPTS), "held")
-    # step 2 compares a LoRA-updated policy with the base model: it has drifted, a little
+    held = run(["Mara", "Pixel"] * (len(PROMPTS) // 2), "held")  # only Mara's rows anchored
+    # the last step compares a LoRA-updated policy with the base model: it has drifted
     assert held["anchor/emoji_loss"] > 0 and math.isfinite(held["anchor/emoji_log_ratio"])
     assert held["anchor/emoji_log_ratio"] != 0
     # Pixel forbids emoji: its completions are never anchored
