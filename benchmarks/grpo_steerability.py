@@ -99,7 +99,9 @@ def evaluate(world, policy, users, characters, samples: int, seed: int, max_new_
     from one evaluation never leak into the next) and the same openers (same seed).
     """
     from policies import SamplingParams
+    from training.anchor import feature_token_ids
 
+    emoji_ids = feature_token_ids(policy.tokenizer, "emoji")  # one pass over the vocabulary
     rows = []
     for k in range(samples):
         fresh = copy.deepcopy(users)
@@ -109,7 +111,7 @@ def evaluate(world, policy, users, characters, samples: int, seed: int, max_new_
         records = world.engine.apply_replies(
             sessions, [g.text for g in generations], [g.completion_tokens for g in generations]
         )
-        count, present = expected_emoji(policy, chats, generations, params)
+        count, present = expected_emoji(policy, chats, generations, params, emoji_ids)
         rows.extend(
             r.to_row() | {"sample": k, "expected_emoji": c, "expected_has_emoji": h}
             for r, c, h in zip(records, count, present, strict=True)
@@ -117,20 +119,22 @@ def evaluate(world, policy, users, characters, samples: int, seed: int, max_new_
     return pd.DataFrame(rows)
 
 
-def expected_emoji(policy, chats, generations, params) -> tuple[np.ndarray, np.ndarray]:
+def expected_emoji(
+    policy, chats, generations, params, emoji_ids: list[int]
+) -> tuple[np.ndarray, np.ndarray]:
     """Per reply, the policy's expected emoji count and its probability of having an emoji,
     from its own token probabilities along its sampled tokens
     (``training.anchor.expected_features``): the quantities counting estimates, with far
     less variance at a rate of a few replies in a hundred."""
     from policies.tokens import fit_prompt_ids
-    from training.anchor import expected_features, feature_token_ids
+    from training.anchor import expected_features
 
     tokenizer = policy.tokenizer
     return expected_features(
         policy.model,
         [fit_prompt_ids(tokenizer, chat, policy.spec.max_prompt_tokens) for chat in chats],
         [g.completion_ids for g in generations],
-        feature_token_ids(tokenizer, "emoji"),
+        emoji_ids,
         params.temperature,
         params.top_p,
         tokenizer.pad_token_id,
@@ -146,27 +150,25 @@ def emoji_allowed(turns: pd.DataFrame) -> pd.Series:
 
 def per_reply_metrics(turns: pd.DataFrame) -> pd.DataFrame:
     """One column per compared metric, one row per reply (NaN where a metric does not apply)."""
-    has_emoji = (turns["feature_emoji"] > 0).astype(float)
+    allowed = emoji_allowed(turns)
+    emoji = {
+        "emoji_rate": (turns["feature_emoji"] > 0).astype(float),
+        "emoji_per_reply": turns["feature_emoji"].astype(float),
+        # The same, from the model's token probabilities (lower variance).
+        "expected_emoji_rate": turns["expected_has_emoji"],
+        "expected_emoji_per_reply": turns["expected_emoji"],
+    }
+    each_emoji_metric_and_where_allowed = {
+        name: column
+        for metric, values in emoji.items()
+        for name, column in ((metric, values), (f"{metric}_where_allowed", values.where(allowed)))
+    }
     return pd.DataFrame(
         {
             "instruction_following_rate": turns["follows_all"].astype(float),
             "violation_rate": turns["violates_any"].astype(float),
             "gold_utility": turns["gold_satisfaction"].astype(float),
-            "emoji_rate": has_emoji,
-            "emoji_rate_where_allowed": has_emoji.where(emoji_allowed(turns)),
-            "emoji_per_reply": turns["feature_emoji"].astype(float),
-            "emoji_per_reply_where_allowed": turns["feature_emoji"]
-            .astype(float)
-            .where(emoji_allowed(turns)),
-            # The same, from the model's token probabilities (lower variance).
-            "expected_emoji_rate": turns["expected_has_emoji"],
-            "expected_emoji_rate_where_allowed": turns["expected_has_emoji"].where(
-                emoji_allowed(turns)
-            ),
-            "expected_emoji_per_reply": turns["expected_emoji"],
-            "expected_emoji_per_reply_where_allowed": turns["expected_emoji"].where(
-                emoji_allowed(turns)
-            ),
+            **each_emoji_metric_and_where_allowed,
             "mean_words": turns["feature_words"].astype(float),
             # Diagnostics: what the reply talks about (MiniLM cosines, sim.gold's inputs).
             "relevance": turns["feature_relevance"].astype(float),
