@@ -127,9 +127,10 @@ def run_grpo(
     args = grpo_config(Path(out) / "trainer", max_steps=steps, seed=seed, **(overrides or {}))
     return train_grpo(
         grpo_records(prompts, characters),
-        [*rewards, *constraints],
+        rewards,
         model_config(model, use_peft=use_peft),
         args,
         out,
         callbacks=callbacks,
+        constraints=constraints,
     )
