@@ -320,10 +320,7 @@ def main() -> None:
         "emoji, exclamations; 'none' for none); characters forbidding one are not held",
     )
     parser.add_argument(
-        "--rate-lr", type=float, default=0.05, help="RateConstraint integral step size"
-    )
-    parser.add_argument(
-        "--rate-gain", type=float, default=0.3, help="RateConstraint proportional gain"
+        "--rate-lr", type=float, default=0.1, help="RateConstraint multiplier step size"
     )
     parser.add_argument(
         "--anchor",
@@ -432,7 +429,6 @@ def main() -> None:
         checkers,
         estimates=estimates,
         lr=args.rate_lr,
-        gain=args.rate_gain,
     )
     anchors = token_anchors(args.anchor, checkers, args.anchor_coef)
     rewards = build_rewards(
@@ -508,8 +504,8 @@ def main() -> None:
         "rate_constraints": {
             c.__name__: {
                 "target": c.target,
-                "final_integral": c.integral,
-                "trace": c.history,  # (held replies, estimated rate, multiplier) a step
+                "final_multiplier": c.multiplier,
+                "trace": c.history,
                 "characters": sorted(c.characters),
             }
             for c in trained_with
@@ -529,12 +525,7 @@ def main() -> None:
 
     print(f"\nGRPO: {steps} steps in {train_s / 60:.1f} min ({train_s / max(steps, 1):.1f} s/step)")
     for c in trained_with:
-        rates = [rate for _, rate, _ in c.history]
-        print(
-            f"{c.__name__}: target {c.target:.4f}; estimated in training: mean "
-            f"{np.mean(rates):.4f}, last 10 steps {np.mean(rates[-10:]):.4f}; "
-            f"final integral {c.integral:+.2f}"
-        )
+        print(f"{c.__name__}: target {c.target:.4f}, final multiplier {c.multiplier:+.2f}")
     print(
         f"held-out: {before['n_replies']} replies per model ({args.eval_prompts} prompts x "
         f"{args.eval_samples} samples), {len(names)} characters; "

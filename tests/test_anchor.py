@@ -182,14 +182,12 @@ def test_grpo_with_an_anchor_and_a_rate_constraint_acts_only_on_held_characters(
     assert held["anchor/emoji_loss"] > 0 and math.isfinite(held["anchor/emoji_log_ratio"])
     assert held["anchor/emoji_log_ratio"] != 0
     # the random model rarely starts an emoji: each batch's estimated rate is far below
-    # 0.5, so the multiplier is positive and its integral rose every step
+    # 0.5, so the multiplier rose every step
     # (a step of two Pixel prompts has nothing to hold and leaves it alone)
     assert constraint.history and {n for n, _, _ in constraint.history} <= {4, 8}
     assert all(0 < rate < 0.5 for _, rate, _ in constraint.history)
-    assert all(m > 0 for _, _, m in constraint.history)
-    assert constraint.integral == pytest.approx(
-        sum(constraint.lr * (0.5 - rate) / 0.5 for _, rate, _ in constraint.history)
-    )
+    multipliers = [m for _, _, m in constraint.history]
+    assert multipliers[0] > 0 and multipliers == sorted(multipliers)
     assert held["constraint/emoji_multiplier"] > 0
     # Pixel forbids emoji: its completions are never anchored nor counted
     forbidden, constraint = run(["Pixel"] * len(PROMPTS), "forbidden")

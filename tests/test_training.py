@@ -236,37 +236,29 @@ def test_scaled_rewards_divide_by_their_spread_on_reference_replies():
         ScaledReward(raw, 0.0)
 
 
-def test_rate_constraint_multiplier_is_a_pi_controller_on_the_relative_rate_error():
-    constraint = RateConstraint("emoji", 0.4, ["Mara"], lr=0.1, gain=0.5)
+def test_rate_constraint_multiplier_grows_below_target_and_turns_into_a_penalty_above():
+    constraint = RateConstraint("emoji", 0.4, ["Mara"], lr=0.1)
     assert constraint.__name__ == "emoji_rate"
-    # a batch below target (0.25, e = 0.375): the proportional term acts at once, then
-    # the integral takes its step
-    assert constraint.step(0.25, 4) == pytest.approx(0.5 * 0.375)
-    assert constraint.integral == pytest.approx(0.1 * 0.375)
-    assert constraint.history == [(4, 0.25, pytest.approx(0.5 * 0.375))]
-    assert constraint.step(0.25, 4) == pytest.approx(0.1 * 0.375 + 0.5 * 0.375)
-    # while the policy stays below target the integral keeps growing (up to the clip)...
+    # multiplier starts at 0; a batch below target (0.25) raises it by lr * 0.375
+    constraint.update(0.25, 4)
+    assert constraint.multiplier == pytest.approx(0.1 * (0.4 - 0.25) / 0.4)
+    assert constraint.history == [(4, 0.25, pytest.approx(constraint.multiplier))]
+    # while the policy stays below target the multiplier keeps growing (up to the clip)...
     for _ in range(200):
-        constraint.step(0.0, 4)
-    assert constraint.integral == constraint.max_multiplier
-    # ...a burst above target is penalised at once, before any integral unwinds...
-    rare = RateConstraint("emoji", 0.02, gain=0.3)
-    assert rare.multiplier(0.1) == pytest.approx(0.3 * (0.02 - 0.1) / 0.02)  # -1.2
-    assert rare.multiplier(0.5) == -rare.max_multiplier  # clipped
-    # ...and a policy that stays above target turns the integral into a penalty
+        constraint.update(0.0, 4)
+    assert constraint.multiplier == constraint.max_multiplier
+    # ...and a policy above target turns it into a penalty
     for _ in range(200):
-        constraint.step(1.0, 4)
-    assert constraint.integral == -constraint.max_multiplier
-    # exactly on target it neither pushes nor moves
-    constraint.integral = 1.0
-    assert constraint.step(0.4, 5) == pytest.approx(1.0)
-    assert constraint.integral == pytest.approx(1.0)
+        constraint.update(1.0, 4)
+    assert constraint.multiplier == -constraint.max_multiplier
+    # exactly on target it does not move
+    constraint.multiplier = 1.0
+    constraint.update(0.4, 5)
+    assert constraint.multiplier == pytest.approx(1.0)
     with pytest.raises(ValueError, match="'words' is unknown"):
         RateConstraint("words", 0.5)
     with pytest.raises(ValueError, match=r"target for .emoji. is 0\.0"):
         RateConstraint("emoji", 0.0)
-    with pytest.raises(ValueError, match=r"gain \(-1\)"):
-        RateConstraint("emoji", 0.1, gain=-1)
 
 
 def test_held_rates_target_the_reference_rate_of_characters_allowed_the_feature(caplog):

@@ -359,7 +359,7 @@ class AnchoredGRPOTrainer(GRPOTrainer):
         mode: str,
     ) -> torch.Tensor:
         """``-multiplier * rate / target`` on the held rows, per completion token (GRPO's
-        unit), the multiplier from this batch's estimated rate (``RateConstraint.step``)."""
+        unit); then, in training, the multiplier's dual-ascent step on this batch's rate."""
         completion_ids, mask = inputs["completion_ids"][held], inputs["completion_mask"][held]
         token_logps = torch.log_softmax(logits.float() / self.temperature, dim=-1)
         token_logps = token_logps.gather(-1, completion_ids[..., None]).squeeze(-1)
@@ -371,16 +371,15 @@ class AnchoredGRPOTrainer(GRPOTrainer):
             mask,
             groups,
         )
+        tokens = mask.sum(-1).float().mean().clamp(min=1.0)
+        loss = -constraint.multiplier / constraint.target * surrogate.mean() / tokens
         rate = float(estimate.mean())
         if mode == "train":
-            multiplier = constraint.step(rate, len(estimate))
-        else:
-            multiplier = constraint.multiplier(rate)
+            constraint.update(rate, len(estimate))
         metrics = self._metrics[mode]
         metrics[f"constraint/{constraint.feature}_rate"].append(rate)
-        metrics[f"constraint/{constraint.feature}_multiplier"].append(multiplier)
-        tokens = mask.sum(-1).float().mean().clamp(min=1.0)
-        return -multiplier / constraint.target * surrogate.mean() / tokens
+        metrics[f"constraint/{constraint.feature}_multiplier"].append(constraint.multiplier)
+        return loss
 
 
 def _check_sampling_is_estimable(args: Any) -> None:
