@@ -33,16 +33,12 @@ replies (``--normalise reference``) instead of standardised within its group, wh
 reward model's 0.03 differences would weigh as much as a broken instruction.
 
 ``--hold-rate emoji`` (the default) adds a ``RateConstraint``: the share of replies with
-emoji, over the characters that may use them, held at the base model's rate (estimated
-from its token probabilities on the reference replies) by a Lagrange multiplier on a loss
-term whose rate and gradient come from the policy's token probabilities
-(``training.anchor.rate_surrogate``), with the artifact penalty judging emoji only when
-present (``training.rewards``). ``--anchor emoji`` adds a ``TokenAnchor`` instead or as
-well (``training.anchor``): the policy's probability of starting an emoji held at the base
+emoji, over the characters that may use them, held at the base model's rate by a Lagrange
+multiplier, with the artifact penalty judging emoji only when present
+(``training.rewards``). ``--anchor emoji`` adds a ``TokenAnchor`` instead or as well
+(``training.anchor``): the policy's probability of starting an emoji held at the base
 model's at every completion position by an extra loss term (measured: at ``--anchor-coef
 1`` its gradient swamps GRPO's). benchmarks/README.md has the runs that compare them.
-``--base-eval OUT/eval_base.parquet`` reuses an earlier run's evaluation of the base model
-(same prompts and seeds: the same replies), saving ~13 minutes.
 
 The training run stops after ``--minutes`` of wall time (or ``--max-steps``), whichever
 comes first. Usage::
@@ -115,9 +111,7 @@ def evaluate(world, policy, users, characters, samples: int, seed: int, max_new_
         records = world.engine.apply_replies(
             sessions, [g.text for g in generations], [g.completion_tokens for g in generations]
         )
-        count, present = expected_features_of(
-            policy, chats, generations, params, "emoji", emoji_ids
-        )
+        count, present = expected_emoji(policy, chats, generations, params, emoji_ids)
         rows.extend(
             r.to_row() | {"sample": k, "expected_emoji": c, "expected_has_emoji": h}
             for r, c, h in zip(records, count, present, strict=True)
@@ -125,41 +119,26 @@ def evaluate(world, policy, users, characters, samples: int, seed: int, max_new_
     return pd.DataFrame(rows)
 
 
-def expected_features_of(
-    policy, chats, generations, params, feature: str, token_ids: list[int] | None = None
+def expected_emoji(
+    policy, chats, generations, params, emoji_ids: list[int]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per reply, the policy's expected ``feature`` count and its probability of having
-    the feature, from its own token probabilities along its sampled tokens
+    """Per reply, the policy's expected emoji count and its probability of having an emoji,
+    from its own token probabilities along its sampled tokens
     (``training.anchor.expected_features``): the quantities counting estimates, with far
     less variance at a rate of a few replies in a hundred."""
     from policies.tokens import fit_prompt_ids
-    from training.anchor import expected_features, feature_token_ids
+    from training.anchor import expected_features
 
     tokenizer = policy.tokenizer
     return expected_features(
         policy.model,
         [fit_prompt_ids(tokenizer, chat, policy.spec.max_prompt_tokens) for chat in chats],
         [g.completion_ids for g in generations],
-        token_ids if token_ids is not None else feature_token_ids(tokenizer, feature),
+        emoji_ids,
         params.temperature,
         params.top_p,
         tokenizer.pad_token_id,
     )
-
-
-def saved_base_evaluation(path: str, replies: int) -> pd.DataFrame:
-    """The base model's evaluation saved by an earlier run with the same ``--scenario``,
-    ``--seed``, ``--eval-prompts``, ``--eval-samples`` and ``--max-new-tokens``: the same
-    prompts and seeds give the same replies, so the ~13 minutes need not be spent again."""
-    turns = pd.read_parquet(path)
-    if len(turns) != replies or "expected_has_emoji" not in turns:
-        raise SystemExit(
-            f"--base-eval {path}: {len(turns)} rows, expected {replies} with the "
-            "token-probability columns; fix: a run's eval_base.parquet with the same "
-            "--eval-prompts/--eval-samples, or drop --base-eval"
-        )
-    print(f"base evaluation reused from {path}", flush=True)
-    return turns.drop(columns="model", errors="ignore")
 
 
 def emoji_allowed(turns: pd.DataFrame) -> pd.Series:
@@ -346,11 +325,6 @@ def main() -> None:
         "reward; without it GRPO optimises steerability and the artifact penalty only",
     )
     parser.add_argument(
-        "--base-eval",
-        default=None,
-        help="reuse this eval_base.parquet of an earlier run with the same prompts and seeds",
-    )
-    parser.add_argument(
         "--trained", default=None, help="evaluate this GRPO checkpoint instead of training one"
     )
     args = parser.parse_args()
@@ -383,20 +357,17 @@ def main() -> None:
     eval_characters = round_robin(names, len(eval_users))
 
     base_policy = load_policy(args.model)
-    if args.base_eval is not None:
-        base_turns = saved_base_evaluation(args.base_eval, len(eval_users) * args.eval_samples)
-    else:
-        t0 = time.monotonic()
-        base_turns = evaluate(
-            world,
-            base_policy,
-            eval_users,
-            eval_characters,
-            args.eval_samples,
-            args.seed + 2,
-            args.max_new_tokens,
-        )
-        print(f"base evaluated in {time.monotonic() - t0:.0f}s", flush=True)
+    t0 = time.monotonic()
+    base_turns = evaluate(
+        world,
+        base_policy,
+        eval_users,
+        eval_characters,
+        args.eval_samples,
+        args.seed + 2,
+        args.max_new_tokens,
+    )
+    print(f"base evaluated in {time.monotonic() - t0:.0f}s", flush=True)
     base_turns.assign(model="base").to_parquet(out / "eval_base.parquet")
     # The reference: the base model's own replies to the training prompts (style
     # statistics, reward scales, the rate a RateConstraint holds).
@@ -404,16 +375,14 @@ def main() -> None:
 
     reference_chats = train_chats * args.reference_samples
     reference_characters = train_characters * args.reference_samples
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.8, seed=args.seed)
-    generations = base_policy.generate(reference_chats, params)
-    reference_replies = [g.text for g in generations]
+    reference_replies = [
+        g.text
+        for g in base_policy.generate(
+            reference_chats,
+            SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.8, seed=args.seed),
+        )
+    ]
     reference = StyleReference.from_replies(reference_replies, reference_characters)
-    # Each held rate's target from the base model's token probabilities (counting 800
-    # replies at a 2% rate would put the target itself +-20% off).
-    estimates = {
-        feature: expected_features_of(base_policy, reference_chats, generations, params, feature)[1]
-        for feature in args.hold_rate
-    }
     del base_policy
 
     checkers = {name: world.characters[name].checkers for name in names}
@@ -423,12 +392,7 @@ def main() -> None:
 
         scorer = load_reward_model(args.rm)
     constraints = held_rates(
-        args.hold_rate,
-        reference_replies,
-        reference_characters,
-        checkers,
-        estimates=estimates,
-        lr=args.rate_lr,
+        args.hold_rate, reference_replies, reference_characters, checkers, lr=args.rate_lr
     )
     anchors = token_anchors(args.anchor, checkers, args.anchor_coef)
     rewards = build_rewards(
@@ -449,6 +413,7 @@ def main() -> None:
         print(f"{c.__name__}: holding {c.target:.4f} for {sorted(c.characters)}", flush=True)
     for a in anchors:
         print(f"anchor: {a.feature} token mass for {sorted(a.characters)}", flush=True)
+    rewards = [*rewards, *constraints]
     grpo_args = grpo_config(
         out / "trainer",
         max_steps=args.max_steps,
@@ -470,7 +435,6 @@ def main() -> None:
             out / "model",
             callbacks=[time_limit_callback(args.minutes * 60)],
             anchors=anchors,
-            constraints=constraints,
         )
         train_s = time.monotonic() - t0
     else:

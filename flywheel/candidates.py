@@ -149,15 +149,15 @@ def train_candidate(
     work = staging / "trainer"
     seed_everything(seed)
     if recipe.kind == "grpo":
-        from training.grpo import grpo_config, grpo_records, train_grpo
+        from training.grpo import DEFAULT_WEIGHTS, grpo_config, grpo_records, train_grpo
 
         if recipe.reward_normalisation == "reference":
             overrides.setdefault("multi_objective_aggregation", "sum_then_normalize")
+        funcs = [*funcs, *constraints]
+        weights |= {c.__name__: DEFAULT_WEIGHTS[c.__name__] for c in constraints}
         args = grpo_config(work, max_steps=recipe.max_steps, seed=seed, **overrides)
         records = grpo_records(prompts, characters)
-        train_grpo(
-            records, funcs, model_args, args, staging, weights=weights, constraints=constraints
-        )
+        train_grpo(records, funcs, model_args, args, staging, weights=weights)
         examples = len(records)
     else:
         from training.rejection import (

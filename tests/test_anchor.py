@@ -1,5 +1,4 @@
-"""A feature's token mass: its tokens, its mass, the estimates, the anchor's loss, the rate
-constraint's surrogate, and GRPO with both."""
+"""Token-mass anchors: the feature's tokens, its mass, the loss, and GRPO with an anchor."""
 
 from __future__ import annotations
 
@@ -17,9 +16,7 @@ from training.anchor import (
     expected_features,
     feature_token_ids,
     log_feature_mass,
-    rate_surrogate,
 )
-from training.rewards import RateConstraint
 
 
 @pytest.fixture(scope="module")
@@ -60,13 +57,8 @@ def test_feature_mass_follows_temperature_and_nucleus():
     ids = torch.tensor([1, 3])
     expected = torch.softmax(logits / 0.5, -1)[0, [1, 3]].sum().log()
     assert log_feature_mass(logits, ids, temperature=0.5).item() == pytest.approx(expected.item())
-    # top_p 0.6 keeps token 0 alone (p = 0.64): the feature cannot be sampled, and
-    # nothing flows back from there (a NaN gradient would poison the whole step)
-    leaf = logits.clone().requires_grad_()
-    dropped = log_feature_mass(leaf, ids, top_p=0.6)
-    assert dropped.item() == pytest.approx(MIN_LOG_MASS)
-    dropped.sum().backward()
-    assert torch.equal(leaf.grad, torch.zeros_like(leaf))
+    # top_p 0.6 keeps token 0 alone (p = 0.64): the feature cannot be sampled
+    assert log_feature_mass(logits, ids, top_p=0.6).item() == pytest.approx(MIN_LOG_MASS)
 
 
 def test_anchor_loss_pulls_the_policy_mass_toward_the_reference_where_held():
@@ -105,58 +97,13 @@ def test_expected_features_sum_the_feature_probability_at_each_sampled_position(
         assert present[i] == pytest.approx(drawn[: first_emoji[i]].sum().item(), rel=1e-3)
 
 
-def test_rate_surrogate_gradient_is_the_exact_gradient_of_the_feature_rate():
-    """Enumerate every two-token reply over {a, e, s} (e: the feature) of a policy whose
-    second token depends on the first: the probability-weighted sum of the surrogate's
-    gradients is the gradient of P(reply has e), though each reply's own term is noisy."""
-    torch.manual_seed(0)
-    first = torch.randn(3, requires_grad=True)
-    second = torch.randn(3, 3, requires_grad=True)  # logits of token 2 given token 1
-    feature = torch.tensor([1])
-    p1, p2 = torch.softmax(first, -1), torch.softmax(second, -1)
-    rate = 1 - sum(p1[y] * (1 - p2[y, 1]) for y in (0, 2))  # 1 - P(no e at all)
-    exact = torch.autograd.grad(rate, [first, second])
-
-    replies = torch.tensor([[y1, y2] for y1 in range(3) for y2 in range(3)])
-    logits = torch.stack([torch.stack([first, second[y1]]) for y1, _ in replies.tolist()])
-    log_probs = torch.log_softmax(logits, -1)
-    surrogate, estimate = rate_surrogate(
-        log_feature_mass(logits, feature),
-        log_probs.gather(-1, replies[..., None]).squeeze(-1),
-        torch.isin(replies, feature),
-        torch.ones_like(replies),
-        torch.arange(len(replies)),  # each reply alone: baseline 0
-    )
-    weights = log_probs.gather(-1, replies[..., None]).squeeze(-1).sum(-1).exp().detach()
-    assert float((weights * estimate).sum()) == pytest.approx(rate.item(), rel=1e-5)
-    estimated = torch.autograd.grad((weights * surrogate).sum(), [first, second])
-    for e, x in zip(estimated, exact, strict=True):
-        torch.testing.assert_close(e, x, rtol=1e-4, atol=1e-6)
-    # the estimate stops at the first e: a reply "e e" counts the mass of position 1 only
-    assert float(estimate[4]) == pytest.approx(float(p1[1]), rel=1e-5)
-
-
-def test_rate_surrogate_baseline_is_the_mean_of_the_other_replies_to_the_same_prompt():
-    log_mass = torch.log(torch.tensor([[0.1], [0.3], [0.2], [0.4]]))
-    token_logps = torch.zeros(4, 1, requires_grad=True)
-    surrogate, _ = rate_surrogate(
-        log_mass, token_logps, torch.zeros(4, 1, dtype=torch.bool), torch.ones(4, 1),
-        torch.tensor([0, 0, 0, 1]),
-    )  # fmt: skip
-    (grad,) = torch.autograd.grad(surrogate.sum(), token_logps)
-    # prompt 0: each reply's mass minus the mean of the other two; prompt 1 alone: baseline 0
-    torch.testing.assert_close(grad[:, 0], torch.tensor([-0.15, 0.15, 0.0, 0.4]))
-
-
-def test_grpo_with_an_anchor_and_a_rate_constraint_acts_only_on_held_characters(
-    tiny_llama_dir, tmp_path
-):
+def test_grpo_with_an_anchor_logs_its_drift_only_for_held_characters(tiny_llama_dir, tmp_path):
     from test_training import CHECKERS, PROMPTS, REFERENCE
 
     from training.grpo import build_rewards, grpo_config, grpo_records, train_grpo
     from training.models import TRAINING_MARKER, model_config
 
-    def run(characters: list[str], name: str) -> tuple[dict, RateConstraint]:
+    def run(characters: list[str], name: str) -> dict:
         args = grpo_config(
             tmp_path / f"work-{name}",
             max_steps=3,
@@ -165,7 +112,6 @@ def test_grpo_with_an_anchor_and_a_rate_constraint_acts_only_on_held_characters(
             max_completion_length=8,
             learning_rate=1e-2,
         )
-        constraint = RateConstraint("emoji", 0.5, ["Mara"])
         out = train_grpo(
             grpo_records(PROMPTS, characters),
             build_rewards(CHECKERS, REFERENCE, held=["emoji"]),
@@ -173,22 +119,12 @@ def test_grpo_with_an_anchor_and_a_rate_constraint_acts_only_on_held_characters(
             args,
             tmp_path / name,
             anchors=[TokenAnchor("emoji", ["Mara"])],
-            constraints=[constraint],
         )
-        return json.loads((out / TRAINING_MARKER).read_text())["metrics"], constraint
+        return json.loads((out / TRAINING_MARKER).read_text())["metrics"]
 
-    held, constraint = run(["Mara", "Pixel"] * (len(PROMPTS) // 2), "held")  # Mara's rows only
+    held = run(["Mara", "Pixel"] * (len(PROMPTS) // 2), "held")  # only Mara's rows anchored
     # the last step compares a LoRA-updated policy with the base model: it has drifted
     assert held["anchor/emoji_loss"] > 0 and math.isfinite(held["anchor/emoji_log_ratio"])
     assert held["anchor/emoji_log_ratio"] != 0
-    # the random model rarely starts an emoji: each batch's estimated rate is far below
-    # 0.5, so the multiplier rose every step
-    # (a step of two Pixel prompts has nothing to hold and leaves it alone)
-    assert constraint.history and {n for n, _, _ in constraint.history} <= {4, 8}
-    assert all(0 < rate < 0.5 for _, rate, _ in constraint.history)
-    multipliers = [m for _, _, m in constraint.history]
-    assert multipliers[0] > 0 and multipliers == sorted(multipliers)
-    assert held["constraint/emoji_multiplier"] > 0
-    # Pixel forbids emoji: its completions are never anchored nor counted
-    forbidden, constraint = run(["Pixel"] * len(PROMPTS), "forbidden")
-    assert "anchor/emoji_loss" not in forbidden and constraint.history == []
+    # Pixel forbids emoji: its completions are never anchored
+    assert "anchor/emoji_loss" not in run(["Pixel"] * len(PROMPTS), "forbidden")

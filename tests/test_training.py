@@ -29,9 +29,11 @@ from training.rewards import (
     ScaledReward,
     SteerabilityReward,
     StyleReference,
+    characters_allowing,
     check_rewards,
     held_rates,
     reference_scales,
+    scaled_by_reference,
 )
 
 CHECKERS = {
@@ -121,19 +123,23 @@ def test_grpo_runs_a_few_steps_and_logs_each_reward(tiny_llama_dir, tmp_path):
         max_completion_length=8,
         learning_rate=1e-2,
     )
+    held_rate = RateConstraint("emoji", 0.2, ["Mara"])
     out = train_grpo(
         grpo_records(PROMPTS, ["Mara"] * len(PROMPTS)),
-        build_rewards(CHECKERS, REFERENCE),
+        [*build_rewards(CHECKERS, REFERENCE), held_rate],
         model_config(str(tiny_llama_dir)),
         args,
         tmp_path / "grpo",
     )
     assert args.multi_objective_aggregation == "normalize_then_sum"
     metrics = json.loads((out / TRAINING_MARKER).read_text())["metrics"]
-    assert metrics["reward_names"] == ["steerability", "artifact_penalty"]
+    assert metrics["reward_names"] == ["steerability", "artifact_penalty", "emoji_rate"]
     for name in metrics["reward_names"]:
         assert math.isfinite(metrics[f"reward/{name}"])
         assert f"rewards/{name}/mean" in metrics
+    # the random model writes no emoji for Mara, so the multiplier rose each step and is logged
+    assert held_rate.multiplier > 0
+    assert metrics["reward/emoji_rate_multiplier"] == pytest.approx(held_rate.multiplier)
     _assert_serves(out)
 
 
@@ -236,25 +242,60 @@ def test_scaled_rewards_divide_by_their_spread_on_reference_replies():
         ScaledReward(raw, 0.0)
 
 
-def test_rate_constraint_multiplier_grows_below_target_and_turns_into_a_penalty_above():
-    constraint = RateConstraint("emoji", 0.4, ["Mara"], lr=0.1)
+def test_rate_constraint_pays_for_a_feature_the_policy_stopped_using_and_settles_at_target():
+    held = characters_allowing("emoji", CHECKERS)
+    assert held == ["Mara"]  # Pixel forbids emoji: steerability handles it, not the rate
+    reference = ["Ahoy there 😀", "Ahoy!", "Ahoy, mate", "Ahoy ho", "Ahoy 😀 😀"]
+    (constraint,) = held_rates(
+        ["emoji"], [*reference, "no 😀"], ["Mara"] * 5 + ["Pixel"], CHECKERS, lr=0.1
+    )
     assert constraint.__name__ == "emoji_rate"
-    # multiplier starts at 0; a batch below target (0.25) raises it by lr * 0.375
-    constraint.update(0.25, 4)
+    assert constraint.target == pytest.approx(0.4)  # 2 of Mara's 5 (Pixel's reply not counted)
+    logged: dict[str, float] = {}
+    batch = ["Ahoy 😀", "Ahoy", "Ahoy", "Ahoy", "Pixel 😀"]
+    chars = ["Mara"] * 4 + ["Pixel"]
+
+    def step(completions: list[str]) -> list[float]:
+        return constraint(
+            ["p"] * len(completions),
+            completions,
+            character=chars[: len(completions)],
+            log_metric=lambda name, value: logged.__setitem__(name, value),
+        )
+
+    # multiplier starts at 0; a batch below target (1 of 4) raises it by lr * 0.375
+    assert step(batch) == [0.0] * 5
     assert constraint.multiplier == pytest.approx(0.1 * (0.4 - 0.25) / 0.4)
+    assert logged["reward/emoji_rate_batch"] == 0.25
     assert constraint.history == [(4, 0.25, pytest.approx(constraint.multiplier))]
+    # now an emoji reply of a held character earns more than one without; Pixel gets 0
+    values = step(batch)
+    m = 0.1 * (0.4 - 0.25) / 0.4
+    assert values == pytest.approx([m * 0.6, -m * 0.4, -m * 0.4, -m * 0.4, 0.0])
     # while the policy stays below target the multiplier keeps growing (up to the clip)...
     for _ in range(200):
-        constraint.update(0.0, 4)
+        step(["Ahoy"] * 4)
     assert constraint.multiplier == constraint.max_multiplier
     # ...and a policy above target turns it into a penalty
     for _ in range(200):
-        constraint.update(1.0, 4)
+        step(["Ahoy 😀"] * 4)
     assert constraint.multiplier == -constraint.max_multiplier
-    # exactly on target it does not move
+    # exactly on target (2 of 5 held replies) it does not move; Pixel's emoji is not counted
     constraint.multiplier = 1.0
-    constraint.update(0.4, 5)
+    chars[:] = ["Mara"] * 5 + ["Pixel"]
+    step(["Ahoy 😀", "Ahoy 😀", "Ahoy", "Ahoy", "Ahoy", "Go 😀"])
     assert constraint.multiplier == pytest.approx(1.0)
+
+
+def test_rate_constraint_is_never_rescaled_nor_fed_reference_replies():
+    constraint = RateConstraint("emoji", 0.1, ["Mara"])
+    steer = SteerabilityReward(CHECKERS)
+    scaled = scaled_by_reference(
+        [steer, constraint], [PROMPTS[0]] * 3, ["Ahoy", "Ahoy 😀", "Go?"], ["Mara"] * 3
+    )
+    assert isinstance(scaled[0], ScaledReward)
+    assert scaled[1] is constraint
+    assert constraint.multiplier == 0.0  # the reference replies did not move it
     with pytest.raises(ValueError, match="'words' is unknown"):
         RateConstraint("words", 0.5)
     with pytest.raises(ValueError, match=r"target for .emoji. is 0\.0"):
@@ -274,13 +315,6 @@ def test_held_rates_target_the_reference_rate_of_characters_allowed_the_feature(
     assert "never use emoji" in caplog.text
     with pytest.raises(ValueError, match="'words' is unknown"):
         held_rates(["words"], replies, characters, CHECKERS)
-    # estimates (the base model's probability of an emoji in each reply) replace counting
-    (estimated,) = held_rates(
-        ["emoji"], replies, characters, CHECKERS, estimates={"emoji": [0.3, 0.1, 0.1, 0.1, 0.9]}
-    )
-    assert estimated.target == pytest.approx(0.15)  # Mara's four; Pixel's 0.9 not counted
-    with pytest.raises(ValueError, match="2 emoji estimates for 5 replies"):
-        held_rates(["emoji"], replies, characters, CHECKERS, estimates={"emoji": [0.1, 0.2]})
 
 
 def test_reward_model_reward_scores_last_user_message_and_checks_finiteness():
@@ -441,6 +475,5 @@ def test_flywheel_train_command_end_to_end(recipe, tiny_llama_dir, tmp_path):
     metrics = json.loads((out / TRAINING_MARKER).read_text())["metrics"]
     assert metrics["global_step"] == 1
     if recipe == "grpo":  # every logged reply has a "!": the rate held is 1
-        assert metrics["held_rates"] == {"exclamations": 1.0}
-        assert metrics["constraint/exclamations_multiplier"] > 0  # the tiny model falls short
+        assert metrics["reward_names"][-1] == "exclamations_rate"
     _assert_serves(out)

@@ -1,26 +1,27 @@
-"""A rare feature's token mass: estimate its rate, hold it at a target, anchor it.
+"""Token-mass anchors: keep the policy as likely as the base model to start a rare feature.
 
-A rate of one emoji reply in forty cannot be read, let alone held, from counted replies:
-a GRPO step of 16 completions rarely holds one. Yet the model says at *every* position
-how likely it is to start an emoji: the probability mass of the tokens that begin one.
-Summed along a sampled reply it estimates without bias how many times a reply has the
-feature, and summed up to its first use, how often a reply has it at all, with far less
-variance than counting (``expected_features``; the tower rule: E[sum_t 1{token_t in E}] =
-E[sum_t P(E | prefix_t)]). The GRPO benchmark reports both next to the counted rates.
+A rate of one emoji reply in forty cannot be held by rewards on sampled replies: a step
+of 16 completions rarely holds one, so the policy learns "no emoji" from every reward
+that sharpens it and hears about the rate a few times a run (benchmarks/README.md: a
+Lagrangian ``RateConstraint`` held it on training prompts, not on held-out ones). Yet the
+model says at *every* position how likely it is to start an emoji: the probability mass
+of the tokens that begin one. The anchor adds to GRPO's loss, for the completions of the
+characters it holds, the squared log ratio of that mass under the policy and under the
+base model (LoRA disabled), at every completion position, weighted by the mass itself so
+that the positions where an emoji is plausible count. The policy may change what it says,
+not how readily it reaches for an emoji where the base model would.
 
-Two ways to keep GRPO from trading the feature away, both extra loss terms of
-``AnchoredGRPOTrainer`` on the completions of the characters allowed it:
+Measured (benchmarks/README.md, ``/work/grpo_run10``): at ``coef = 1`` the anchor held the
+mass on the training samples (mean log ratio -0.02 over 35 steps) but its gradient norm
+was 2-12 against GRPO's ~0.3, so clipping and Adam's scaling left GRPO little room:
+instruction following and gold utility did not move. A coefficient sized to GRPO's
+gradient (~0.05) is the next thing to try; no shipped recipe uses the anchor.
 
-- ``RateConstraint`` (``training.rewards``): the Lagrangian of "rate = target", the rate
-  and its gradient estimated from that mass (``rate_surrogate``): the policy may start
-  the feature less often at one place if it goes more often where it is likely; only the
-  rate is held.
-- ``TokenAnchor``: the squared log ratio of the mass under the policy and under the base
-  model (LoRA disabled) at every completion position, weighted by the mass itself. Measured
-  (benchmarks/README.md, ``/work/grpo_run10``): at ``coef = 1`` it held the mass on the
-  training samples (mean log ratio -0.02 over 35 steps) but its gradient norm was 2-12
-  against GRPO's ~0.3, so GRPO barely moved, and on held-out prompts the rate still fell
-  30%. No shipped recipe uses it.
+The same mass, summed along a sampled reply, estimates without bias how many times a
+reply has the feature, and summed up to its first use, how often a reply has it at all,
+with far less variance than counting (``expected_features``; the tower rule:
+E[sum_t 1{token_t in E}] = E[sum_t P(E | prefix_t)]). The GRPO benchmark reports both next
+to the counted rates.
 """
 
 from __future__ import annotations
@@ -38,13 +39,10 @@ from trl import GRPOTrainer
 from trl.trainer.utils import use_adapter
 
 from rewards.checkers import Checker
-from training.rewards import RateConstraint, characters_allowing, check_rate_feature
+from training.rewards import characters_allowing, check_rate_feature
 
 SEQUENCE_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")
 MIN_LOG_MASS = -30.0  # floor of log mass: a nucleus that drops every feature token is -inf
-# What the nucleus filter leaves outside it: far below any logit, yet finite, so that a
-# position whose nucleus drops every feature token has a zero gradient, not a NaN one.
-OUTSIDE_NUCLEUS = -1e4
 _BYTE_OF_CHAR = {char: byte for byte, char in bytes_to_unicode().items()}
 
 
@@ -93,7 +91,7 @@ def log_feature_mass(
     if temperature != 1.0:
         scores = TemperatureLogitsWarper(temperature)(None, scores)
     if top_p < 1.0:
-        scores = TopPLogitsWarper(top_p, filter_value=OUTSIDE_NUCLEUS)(None, scores)
+        scores = TopPLogitsWarper(top_p)(None, scores)
     log_probs = torch.log_softmax(scores, dim=-1)
     mass = torch.logsumexp(log_probs[:, token_ids], dim=-1)
     return mass.clamp(min=MIN_LOG_MASS).reshape(shape)
@@ -196,97 +194,34 @@ def token_anchors(
     return [TokenAnchor(f, characters_allowing(f, checkers), coef) for f in features]
 
 
-def rate_surrogate(
-    log_mass: torch.Tensor,
-    token_logps: torch.Tensor,
-    hit: torch.Tensor,
-    mask: torch.Tensor,
-    groups: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per sampled reply, a surrogate whose gradient estimates without bias the gradient
-    of P(reply has the feature), and that probability's Rao-Blackwellised estimate.
-
-    With f(y) = the ``present`` estimate of ``expected_features`` (the policy's mass on
-    feature tokens summed up to the first one it sampled), E_y[f(y)] = P(feature) for
-    every policy, so its gradient is E[grad f(y)] + E[(f(y) - b) grad log pi(y)]: how
-    readily the policy starts the feature where it is, plus how often it goes where the
-    feature is likely. Counting replies instead (x in {0, 1}) leaves the second term
-    with a signal only in the rare replies that have the feature. ``b`` is the mean of
-    f over the other replies to the same prompt (``groups``), a baseline that keeps it
-    unbiased.
-
-    Args:
-        log_mass: (rows, T) log feature mass at each completion position (with grad).
-        token_logps: (rows, T) log-probabilities of the sampled tokens (with grad).
-        hit: (rows, T) whether each sampled token is a feature token.
-        mask: (rows, T) completion positions.
-        groups: (rows,) prompt of each reply.
-
-    Returns:
-        (surrogate, estimate) per reply; the estimate is detached.
-    """
-    mask = mask.bool()
-    hit = hit & mask
-    before_first = (hit.cumsum(-1) - hit.long()) == 0
-    present = (log_mass.exp() * (mask & before_first)).sum(-1)
-    estimate = present.detach()
-    same = groups[:, None] == groups[None, :]
-    others = same.sum(-1) - 1
-    baseline = torch.where(
-        others > 0, ((same * estimate).sum(-1) - estimate) / others.clamp(min=1), 0.0
-    )
-    log_pi = (token_logps * mask).sum(-1)
-    return present + (estimate - baseline) * log_pi, estimate
-
-
 class AnchoredGRPOTrainer(GRPOTrainer):
-    """TRL's GRPOTrainer plus loss terms on a feature's token mass: ``TokenAnchor`` s and
-    ``RateConstraint`` s (with neither: GRPOTrainer as is).
+    """TRL's GRPOTrainer plus ``TokenAnchor`` losses (no anchors: GRPOTrainer as is).
 
-    Both need the policy's logits at the completion positions of the characters they
-    hold: one more forward pass over those rows (anchors: two, the base model's too). The
-    anchors' reference is the base model as TRL's KL term sees it: the LoRA-disabled
-    policy, or ``ref_model`` when training every weight (then ``beta`` must be > 0 for TRL
-    to load one). Logged: ``anchor/<feature>_log_ratio`` (the weighted mean log ratio: 0 is
-    the base model's propensity, -0.69 half of it) and its loss;
-    ``constraint/<feature>_rate`` (the batch's estimated rate) and ``_multiplier``.
+    The reference is the base model as TRL's KL term sees it: the LoRA-disabled policy,
+    or ``ref_model`` when training every weight (then ``beta`` must be > 0 for TRL to
+    load one). Each anchor logs ``anchor/<feature>_log_ratio`` (the weighted mean log
+    ratio: 0 is the base model's propensity, -0.69 half of it) and its loss.
     """
 
-    def __init__(
-        self,
-        *args: Any,
-        anchors: Sequence[TokenAnchor] = (),
-        constraints: Sequence[RateConstraint] = (),
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, *args: Any, anchors: Sequence[TokenAnchor] = (), **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.anchors = list(anchors)
-        self.constraints = list(constraints)
         if self.anchors and self.ref_model is None and not hasattr(self.model, "peft_config"):
             raise ValueError(
                 "token anchors need the base model's probabilities; fix: train LoRA "
                 "(model_config(..., use_peft=True)) or set beta > 0 so TRL keeps a ref_model"
             )
-        if self.constraints:
-            _check_sampling_is_estimable(self.args)
-        self._feature_ids = {
-            feature: torch.tensor(feature_token_ids(self.processing_class, feature))
-            for feature in {h.feature for h in self._holds}
+        self._anchor_ids = {
+            a.feature: torch.tensor(feature_token_ids(self.processing_class, a.feature))
+            for a in self.anchors
         }
-
-    @property
-    def _holds(self) -> list[TokenAnchor | RateConstraint]:
-        return [*self.anchors, *self.constraints]
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         output = super()._generate_and_score_completions(inputs)
         device = output["completion_ids"].device
-        for i, hold in enumerate(self._holds):
-            held = [
-                float(hold.characters is None or row["character"] in hold.characters)
-                for row in inputs
-            ]
-            output[f"held_{i}"] = torch.tensor(held, device=device)
+        for a in self.anchors:
+            held = [float(row["character"] in a.characters) for row in inputs]
+            output[f"anchor_held_{a.feature}"] = torch.tensor(held, device=device)
         return output
 
     def compute_loss(
@@ -297,8 +232,9 @@ class AnchoredGRPOTrainer(GRPOTrainer):
         num_items_in_batch: Any = None,
     ) -> torch.Tensor:
         loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        if any(inputs[f"held_{i}"].any() for i in range(len(self._holds))):
-            loss = loss + self._feature_loss(model, inputs)
+        held = [a for a in self.anchors if inputs[f"anchor_held_{a.feature}"].any()]
+        if held:
+            loss = loss + self._anchor_loss(model, inputs, held)
         return loss
 
     def _completion_logits(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor:
@@ -309,87 +245,34 @@ class AnchoredGRPOTrainer(GRPOTrainer):
         logits = model(input_ids=input_ids, attention_mask=mask, logits_to_keep=keep + 1).logits
         return logits[:, :-1]
 
-    def _reference_logits(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor:
+    def _anchor_loss(
+        self, model: Any, inputs: dict[str, Any], anchors: Sequence[TokenAnchor]
+    ) -> torch.Tensor:
+        # Only the completions some anchor holds pay for the two extra forward passes.
+        rows = torch.stack([inputs[f"anchor_held_{a.feature}"] for a in anchors]).amax(0) > 0
+        keys = [*SEQUENCE_KEYS, *(f"anchor_held_{a.feature}" for a in anchors)]
+        inputs = {key: inputs[key][rows] for key in keys}
+        policy_logits = self._completion_logits(model, inputs)
         with torch.no_grad():
             if self.ref_model is not None:
-                return self._completion_logits(self.ref_model, inputs)
-            unwrapped = self.accelerator.unwrap_model(self.model)
-            ref = "ref" if "ref" in unwrapped.peft_config else None
-            with use_adapter(unwrapped, adapter_name=ref):
-                return self._completion_logits(model, inputs)
-
-    def _feature_loss(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor:
-        # Only the completions something holds pay for the extra forward passes.
-        flags = [f"held_{i}" for i in range(len(self._holds))]
-        rows = torch.stack([inputs[key] for key in flags]).amax(0) > 0
-        inputs = {key: inputs[key][rows] for key in [*SEQUENCE_KEYS, *flags]}
-        logits = self._completion_logits(model, inputs)
-        ref_logits = self._reference_logits(model, inputs) if self.anchors else None
-        mode = "train" if self.model.training else "eval"
-        metrics = self._metrics[mode]
-        total = logits.new_zeros(())
-        for i, hold in enumerate(self._holds):
-            held = inputs[f"held_{i}"] > 0
-            if not held.any():
-                continue
-            ids = self._feature_ids[hold.feature].to(logits.device)
-            if isinstance(hold, TokenAnchor):
-                loss, log_ratio = anchor_loss(
-                    log_feature_mass(logits, ids, self.temperature, self.top_p),
-                    log_feature_mass(ref_logits, ids, self.temperature, self.top_p),
-                    held[:, None] * inputs["completion_mask"],
-                )
-                metrics[f"anchor/{hold.feature}_log_ratio"].append(float(log_ratio))
-                metrics[f"anchor/{hold.feature}_loss"].append(float(loss.detach()))
-                total = total + hold.coef * loss
+                ref_logits = self._completion_logits(self.ref_model, inputs)
             else:
-                total = total + self._constraint_loss(hold, logits[held], inputs, held, ids, mode)
+                unwrapped = self.accelerator.unwrap_model(self.model)
+                ref = "ref" if "ref" in unwrapped.peft_config else None
+                with use_adapter(unwrapped, adapter_name=ref):
+                    ref_logits = self._completion_logits(model, inputs)
+        mode = "train" if self.model.training else "eval"
+        total = policy_logits.new_zeros(())
+        for a in anchors:
+            ids = self._anchor_ids[a.feature].to(policy_logits.device)
+            log_policy = log_feature_mass(policy_logits, ids, self.temperature, self.top_p)
+            log_ref = log_feature_mass(ref_logits, ids, self.temperature, self.top_p)
+            held = inputs[f"anchor_held_{a.feature}"][:, None] * inputs["completion_mask"]
+            loss, log_ratio = anchor_loss(log_policy, log_ref, held)
+            self._metrics[mode][f"anchor/{a.feature}_log_ratio"].append(float(log_ratio))
+            self._metrics[mode][f"anchor/{a.feature}_loss"].append(float(loss.detach()))
+            total = total + a.coef * loss
         # TRL scales the policy loss for gradient accumulation itself; match it.
         if mode == "train":
             total = total / self.current_gradient_accumulation_steps
         return total
-
-    def _constraint_loss(
-        self,
-        constraint: RateConstraint,
-        logits: torch.Tensor,
-        inputs: dict[str, Any],
-        held: torch.Tensor,
-        ids: torch.Tensor,
-        mode: str,
-    ) -> torch.Tensor:
-        """``-multiplier * rate / target`` on the held rows, per completion token (GRPO's
-        unit); then, in training, the multiplier's dual-ascent step on this batch's rate."""
-        completion_ids, mask = inputs["completion_ids"][held], inputs["completion_mask"][held]
-        token_logps = torch.log_softmax(logits.float() / self.temperature, dim=-1)
-        token_logps = token_logps.gather(-1, completion_ids[..., None]).squeeze(-1)
-        groups = torch.unique(inputs["prompt_ids"][held], dim=0, return_inverse=True)[1]
-        surrogate, estimate = rate_surrogate(
-            log_feature_mass(logits, ids, self.temperature, self.top_p),
-            token_logps,
-            torch.isin(completion_ids, ids),
-            mask,
-            groups,
-        )
-        tokens = mask.sum(-1).float().mean().clamp(min=1.0)
-        loss = -constraint.multiplier / constraint.target * surrogate.mean() / tokens
-        rate = float(estimate.mean())
-        if mode == "train":
-            constraint.update(rate, len(estimate))
-        metrics = self._metrics[mode]
-        metrics[f"constraint/{constraint.feature}_rate"].append(rate)
-        metrics[f"constraint/{constraint.feature}_multiplier"].append(constraint.multiplier)
-        return loss
-
-
-def _check_sampling_is_estimable(args: Any) -> None:
-    """The rate estimate applies temperature and nucleus as ``generate`` does; any other
-    sampling knob would make it the rate of a distribution the policy does not sample."""
-    knobs = {"top_k": (0, None), "min_p": (None, 0.0), "repetition_penalty": (1.0,)}
-    for name, neutral in knobs.items():
-        value = getattr(args, name, None)
-        if value not in neutral:
-            raise ValueError(
-                f"GRPOConfig.{name} = {value!r} with a RateConstraint: its rate estimate "
-                f"models temperature and top_p only; fix: set {name} to {neutral[0]!r}"
-            )

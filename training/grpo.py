@@ -24,6 +24,7 @@ import yaml
 from rewards.checkers import Checker
 from training.models import train_and_save, trainer_defaults
 from training.rewards import (
+    RATE_FEATURES,
     ArtifactPenalty,
     ReplyScorer,
     RewardModelReward,
@@ -36,6 +37,7 @@ DEFAULT_WEIGHTS = {
     "reward_model": 1.0,
     "steerability": 1.0,
     "artifact_penalty": 1.0,
+    **{f"{feature}_rate": 1.0 for feature in RATE_FEATURES},
 }
 
 
@@ -61,9 +63,6 @@ def grpo_config(
         "gradient_accumulation_steps": 1,
         "max_completion_length": 48,
         "temperature": 0.8,
-        # The nucleus the policy serves with (policies.SamplingParams): GRPO learns from,
-        # and a RateConstraint holds the rate of, the replies users would see.
-        "top_p": 0.95,
         "learning_rate": 1e-4,
         "lr_scheduler_type": "constant",
         "beta": 0.2,
@@ -149,7 +148,6 @@ def train_grpo(
     weights: Mapping[str, float] | None = None,
     callbacks: Sequence[Any] = (),
     anchors: Sequence[Any] = (),
-    constraints: Sequence[Any] = (),
 ) -> Path:
     """Run GRPO on ``records`` with ``reward_funcs`` and save a merged checkpoint.
 
@@ -164,9 +162,6 @@ def train_grpo(
         callbacks: extra TrainerCallbacks (e.g. ``training.models.time_limit_callback``).
         anchors: ``training.anchor.TokenAnchor`` s: hold a rare feature's token mass at
             the base model's (an extra loss term; see ``training.anchor``).
-        constraints: ``training.rewards.RateConstraint`` s (``held_rates``): hold the
-            share of replies with a feature at a target rate (an extra loss term, its
-            multiplier updated after every batch).
 
     Returns:
         ``out_dir``, loadable with ``policies.load_policy(str(out_dir))``.
@@ -182,9 +177,8 @@ def train_grpo(
         if missing:
             raise ValueError(f"no weight for reward(s) {missing}; pass weights={{name: w}}")
         args.reward_weights = [weights[n] for n in names]
-    held = {c.feature: c.target for c in constraints}
     return train_and_save(
         AnchoredGRPOTrainer, "grpo", records, model_args, args, out_dir,
-        extra_metrics={"reward_names": names, "held_rates": held}, reward_funcs=reward_funcs,
-        callbacks=list(callbacks), anchors=list(anchors), constraints=list(constraints),
+        extra_metrics={"reward_names": names}, reward_funcs=reward_funcs,
+        callbacks=list(callbacks), anchors=list(anchors),
     )  # fmt: skip

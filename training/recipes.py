@@ -127,10 +127,9 @@ def run_grpo(
     args = grpo_config(Path(out) / "trainer", max_steps=steps, seed=seed, **(overrides or {}))
     return train_grpo(
         grpo_records(prompts, characters),
-        rewards,
+        [*rewards, *constraints],
         model_config(model, use_peft=use_peft),
         args,
         out,
         callbacks=callbacks,
-        constraints=constraints,
     )

@@ -15,11 +15,10 @@ through TRL's ``log_metric`` hook, the project's metric namespace. The three com
   from the *reference model's* replies to the same character, in reference standard
   deviations beyond a tolerance, summed over features and negated. Without it GRPO
   learns the cheapest trick first (collapsing length, emoji spam): see DESIGN.md.
-Not a reward but next to them: ``RateConstraint`` holds the share of replies with an
-emoji at the reference model's rate. A per-reply penalty cannot hold a rare feature: at a
-3% rate a reply without emoji sits inside any tolerance band, so nothing stops the rate
-from falling to zero (measured: 0.028 -> 0.006 in 50 GRPO steps). The GRPO trainer
-enforces it as a loss term (``training.anchor.AnchoredGRPOTrainer``).
+- ``emoji_rate`` (optional, ``RateConstraint``): holds the share of replies with an emoji
+  at the reference model's rate. A per-reply penalty cannot hold a rare feature: at a 3%
+  rate a reply without emoji sits inside any tolerance band, so nothing stops the rate
+  from falling to zero (measured: 0.028 -> 0.006 in 50 GRPO steps).
 
 Components live on different scales, so they are normalised each on its own before
 they are combined, in one of two ways:
@@ -346,6 +345,7 @@ def reference_scales(
             float(np.std(reward(list(prompts), completions, character=list(characters)))), floor
         )
         for reward in rewards
+        if not isinstance(reward, RateConstraint)  # already in reference-sd units; stateful
     }
 
 
@@ -356,9 +356,10 @@ def scaled_by_reference(
     characters: Sequence[str],
 ) -> list[Any]:
     """``rewards`` each divided by its spread over the reference replies
-    (``reference_scales``); combine them with ``sum_then_normalize``."""
+    (``reference_scales``; a ``RateConstraint`` passes through as it is); combine them
+    with ``sum_then_normalize``."""
     scales = reference_scales(rewards, prompts, replies, characters)
-    return [ScaledReward(r, scales[r.__name__]) for r in rewards]
+    return [r if r.__name__ not in scales else ScaledReward(r, scales[r.__name__]) for r in rewards]
 
 
 def check_rate_feature(feature: str) -> str:
@@ -381,24 +382,20 @@ def characters_allowing(feature: str, checkers: Mapping[str, Sequence[Checker]])
 
 
 class RateConstraint:
-    """Holds the share of replies with a feature (``emoji``) at ``target`` during GRPO.
+    """``<feature>_rate``: holds the share of replies with a feature at a target rate.
 
-    A Lagrangian constraint E[x] = target on x = 1 if the reply has the feature, for the
-    replies of ``characters`` (those forbidding the feature are left to steerability).
-    It is not a reward function: ``training.anchor.AnchoredGRPOTrainer`` adds
-    ``-multiplier * rate / target`` to GRPO's loss, the rate estimated from the policy's
-    own token probabilities with a gradient that is unbiased and sees every reply
-    (``training.anchor.rate_surrogate``), and after every batch calls ``update`` with
-    that batch's rate: the multiplier moves by ``lr * (target - rate) / target`` (dual
-    ascent, clipped to +-``max_multiplier``). While the policy uses the feature less than
-    the target the multiplier grows and pays for it, more and it turns into a penalty; it
-    keeps growing against anything that pushes the rate away, which a fixed bonus would
-    not. Its unit: a multiplier of 1 values the whole target rate like one unit of GRPO
-    advantage per completion token.
+    A Lagrangian constraint E[x] = target on x = 1 if the reply has the feature: each
+    reply of a held character is rewarded ``multiplier * (x - target)``, and after every
+    batch the multiplier moves by ``lr * (target - batch rate) / target`` (dual ascent,
+    clipped to +-``max_multiplier``). While the policy uses the feature less than the
+    target the multiplier grows and pays for it, more and it turns into a penalty; it
+    keeps growing against any other reward that pushes the rate away, which a fixed bonus
+    would not. Its unit is the reference-scaled rewards' (one reference sd), so it is
+    never rescaled (``scaled_by_reference`` passes it through).
 
-    Measured (benchmarks/README.md): as a reward on counted replies (x in {0, 1}) it
-    could not hold a 2% rate: 8-16 held replies a step hold no emoji in 34 of 40 steps,
-    so the reward said nothing most of the run and the rate halved.
+    Characters outside ``characters`` (those forbidding the feature: steerability already
+    teaches them) get 0 and do not count in the batch rate. The multiplier is state: call
+    it only on the policy's own samples (GRPO), never on reference replies.
     """
 
     def __init__(
@@ -426,18 +423,36 @@ class RateConstraint:
         self.lr = float(lr)
         self.max_multiplier = float(max_multiplier)
         self.multiplier = 0.0
-        # (held replies, batch rate, multiplier after the update) per batch: the trace
+        # (held replies, batch rate, multiplier after the update) per call: the trace
         self.history: list[tuple[int, float, float]] = []
         self.__name__ = f"{feature}_rate"
 
-    def update(self, rate: float, replies: int) -> float:
-        """Dual ascent on one batch's rate over ``replies`` held replies; the new multiplier."""
-        step = self.lr * (self.target - rate) / self.target
-        self.multiplier = float(
-            np.clip(self.multiplier + step, -self.max_multiplier, self.max_multiplier)
-        )
-        self.history.append((replies, float(rate), self.multiplier))
-        return self.multiplier
+    def __call__(self, prompts: list[Any], completions: list[Any], **kwargs: Any) -> list[float]:
+        """Reward each held completion, then move the multiplier by this batch's rate."""
+        characters = kwargs.get("character") or [None] * len(completions)
+        has = [
+            float(style_features(completion_text(c))[self.feature] > 0)
+            if self.characters is None or ch in self.characters
+            else None
+            for c, ch in zip(completions, characters, strict=True)
+        ]
+        values = [0.0 if x is None else self.multiplier * (x - self.target) for x in has]
+        held = [x for x in has if x is not None]
+        if held:
+            rate = float(np.mean(held))
+            self.multiplier = float(
+                np.clip(
+                    self.multiplier + self.lr * (self.target - rate) / self.target,
+                    -self.max_multiplier,
+                    self.max_multiplier,
+                )
+            )
+            self.history.append((len(held), rate, self.multiplier))
+            log_metric = kwargs.get("log_metric")
+            if log_metric is not None:
+                log_metric(f"reward/{self.__name__}_batch", rate)
+                log_metric(f"reward/{self.__name__}_multiplier", self.multiplier)
+        return _emit(self.__name__, check_rewards(self.__name__, values, len(prompts)), kwargs)
 
 
 def held_rates(
@@ -445,26 +460,19 @@ def held_rates(
     replies: Sequence[str],
     characters: Sequence[str],
     checkers: Mapping[str, Sequence[Checker]],
-    estimates: Mapping[str, Sequence[float]] | None = None,
     **kwargs: Any,
 ) -> list[RateConstraint]:
     """One ``RateConstraint`` per feature, its target the feature's rate over the reference
-    ``replies`` of the characters allowed it (``characters_allowing``): counted, or the
-    mean of ``estimates[feature]`` (one per reply: ``training.anchor.expected_features``'
-    ``present``, far less noisy than counting a rate of a few percent) where given. A
-    feature those replies never use has nothing to hold: it is skipped with a warning."""
+    ``replies`` of the characters allowed it (``characters_allowing``). A feature those
+    replies never use has nothing to hold: it is skipped with a warning."""
     constraints = []
     for feature in features:
         held = characters_allowing(check_rate_feature(feature), checkers)
-        values = (estimates or {}).get(feature)
-        if values is None:
-            values = [float(style_features(r)[feature] > 0) for r in replies]
-        if len(values) != len(replies):
-            raise ValueError(
-                f"held_rates got {len(values)} {feature} estimates for {len(replies)} replies; "
-                "fix: one estimate per reference reply"
-            )
-        has = [x for x, ch in zip(values, characters, strict=True) if ch in held]
+        has = [
+            style_features(r)[feature] > 0
+            for r, ch in zip(replies, characters, strict=True)
+            if ch in held
+        ]
         if not any(has):
             logger.warning(
                 "the %d reference replies by %s never use %s; nothing to hold",
