@@ -39,6 +39,8 @@ multiplier, with the artifact penalty judging emoji only when present
 (``training.anchor``): the policy's probability of starting an emoji held at the base
 model's at every completion position by an extra loss term (measured: at ``--anchor-coef
 1`` its gradient swamps GRPO's). benchmarks/README.md has the runs that compare them.
+``--base-eval OUT/eval_base.parquet`` reuses an earlier run's evaluation of the base model
+(same prompts and seeds: the same replies), saving ~13 minutes.
 
 The training run stops after ``--minutes`` of wall time (or ``--max-steps``), whichever
 comes first. Usage::
@@ -139,6 +141,21 @@ def expected_emoji(
         params.top_p,
         tokenizer.pad_token_id,
     )
+
+
+def saved_base_evaluation(path: str, replies: int) -> pd.DataFrame:
+    """The base model's evaluation saved by an earlier run with the same ``--scenario``,
+    ``--seed``, ``--eval-prompts``, ``--eval-samples`` and ``--max-new-tokens``: the same
+    prompts and seeds give the same replies, so the ~13 minutes need not be spent again."""
+    turns = pd.read_parquet(path)
+    if len(turns) != replies or "expected_has_emoji" not in turns:
+        raise SystemExit(
+            f"--base-eval {path}: {len(turns)} rows, expected {replies} with the "
+            "token-probability columns; fix: a run's eval_base.parquet with the same "
+            "--eval-prompts/--eval-samples, or drop --base-eval"
+        )
+    print(f"base evaluation reused from {path}", flush=True)
+    return turns.drop(columns="model", errors="ignore")
 
 
 def emoji_allowed(turns: pd.DataFrame) -> pd.Series:
@@ -325,6 +342,11 @@ def main() -> None:
         "reward; without it GRPO optimises steerability and the artifact penalty only",
     )
     parser.add_argument(
+        "--base-eval",
+        default=None,
+        help="reuse this eval_base.parquet of an earlier run with the same prompts and seeds",
+    )
+    parser.add_argument(
         "--trained", default=None, help="evaluate this GRPO checkpoint instead of training one"
     )
     args = parser.parse_args()
@@ -357,17 +379,20 @@ def main() -> None:
     eval_characters = round_robin(names, len(eval_users))
 
     base_policy = load_policy(args.model)
-    t0 = time.monotonic()
-    base_turns = evaluate(
-        world,
-        base_policy,
-        eval_users,
-        eval_characters,
-        args.eval_samples,
-        args.seed + 2,
-        args.max_new_tokens,
-    )
-    print(f"base evaluated in {time.monotonic() - t0:.0f}s", flush=True)
+    if args.base_eval is not None:
+        base_turns = saved_base_evaluation(args.base_eval, len(eval_users) * args.eval_samples)
+    else:
+        t0 = time.monotonic()
+        base_turns = evaluate(
+            world,
+            base_policy,
+            eval_users,
+            eval_characters,
+            args.eval_samples,
+            args.seed + 2,
+            args.max_new_tokens,
+        )
+        print(f"base evaluated in {time.monotonic() - t0:.0f}s", flush=True)
     base_turns.assign(model="base").to_parquet(out / "eval_base.parquet")
     # The reference: the base model's own replies to the training prompts (style
     # statistics, reward scales, the rate a RateConstraint holds).

@@ -57,8 +57,13 @@ def test_feature_mass_follows_temperature_and_nucleus():
     ids = torch.tensor([1, 3])
     expected = torch.softmax(logits / 0.5, -1)[0, [1, 3]].sum().log()
     assert log_feature_mass(logits, ids, temperature=0.5).item() == pytest.approx(expected.item())
-    # top_p 0.6 keeps token 0 alone (p = 0.64): the feature cannot be sampled
-    assert log_feature_mass(logits, ids, top_p=0.6).item() == pytest.approx(MIN_LOG_MASS)
+    # top_p 0.6 keeps token 0 alone (p = 0.64): the feature cannot be sampled, and
+    # nothing flows back from there (a NaN gradient would poison a whole GRPO step)
+    leaf = logits.clone().requires_grad_()
+    dropped = log_feature_mass(leaf, ids, top_p=0.6)
+    assert dropped.item() == pytest.approx(MIN_LOG_MASS)
+    dropped.sum().backward()
+    assert torch.equal(leaf.grad, torch.zeros_like(leaf))
 
 
 def test_anchor_loss_pulls_the_policy_mass_toward_the_reference_where_held():

@@ -43,6 +43,9 @@ from training.rewards import characters_allowing, check_rate_feature
 
 SEQUENCE_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")
 MIN_LOG_MASS = -30.0  # floor of log mass: a nucleus that drops every feature token is -inf
+# What the nucleus filter leaves outside it: far below any logit, yet finite, so that a
+# position whose nucleus drops every feature token has a zero gradient, not a NaN one.
+OUTSIDE_NUCLEUS = -1e4
 _BYTE_OF_CHAR = {char: byte for byte, char in bytes_to_unicode().items()}
 
 
@@ -91,7 +94,7 @@ def log_feature_mass(
     if temperature != 1.0:
         scores = TemperatureLogitsWarper(temperature)(None, scores)
     if top_p < 1.0:
-        scores = TopPLogitsWarper(top_p)(None, scores)
+        scores = TopPLogitsWarper(top_p, filter_value=OUTSIDE_NUCLEUS)(None, scores)
     log_probs = torch.log_softmax(scores, dim=-1)
     mass = torch.logsumexp(log_probs[:, token_ids], dim=-1)
     return mass.clamp(min=MIN_LOG_MASS).reshape(shape)
