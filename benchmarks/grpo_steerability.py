@@ -143,16 +143,23 @@ def expected_emoji(
     )
 
 
-def saved_base_evaluation(path: str, replies: int) -> pd.DataFrame:
+def saved_base_evaluation(
+    path: str, users: list, characters: list[str], samples: int
+) -> pd.DataFrame:
     """The base model's evaluation saved by an earlier run with the same ``--scenario``,
     ``--seed``, ``--eval-prompts``, ``--eval-samples`` and ``--max-new-tokens``: the same
-    prompts and seeds give the same replies, so the ~13 minutes need not be spent again."""
+    prompts and seeds give the same replies, so the ~13 minutes need not be spent again.
+    Checked: its users and characters, sample by sample (not the seed: user ids do not
+    depend on it)."""
     turns = pd.read_parquet(path)
-    if len(turns) != replies or "expected_has_emoji" not in turns:
+    expected = [(u.user_id, c) for u, c in zip(users, characters, strict=True)] * samples
+    found = list(zip(turns.get("user_id", []), turns.get("character", []), strict=True))
+    if found != expected or "expected_has_emoji" not in turns:
         raise SystemExit(
-            f"--base-eval {path}: {len(turns)} rows, expected {replies} with the "
-            "token-probability columns; fix: a run's eval_base.parquet with the same "
-            "--eval-prompts/--eval-samples, or drop --base-eval"
+            f"--base-eval {path}: its {len(turns)} rows are not this run's {len(expected)} "
+            "(users x characters x samples, with token-probability columns); fix: a run's "
+            "eval_base.parquet with the same --scenario/--seed/--eval-prompts/--eval-samples, "
+            "or drop --base-eval"
         )
     print(f"base evaluation reused from {path}", flush=True)
     return turns.drop(columns="model", errors="ignore")
@@ -380,7 +387,9 @@ def main() -> None:
 
     base_policy = load_policy(args.model)
     if args.base_eval is not None:
-        base_turns = saved_base_evaluation(args.base_eval, len(eval_users) * args.eval_samples)
+        base_turns = saved_base_evaluation(
+            args.base_eval, eval_users, eval_characters, args.eval_samples
+        )
     else:
         t0 = time.monotonic()
         base_turns = evaluate(
