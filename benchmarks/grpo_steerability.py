@@ -153,8 +153,11 @@ def saved_base_evaluation(
     depend on it)."""
     turns = pd.read_parquet(path)
     expected = [(u.user_id, c) for u, c in zip(users, characters, strict=True)] * samples
-    found = list(zip(turns.get("user_id", []), turns.get("character", []), strict=True))
-    if found != expected or "expected_has_emoji" not in turns:
+    columns = {"user_id", "character", "expected_has_emoji"}
+    found = None
+    if columns <= set(turns):
+        found = list(zip(turns["user_id"], turns["character"], strict=True))
+    if found != expected:
         raise SystemExit(
             f"--base-eval {path}: its {len(turns)} rows are not this run's {len(expected)} "
             "(users x characters x samples, with token-probability columns); fix: a run's "
@@ -182,17 +185,16 @@ def per_reply_metrics(turns: pd.DataFrame) -> pd.DataFrame:
         "expected_emoji_rate": turns["expected_has_emoji"],
         "expected_emoji_per_reply": turns["expected_emoji"],
     }
-    each_emoji_metric_and_where_allowed = {
-        name: column
-        for metric, values in emoji.items()
-        for name, column in ((metric, values), (f"{metric}_where_allowed", values.where(allowed)))
-    }
+    emoji_metrics = {}
+    for metric, values in emoji.items():
+        emoji_metrics[metric] = values
+        emoji_metrics[f"{metric}_where_allowed"] = values.where(allowed)
     return pd.DataFrame(
         {
             "instruction_following_rate": turns["follows_all"].astype(float),
             "violation_rate": turns["violates_any"].astype(float),
             "gold_utility": turns["gold_satisfaction"].astype(float),
-            **each_emoji_metric_and_where_allowed,
+            **emoji_metrics,
             "mean_words": turns["feature_words"].astype(float),
             # Diagnostics: what the reply talks about (MiniLM cosines, sim.gold's inputs).
             "relevance": turns["feature_relevance"].astype(float),
