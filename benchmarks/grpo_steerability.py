@@ -38,7 +38,10 @@ multiplier, with the artifact penalty judging emoji only when present
 (``training.rewards``). ``--anchor emoji`` adds a ``TokenAnchor`` instead or as well
 (``training.anchor``): the policy's probability of starting an emoji held at the base
 model's at every completion position by an extra loss term (measured: at ``--anchor-coef
-1`` its gradient swamps GRPO's). benchmarks/README.md has the runs that compare them.
+1`` its gradient swamps GRPO's). ``--rate-estimate tokens`` has the constraint read each
+reply's probability of an emoji from the policy's token probabilities instead of counting
+them; ``--top-p 0.95`` samples GRPO's replies with the nucleus the policy serves with.
+benchmarks/README.md has the runs that compare them.
 ``--base-eval OUT/eval_base.parquet`` reuses an earlier run's evaluation of the base model
 (same prompts and seeds: the same replies), saving ~13 minutes.
 
@@ -58,7 +61,9 @@ import copy
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -84,6 +89,38 @@ EQUIVALENCE_MARGIN = 0.15
 def round_robin(names: list[str], n: int) -> list[str]:
     """``n`` character names, each equally often (up to one)."""
     return [names[i % len(names)] for i in range(n)]
+
+
+@dataclass
+class Prompts:
+    """The benchmark's prompts: first turns of new users, every character equally often."""
+
+    world: Any
+    train_chats: list
+    train_characters: list[str]
+    eval_users: list
+    eval_characters: list[str]
+
+
+def build_prompts(scenario: str, seed: int, n_train: int, n_eval: int) -> Prompts:
+    """Training prompts from the chit-chat *train* openers, then the world switched to the
+    *held-out* openers for ``n_eval`` new users, whose sessions ``evaluate`` opens (the
+    same ones for every model: same users, same seed)."""
+    from sim.user_llm import UserSimulator
+    from sim.world import World, load_world_config
+
+    world = World.build(load_world_config(scenario), seed=seed)
+    names = sorted(world.characters)
+    train_users = world.sampler.sample(n_train)
+    eval_users = world.sampler.sample(n_eval)
+    train_characters = round_robin(names, len(train_users))
+    _, train_chats = first_turn_prompts(world, train_users, train_characters, seed + 1)
+    world.engine.user_simulator = UserSimulator(
+        world.user_simulator.policy, world.corpus, split="heldout"
+    )
+    return Prompts(
+        world, train_chats, train_characters, eval_users, round_robin(names, len(eval_users))
+    )
 
 
 def first_turn_prompts(world, users, characters, seed: int):
@@ -113,7 +150,7 @@ def evaluate(world, policy, users, characters, samples: int, seed: int, max_new_
         records = world.engine.apply_replies(
             sessions, [g.text for g in generations], [g.completion_tokens for g in generations]
         )
-        count, present = expected_emoji(policy, chats, generations, params, emoji_ids)
+        count, present = expected_feature(policy, chats, generations, params, emoji_ids)
         rows.extend(
             r.to_row() | {"sample": k, "expected_emoji": c, "expected_has_emoji": h}
             for r, c, h in zip(records, count, present, strict=True)
@@ -121,13 +158,14 @@ def evaluate(world, policy, users, characters, samples: int, seed: int, max_new_
     return pd.DataFrame(rows)
 
 
-def expected_emoji(
-    policy, chats, generations, params, emoji_ids: list[int]
+def expected_feature(
+    policy, chats, generations, params, token_ids: list[int]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per reply, the policy's expected emoji count and its probability of having an emoji,
-    from its own token probabilities along its sampled tokens
-    (``training.anchor.expected_features``): the quantities counting estimates, with far
-    less variance at a rate of a few replies in a hundred."""
+    """Per reply, the policy's expected count of a feature (emoji: ``token_ids`` are the
+    tokens that start one) and its probability of having it, from its own token
+    probabilities along its sampled tokens (``training.anchor.expected_features``): the
+    quantities counting estimates, with far less variance at a rate of a few replies in a
+    hundred."""
     from policies.tokens import fit_prompt_ids
     from training.anchor import expected_features
 
@@ -136,7 +174,7 @@ def expected_emoji(
         policy.model,
         [fit_prompt_ids(tokenizer, chat, policy.spec.max_prompt_tokens) for chat in chats],
         [g.completion_ids for g in generations],
-        emoji_ids,
+        token_ids,
         params.temperature,
         params.top_p,
         tokenizer.pad_token_id,
@@ -328,6 +366,20 @@ def main() -> None:
         "--rate-lr", type=float, default=0.1, help="RateConstraint multiplier step size"
     )
     parser.add_argument(
+        "--rate-estimate",
+        choices=("count", "tokens"),
+        default="count",
+        help="how a RateConstraint observes a reply: count: has the feature or not; tokens: "
+        "the policy's probability of it along the reply (training.rewards.RateConstraint)",
+    )
+    parser.add_argument(
+        "--top-p",
+        type=float,
+        default=1.0,
+        help="GRPO's sampling nucleus (TRL's default 1.0; 0.95 is the one the policy serves "
+        "and this benchmark evaluates with)",
+    )
+    parser.add_argument(
         "--anchor",
         type=parse_features,
         default=(),
@@ -364,8 +416,6 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from policies import load_policy
-    from sim.user_llm import UserSimulator
-    from sim.world import World, load_world_config
     from training.anchor import token_anchors
     from training.grpo import build_rewards, grpo_config, grpo_records, train_grpo
     from training.models import model_config, time_limit_callback
@@ -373,19 +423,14 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    world = World.build(load_world_config(args.scenario), seed=args.seed)
+    prompts = build_prompts(args.scenario, args.seed, args.train_prompts, args.eval_prompts)
+    world, train_chats, train_characters = (
+        prompts.world,
+        prompts.train_chats,
+        prompts.train_characters,
+    )
+    eval_users, eval_characters = prompts.eval_users, prompts.eval_characters
     names = sorted(world.characters)
-    train_users = world.sampler.sample(args.train_prompts)
-    eval_users = world.sampler.sample(args.eval_prompts)
-    _, train_chats = first_turn_prompts(
-        world, train_users, round_robin(names, len(train_users)), args.seed + 1
-    )
-    train_characters = round_robin(names, len(train_users))
-    # Held-out prompts: new users and openers from the corpus split training never saw.
-    world.engine.user_simulator = UserSimulator(
-        world.user_simulator.policy, world.corpus, split="heldout"
-    )
-    eval_characters = round_robin(names, len(eval_users))
 
     base_policy = load_policy(args.model)
     if args.base_eval is not None:
@@ -411,14 +456,26 @@ def main() -> None:
 
     reference_chats = train_chats * args.reference_samples
     reference_characters = train_characters * args.reference_samples
-    reference_replies = [
-        g.text
-        for g in base_policy.generate(
-            reference_chats,
-            SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.8, seed=args.seed),
-        )
-    ]
+    reference_params = SamplingParams(
+        max_new_tokens=args.max_new_tokens, temperature=0.8, seed=args.seed
+    )
+    reference_generations = base_policy.generate(reference_chats, reference_params)
+    reference_replies = [g.text for g in reference_generations]
     reference = StyleReference.from_replies(reference_replies, reference_characters)
+    estimates = None
+    if args.rate_estimate == "tokens":
+        from training.anchor import feature_token_ids
+
+        estimates = {
+            feature: expected_feature(
+                base_policy,
+                reference_chats,
+                reference_generations,
+                reference_params,
+                feature_token_ids(base_policy.tokenizer, feature),
+            )[1]
+            for feature in args.hold_rate
+        }
     del base_policy
 
     checkers = {name: world.characters[name].checkers for name in names}
@@ -428,7 +485,13 @@ def main() -> None:
 
         scorer = load_reward_model(args.rm)
     constraints = held_rates(
-        args.hold_rate, reference_replies, reference_characters, checkers, lr=args.rate_lr
+        args.hold_rate,
+        reference_replies,
+        reference_characters,
+        checkers,
+        estimates=estimates,
+        lr=args.rate_lr,
+        estimate=args.rate_estimate,
     )
     anchors = token_anchors(args.anchor, checkers, args.anchor_coef)
     rewards = build_rewards(
@@ -457,6 +520,7 @@ def main() -> None:
         max_completion_length=args.max_new_tokens,
         learning_rate=args.learning_rate,
         beta=args.beta,
+        top_p=args.top_p,
         multi_objective_aggregation="sum_then_normalize"
         if args.normalise == "reference"
         else "normalize_then_sum",

@@ -16,6 +16,7 @@ from training.anchor import (
     expected_features,
     feature_token_ids,
     log_feature_mass,
+    up_to_first,
 )
 
 
@@ -133,3 +134,60 @@ def test_grpo_with_an_anchor_logs_its_drift_only_for_held_characters(tiny_llama_
     assert held["anchor/emoji_log_ratio"] != 0
     # Pixel forbids emoji: its completions are never anchored
     assert "anchor/emoji_loss" not in run(["Pixel"] * len(PROMPTS), "forbidden")
+
+
+def test_grpo_gives_a_token_estimated_rate_constraint_each_held_replys_probability(
+    tiny_llama_dir, tmp_path
+):
+    from test_training import CHECKERS, PROMPTS, REFERENCE
+
+    from training.grpo import build_rewards, grpo_config, grpo_records, train_grpo
+    from training.models import model_config
+    from training.rewards import RateConstraint
+
+    calls: list[list[tuple[str, float]]] = []  # (character, probability) per step
+
+    def spy(prompts, completions, character, expected_emoji, **kwargs):
+        calls.append(list(zip(character, expected_emoji, strict=True)))
+        return [0.0] * len(completions)
+
+    spy.__name__ = "steerability"  # a weight train_grpo knows
+    constraint = RateConstraint("emoji", 0.05, ["Mara"], estimate="tokens")
+    args = grpo_config(
+        tmp_path / "work",
+        max_steps=2,
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=8,
+        learning_rate=1e-2,
+    )
+    rewards = build_rewards(CHECKERS, REFERENCE, held=["emoji"])[1:]  # the artifact penalty
+    train_grpo(
+        grpo_records(PROMPTS, ["Mara", "Pixel"] * (len(PROMPTS) // 2)),
+        [spy, *rewards, constraint],
+        model_config(str(tiny_llama_dir)),
+        args,
+        tmp_path / "model",
+    )
+    seen = [pair for call in calls for pair in call]
+    mara = [x for ch, x in seen if ch == "Mara"]
+    # a random model puts some mass on the emoji tokens at every position: each held reply
+    # has a probability in (0, 1); Pixel forbids emoji and is not estimated
+    assert mara and all(0 < x < 1 for x in mara)
+    assert all(x == 0 for ch, x in seen if ch == "Pixel")
+    # the multiplier read the mean of the held replies' probabilities, step by step
+    held = [c for c in ([x for ch, x in call if ch == "Mara"] for call in calls) if c]
+    assert [n for n, _, _ in constraint.history] == [len(c) for c in held]
+    assert [rate for _, rate, _ in constraint.history] == pytest.approx(
+        [sum(c) / len(c) for c in held]
+    )
+
+
+def test_up_to_first_keeps_the_positions_before_the_feature_and_its_first_use():
+    ids = torch.tensor([7, 9])
+    tokens = torch.tensor([[1, 2, 7, 3, 9], [1, 2, 3, 4, 5], [9, 1, 1, 1, 1]])
+    assert up_to_first(tokens, ids).tolist() == [
+        [1, 1, 1, 0, 0],  # the first emoji's position counts: it is where the choice was made
+        [1, 1, 1, 1, 1],
+        [1, 0, 0, 0, 0],
+    ]

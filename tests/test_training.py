@@ -302,6 +302,36 @@ def test_rate_constraint_is_never_rescaled_nor_fed_reference_replies():
         RateConstraint("emoji", 0.0)
 
 
+def test_rate_constraint_from_token_probabilities_rewards_every_held_reply_in_target_units():
+    constraint = RateConstraint("emoji", 0.02, ["Mara"], lr=0.1, estimate="tokens")
+    completions = ["Ahoy", "Ahoy there", "Go?"]
+    kwargs = {"character": ["Mara", "Mara", "Pixel"], "expected_emoji": [0.01, 0.05, 0.9]}
+    # the multiplier reads the held replies' mean probability (0.03, Pixel's 0.9 ignored)
+    assert constraint(["p"] * 3, completions, **kwargs) == [0.0, 0.0, 0.0]
+    m = 0.1 * (0.02 - 0.03) / 0.02
+    assert constraint.multiplier == pytest.approx(m)
+    assert constraint.history == [(2, pytest.approx(0.03), pytest.approx(m))]
+    # every held reply now has something to say, in units of the target; none has an emoji
+    values = constraint(["p"] * 3, completions, **kwargs)
+    assert values == pytest.approx([m * (0.01 - 0.02) / 0.02, m * (0.05 - 0.02) / 0.02, 0.0])
+    with pytest.raises(ValueError, match="'expected_emoji' column"):
+        constraint(["p"], ["Ahoy"], character=["Mara"])
+    with pytest.raises(ValueError, match="estimate 'tally' is unknown"):
+        RateConstraint("emoji", 0.02, estimate="tally")
+
+
+def test_held_rates_take_the_target_from_token_estimates_of_the_held_characters():
+    replies = ["Ahoy 😀", "Ahoy", "Go 😀"]
+    chars = ["Mara", "Mara", "Pixel"]
+    (counted,) = held_rates(["emoji"], replies, chars, CHECKERS)
+    assert counted.target == pytest.approx(0.5)
+    estimates = {"emoji": [0.3, 0.1, 0.9]}
+    (estimated,) = held_rates(["emoji"], replies, chars, CHECKERS, estimates=estimates)
+    assert estimated.target == pytest.approx(0.2)  # Mara's two, not Pixel's
+    with pytest.raises(ValueError, match="one per reply"):
+        held_rates(["emoji"], replies, chars, CHECKERS, estimates={"emoji": [0.3]})
+
+
 def test_held_rates_target_the_reference_rate_of_characters_allowed_the_feature(caplog):
     replies = ["Ahoy 😀", "Ahoy", "Ahoy!", "Ahoy", "Go 😀 😀"]
     characters = ["Mara", "Mara", "Mara", "Mara", "Pixel"]

@@ -7,15 +7,21 @@ Lagrangian ``RateConstraint`` held it on training prompts, not on held-out ones)
 model says at *every* position how likely it is to start an emoji: the probability mass
 of the tokens that begin one. The anchor adds to GRPO's loss, for the completions of the
 characters it holds, the squared log ratio of that mass under the policy and under the
-base model (LoRA disabled), at every completion position, weighted by the mass itself so
-that the positions where an emoji is plausible count. The policy may change what it says,
-not how readily it reaches for an emoji where the base model would.
+base model (LoRA disabled), at every completion position up to the first sampled feature
+token, weighted by the mass itself so that the positions where an emoji is plausible
+count. The policy may change what it says, not how readily it reaches for an emoji where
+the base model would. (Positions after the first emoji were held too until the seventh
+session: there a reply of emoji has mass near 1, and those positions outweighed every one
+where the choice is made; in run10 the mass summed over all positions rose x1.2 on the
+base model's held-out replies while the probability of starting one fell x0.84.)
 
 Measured (benchmarks/README.md, ``/work/grpo_run10``): at ``coef = 1`` the anchor held the
 mass on the training samples (mean log ratio -0.02 over 35 steps) but its gradient norm
 was 2-12 against GRPO's ~0.3, so clipping and Adam's scaling left GRPO little room:
-instruction following and gold utility did not move. A coefficient sized to GRPO's
-gradient (~0.05) is the next thing to try; no shipped recipe uses the anchor.
+instruction following and gold utility did not move. With a coefficient sized to GRPO's
+gradient (0.05) it holds the part of the rate a reward cannot reach, how readily the
+policy starts an emoji, next to a ``RateConstraint(estimate="tokens")`` that holds the
+other, where the policy goes (``AnchoredGRPOTrainer`` computes the estimate it reads).
 
 The same mass, summed along a sampled reply, estimates without bias how many times a
 reply has the feature, and summed up to its first use, how often a reply has it at all,
@@ -100,6 +106,13 @@ def log_feature_mass(
     return mass.clamp(min=MIN_LOG_MASS).reshape(shape)
 
 
+def up_to_first(tokens: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """1 at each position of ``tokens`` (..., T) up to and including the first one in
+    ``token_ids``, 0 after it: the positions where the reply had not yet used the feature."""
+    hit = torch.isin(tokens, token_ids).long()
+    return ((hit.cumsum(-1) - hit) == 0).long()
+
+
 @torch.inference_mode()
 def expected_features(
     model: Any,
@@ -147,12 +160,10 @@ def expected_features(
             logits_to_keep=width_c + 1,
         ).logits[:, :-1]  # the positions that predict each completion token
         mass = log_feature_mass(logits.cpu(), ids, temperature, top_p).exp()
-        drawn = mask[:, width_p:].bool()
-        hit = torch.isin(batch[:, width_p:], ids) & drawn
-        before_first = (hit.cumsum(-1) - hit.long()) == 0  # no feature token before t
+        drawn = mask[:, width_p:]
         rows = slice(start, start + len(prompts))
         count[rows] = (mass * drawn).sum(-1).numpy()
-        present[rows] = (mass * (drawn & before_first)).sum(-1).numpy()
+        present[rows] = (mass * drawn * up_to_first(batch[:, width_p:], ids)).sum(-1).numpy()
     return count, present
 
 
@@ -198,7 +209,8 @@ def token_anchors(
 
 
 class AnchoredGRPOTrainer(GRPOTrainer):
-    """TRL's GRPOTrainer plus ``TokenAnchor`` losses (no anchors: GRPOTrainer as is).
+    """TRL's GRPOTrainer plus ``TokenAnchor`` losses, and the ``expected_<feature>`` reward
+    column of token-estimated ``RateConstraint`` s (neither: GRPOTrainer as is).
 
     The reference is the base model as TRL's KL term sees it: the LoRA-disabled policy,
     or ``ref_model`` when training every weight (then ``beta`` must be > 0 for TRL to
@@ -214,10 +226,41 @@ class AnchoredGRPOTrainer(GRPOTrainer):
                 "token anchors need the base model's probabilities; fix: train LoRA "
                 "(model_config(..., use_peft=True)) or set beta > 0 so TRL keeps a ref_model"
             )
-        self._anchor_ids = {
-            a.feature: torch.tensor(feature_token_ids(self.processing_class, a.feature))
-            for a in self.anchors
+        # RateConstraints that observe the policy's token probabilities (estimate="tokens").
+        self.estimated = [f for f in self.reward_funcs if getattr(f, "estimate", None) == "tokens"]
+        features = {a.feature for a in self.anchors} | {c.feature for c in self.estimated}
+        self._feature_ids = {
+            f: torch.tensor(feature_token_ids(self.processing_class, f)) for f in features
         }
+
+    def _calculate_rewards(
+        self, inputs: list[dict[str, Any]], prompts: list[Any], completions: list[Any], ids: Any
+    ) -> torch.Tensor:
+        """TRL's rewards, after adding ``expected_<feature>`` to each input row: the policy's
+        probability of the feature along that completion (``expected_features``), for the
+        rows a token-estimated ``RateConstraint`` holds (0 elsewhere: it ignores them)."""
+        if self.estimated:
+            prompt_ids = self._tokenize_prompts(prompts)[0]
+            model = self.accelerator.unwrap_model(self.model)
+            for constraint in self.estimated:
+                held = constraint.characters
+                rows = [
+                    i for i, row in enumerate(inputs) if held is None or row["character"] in held
+                ]
+                present = np.zeros(len(inputs))
+                if rows:
+                    present[rows] = expected_features(
+                        model,
+                        [prompt_ids[i] for i in rows],
+                        [ids[i] for i in rows],
+                        self._feature_ids[constraint.feature].tolist(),
+                        self.temperature,
+                        self.top_p,
+                        self.processing_class.pad_token_id,
+                    )[1]
+                for row, x in zip(inputs, present, strict=True):
+                    row[f"expected_{constraint.feature}"] = float(x)
+        return super()._calculate_rewards(inputs, prompts, completions, ids)
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         output = super()._generate_and_score_completions(inputs)
@@ -267,10 +310,18 @@ class AnchoredGRPOTrainer(GRPOTrainer):
         mode = "train" if self.model.training else "eval"
         total = policy_logits.new_zeros(())
         for a in anchors:
-            ids = self._anchor_ids[a.feature].to(policy_logits.device)
-            log_policy = log_feature_mass(policy_logits, ids, self.temperature, self.top_p)
-            log_ref = log_feature_mass(ref_logits, ids, self.temperature, self.top_p)
+            ids = self._feature_ids[a.feature].to(policy_logits.device)
+            # The whole distribution, not the sampling nucleus: where the policy's nucleus
+            # drops every emoji token its mass is a floor without a gradient, and those are
+            # the positions the anchor is for (measured: weighted log ratios of -3.4 at
+            # top_p 0.95 that the anchor could not pull back).
+            log_policy = log_feature_mass(policy_logits, ids, self.temperature)
+            log_ref = log_feature_mass(ref_logits, ids, self.temperature)
             held = inputs[f"anchor_held_{a.feature}"][:, None] * inputs["completion_mask"]
+            # Up to the first sampled feature token: how readily the policy starts one, not
+            # how it goes on (a reply of emoji has mass near 1 after its first, which would
+            # outweigh every position where the choice is made).
+            held = held * up_to_first(inputs["completion_ids"], ids)
             loss, log_ratio = anchor_loss(log_policy, log_ref, held)
             self._metrics[mode][f"anchor/{a.feature}_log_ratio"].append(float(log_ratio))
             self._metrics[mode][f"anchor/{a.feature}_loss"].append(float(loss.detach()))

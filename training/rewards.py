@@ -59,6 +59,9 @@ ARTIFACT_FEATURES: dict[str, float] = {"words": 2.0, "emoji": 0.5, "exclamations
 # Count features whose *rate* (share of replies with at least one) a RateConstraint can
 # hold, with the checker kind that forbids the feature for a character (None: none does).
 RATE_FEATURES: dict[str, str | None] = {"emoji": "no_emoji", "exclamations": None}
+# How a RateConstraint observes a reply: counting the feature, or the policy's own
+# probability of it along the reply (``RateConstraint``).
+RATE_ESTIMATES = ("count", "tokens")
 # Drift (in reference standard deviations) the artifact penalty forgives by default.
 DEFAULT_TOLERANCE = 0.5
 # A character needs this many reference replies for its own statistics; with fewer, the
@@ -396,6 +399,16 @@ class RateConstraint:
     Characters outside ``characters`` (those forbidding the feature: steerability already
     teaches them) get 0 and do not count in the batch rate. The multiplier is state: call
     it only on the policy's own samples (GRPO), never on reference replies.
+
+    ``estimate="tokens"``: x is the policy's own probability of the feature along the
+    sampled reply (``training.anchor.expected_features``' ``present``, which
+    ``AnchoredGRPOTrainer`` passes as the ``expected_<feature>`` column), in units of the
+    target: each reply is rewarded ``multiplier * (x - target) / target``. Counting says
+    nothing in most steps at a rate of 2%; x has something to say about every reply, and
+    E[x] is the rate. As a reward it moves the policy only through the replies it prefers
+    (towards where the feature is likely, the part of the rate's gradient a
+    ``TokenAnchor`` does not hold), and it never enters the loss, where Adam made a
+    multiplier's push bang-bang (benchmarks/README.md).
     """
 
     def __init__(
@@ -405,8 +418,13 @@ class RateConstraint:
         characters: Collection[str] | None = None,
         lr: float = 0.1,
         max_multiplier: float = 3.0,
+        estimate: str = "count",
     ) -> None:
         check_rate_feature(feature)
+        if estimate not in RATE_ESTIMATES:
+            raise ValueError(
+                f"RateConstraint estimate {estimate!r} is unknown; fix: one of {RATE_ESTIMATES}"
+            )
         if not 0 < target <= 1:
             raise ValueError(
                 f"RateConstraint target for {feature!r} is {target}; fix: a rate in (0, 1], "
@@ -422,6 +440,7 @@ class RateConstraint:
         self.characters = None if characters is None else frozenset(characters)
         self.lr = float(lr)
         self.max_multiplier = float(max_multiplier)
+        self.estimate = estimate
         self.multiplier = 0.0
         # (held replies, batch rate, multiplier after the update) per call: the trace
         self.history: list[tuple[int, float, float]] = []
@@ -430,13 +449,26 @@ class RateConstraint:
     def __call__(self, prompts: list[Any], completions: list[Any], **kwargs: Any) -> list[float]:
         """Reward each held completion, then move the multiplier by this batch's rate."""
         characters = kwargs.get("character") or [None] * len(completions)
+        if self.estimate == "tokens":
+            column = f"expected_{self.feature}"
+            if column not in kwargs:
+                raise ValueError(
+                    f"{self.__name__} estimates from token probabilities but got no "
+                    f"{column!r} column; fix: train with training.anchor.AnchoredGRPOTrainer "
+                    "(train_grpo does), or estimate='count'"
+                )
+            observed = [float(x) for x in kwargs[column]]
+            unit = self.target
+        else:
+            observed = [
+                float(style_features(completion_text(c))[self.feature] > 0) for c in completions
+            ]
+            unit = 1.0
         has = [
-            float(style_features(completion_text(c))[self.feature] > 0)
-            if self.characters is None or ch in self.characters
-            else None
-            for c, ch in zip(completions, characters, strict=True)
+            x if self.characters is None or ch in self.characters else None
+            for x, ch in zip(observed, characters, strict=True)
         ]
-        values = [0.0 if x is None else self.multiplier * (x - self.target) for x in has]
+        values = [0.0 if x is None else self.multiplier * (x - self.target) / unit for x in has]
         held = [x for x in has if x is not None]
         if held:
             rate = float(np.mean(held))
@@ -460,24 +492,40 @@ def held_rates(
     replies: Sequence[str],
     characters: Sequence[str],
     checkers: Mapping[str, Sequence[Checker]],
+    estimates: Mapping[str, Sequence[float]] | None = None,
     **kwargs: Any,
 ) -> list[RateConstraint]:
     """One ``RateConstraint`` per feature, its target the feature's rate over the reference
     ``replies`` of the characters allowed it (``characters_allowing``). A feature those
-    replies never use has nothing to hold: it is skipped with a warning."""
+    replies never use has nothing to hold: it is skipped with a warning.
+
+    ``estimates``: per feature, the reference model's probability of the feature along each
+    reference reply (``training.anchor.expected_features``' ``present``); the target is
+    then their mean, the rate a ``estimate="tokens"`` constraint observes, instead of the
+    count (0.0226 from 12 of 533 replies, against 0.027 from token probabilities).
+    """
+    if len(replies) != len(characters):
+        raise ValueError(
+            f"held_rates got {len(replies)} reference replies but {len(characters)} "
+            "characters; fix: one character per reply"
+        )
     constraints = []
     for feature in features:
         held = characters_allowing(check_rate_feature(feature), checkers)
-        has = [
-            style_features(r)[feature] > 0
-            for r, ch in zip(replies, characters, strict=True)
-            if ch in held
-        ]
-        if not any(has):
+        rows = [i for i, ch in enumerate(characters) if ch in held]
+        observed = [float(style_features(replies[i])[feature] > 0) for i in rows]
+        if estimates is not None and feature in estimates:
+            if len(estimates[feature]) != len(replies):
+                raise ValueError(
+                    f"estimates[{feature!r}] has {len(estimates[feature])} values for "
+                    f"{len(replies)} reference replies; fix: one per reply, in order"
+                )
+            observed = [float(estimates[feature][i]) for i in rows]
+        if not any(observed):
             logger.warning(
                 "the %d reference replies by %s never use %s; nothing to hold",
-                len(has), held, feature,
+                len(observed), held, feature,
             )  # fmt: skip
             continue
-        constraints.append(RateConstraint(feature, float(np.mean(has)), held, **kwargs))
+        constraints.append(RateConstraint(feature, float(np.mean(observed)), held, **kwargs))
     return constraints
