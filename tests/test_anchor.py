@@ -104,20 +104,13 @@ def test_expected_features_sum_the_feature_probability_at_each_sampled_position(
 
 
 def test_grpo_with_an_anchor_logs_its_drift_only_for_held_characters(tiny_llama_dir, tmp_path):
-    from test_training import CHECKERS, PROMPTS, REFERENCE
+    from test_training import CHECKERS, PROMPTS, REFERENCE, tiny_grpo_args
 
-    from training.grpo import build_rewards, grpo_config, grpo_records, train_grpo
+    from training.grpo import build_rewards, grpo_records, train_grpo
     from training.models import TRAINING_MARKER, model_config
 
     def run(characters: list[str], name: str) -> dict:
-        args = grpo_config(
-            tmp_path / f"work-{name}",
-            max_steps=3,
-            per_device_train_batch_size=8,  # two prompts a step
-            num_generations=4,
-            max_completion_length=8,
-            learning_rate=1e-2,
-        )
+        args = tiny_grpo_args(tmp_path / f"work-{name}", prompts_per_step=2, steps=3)
         out = train_grpo(
             grpo_records(PROMPTS, characters),
             build_rewards(CHECKERS, REFERENCE, held=["emoji"]),
@@ -139,9 +132,9 @@ def test_grpo_with_an_anchor_logs_its_drift_only_for_held_characters(tiny_llama_
 def test_grpo_gives_a_token_estimated_rate_constraint_each_held_replys_probability(
     tiny_llama_dir, tmp_path
 ):
-    from test_training import CHECKERS, PROMPTS, REFERENCE
+    from test_training import CHECKERS, PROMPTS, REFERENCE, tiny_grpo_args
 
-    from training.grpo import build_rewards, grpo_config, grpo_records, train_grpo
+    from training.grpo import build_rewards, grpo_records, train_grpo
     from training.models import model_config
     from training.rewards import RateConstraint
 
@@ -153,14 +146,7 @@ def test_grpo_gives_a_token_estimated_rate_constraint_each_held_replys_probabili
 
     spy.__name__ = "steerability"  # a weight train_grpo knows
     constraint = RateConstraint("emoji", 0.05, ["Mara"], estimate="tokens")
-    args = grpo_config(
-        tmp_path / "work",
-        max_steps=2,
-        per_device_train_batch_size=8,
-        num_generations=4,
-        max_completion_length=8,
-        learning_rate=1e-2,
-    )
+    args = tiny_grpo_args(tmp_path / "work", prompts_per_step=2)
     rewards = build_rewards(CHECKERS, REFERENCE, held=["emoji"])[1:]  # the artifact penalty
     train_grpo(
         grpo_records(PROMPTS, ["Mara", "Pixel"] * (len(PROMPTS) // 2)),

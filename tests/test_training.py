@@ -112,17 +112,23 @@ def test_dpo_trains_on_pairs_and_saves_a_servable_checkpoint(tiny_llama_dir, tmp
     _assert_serves(out)
 
 
-def test_grpo_runs_a_few_steps_and_logs_each_reward(tiny_llama_dir, tmp_path):
-    from training.grpo import train_grpo
-
-    args = grpo_config(
-        tmp_path / "work",
-        max_steps=2,
-        per_device_train_batch_size=4,
+def tiny_grpo_args(work, prompts_per_step: int = 1, steps: int = 2):
+    """A GRPOConfig for the tiny model: ``steps`` steps of 4 completions of 8 tokens for
+    each of ``prompts_per_step`` prompts, at a learning rate that moves it."""
+    return grpo_config(
+        work,
+        max_steps=steps,
+        per_device_train_batch_size=4 * prompts_per_step,
         num_generations=4,
         max_completion_length=8,
         learning_rate=1e-2,
     )
+
+
+def test_grpo_runs_a_few_steps_and_logs_each_reward(tiny_llama_dir, tmp_path):
+    from training.grpo import train_grpo
+
+    args = tiny_grpo_args(tmp_path / "work")
     held_rate = RateConstraint("emoji", 0.2, ["Mara"])
     out = train_grpo(
         grpo_records(PROMPTS, ["Mara"] * len(PROMPTS)),
