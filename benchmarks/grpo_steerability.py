@@ -411,6 +411,15 @@ def main() -> None:
         "--trained", default=None, help="evaluate this GRPO checkpoint instead of training one"
     )
     args = parser.parse_args()
+    from policies import SamplingParams
+
+    serving_top_p = SamplingParams().top_p  # the reference replies are sampled with it
+    if args.rate_estimate == "tokens" and args.top_p != serving_top_p:
+        parser.error(
+            f"--rate-estimate tokens with --top-p {args.top_p}: its target is estimated on "
+            f"reference replies sampled at top_p {serving_top_p}, and GRPO's replies must be "
+            f"sampled the same way; fix: --top-p {serving_top_p}"
+        )
     import torch
 
     torch.set_num_threads(args.threads)
@@ -452,8 +461,6 @@ def main() -> None:
     base_turns.assign(model="base").to_parquet(out / "eval_base.parquet")
     # The reference: the base model's own replies to the training prompts (style
     # statistics, reward scales, the rate a RateConstraint holds).
-    from policies import SamplingParams
-
     reference_chats = train_chats * args.reference_samples
     reference_characters = train_characters * args.reference_samples
     reference_params = SamplingParams(
