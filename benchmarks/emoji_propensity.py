@@ -37,27 +37,23 @@ TEMPERATURE, TOP_P = 0.8, 0.95  # the benchmark's evaluation sampling
 
 def propensity(policy, chats, replies) -> tuple[np.ndarray, np.ndarray]:
     """Per reply: the policy's probability of starting an emoji summed up to the reply's
-    first emoji, and its probability of opening the reply with one."""
-    import torch
-
+    first emoji (``expected_features``' ``present``, here on replies it did not sample),
+    and the same on the reply's first token alone."""
     from policies.tokens import fit_prompt_ids
-    from training.anchor import feature_token_ids, log_feature_mass, up_to_first
+    from training.anchor import expected_features, feature_token_ids
 
     tokenizer = policy.tokenizer
-    ids = torch.tensor(feature_token_ids(tokenizer, "emoji"))
+    ids = feature_token_ids(tokenizer, "emoji")
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    total, first = np.zeros(len(replies)), np.zeros(len(replies))
-    with torch.inference_mode():
-        for i, (chat, reply) in enumerate(zip(chats, replies, strict=True)):
-            prompt = fit_prompt_ids(tokenizer, chat, policy.spec.max_prompt_tokens)
-            completion = [*tokenizer(reply, add_special_tokens=False)["input_ids"], end]
-            logits = policy.model(
-                input_ids=torch.tensor([prompt + completion]), logits_to_keep=len(completion) + 1
-            ).logits[0, :-1]
-            mass = log_feature_mass(logits, ids, TEMPERATURE, TOP_P).exp()
-            total[i] = float((mass * up_to_first(torch.tensor(completion), ids)).sum())
-            first[i] = float(mass[0])
-    return total, first
+    prompts = [fit_prompt_ids(tokenizer, c, policy.spec.max_prompt_tokens) for c in chats]
+    replies = [[*tokenizer(r, add_special_tokens=False)["input_ids"], end] for r in replies]
+
+    def present(completions: list[list[int]]) -> np.ndarray:
+        return expected_features(
+            policy.model, prompts, completions, ids, TEMPERATURE, TOP_P, tokenizer.pad_token_id
+        )[1]
+
+    return present(replies), present([r[:1] for r in replies])
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ count. The policy may change what it says, not how readily it reaches for an emo
 the base model would. (Positions after the first emoji were held too until the seventh
 session: there a reply of emoji has mass near 1, and those positions outweighed every one
 where the choice is made; in run10 the mass summed over all positions rose x1.2 on the
-base model's held-out replies while the probability of starting one fell x0.84.)
+base model's held-out replies while the probability of starting one fell x0.83.)
 
 Measured (benchmarks/README.md, ``/work/grpo_run10``): at ``coef = 1`` the anchor held the
 mass on the training samples (mean log ratio -0.02 over 35 steps) but its gradient norm
@@ -22,7 +22,7 @@ instruction following and gold utility did not move. It holds the part of the ra
 reward cannot reach, how readily the policy starts an emoji, and a
 ``RateConstraint(estimate="tokens")`` the other, where the policy goes
 (``AnchoredGRPOTrainer`` computes the estimate it reads). Together (``/work/grpo_run15``,
-coef 0.1) they held the held-out rate at x1.21 (propensity x1.29, overshooting), but
+coef 0.1) they held the held-out rate at x1.21 (propensity x1.27, overshooting), but
 instruction following and gold utility did not move; no shipped recipe uses the anchor.
 
 The same mass, summed along a sampled reply, estimates without bias how many times a

@@ -513,7 +513,6 @@ def held_rates(
     for feature in features:
         held = characters_allowing(check_rate_feature(feature), checkers)
         rows = [i for i, ch in enumerate(characters) if ch in held]
-        observed = [float(style_features(replies[i])[feature] > 0) for i in rows]
         if estimates is not None and feature in estimates:
             if len(estimates[feature]) != len(replies):
                 raise ValueError(
@@ -521,6 +520,8 @@ def held_rates(
                     f"{len(replies)} reference replies; fix: one per reply, in order"
                 )
             observed = [float(estimates[feature][i]) for i in rows]
+        else:
+            observed = [float(style_features(replies[i])[feature] > 0) for i in rows]
         if not any(observed):
             logger.warning(
                 "the %d reference replies by %s never use %s; nothing to hold",
