@@ -389,6 +389,13 @@ def main() -> None:
     parser.add_argument(
         "--anchor-coef", type=float, default=1.0, help="weight of each TokenAnchor's loss"
     )
+    parser.add_argument(
+        "--mask-credit",
+        type=parse_features,
+        default=(),
+        help="features whose start tokens get no advantage where no reward sees them "
+        "(training.anchor.CreditMask; comma list of emoji, exclamations; 'none')",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--threads",
@@ -425,7 +432,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from policies import load_policy
-    from training.anchor import token_anchors
+    from training.anchor import credit_masks, token_anchors
     from training.grpo import build_rewards, grpo_config, grpo_records, train_grpo
     from training.models import model_config, time_limit_callback
     from training.rewards import StyleReference, held_rates, scaled_by_reference
@@ -501,12 +508,13 @@ def main() -> None:
         estimate=args.rate_estimate,
     )
     anchors = token_anchors(args.anchor, checkers, args.anchor_coef)
+    masks = credit_masks(args.mask_credit, checkers)
     rewards = build_rewards(
         checkers,
         reference,
         scorer,
         artifact_tolerance=args.artifact_tolerance,
-        held=sorted({c.feature for c in constraints} | {a.feature for a in anchors}),
+        held=sorted({c.feature for c in [*constraints, *anchors, *masks]}),
     )
     scales = None
     if args.normalise == "reference":
@@ -519,6 +527,8 @@ def main() -> None:
         print(f"{c.__name__}: holding {c.target:.4f} for {sorted(c.characters)}", flush=True)
     for a in anchors:
         print(f"anchor: {a.feature} token mass for {sorted(a.characters)}", flush=True)
+    for m in masks:
+        print(f"credit mask: {m.feature} start tokens for {sorted(m.characters)}", flush=True)
     rewards = [*rewards, *constraints]
     grpo_args = grpo_config(
         out / "trainer",
@@ -542,6 +552,7 @@ def main() -> None:
             out / "model",
             callbacks=[time_limit_callback(args.minutes * 60)],
             anchors=anchors,
+            credit_masks=masks,
         )
         train_s = time.monotonic() - t0
     else:
@@ -582,6 +593,7 @@ def main() -> None:
             for c in trained_with
         },
         "anchors": {a.feature: sorted(a.characters) for a in anchors},
+        "credit_masks": {m.feature: sorted(m.characters) for m in masks},
         "before": before,
         "after": after,
         "paired_tests": tests,

@@ -11,11 +11,13 @@ import torch
 
 from training.anchor import (
     MIN_LOG_MASS,
+    CreditMask,
     TokenAnchor,
     anchor_loss,
     expected_features,
     feature_token_ids,
     log_feature_mass,
+    uncredited,
     up_to_first,
 )
 
@@ -177,3 +179,47 @@ def test_up_to_first_keeps_the_positions_before_the_feature_and_its_first_use():
         [1, 1, 1, 1, 1],
         [1, 0, 0, 0, 0],
     ]
+
+
+def test_uncredited_marks_the_feature_tokens_of_held_rows_only():
+    ids = torch.tensor([7, 9])
+    tokens = torch.tensor([[1, 7, 3, 9], [7, 2, 3, 4], [1, 9, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 0, 0]])
+    held = torch.tensor([1.0, 0.0, 1.0])  # the second row's character is not masked
+    assert uncredited(tokens, mask, ids, held).int().tolist() == [
+        [0, 1, 0, 1],
+        [0, 0, 0, 0],
+        [0, 1, 0, 0],
+    ]
+
+
+def test_grpo_gives_masked_tokens_no_credit(tiny_llama_dir, tmp_path, monkeypatch):
+    """With every token counted as the feature, a held character's completions carry no
+    advantage anywhere and the KL term has no gradient at the base model: GRPO leaves the
+    weights as they were. A character the mask does not hold still learns."""
+    from test_training import CHECKERS, PROMPTS, REFERENCE, _changed, _weights, tiny_grpo_args
+
+    import training.anchor
+    from training.grpo import build_rewards, grpo_records, train_grpo
+    from training.models import TRAINING_MARKER, model_config
+
+    monkeypatch.setattr(
+        training.anchor, "feature_token_ids", lambda tokenizer, feature: range(len(tokenizer))
+    )
+
+    def run(character: str) -> tuple[bool, dict]:
+        out = train_grpo(
+            grpo_records(PROMPTS, [character] * len(PROMPTS)),
+            build_rewards(CHECKERS, REFERENCE, held=["emoji"]),
+            model_config(str(tiny_llama_dir)),
+            tiny_grpo_args(tmp_path / f"work-{character}", prompts_per_step=2),
+            tmp_path / character,
+            credit_masks=[CreditMask("emoji", ["Mara"])],
+        )
+        metrics = json.loads((out / TRAINING_MARKER).read_text())["metrics"]
+        return _changed(_weights(tiny_llama_dir), _weights(out)), metrics
+
+    changed, metrics = run("Mara")
+    assert not changed and metrics["credit_mask/emoji_tokens"] > 0
+    changed, metrics = run("Pixel")
+    assert changed and metrics["credit_mask/emoji_tokens"] == 0

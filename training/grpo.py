@@ -148,6 +148,7 @@ def train_grpo(
     weights: Mapping[str, float] | None = None,
     callbacks: Sequence[Any] = (),
     anchors: Sequence[Any] = (),
+    credit_masks: Sequence[Any] = (),
 ) -> Path:
     """Run GRPO on ``records`` with ``reward_funcs`` and save a merged checkpoint.
 
@@ -162,6 +163,8 @@ def train_grpo(
         callbacks: extra TrainerCallbacks (e.g. ``training.models.time_limit_callback``).
         anchors: ``training.anchor.TokenAnchor`` s: hold a rare feature's token mass at
             the base model's (an extra loss term; see ``training.anchor``).
+        credit_masks: ``training.anchor.CreditMask`` s: no advantage for the tokens that
+            start a feature no reward sees.
 
     Returns:
         ``out_dir``, loadable with ``policies.load_policy(str(out_dir))``.
@@ -180,5 +183,5 @@ def train_grpo(
     return train_and_save(
         AnchoredGRPOTrainer, "grpo", records, model_args, args, out_dir,
         extra_metrics={"reward_names": names}, reward_funcs=reward_funcs,
-        callbacks=list(callbacks), anchors=list(anchors),
+        callbacks=list(callbacks), anchors=list(anchors), credit_masks=list(credit_masks),
     )  # fmt: skip
