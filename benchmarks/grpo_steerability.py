@@ -41,6 +41,10 @@ model's at every completion position by an extra loss term (measured: at ``--anc
 1`` its gradient swamps GRPO's). ``--rate-estimate tokens`` has the constraint read each
 reply's probability of an emoji from the policy's token probabilities instead of counting
 them; ``--top-p 0.95`` samples GRPO's replies with the nucleus the policy serves with.
+``--mask-credit emoji`` gives the tokens that start an emoji no advantage where no reward
+sees them (``training.anchor.CreditMask``): no reward can say whether an emoji was good,
+so its token should not share its reply's score. With ``--rate-estimate tokens --top-p
+0.95`` it is the recipe that holds the rate (benchmarks/README.md).
 benchmarks/README.md has the runs that compare them.
 ``--base-eval OUT/eval_base.parquet`` reuses an earlier run's evaluation of the base model
 (same prompts and seeds: the same replies), saving ~13 minutes.

@@ -24,6 +24,8 @@ reward cannot reach, how readily the policy starts an emoji, and a
 (``AnchoredGRPOTrainer`` computes the estimate it reads). Together (``/work/grpo_run15``,
 coef 0.1) they held the held-out rate at x1.21 (propensity x1.27, overshooting), but
 instruction following and gold utility did not move; no shipped recipe uses the anchor.
+What held the propensity without holding the model still is a ``CreditMask``: no
+advantage for the tokens that start the feature where no reward sees it (run17).
 
 The same mass, summed along a sampled reply, estimates without bias how many times a
 reply has the feature, and summed up to its first use, how often a reply has it at all,
@@ -216,13 +218,17 @@ class CreditMask:
     completions: their advantage is 0 there (TRL's per-token advantages); the KL term
     still holds them to the base model.
 
-    GRPO credits every token of a reply with the reply's advantage. For a feature no
-    reward observes, that credit is confounding, not evidence: ``rm_ab_small`` scores a
-    reply identically with its emoji removed, yet emoji replies score 0.42 sd lower for
-    their content, so the few emoji tokens sampled in a run, a handful of ids shared by
-    every emoji, were pushed down with bad content everywhere (run8: the probability of
-    starting an emoji x0.61 on held-out replies). For characters that forbid the feature
-    a checker does see it, so ``credit_masks`` leaves them out.
+    GRPO credits every token of a reply with the reply's advantage. Where no reward
+    observes whether a reply uses the feature, that credit is confounding, not evidence:
+    ``rm_ab_small`` scores a reply identically with its emoji removed (and the artifact
+    penalty, the feature held, judges only how many), yet emoji replies score 0.42 sd
+    lower for their content. So the few emoji sampled in a run, started by a handful of
+    token ids that every emoji shares, were pushed down with bad content everywhere
+    (run8: the probability of starting an emoji x0.61 on held-out replies). Measured with
+    a token-estimated ``RateConstraint``, the same seed and command: the held-out rate
+    x1.04 with the mask (``/work/grpo_run17``; 26 tokens masked in 47 steps), x0.61
+    without it (``/work/grpo_run18``). Where a character forbids the feature a checker
+    does see it: ``credit_masks`` leaves those characters out.
     """
 
     feature: str

@@ -408,7 +408,9 @@ class RateConstraint:
     E[x] is the rate. As a reward it moves the policy only through the replies it prefers
     (towards where the feature is likely, the part of the rate's gradient a
     ``TokenAnchor`` does not hold), and it never enters the loss, where Adam made a
-    multiplier's push bang-bang (benchmarks/README.md).
+    multiplier's push bang-bang (benchmarks/README.md). With a ``CreditMask`` on the same
+    feature it held the held-out rate at x1.04 while instruction following and gold
+    utility rose (``/work/grpo_run17``); without the mask, x0.61 (``/work/grpo_run18``).
     """
 
     def __init__(
