@@ -29,29 +29,32 @@ import os
 
 import numpy as np
 import pandas as pd
-from grpo_steerability import build_prompts, emoji_allowed, first_turn_prompts
+from grpo_steerability import (
+    TEMPERATURE,
+    build_prompts,
+    emoji_allowed,
+    expected_feature,
+    first_turn_prompts,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-TEMPERATURE, TOP_P = 0.8, 0.95  # the benchmark's evaluation sampling
 
 
 def propensity(policy, chats, replies) -> tuple[np.ndarray, np.ndarray]:
     """Per reply: the policy's probability of starting an emoji summed up to the reply's
     first emoji (``expected_features``' ``present``, here on replies it did not sample),
-    and the same on the reply's first token alone."""
-    from policies.tokens import fit_prompt_ids
-    from training.anchor import expected_features, feature_token_ids
+    and the same on the reply's first token alone, at the benchmark's evaluation sampling."""
+    from policies import SamplingParams
+    from training.anchor import feature_token_ids
 
     tokenizer = policy.tokenizer
     ids = feature_token_ids(tokenizer, "emoji")
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    prompts = [fit_prompt_ids(tokenizer, c, policy.spec.max_prompt_tokens) for c in chats]
     replies = [[*tokenizer(r, add_special_tokens=False)["input_ids"], end] for r in replies]
+    params = SamplingParams(temperature=TEMPERATURE)
 
     def present(completions: list[list[int]]) -> np.ndarray:
-        return expected_features(
-            policy.model, prompts, completions, ids, TEMPERATURE, TOP_P, tokenizer.pad_token_id
-        )[1]
+        return expected_feature(policy, chats, completions, params, ids)[1]
 
     return present(replies), present([r[:1] for r in replies])
 

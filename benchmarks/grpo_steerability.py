@@ -84,6 +84,7 @@ HELD_STYLE = (
     "expected_emoji_per_reply_where_allowed",
 )
 EQUIVALENCE_MARGIN = 0.15
+TEMPERATURE = 0.8  # every reply the benchmark samples: reference and evaluation
 # THREADS_NOTE: on a CPU shared with other jobs, torch's default of one thread per core
 # collapses (threads spin at barriers while their partner is descheduled). Measured here
 # with 6 other jobs on 2 cores, SmolLM2 generating 16 x 48 tokens: 225 s with 2 threads,
@@ -149,12 +150,15 @@ def evaluate(world, policy, users, characters, samples: int, seed: int, max_new_
     for k in range(samples):
         fresh = copy.deepcopy(users)
         sessions, chats = first_turn_prompts(world, fresh, characters, seed)
-        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.8, seed=seed + k)
+        params = SamplingParams(
+            max_new_tokens=max_new_tokens, temperature=TEMPERATURE, seed=seed + k
+        )
         generations = policy.generate(chats, params)
         records = world.engine.apply_replies(
             sessions, [g.text for g in generations], [g.completion_tokens for g in generations]
         )
-        count, present = expected_feature(policy, chats, generations, params, emoji_ids)
+        completions = [g.completion_ids for g in generations]
+        count, present = expected_feature(policy, chats, completions, params, emoji_ids)
         rows.extend(
             r.to_row() | {"sample": k, "expected_emoji": c, "expected_has_emoji": h}
             for r, c, h in zip(records, count, present, strict=True)
@@ -163,7 +167,7 @@ def evaluate(world, policy, users, characters, samples: int, seed: int, max_new_
 
 
 def expected_feature(
-    policy, chats, generations, params, token_ids: list[int]
+    policy, chats, completion_ids: list[list[int]], params, token_ids: list[int]
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per reply, the policy's expected count of a feature (emoji: ``token_ids`` are the
     tokens that start one) and its probability of having it, from its own token
@@ -177,7 +181,7 @@ def expected_feature(
     return expected_features(
         policy.model,
         [fit_prompt_ids(tokenizer, chat, policy.spec.max_prompt_tokens) for chat in chats],
-        [g.completion_ids for g in generations],
+        completion_ids,
         token_ids,
         params.temperature,
         params.top_p,
@@ -475,7 +479,7 @@ def main() -> None:
     reference_chats = train_chats * args.reference_samples
     reference_characters = train_characters * args.reference_samples
     reference_params = SamplingParams(
-        max_new_tokens=args.max_new_tokens, temperature=0.8, seed=args.seed
+        max_new_tokens=args.max_new_tokens, temperature=TEMPERATURE, seed=args.seed
     )
     reference_generations = base_policy.generate(reference_chats, reference_params)
     reference_replies = [g.text for g in reference_generations]
@@ -488,7 +492,7 @@ def main() -> None:
             feature: expected_feature(
                 base_policy,
                 reference_chats,
-                reference_generations,
+                [g.completion_ids for g in reference_generations],
                 reference_params,
                 feature_token_ids(base_policy.tokenizer, feature),
             )[1]
