@@ -17,9 +17,11 @@ Only the characters that may use emoji count. The replies are re-tokenised from 
 (the evaluation files keep text, not token ids), which for byte-level BPE gives the same
 tokens in nearly every case. Usage (the prompts must be the benchmark run's)::
 
-    .venv/bin/python benchmarks/emoji_propensity.py --trained /work/grpo_run8/model \\
-        --base-eval /work/grpo_run8_rb/eval_base.parquet \\
-        --trained-eval /work/grpo_run8_rb/eval_grpo.parquet
+    .venv/bin/python benchmarks/emoji_propensity.py --trained runs/grpo_smollm2/model \\
+        --base-eval runs/grpo_smollm2/eval_base.parquet \\
+        --trained-eval runs/grpo_smollm2/eval_grpo.parquet
+
+Figures and how to read them: benchmarks/README.md.
 """
 
 from __future__ import annotations

@@ -4,9 +4,10 @@ Trains SmolLM2-135M-Instruct with TRL's GRPOTrainer (LoRA, CPU) on first-turn ch
 prompts written from the chit-chat *train* openers, with the flywheel's rewards
 (``training.rewards``): the characters' steerability checkers, the artifact penalty against
 the base model's own style statistics and, with ``--rm``, a reward model trained on logged
-engagement (``flywheel rm train``; the proxy for what users want, never the gold utility). Then it evaluates base and trained model on the same
-held-out prompts (the chit-chat *held-out* openers, new users, every character equally
-often) and prints before/after numbers:
+engagement (``flywheel rm train``; the proxy for what users want, never the gold
+utility). Then it evaluates base and trained model on the same held-out prompts (the
+chit-chat *held-out* openers, new users, every character equally often) and prints
+before/after numbers:
 
 - instruction-following rate (share of replies meeting every instruction of their
   character) and violation rate (``rewards.steerability``),
@@ -14,7 +15,7 @@ often) and prints before/after numbers:
 - emoji rate (share of replies with an emoji), overall and over the characters that may
   use emoji (three characters forbid them, so there a falling rate is instruction
   following), emoji per reply and mean length in words, with the ratio to the base model
-  (the brief: within 15%),
+  (to be held within 15%),
 - expected emoji rate and emoji per reply: each model's probability of starting an emoji
   at each position of its own sampled replies, summed up to the first emoji (the rate) or
   over the whole reply (the count) (``training.anchor.expected_features``). The same
@@ -25,9 +26,9 @@ Base and trained model answer the same prompts with the same sampling seeds, so 
 metric is compared by a paired t-test (statsmodels) on per-prompt means: the prompt, not
 the reply, is the unit, since the samples of one prompt are not independent.
 
-Two guards against a policy that games its rewards (both measured: without them, 50 steps
-at lr 5e-4 turn SmolLM2 into text that recites its rules, "You are the user. The user is
-the user...", which the reward model scores as high as a real answer): a KL leash to the
+Two guards against a policy that games its rewards (without them GRPO at lr 5e-4 turns
+SmolLM2 into text that recites its rules, which the reward model scores as high as a real
+answer; benchmarks/README.md): a KL leash to the
 base model (``--beta``), and each reward divided by its spread over the base model's
 replies (``--normalise reference``) instead of standardised within its group, where a
 reward model's 0.03 differences would weigh as much as a broken instruction.
@@ -37,16 +38,16 @@ emoji, over the characters that may use them, held at the base model's rate by a
 multiplier, with the artifact penalty judging emoji only when present
 (``training.rewards``). ``--anchor emoji`` adds a ``TokenAnchor`` instead or as well
 (``training.anchor``): the policy's probability of starting an emoji held at the base
-model's at every completion position by an extra loss term (measured: at ``--anchor-coef
-1`` its gradient swamps GRPO's). ``--rate-estimate tokens`` has the constraint read each
+model's at every completion position by an extra loss term (at ``--anchor-coef 1`` its
+gradient swamps GRPO's). ``--rate-estimate tokens`` has the constraint read each
 reply's probability of an emoji from the policy's token probabilities instead of counting
 them; ``--top-p 0.95`` samples GRPO's replies with the nucleus the policy serves with.
 ``--mask-credit emoji`` gives the tokens that start an emoji no advantage where no reward
 sees them (``training.anchor.CreditMask``): no reward can say whether an emoji was good,
 so its token should not share its reply's score. With ``--rate-estimate tokens --top-p
-0.95`` it is the recipe that holds the rate (benchmarks/README.md).
-benchmarks/README.md has the runs that compare them.
-``--base-eval OUT/eval_base.parquet`` reuses an earlier run's evaluation of the base model
+0.95`` it is the recipe that holds the rate. benchmarks/README.md has the figures of
+each configuration and how to read them.
+``--base-eval OUT/eval_base.parquet`` reuses another run's evaluation of the base model
 (same prompts and seeds: the same replies), saving ~13 minutes.
 
 The training run stops after ``--minutes`` of wall time (or ``--max-steps``), whichever
@@ -54,8 +55,8 @@ comes first. Usage::
 
     .venv/bin/python benchmarks/grpo_steerability.py --minutes 25 --out runs/grpo_smollm2
 
-Writes ``OUT/model`` (merged checkpoint; ``policies.load_policy`` serves it) and
-``OUT/before_after.json``.
+Writes ``OUT/model`` (merged checkpoint; ``policies.load_policy`` serves it),
+``OUT/before_after.json``, ``OUT/eval_base.parquet`` and ``OUT/eval_grpo.parquet``.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ import pandas as pd
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 EVAL_HOUR = 12.0  # simulated hour of day of every evaluation session
-# Style the brief asks to hold "within 15% of the base model's": tested for equivalence.
+# Style to be held "within 15% of the base model's": tested for equivalence.
 HELD_STYLE = (
     "mean_words",
     "emoji_rate_where_allowed",
@@ -86,9 +87,8 @@ HELD_STYLE = (
 EQUIVALENCE_MARGIN = 0.15
 TEMPERATURE = 0.8  # every reply the benchmark samples: reference and evaluation
 # THREADS_NOTE: on a CPU shared with other jobs, torch's default of one thread per core
-# collapses (threads spin at barriers while their partner is descheduled). Measured here
-# with 6 other jobs on 2 cores, SmolLM2 generating 16 x 48 tokens: 225 s with 2 threads,
-# 43 s with 1 (fp32), 18 s with 1 (bf16). Pass --threads 2 on an idle machine.
+# collapses (threads spin at barriers while their partner is descheduled; figures in
+# benchmarks/README.md). Pass --threads 2 on an idle machine.
 
 
 def round_robin(names: list[str], n: int) -> list[str]:
@@ -192,7 +192,7 @@ def expected_feature(
 def saved_base_evaluation(
     path: str, users: list, characters: list[str], samples: int
 ) -> pd.DataFrame:
-    """The base model's evaluation saved by an earlier run with the same ``--scenario``,
+    """The base model's evaluation saved by another run with the same ``--scenario``,
     ``--seed``, ``--eval-prompts``, ``--eval-samples`` and ``--max-new-tokens``: the same
     prompts and seeds give the same replies, so the ~13 minutes need not be spent again.
     Checked: its users and characters, sample by sample (not the seed: user ids do not
@@ -420,7 +420,7 @@ def main() -> None:
     parser.add_argument(
         "--base-eval",
         default=None,
-        help="reuse this eval_base.parquet of an earlier run with the same prompts and seeds",
+        help="reuse this eval_base.parquet of another run with the same prompts and seeds",
     )
     parser.add_argument(
         "--trained", default=None, help="evaluate this GRPO checkpoint instead of training one"

@@ -20,7 +20,9 @@ Three stages, each skipped when its output already exists in RUN_DIR (rerun to r
    ``pointwise:liked`` is a pointwise model of likes alone, the immediate signal the trap
    rewards.
 
-    .venv/bin/python benchmarks/rm_artifact_trap.py --run-dir runs/artifact_trap
+    .venv/bin/python benchmarks/rm_artifact_trap.py --run-dir runs/rm_artifact_trap
+
+Figures and how to read them: benchmarks/README.md.
 """
 
 from __future__ import annotations

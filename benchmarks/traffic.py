@@ -21,12 +21,10 @@ Tokens are generated tokens (bot + user). Usage::
     .venv/bin/python benchmarks/traffic.py --users 120 --baseline-users 16
     .venv/bin/python benchmarks/traffic.py --model tiny --users 400  # random 2-layer Llama
 
-Measured here (2 shared cores, OMP_NUM_THREADS=1, load average 4-7 from other jobs), one day:
-SmolLM2 at 120 users: batched 18.8 tok/s (mean batch 11.4) vs 5.6 one at a time (3.3x;
-2.4x conversations/s), 0.92 of the replayed generation ceiling, 0.27 of a raw batch of 64
-short chats (smaller batches, longer prompts). The tiny random Llama gains only 1.4x from
-batching: its cost is per row (a 49k-token vocabulary projection and top-p sort for
-every row), not weight reads, so it is no stand-in for a real model here.
+The latest figures, the machine they came from and how to read them are in
+benchmarks/README.md. The tiny random Llama is no stand-in for a real model here: its cost
+is per row (a 49k-token vocabulary projection and top-p sort for every row), not weight
+reads, so batching gains it little.
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ Three tables live in the run store's DuckDB file next to the traffic tables
                     config (JSON), fingerprint (sha256 of the config: a finished step is
                     reused only under the same config), inputs (JSON), outputs (JSON: paths
                     relative to the run directory, metrics), started_at, finished_at, wall_s.
-``generations``     one row per generation: its record (JSON, the GENERATIONS_CONTRACT
-                    entry), written when the generation's decision is made.
+``generations``     one row per generation: its record (JSON, its entry in
+                    ``generations.json``), written when the generation's decision is made.
 ``serving_events``  one row per reply the serving path did not serve as generated
                     (``sim.serving.ServingEvent``: blocked, checker error or timeout), keyed
                     by (experiment_id, event_id) so a replayed day records each event once.

@@ -230,7 +230,7 @@ def train_and_evaluate(
     if train_table is None or train_table.empty:
         raise ValueError(f"no training rows for kind {kind!r} after holding out test users")
     leaked = [c for c in train_table.columns if c.startswith(ORACLE_PREFIX)]
-    if leaked:  # the invariant of DESIGN.md: no reward model fits the oracle
+    if leaked:  # the invariant: no reward model fits the oracle
         raise RuntimeError(f"oracle columns {leaked} reached reward-model training")
     started = time.perf_counter()
     if backbone == "minilm":

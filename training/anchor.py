@@ -10,22 +10,20 @@ characters it holds, the squared log ratio of that mass under the policy and und
 base model (LoRA disabled), at every completion position up to the first sampled feature
 token, weighted by the mass itself so that the positions where an emoji is plausible
 count. The policy may change what it says, not how readily it reaches for an emoji where
-the base model would. (Positions after the first emoji were held too until the seventh
-session: there a reply of emoji has mass near 1, and those positions outweighed every one
-where the choice is made; in run10 the mass summed over all positions rose x1.2 on the
-base model's held-out replies while the probability of starting one fell x0.83.)
+the base model would. Positions after the first emoji are not held: there a reply of
+emoji has mass near 1, and those positions would outweigh every one where the choice is
+made (held over every position, the mass can rise while the probability of starting an
+emoji falls).
 
-Measured (benchmarks/README.md, ``/work/grpo_run10``): at ``coef = 1`` the anchor held the
-mass on the training samples (mean log ratio -0.02 over 35 steps) but its gradient norm
-was 2-12 against GRPO's ~0.3, so clipping and Adam's scaling left GRPO little room:
-instruction following and gold utility did not move. It holds the part of the rate a
-reward cannot reach, how readily the policy starts an emoji, and a
-``RateConstraint(estimate="tokens")`` the other, where the policy goes
-(``AnchoredGRPOTrainer`` computes the estimate it reads). Together (``/work/grpo_run15``,
-coef 0.1) they held the held-out rate at x1.21 (propensity x1.27, overshooting), but
-instruction following and gold utility did not move; no shipped recipe uses the anchor.
-What held the propensity without holding the model still is a ``CreditMask``: no
-advantage for the tokens that start the feature where no reward sees it (run17).
+The anchor holds the part of the rate a reward cannot reach, how readily the policy starts
+an emoji, and a ``RateConstraint(estimate="tokens")`` the other, where the policy goes
+(``AnchoredGRPOTrainer`` computes the estimate it reads). Its cost: at ``coef = 1`` its
+gradient is an order of magnitude larger than GRPO's, so clipping and Adam's scaling leave
+GRPO little room; at ``coef = 0.1`` it holds the emoji mass in every context and with it
+the whole model. No shipped recipe uses the anchor. What holds the propensity without
+holding the model still is a ``CreditMask``: no advantage for the tokens that start the
+feature where no reward sees it. benchmarks/README.md (``grpo_steerability.py``,
+``emoji_propensity.py``) has the figures of each configuration.
 
 The same mass, summed along a sampled reply, estimates without bias how many times a
 reply has the feature, and summed up to its first use, how often a reply has it at all,
@@ -220,15 +218,14 @@ class CreditMask:
 
     GRPO credits every token of a reply with the reply's advantage. Where no reward
     observes whether a reply uses the feature, that credit is confounding, not evidence:
-    ``rm_ab_small`` scores a reply identically with its emoji removed (and the artifact
-    penalty, the feature held, judges only how many), yet emoji replies score 0.42 sd
-    lower for their content. So the few emoji sampled in a run, started by a handful of
-    token ids that every emoji shares, were pushed down with bad content everywhere
-    (run8: the probability of starting an emoji x0.61 on held-out replies). Measured with
-    a token-estimated ``RateConstraint``, the same seed and command: the held-out rate
-    x1.04 with the mask (``/work/grpo_run17``; 26 tokens masked in 47 steps), x0.61
-    without it (``/work/grpo_run18``). Where a character forbids the feature a checker
-    does see it: ``credit_masks`` leaves those characters out.
+    a reward model trained on logged engagement can score a reply identically with its
+    emoji removed (and the artifact penalty, the feature held, judges only how many), yet
+    score emoji replies lower for their content. Then the few emoji sampled in a run,
+    started by a handful of token ids that every emoji shares, are pushed down with bad
+    content everywhere. With a token-estimated ``RateConstraint``, the mask is what holds
+    the held-out emoji rate (benchmarks/README.md, ``grpo_steerability.py``). Where a
+    character forbids the feature a checker does see it: ``credit_masks`` leaves those
+    characters out.
     """
 
     feature: str
@@ -386,8 +383,8 @@ class AnchoredGRPOTrainer(GRPOTrainer):
             ids = self._feature_ids[a.feature].to(policy_logits.device)
             # The whole distribution, not the sampling nucleus: where the policy's nucleus
             # drops every emoji token its mass is a floor without a gradient, and those are
-            # the positions the anchor is for (measured: weighted log ratios of -3.4 at
-            # top_p 0.95 that the anchor could not pull back).
+            # the positions the anchor is for (at top_p 0.95 the anchor cannot pull such
+            # a position's log ratio back).
             log_policy = log_feature_mass(policy_logits, ids, self.temperature)
             log_ref = log_feature_mass(ref_logits, ids, self.temperature)
             held = inputs[f"anchor_held_{a.feature}"][:, None] * inputs["completion_mask"]

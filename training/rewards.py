@@ -14,11 +14,11 @@ through TRL's ``log_metric`` hook, the project's metric namespace. The three com
 - ``artifact_penalty``: how far the reply's style (words, emoji, exclamation marks) strays
   from the *reference model's* replies to the same character, in reference standard
   deviations beyond a tolerance, summed over features and negated. Without it GRPO
-  learns the cheapest trick first (collapsing length, emoji spam): see DESIGN.md.
+  learns the cheapest trick first (collapsing length, emoji spam).
 - ``emoji_rate`` (optional, ``RateConstraint``): holds the share of replies with an emoji
   at the reference model's rate. A per-reply penalty cannot hold a rare feature: at a 3%
   rate a reply without emoji sits inside any tolerance band, so nothing stops the rate
-  from falling to zero (measured: 0.028 -> 0.006 in 50 GRPO steps).
+  from falling to zero (benchmarks/README.md, ``--hold-rate none``).
 
 Components live on different scales, so they are normalised each on its own before
 they are combined, in one of two ways:
@@ -278,7 +278,7 @@ class ArtifactPenalty:
     A feature a ``RateConstraint`` holds (``held``) is judged only when present, against
     the reference replies that use it: the constraint decides how often, the penalty how
     much. Otherwise any emoji is an outlier (reference mean 0.1, std at the floor) and the
-    penalty fights the constraint: measured, 2.2 reference sd a reply with emoji.
+    penalty fights the constraint (a reply with emoji costs about two reference sd).
     """
 
     __name__ = "artifact_penalty"
@@ -408,9 +408,9 @@ class RateConstraint:
     E[x] is the rate. As a reward it moves the policy only through the replies it prefers
     (towards where the feature is likely, the part of the rate's gradient a
     ``TokenAnchor`` does not hold), and it never enters the loss, where Adam made a
-    multiplier's push bang-bang (benchmarks/README.md). With a ``CreditMask`` on the same
-    feature it held the held-out rate at x1.04 while instruction following and gold
-    utility rose (``/work/grpo_run17``); without the mask, x0.61 (``/work/grpo_run18``).
+    multiplier's push bang-bang. With a ``CreditMask`` on the same feature it holds the
+    held-out rate while instruction following and gold utility rise; without the mask the
+    rate falls (benchmarks/README.md, ``grpo_steerability.py``).
     """
 
     def __init__(
