@@ -1,6 +1,6 @@
 """Cached, read-only loaders over a run directory, shared by every dashboard page.
 
-A run directory (``GENERATIONS_CONTRACT.md``) holds ``run.duckdb`` (``flywheel.store``),
+A run directory (``flywheel run --out``) holds ``run.duckdb`` (``flywheel.store``),
 ``generations.json`` and ``artifacts/``. The dashboard never writes to it:
 
 - the store is opened with ``RunStore(read_only=True)`` for each cached read and closed

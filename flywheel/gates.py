@@ -157,7 +157,7 @@ class OfflineReport:
         return self._overall(self.parent_steerability, "violation_rate")
 
     def offline_dict(self) -> dict[str, Any]:
-        """The ``offline`` block of a generation record (GENERATIONS_CONTRACT.md)."""
+        """The ``offline`` block of a generation record (``generations.json``)."""
         return {
             "rm_win_rate": self.rm_win_rate,
             "rm_win_rate_ci": list(self.rm_win_rate_ci),

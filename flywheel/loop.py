@@ -610,7 +610,7 @@ class FlywheelRun:
         shown: dict[str, Any],
         ab: dict[str, Any],
     ) -> dict[str, Any]:
-        """The generation record (GENERATIONS_CONTRACT.md)."""
+        """The generation record (one entry of ``generations.json``)."""
         from flywheel.gates import Gate, failed_reason
 
         name = shown["recipe"].name

@@ -5,7 +5,7 @@ rate raw and style-controlled, held-out instruction following and violation rate
 the A/B lifts of engagement breadth and depth with their confidence intervals, and the
 decision (ship / hold / gated). Written as
 
-- ``RUN_DIR/generations.json`` (schema in GENERATIONS_CONTRACT.md, rewritten atomically),
+- ``RUN_DIR/generations.json`` (built by ``document``, rewritten atomically),
 - ``RUN_DIR/generations.md`` (the Markdown table, then each generation's reason and gates),
 - ``RUN_DIR/plots/*.png``: lift per generation with CIs, steerability trend, style drift,
   reward-model win rates raw vs style-controlled.
@@ -133,7 +133,7 @@ def text_table(records: Sequence[Mapping[str, Any]]) -> str:
 
 
 def document(scenario: Any, records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """The ``generations.json`` document (GENERATIONS_CONTRACT.md)."""
+    """The ``generations.json`` document: schema version, scenario, seed, base, generations."""
     return {
         "schema_version": SCHEMA_VERSION,
         "scenario": scenario.name,

@@ -18,7 +18,7 @@
 Each session owns a generator derived from the ``rng`` given to ``open_sessions``, so the
 users' signals do not depend on how sessions are grouped into batches.
 
-Beyond WORLD_CONTRACT.md (additions only, nothing renamed): ``open_sessions`` takes an
+Also: ``open_sessions`` takes an
 optional ``characters`` list to pin characters; ``apply_replies`` and ``run_sessions`` exist
 for the env and ``flywheel chat``; ``TurnRecord`` also carries ``segment``, ``hour`` and
 ``user_message_pii`` (the answered user message had planted PII); ``SessionRecord`` carries

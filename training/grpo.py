@@ -7,7 +7,7 @@ towards the replies that beat their group. The part people change is the reward 
 and its weights (``build_rewards``); everything else is TRL.
 
 On CPU (default) generation is transformers' ``generate`` and LoRA keeps the step cheap
-(DESIGN.md: ~10-18 s a step for 8-16 completions on 2 cores). On GPUs the same recipe
+(benchmarks/README.md has step times on a 2-core CPU). On GPUs the same recipe
 switches to vLLM generation and DeepSpeed ZeRO-3 by configuration only: a YAML of
 GRPOConfig fields (``training/configs/grpo_vllm.yaml``) and an accelerate config
 (``training/configs/accelerate_zero3.yaml``); see ``training/configs/README.md``.
