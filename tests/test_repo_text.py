@@ -1,0 +1,96 @@
+"""The project's code and docs speak of the project alone.
+
+Every text file outside ``tests/`` (code, docstrings, comments, docs, scenario and config
+files) must be readable on anyone's clone: no absolute path of one machine (a work folder,
+a temporary folder where a run happened to land), no labels of private runs ("run17",
+"grpo_run8") that exist on no one else's disk, no diary of which work session did what,
+and no reference to a design note that is not in the repository.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCANNED_DIRS = (
+    "benchmarks",
+    "dashboards",
+    "flywheel",
+    "policies",
+    "rewards",
+    "scenarios",
+    "sim",
+    "training",
+)
+SCANNED_FILES = ("README.md", "Makefile", "pyproject.toml")
+SUFFIXES = {".py", ".md", ".toml", ".yaml", ".yml", ".cfg", ".txt", ".json"}
+
+# Each pattern with why it does not belong in the project's text.
+FORBIDDEN = {
+    "an absolute path of one machine": re.compile(r"(?<![\w.])/(tmp|work|root|home|Users)/"),
+    "a private run label": re.compile(r"\b(grpo_)?run\d+\b|\bruns? \d+-\d+\b"),
+    "a work-session diary": re.compile(
+        r"\b(first|second|third|fourth|fifth|sixth|seventh|eighth|ninth|tenth) session\b",
+        re.IGNORECASE,
+    ),
+}
+# Upper-case Markdown names (README.md, DESIGN.md, *_CONTRACT.md) name documents; lower-case
+# ones (report.md, generations.md) are files the code writes.
+DOC_REFERENCE = re.compile(r"\b[A-Z][A-Z0-9_]*\.md\b")
+
+
+def scanned_files(root: Path) -> list[Path]:
+    """The text files the rule covers, relative paths sorted."""
+    files = [root / name for name in SCANNED_FILES if (root / name).is_file()]
+    for folder in SCANNED_DIRS:
+        files += [
+            p
+            for p in (root / folder).rglob("*")
+            if p.is_file() and p.suffix in SUFFIXES and "__pycache__" not in p.parts
+        ]
+    return sorted(files)
+
+
+def offending_lines(root: Path) -> list[str]:
+    """``path:line: what: text`` for every line that breaks the rule."""
+    documents = {p.name for p in root.glob("*.md")}
+    for folder in (*SCANNED_DIRS, "tests"):
+        documents |= {p.name for p in (root / folder).rglob("*.md")}
+    found = []
+    for path in scanned_files(root):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        for number, line in enumerate(text.splitlines(), start=1):
+            where = f"{path.relative_to(root)}:{number}"
+            for what, pattern in FORBIDDEN.items():
+                if pattern.search(line):
+                    found.append(f"{where}: {what}: {line.strip()}")
+            for name in DOC_REFERENCE.findall(line):
+                if name not in documents:
+                    found.append(f"{where}: {name} is not in the repository: {line.strip()}")
+    return found
+
+
+def test_code_and_docs_name_no_machine_path_private_run_or_missing_document() -> None:
+    found = offending_lines(ROOT)
+    assert not found, (
+        "text that only makes sense on one machine or in one work history; say what the code "
+        "does and why, use relative runs/... paths, name configurations by their flags, and "
+        "put measurements in benchmarks/README.md:\n" + "\n".join(found)
+    )
+
+
+def test_the_rule_catches_each_kind(tmp_path: Path) -> None:
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "benchmarks" / "README.md").write_text(
+        "    python benchmarks/x.py --out /work/grpo_run17\n"
+        "The seventh session's recipe, as in runs 16-18.\n"
+        "Schema in GENERATIONS_CONTRACT.md; see README.md; writes report.md.\n"
+    )
+    found = offending_lines(tmp_path)
+    kinds = [line.split(": ")[1] for line in found]
+    assert kinds.count("an absolute path of one machine") == 1
+    assert kinds.count("a private run label") == 2  # grpo_run17, runs 16-18
+    assert kinds.count("a work-session diary") == 1
+    assert kinds.count("GENERATIONS_CONTRACT.md is not in the repository") == 1
+    assert len(found) == 5  # README.md exists, report.md is an output name
