@@ -94,3 +94,28 @@ def test_the_rule_catches_each_kind(tmp_path: Path) -> None:
     assert kinds.count("a work-session diary") == 1
     assert kinds.count("GENERATIONS_CONTRACT.md is not in the repository") == 1
     assert len(found) == 5  # README.md exists, report.md is an output name
+
+
+def _share(share: float) -> str:
+    """How the README writes a treatment share: 50/50, or a percentage."""
+    return "50/50" if share == 0.5 else f"{share:.0%}"
+
+
+def test_readme_states_each_scenarios_ab_design() -> None:
+    """The README's scenario table says what each file simulates: users, pre-period + test
+    days and treatment share of its A/B test, as the TOML has them."""
+    import tomllib
+
+    readme = (ROOT / "README.md").read_text()
+    rows = {line.split("`")[1]: line for line in readme.splitlines() if line.startswith("| `")}
+    for path in sorted((ROOT / "scenarios").glob("*.toml")):
+        assert path.name in rows, f"README's scenario table has no row for {path.name}"
+        traffic = tomllib.loads(path.read_text()).get("traffic")
+        if traffic is None:
+            continue
+        design = (
+            f"{traffic['n_users']:,} users, {traffic['pre_days']} + {traffic['test_days']} days"
+        )
+        row = rows[path.name]
+        assert design in row, f"README row of {path.name} should say {design!r}: {row}"
+        assert _share(traffic["treatment_share"]) in row, (path.name, row)
