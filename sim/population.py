@@ -29,6 +29,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sim.characters import TOPICS
 
+# How far the segments' shares may sum from 1 (float rounding of shares like 1/3).
+SHARE_TOLERANCE = 1e-6
 # (low, high) for every scalar trait; draws are clipped into these.
 TRAIT_BOUNDS: dict[str, tuple[float, float]] = {
     "patience": (0.0, 1.0),
@@ -62,7 +64,9 @@ class SegmentConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1, description="Segment name, unique in the population.")
-    share: float = Field(gt=0, description="Relative share of users (normalised over segments).")
+    share: float = Field(
+        gt=0, description="Share of users in this segment; the segments' shares sum to 1."
+    )
     description: str = Field(
         default="a friendly person chatting on a social app",
         description="Who these users are, in words; the user LLM role-plays it.",
@@ -130,15 +134,25 @@ class PopulationConfig(BaseModel):
     segments: list[SegmentConfig] = Field(
         default_factory=lambda: [SegmentConfig(name="general", share=1.0)],
         min_length=1,
-        description="User segments; shares are normalised to sum to 1.",
+        description="User segments; their shares sum to 1.",
     )
 
     @model_validator(mode="after")
-    def _unique(self) -> PopulationConfig:
+    def _check(self) -> PopulationConfig:
         names = [s.name for s in self.segments]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"population.segments names repeat: {dupes}; fix: rename them")
+        # Shares that do not sum to 1 would be rescaled silently, and the population would
+        # not be the one the scenario author wrote down.
+        total = sum(s.share for s in self.segments)
+        if abs(total - 1.0) > SHARE_TOLERANCE:
+            given = " + ".join(f"{s.name} {s.share:g}" for s in self.segments)
+            scaled = ", ".join(f"{s.name} {s.share / total:.4g}" for s in self.segments)
+            raise ValueError(
+                f"segments[*].share must sum to 1, got {given} = {total:g}; fix: scale the "
+                f"shares to sum to 1 (here: {scaled})"
+            )
         return self
 
 
@@ -229,6 +243,7 @@ class UserSampler:
         self.message_words = message_words
         self.id_prefix = id_prefix
         shares = np.array([s.share for s in config.segments], dtype=float)
+        # The config admits float dust (SHARE_TOLERANCE); numpy's choice wants an exact sum.
         self.shares = shares / shares.sum()
         self.count = 0
 

@@ -283,9 +283,9 @@ def test_artifact_trap_world_rewards_emoji_now_and_costs_later() -> None:
 def test_sampler_is_seeded_and_respects_segments() -> None:
     config = PopulationConfig(
         segments=[
-            SegmentConfig(name="a", share=3, patience=TraitDist(mean=0.9, sd=0.0)),
+            SegmentConfig(name="a", share=0.75, patience=TraitDist(mean=0.9, sd=0.0)),
             SegmentConfig(
-                name="b", share=1, patience=TraitDist(mean=0.1, sd=0.5), topic_weights={"pets": 50}
+                name="b", share=0.25, patience=TraitDist(mean=0.1, sd=0.5), topic_weights={"pets": 50}
             ),
         ]
     )

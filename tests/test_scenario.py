@@ -81,6 +81,27 @@ def test_nested_traffic_value(tmp_path: Path) -> None:
     assert re.search(r"scenario\.traffic\.treatment_share = 1\.5: .*less than 1", message)
 
 
+def segments(*shares: tuple[str, float]) -> str:
+    """``[[world.population.segments]]`` tables with these names and shares."""
+    return "".join(
+        f'[[world.population.segments]]\nname = "{name}"\nshare = {share}\n'
+        for name, share in shares
+    )
+
+
+def test_segment_shares_must_sum_to_one(tmp_path: Path) -> None:
+    message = error_of(tmp_path, segments(("casual", 0.6), ("deep", 0.6)))
+    line = next(m for m in message.splitlines() if "scenario.world.population" in m)
+    assert "segments[*].share must sum to 1" in line
+    assert "casual 0.6 + deep 0.6 = 1.2" in line
+    assert "fix:" in line and "casual 0.5, deep 0.5" in line
+    assert "= 0.9" in error_of(tmp_path, segments(("casual", 0.5), ("deep", 0.4)))
+    # Thirds written to seven digits are float dust away from 1, not a mistake.
+    thirds = segments(("a", 0.3333333), ("b", 0.3333333), ("c", 0.3333334))
+    scenario = load_scenario(write(tmp_path, thirds, "thirds.toml"))
+    assert [s.name for s in scenario.world.population.segments] == ["a", "b", "c"]
+
+
 def test_several_problems_are_reported_together(tmp_path: Path) -> None:
     message = error_of(tmp_path, "generations = 0\nseed = -1\n")
     assert "scenario.generations = 0" in message and "scenario.seed = -1" in message
