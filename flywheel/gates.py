@@ -9,39 +9,62 @@ batched call per model:
   instructions no training character has, see ``flywheel.scenario.check_heldout``) meeting
   real human openers from the chit-chat corpus's held-out split.
 
-Gates (thresholds in ``flywheel.scenario.GatesConfig``); a candidate must pass all four:
+Gates (thresholds in ``flywheel.scenario.GatesConfig``). Each gate guards against a
+degradation of a stated size and decides by a one-sided test at ``gates.style.alpha``
+(``flywheel.gate_power``); its verdict is three-valued:
+
+- ``fail``: the test sees the degradation (significant, or for safety over the allowance);
+- ``inconclusive``: it does not, but its power to see a degradation of the stated size is
+  below ``gates.min_power``: the sample could not have told, so the gate does not pass;
+- ``pass``: it does not, and it would have with at least ``gates.min_power``.
+
+A candidate must pass all four; ``inconclusive`` gates it like ``fail``, with the sample
+size the gate needs in its reason.
 
 ==================  ===========================================================================
-``rm_win_rate``     the naive reward model prefers the candidate's reply over the deployed
-                    model's on at least ``min_rm_win_rate`` of logged contexts (ties half).
-``steerability``    on the benchmark, instruction following does not fall by more than
-                    ``max_following_drop`` and the violation rate does not rise by more
-                    than ``max_violation_increase`` (``rewards.steerability`` definitions)
-                    with an exact McNemar test on the paired prompts significant at
-                    ``gates.style.alpha``: a few dozen prompts must not fail a candidate
-                    on one unlucky reply.
+``rm_win_rate``     the naive reward model's win rate of the candidate's reply over the deployed
+                    model's on logged contexts is not significantly below ``min_rm_win_rate``
+                    (exact binomial over the decisive pairs, ties left out); power at a win
+                    rate of ``min_rm_win_rate - rm_win_rate_margin``.
+``steerability``    on the benchmark, instruction following does not fall and the violation
+                    rate does not rise significantly (exact one-sided McNemar on the paired
+                    prompts, ``rewards.steerability`` definitions); power at a fall of
+                    ``max_following_drop`` and a rise of ``max_violation_increase`` from the
+                    deployed model's rates.
 ``style_artifacts`` the style-artifact regression suite (``flywheel.style_regression``)
-                    passes: no style shift that explains the reward-model gain, and
-                    none that the reward model's own style term pays for.
+                    passes: no style shift that explains the reward-model gain, and none that
+                    the reward model's own style term pays for; it is inconclusive when a
+                    binary style axis could not see a rise of its threshold.
 ``safety``          at most ``max_unsafe_rate`` of the candidate's replies (both sets) are
-                    blocked by the serving safety checker (``rewards.safety``).
+                    blocked by the serving safety checker (``rewards.safety``), no alpha:
+                    one reply over the allowance fails; power at an unsafe rate of
+                    ``detect_unsafe_rate``.
 ==================  ===========================================================================
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 
+from flywheel.gate_power import (
+    Power,
+    allowance_power,
+    binomial_less_p,
+    binomial_less_power,
+    mcnemar_greater,
+    paired_power,
+    sample_size,
+)
 from flywheel.scenario import GatesConfig
 from flywheel.style_regression import (
     StyleRegressionResult,
     checkers_by_character,
-    mcnemar_p,
     run_style_regression,
     style_profile,
 )
@@ -100,15 +123,44 @@ def steerability_eval_set(
     return EvalSet(chats, names, contexts)
 
 
+Verdict = Literal["pass", "fail", "inconclusive"]
+VERDICTS: tuple[Verdict, ...] = ("pass", "fail", "inconclusive")
+
+
 @dataclass(frozen=True)
 class Gate:
-    """One offline gate's verdict."""
+    """One offline gate's verdict (module docstring).
+
+    ``passed`` is ``verdict == "pass"``; a record written before verdicts existed has only
+    ``passed`` and reads as pass / fail. ``power`` is the test's power to see the
+    degradation the gate guards against on ``n`` samples, ``n_needed`` the sample that
+    reaches ``gates.min_power`` (None where the gate has no such test).
+    """
 
     name: str
     passed: bool
     value: float
     threshold: float
     reason: str
+    verdict: Verdict | None = None
+    power: float | None = None
+    n: int | None = None
+    n_needed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.verdict is None:
+            object.__setattr__(self, "verdict", "pass" if self.passed else "fail")
+        if self.verdict not in VERDICTS:
+            raise ValueError(f"gate verdict must be one of {VERDICTS}, got {self.verdict!r}")
+        if self.passed != (self.verdict == "pass"):
+            raise ValueError(
+                f"gate {self.name!r}: passed = {self.passed} contradicts verdict {self.verdict!r}"
+            )
+
+    @classmethod
+    def decided(cls, name: str, verdict: Verdict, **fields: Any) -> Gate:
+        """A gate with ``passed`` derived from ``verdict``."""
+        return cls(name=name, passed=verdict == "pass", verdict=verdict, **fields)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -199,8 +251,9 @@ def evaluate_offline(
 
     log_checkers = checkers_by_character(world_characters, logged.characters)
     suite = run_style_regression(
-        logged.contexts, cand_log, dep_log, log_checkers, naive_rm, style_rm, config.style
-    )
+        logged.contexts, cand_log, dep_log, log_checkers, naive_rm, style_rm, config.style,
+        min_power=config.min_power,
+    )  # fmt: skip
     from rewards.evaluation import win_rate
 
     raw_c = naive_rm.score(logged.contexts, cand_log)
@@ -238,6 +291,7 @@ def evaluate_offline(
         parent_steerability=steerability(dep_checks).table,
         steerability_pairs=pd.DataFrame(
             {
+                "character": benchmark.characters,
                 "candidate_follows": cand_checks["follows_all"].to_numpy(),
                 "deployed_follows": dep_checks["follows_all"].to_numpy(),
                 "candidate_violates": cand_checks["violates_any"].to_numpy(),
@@ -255,63 +309,184 @@ def evaluate_offline(
 
 def apply_gates(report: OfflineReport, config: GatesConfig) -> list[Gate]:
     """Every gate's verdict (all are evaluated, so every failing reason is recorded)."""
-    steer = config.steerability
-    pairs = report.steerability_pairs
-    follow_floor = report.parent_instruction_following - steer.max_following_drop
-    violation_cap = report.parent_violation_rate + steer.max_violation_increase
-    # Degradation counts when it is both larger than the margin and not chance (paired).
-    p_follow = mcnemar_p(
-        pairs["deployed_follows"].to_numpy(), pairs["candidate_follows"].to_numpy()
-    )
-    p_violate = mcnemar_p(
-        pairs["candidate_violates"].to_numpy(), pairs["deployed_violates"].to_numpy()
-    )
-    follow_ok = report.instruction_following >= follow_floor or p_follow >= config.style.alpha
-    violation_ok = report.violation_rate <= violation_cap or p_violate >= config.style.alpha
-    steer_reason = (
-        f"held-out instruction following {report.parent_instruction_following:.2f} -> "
-        f"{report.instruction_following:.2f} (floor {follow_floor:.2f}, McNemar p = "
-        f"{p_follow:.2g}), violation rate {report.parent_violation_rate:.2f} -> "
-        f"{report.violation_rate:.2f} (cap {violation_cap:.2f}, McNemar p = {p_violate:.2g}), "
-        f"n = {len(pairs)}"
-    )
-    win = report.rm_win_rate
-    lo, hi = report.rm_win_rate_ci
     return [
-        Gate(
-            "rm_win_rate",
-            win >= config.min_rm_win_rate,
-            win,
-            config.min_rm_win_rate,
-            f"reward-model win rate vs deployed {win:.2f} [{lo:.2f}, {hi:.2f}] "
-            f"({'>=' if win >= config.min_rm_win_rate else '<'} {config.min_rm_win_rate:.2f})",
-        ),
-        Gate(
-            "steerability",
-            follow_ok and violation_ok,
-            report.instruction_following,
-            follow_floor,
-            steer_reason,
-        ),
-        Gate(
-            "style_artifacts",
-            report.style_regression.passed,
-            report.style_regression.raw_win_rate
-            - report.style_regression.style_controlled_win_rate,
-            config.style.max_win_rate_gap,
-            report.style_regression.reason,
-        ),
-        Gate(
-            "safety",
-            report.unsafe_rate <= config.safety.max_unsafe_rate,
-            report.unsafe_rate,
-            config.safety.max_unsafe_rate,
-            f"{report.unsafe_rate:.1%} of offline replies blocked by the safety checker "
-            f"(deployed: {report.parent_unsafe_rate:.1%}; max {config.safety.max_unsafe_rate:.1%})",
-        ),
+        rm_win_rate_gate(report, config),
+        steerability_gate(report, config),
+        style_gate(report, config),
+        safety_gate(report, config),
     ]
 
 
+def _verdict(seen: bool, power: Power) -> Verdict:
+    """fail when the test saw the degradation; otherwise pass only with enough power."""
+    if seen:
+        return "fail"
+    return "pass" if power.enough else "inconclusive"
+
+
+def _blind(n: int, what: str, power: Power, alpha: float | None, fix: str) -> str:
+    """The reason of an inconclusive gate: sample, power, the sample needed and the fix."""
+    level = "" if alpha is None else f" at alpha {alpha:g}"
+    return (
+        f"inconclusive: {n} {what} with power {power.power:.2f}{level}; needs "
+        f"n >= {power.n_needed}: {fix}"
+    )
+
+
+def rm_win_rate_gate(report: OfflineReport, config: GatesConfig) -> Gate:
+    """Fails when the naive RM's win rate is significantly below ``min_rm_win_rate`` (exact
+    binomial over decisive pairs); power at ``min_rm_win_rate - rm_win_rate_margin``."""
+    logged = report.replies[report.replies["set"] == "logged"]
+    c, d = logged["candidate_rm"].to_numpy(float), logged["deployed_rm"].to_numpy(float)
+    wins, losses = int(np.sum(c > d)), int(np.sum(c < d))
+    decisive, bar, alpha = wins + losses, config.min_rm_win_rate, config.style.alpha
+    harmful = bar - config.rm_win_rate_margin
+    if harmful < 0:
+        power = Power(1.0, decisive, 0, config.min_power, possible=False)
+    else:
+        power = Power(
+            binomial_less_power(decisive, bar, harmful, alpha), decisive,
+            sample_size(lambda n: binomial_less_power(n, bar, harmful, alpha), config.min_power),
+            config.min_power,
+        )  # fmt: skip
+    p = binomial_less_p(wins, decisive, bar)
+    verdict = _verdict(p < alpha, power)
+    win, (lo, hi) = report.rm_win_rate, report.rm_win_rate_ci
+    measured = (
+        f"reward-model win rate vs deployed {win:.2f} [{lo:.2f}, {hi:.2f}] ({wins} wins, "
+        f"{losses} losses, {len(logged) - decisive} ties; one-sided exact binomial p = {p:.2g} "
+        f"that it is below {bar:.2f})"
+    )
+    if verdict == "fail":
+        reason = f"{measured}: significantly below {bar:.2f} at alpha {alpha:g}"
+    elif verdict == "inconclusive":
+        fix = f"raise gates.eval_prompts to {power.n_needed} (and enough held-out users)"
+        what = f"decisive pairs detect a win rate of {harmful:.2f} (bar {bar:.2f})"
+        reason = f"{_blind(decisive, what, power, alpha, fix)}; {measured}"
+    else:
+        reason = f"{measured}: not below the bar; {_seen(power, f'a win rate of {harmful:.2f}')}"
+    return Gate.decided(
+        "rm_win_rate", verdict, value=win, threshold=bar, reason=reason,
+        power=power.power, n=decisive, n_needed=power.n_needed,
+    )  # fmt: skip
+
+
+def _seen(power: Power, what: str) -> str:
+    """How well a passing gate could see the degradation it guards against."""
+    if not power.possible:
+        return f"{what} cannot happen from here"
+    return f"power {power.power:.2f} to see {what}"
+
+
+def steerability_gate(report: OfflineReport, config: GatesConfig) -> Gate:
+    """Fails when instruction following falls or violations rise significantly on the paired
+    benchmark prompts (one-sided exact McNemar); power at the scenario's margins."""
+    steer, alpha, target = config.steerability, config.style.alpha, config.min_power
+    pairs = report.steerability_pairs
+    n = len(pairs)
+    dep_f, cand_f = (
+        pairs["deployed_follows"].to_numpy(bool),
+        pairs["candidate_follows"].to_numpy(bool),
+    )
+    cand_v, dep_v = (
+        pairs["candidate_violates"].to_numpy(bool),
+        pairs["deployed_violates"].to_numpy(bool),
+    )
+    p_follow, p_violate = mcnemar_greater(dep_f, cand_f), mcnemar_greater(cand_v, dep_v)
+    follow_power = paired_power(
+        n, report.parent_instruction_following, steer.max_following_drop, -1, alpha, target
+    )
+    violate_power = paired_power(
+        n, report.parent_violation_rate, steer.max_violation_increase, +1, alpha, target
+    )
+    weakest = min((follow_power, violate_power), key=lambda p: p.power)
+    power = Power(
+        weakest.power, n, max(follow_power.n_needed, violate_power.n_needed), target,
+        possible=follow_power.possible or violate_power.possible,
+    )  # fmt: skip
+    verdict = _verdict(p_follow < alpha or p_violate < alpha, power)
+    measured = (
+        f"held-out instruction following {report.parent_instruction_following:.2f} -> "
+        f"{report.instruction_following:.2f} (one-sided McNemar p = {p_follow:.2g}), violation "
+        f"rate {report.parent_violation_rate:.2f} -> {report.violation_rate:.2f} (p = "
+        f"{p_violate:.2g}), n = {n}"
+    )
+    drop, rise = steer.max_following_drop, steer.max_violation_increase
+    if verdict == "fail":
+        worse = [w for w, p in (("following fell", p_follow), ("violations rose", p_violate))
+                 if p < alpha]  # fmt: skip
+        reason = f"{' and '.join(worse)} significantly at alpha {alpha:g}: {measured}"
+    elif verdict == "inconclusive":
+        characters = max(int(pairs["character"].nunique()), 1) if n else 1
+        per_character = math.ceil(power.n_needed / characters)
+        what = f"paired prompts detect a {drop:.2f} drop (and a {rise:.2f} violation rise)"
+        fix = f"raise gates.steerability.prompts_per_character to {per_character}"
+        reason = f"{_blind(n, what, power, alpha, fix)}; {measured}"
+    else:
+        reason = (
+            f"no significant degradation: {measured}; "
+            f"{_seen(follow_power, f'a {drop:.2f} drop')}, "
+            f"{_seen(violate_power, f'a {rise:.2f} violation rise')}"
+        )
+    return Gate.decided(
+        "steerability", verdict, value=report.instruction_following,
+        threshold=report.parent_instruction_following - drop, reason=reason,
+        power=power.power, n=n, n_needed=power.n_needed,
+    )  # fmt: skip
+
+
+def style_gate(report: OfflineReport, config: GatesConfig) -> Gate:
+    """The style-artifact suite's verdict (``flywheel.style_regression``)."""
+    suite = report.style_regression
+    reason = suite.reason
+    if suite.verdict == "inconclusive":
+        reason = f"{reason}; fix: raise gates.eval_prompts to {suite.n_needed}"
+    return Gate.decided(
+        "style_artifacts", suite.verdict,
+        value=suite.raw_win_rate - suite.style_controlled_win_rate,
+        threshold=config.style.max_win_rate_gap, reason=reason,
+        power=suite.power, n=suite.n, n_needed=suite.n_needed,
+    )  # fmt: skip
+
+
+def safety_gate(report: OfflineReport, config: GatesConfig) -> Gate:
+    """Fails when more than ``max_unsafe_rate`` of the candidate's replies are blocked (no
+    alpha); power at an unsafe rate of ``detect_unsafe_rate``."""
+    safety, target = config.safety, config.min_power
+    unsafe = report.replies["candidate_unsafe"].to_numpy(bool)
+    n, allowed = len(unsafe), safety.max_unsafe_rate
+    if safety.detect_unsafe_rate <= allowed:
+        power = Power(1.0, n, 0, target, possible=False)
+    else:
+        rate = safety.detect_unsafe_rate
+        power = Power(
+            allowance_power(n, allowed, rate), n,
+            sample_size(lambda k: allowance_power(k, allowed, rate), target), target,
+        )  # fmt: skip
+    verdict = _verdict(report.unsafe_rate > allowed, power)
+    measured = (
+        f"{report.unsafe_rate:.1%} of {n} offline replies blocked by the safety checker "
+        f"(deployed: {report.parent_unsafe_rate:.1%}; max {allowed:.1%})"
+    )
+    if verdict == "fail":
+        reason = f"{measured}: over the allowance"
+    elif verdict == "inconclusive":
+        what = f"replies catch an unsafe rate of {safety.detect_unsafe_rate:.2f}"
+        fix = "raise gates.eval_prompts or gates.steerability.prompts_per_character"
+        reason = f"{_blind(n, what, power, None, fix)}; {measured}"
+    else:
+        reason = f"{measured}; {_seen(power, f'an unsafe rate of {safety.detect_unsafe_rate:.2f}')}"
+    return Gate.decided(
+        "safety", verdict, value=report.unsafe_rate, threshold=allowed, reason=reason,
+        power=power.power, n=n, n_needed=power.n_needed,
+    )  # fmt: skip
+
+
 def failed_reason(gates: Sequence[Gate]) -> str:
-    """'gate: reason' for each failed gate, or '' when all passed."""
-    return "; ".join(f"{g.name} failed: {g.reason}" for g in gates if not g.passed)
+    """'gate failed: reason' / 'gate inconclusive: reason' for each gate that did not pass,
+    or '' when all passed."""
+    return "; ".join(
+        f"{g.name} {'failed' if g.verdict == 'fail' else 'inconclusive'}: {g.reason}"
+        for g in gates
+        if not g.passed
+    )

@@ -50,7 +50,7 @@ from rich.console import Console
 
 from flywheel.ledger import Ledger, derive_seed
 from flywheel.scenario import Scenario
-from flywheel.store import SCHEMA_VERSION, RunStore
+from flywheel.store import SCHEMA_VERSION, RunStore, fallback_totals
 from policies import Policy, PolicySpec, SamplingParams, load_policy
 
 GEN0 = "gen0-base"
@@ -73,12 +73,26 @@ class PolicyPool:
 
     def __init__(self) -> None:
         self._loaded: dict[PolicySpec, Policy] = {}
+        self._planted: dict[str, str] = {}
+
+    def plant(self, model: str, planted: str) -> None:
+        """Serve ``model`` inside the planted treatment ``planted`` (``sim.planted``, e.g.
+        ``violate@0.5``) wherever it is asked for: offline gates and A/B alike."""
+        self._planted[model] = planted
 
     def get(self, spec: PolicySpec) -> Policy:
         """The policy for ``spec`` (its ``name`` ignored for sharing)."""
         key = spec.model_copy(update={"name": None})
         if key not in self._loaded:
-            self._loaded[key] = load_policy(key)
+            planted = self._planted.get(key.model)
+            if planted is None:
+                self._loaded[key] = load_policy(key)
+            else:
+                from sim.planted import planted_policy
+
+                self._loaded[key] = planted_policy(
+                    f"{planted}:{key.model}", lambda _model: load_policy(key)
+                )
         return self._loaded[key]
 
     def retain(self, specs: list[PolicySpec]) -> None:
@@ -143,10 +157,14 @@ class FlywheelRun:
         return self.scenario.policy.model_copy(update={"name": GEN0})
 
     def candidate_spec(self, generation: int, recipe: str) -> PolicySpec:
-        """The serving spec of a candidate checkpoint (same backend settings as the base)."""
-        path = self.models_dir(generation) / recipe
+        """The serving spec of a candidate checkpoint (same backend settings as the base);
+        a recipe with ``planted`` set is served inside that planted treatment."""
+        path = str((self.models_dir(generation) / recipe).resolve())
+        planted = next((r.planted for r in self.scenario.recipes if r.name == recipe), None)
+        if planted:
+            self.pool.plant(path, planted)
         return self.scenario.policy.model_copy(
-            update={"model": str(path.resolve()), "name": candidate_name(generation, recipe)}
+            update={"model": path, "name": candidate_name(generation, recipe)}
         )
 
     def deployed_spec(self, record: dict[str, Any]) -> PolicySpec:
@@ -302,16 +320,11 @@ class FlywheelRun:
 
     def served(self, spec: PolicySpec, experiment_id: str) -> Any:
         """``spec``'s model behind the fail-closed safety check, events to the ledger."""
-        from rewards.safety import SafetyChecker
-        from sim.serving import SafeServingPolicy
+        from sim.serving import serve
 
-        serving = self.scenario.serving
-        checker = SafetyChecker(serving.categories, serving.offensive_threshold)
-        return SafeServingPolicy(
+        return serve(
             self.pool.get(spec),
-            checker,
-            timeout_s=serving.timeout_s,
-            fallback=serving.fallback_reply,
+            self.scenario.serving,
             on_event=lambda event: self.ledger.record_serving_event(experiment_id, event.to_row()),
             name=spec.label,
         )
@@ -370,6 +383,7 @@ class FlywheelRun:
             "sessions": int(days["sessions"].sum()),
             "simulated_wall_s": float(days["wall_s"].sum()),
             "serving_events": events["kind"].value_counts().to_dict() if len(events) else {},
+            "user_fallbacks": fallback_totals(days),
         }
 
     def _day_fault(self, experiment_id: str, day: int) -> None:
@@ -557,9 +571,8 @@ class FlywheelRun:
         )
         self.console.print(report.style_regression.summary())
         for gate in verdicts:
-            self.console.print(
-                f"  gate {gate.name}: {'pass' if gate.passed else 'FAIL'}: {gate.reason}"
-            )
+            shown = "pass" if gate.passed else gate.verdict.upper()
+            self.console.print(f"  gate {gate.name}: {shown}: {gate.reason}")
         return {
             "offline": _json_ready(report.offline_dict()),
             "gates": [_json_ready(g.to_dict()) for g in verdicts],
@@ -628,6 +641,7 @@ class FlywheelRun:
             decision = "ship" if ab["decision"] == "ship" else "hold"
             reason = f"A/B {ab['decision']}: {ab['reason']}"
             ab_block = {k: ab[k] for k in ("metrics", "srm_p_value", "decision", "reason")}
+            ab_block["user_fallbacks"] = ab["simulation"]["user_fallbacks"]
         _, ab_id = experiment_ids(generation)
         traffic_id, _ = experiment_ids(generation)
         return {

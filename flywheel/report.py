@@ -22,6 +22,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from flywheel.store import fallback_text
+
 SCHEMA_VERSION = 1
 JSON_FILE = "generations.json"
 MARKDOWN_FILE = "generations.md"
@@ -72,13 +74,23 @@ def table_rows(records: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
             "emoji": f"{_num(parent_style.get('emoji_rate'), '.0%')} -> "
                      f"{_num(style.get('emoji_rate'), '.0%')}",
             "gates": "pass" if all(g["passed"] for g in r.get("gates", [])) else
-                     ", ".join(g["name"] for g in r.get("gates", []) if not g["passed"]),
+                     ", ".join(_gate_short(g) for g in r.get("gates", []) if not g["passed"]),
             "breadth lift [95% CI]": _lift(r.get("ab"), "breadth"),
             "depth lift [95% CI]": _lift(r.get("ab"), "depth"),
             "decision": r["decision"],
             "deployed after": r["deployed_after"],
         })  # fmt: skip
     return rows
+
+
+def _verdict(gate: Mapping[str, Any]) -> str:
+    """A gate record's verdict; records written before verdicts existed say only passed."""
+    return gate.get("verdict") or ("pass" if gate["passed"] else "fail")
+
+
+def _gate_short(gate: Mapping[str, Any]) -> str:
+    """A gate that did not pass, in the table: its name, '?' when it could not tell."""
+    return f"{gate['name']}?" if _verdict(gate) == "inconclusive" else gate["name"]
 
 
 def markdown(scenario: str, records: Sequence[Mapping[str, Any]]) -> str:
@@ -103,8 +115,9 @@ def markdown(scenario: str, records: Sequence[Mapping[str, Any]]) -> str:
         lines.append(f"{r['reason']}")
         lines.append("")
         for gate in r.get("gates", []):
-            mark = "pass" if gate["passed"] else "**FAIL**"
+            mark = "pass" if gate["passed"] else f"**{_verdict(gate).upper()}**"
             lines.append(f"- gate `{gate['name']}`: {mark}: {gate['reason']}")
+        lines.extend(_fallback_lines(r))
         others = [c for c in r.get("candidates", []) if c["candidate"] != r["candidate"]]
         for c in others:
             verdict = "passed gates" if c["passed_gates"] else "failed gates"
@@ -113,6 +126,21 @@ def markdown(scenario: str, records: Sequence[Mapping[str, Any]]) -> str:
                 f"RM win {_num(c['rm_win_rate'])} / {_num(c['rm_win_rate_style_controlled'])}"
             )
     return "\n".join(lines) + "\n"
+
+
+def _fallback_lines(record: Mapping[str, Any]) -> list[str]:
+    """How often the generation's simulated users fell back to canned human messages."""
+    shares = [
+        f"{label} {fallback_text(block['user_fallbacks'])}"
+        for label, block in (("traffic", record.get("traffic")), ("A/B", record.get("ab")))
+        if block and block.get("user_fallbacks")
+    ]
+    if not shares:
+        return []
+    return [
+        "- simulated-user fallbacks (unusable user-LLM output replaced by a human message): "
+        + "; ".join(shares)
+    ]
 
 
 def text_table(records: Sequence[Mapping[str, Any]]) -> str:

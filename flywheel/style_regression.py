@@ -9,18 +9,24 @@ check                       statistic (candidate vs deployed)                   
 ``length``                  mean words ratio; shift when outside                    Wilcoxon
                             [1 / max_length_ratio, max_length_ratio]                signed-rank
 ``emoji_rate``              share of replies with at least one emoji; shift when    McNemar
-                            it rises by more than max_emoji_rate_increase           (exact)
+                            it rises significantly; power at a rise of              (exact,
+                            max_emoji_rate_increase                                 one-sided)
 ``question_rate``           share ending in a question, over characters NOT told    McNemar
-                            to ask one; shift when it rises by more than            (exact)
-                            max_question_rate_increase
+                            to ask one; shift when it rises significantly; power    (exact,
+                            at a rise of max_question_rate_increase                 one-sided)
 ``catchphrase_repetition``  share of replies containing the candidate's most        McNemar
-                            frequent word trigram (the character's own catchphrase  (exact)
-                            and first word excluded); shift when it rises by more
-                            than max_catchphrase_increase
+                            frequent word trigram (the character's own catchphrase  (exact,
+                            and first word excluded); shift when it rises           one-sided)
+                            significantly; power at a rise of
+                            max_catchphrase_increase
 ==========================  ======================================================  ==============
 
-A shift counts only when its test is significant at ``alpha`` as well as larger than its
-threshold: small samples must not fail a candidate on noise.
+The length shift counts when its test is significant at ``alpha`` and the ratio is outside
+its band. A binary axis shifts when its one-sided test is significant at ``alpha``; its
+threshold is the rise the test must be able to see: with power below ``min_power`` at that
+rise (``flywheel.gate_power.paired_power``) the axis cannot tell, and a suite that found no
+failure on such a sample is *inconclusive*, not passed. The length and ``rm_style_term``
+checks (Wilcoxon, continuous) are not sized by power.
 
 A fifth check reads style the way the reward model does: ``rm_style_term`` is the
 style-controlled model's own style term (``score(with_style=True) - score()``, what its
@@ -43,7 +49,8 @@ the raw win rate exceeds the style-controlled or the style-adjusted one by at le
 axis (length, emoji, questions, catchphrase) shifted AND ``rm_style_term`` shifted, so the
 candidate moved in the direction the reward pays for, even if it also won on content (best
 of n under a naive reward selects both). A candidate that changed style without the reward
-paying for it, or that won without changing style, passes.
+paying for it, or that won without changing style, passes when every binary axis had the
+power to see its threshold, and is inconclusive otherwise.
 """
 
 from __future__ import annotations
@@ -59,6 +66,7 @@ import numpy as np
 from scipy import stats
 from scipy.special import expit
 
+from flywheel.gate_power import DEFAULT_MIN_POWER, mcnemar_greater, paired_power
 from flywheel.scenario import StyleGateConfig
 from rewards.checkers import Catchphrase, EndsWithQuestion, StartsWith, emoji_list, words
 from rewards.features import style_features
@@ -78,6 +86,9 @@ class StyleCheck:
     p_value: float
     shifted: bool
     detail: str
+    power: float | None = None  # to see a rise of ``threshold`` (binary axes only)
+    n_needed: int | None = None  # pairs that reach the suite's min_power
+    n_pairs: int = 0  # pairs the check compared
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (NaN becomes None)."""
@@ -94,13 +105,33 @@ class StyleRegressionResult:
     style_adjusted_win_rate: float
     glm_coefficients: dict[str, float]
     n: int
-    passed: bool
+    passed: bool  # verdict == "pass"
     reason: str
+    verdict: str = "pass"  # pass / fail / inconclusive (module docstring)
+    min_power: float = DEFAULT_MIN_POWER
 
     @property
     def shifts(self) -> list[StyleCheck]:
         """The checks that found a significant style shift."""
         return [c for c in self.checks if c.shifted]
+
+    @property
+    def power(self) -> float | None:
+        """The least power of the binary axes (None without any)."""
+        powers = [c.power for c in self.checks if c.power is not None]
+        return min(powers) if powers else None
+
+    @property
+    def n_needed(self) -> int | None:
+        """Paired replies the binary axes need to reach ``min_power`` (None without any),
+        scaled from each axis's own sample to all pairs (the question axis counts only
+        characters not told to ask)."""
+        needs = [
+            math.ceil(c.n_needed * self.n / max(c.n_pairs, 1))
+            for c in self.checks
+            if c.n_needed is not None
+        ]
+        return max(needs) if needs else None
 
     def __getitem__(self, name: str) -> StyleCheck:
         for check in self.checks:
@@ -112,8 +143,11 @@ class StyleRegressionResult:
         """JSON-ready form."""
         return {
             "passed": self.passed,
+            "verdict": self.verdict,
             "reason": self.reason,
             "n": self.n,
+            "power": self.power,
+            "n_needed": self.n_needed,
             "raw_win_rate": _finite(self.raw_win_rate),
             "style_controlled_win_rate": _finite(self.style_controlled_win_rate),
             "style_adjusted_win_rate": _finite(self.style_adjusted_win_rate),
@@ -123,9 +157,7 @@ class StyleRegressionResult:
 
     def summary(self) -> str:
         """A fixed-width table for terminals and reports."""
-        lines = [
-            f"style regression over {self.n} paired replies: {'PASS' if self.passed else 'FAIL'}"
-        ]
+        lines = [f"style regression over {self.n} paired replies: {self.verdict.upper()}"]
         for c in self.checks:
             flag = "SHIFT" if c.shifted else "ok"
             lines.append(
@@ -144,17 +176,6 @@ def _finite(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
-
-
-def mcnemar_p(candidate: np.ndarray, deployed: np.ndarray) -> float:
-    """Exact McNemar p-value of two paired binary outcomes (statsmodels); 1.0 if identical."""
-    from statsmodels.stats.contingency_tables import mcnemar
-
-    a, b = candidate.astype(bool), deployed.astype(bool)
-    table = [[int(np.sum(a & b)), int(np.sum(a & ~b))], [int(np.sum(~a & b)), int(np.sum(~a & ~b))]]
-    if table[0][1] + table[1][0] == 0:
-        return 1.0
-    return float(mcnemar(table, exact=True).pvalue)
 
 
 def wilcoxon_p(candidate: np.ndarray, deployed: np.ndarray) -> float:
@@ -197,15 +218,31 @@ def top_phrase(
 
 
 def _binary_check(
-    name: str, cand: np.ndarray, dep: np.ndarray, threshold: float, alpha: float, what: str
+    name: str,
+    cand: np.ndarray,
+    dep: np.ndarray,
+    threshold: float,
+    alpha: float,
+    min_power: float,
+    what: str,
 ) -> StyleCheck:
-    c_rate = float(cand.mean()) if len(cand) else float("nan")
-    d_rate = float(dep.mean()) if len(dep) else float("nan")
-    p = mcnemar_p(cand, dep) if len(cand) else 1.0
-    change = c_rate - d_rate if len(cand) else 0.0
-    shifted = bool(len(cand) and change > threshold and p < alpha)
-    detail = f"{what}: {d_rate:.2f} -> {c_rate:.2f} (McNemar p = {p:.2g}, n = {len(cand)})"
-    return StyleCheck(name, c_rate, d_rate, change, threshold, p, shifted, detail)
+    """A binary axis: shifted when the candidate's rate rises significantly (one-sided exact
+    McNemar); its power is that test's at a rise of ``threshold`` from the deployed rate."""
+    n = len(cand)
+    c_rate = float(cand.mean()) if n else float("nan")
+    d_rate = float(dep.mean()) if n else float("nan")
+    p = mcnemar_greater(cand, dep) if n else 1.0
+    change = c_rate - d_rate if n else 0.0
+    shifted = bool(n and p < alpha)
+    power = paired_power(n, d_rate if n else 0.0, threshold, +1, alpha, min_power)
+    detail = (
+        f"{what}: {d_rate:.2f} -> {c_rate:.2f} (one-sided McNemar p = {p:.2g}, n = {n}; power "
+        f"{power.power:.2f} to see a rise of {threshold:.2f})"
+    )
+    return StyleCheck(
+        name, c_rate, d_rate, change, threshold, p, shifted, detail,
+        power=power.power, n_needed=power.n_needed, n_pairs=n,
+    )  # fmt: skip
 
 
 def style_checks(
@@ -213,6 +250,7 @@ def style_checks(
     deployed: Sequence[str],
     checkers: Sequence[Sequence[Any]],
     config: StyleGateConfig,
+    min_power: float = DEFAULT_MIN_POWER,
 ) -> tuple[StyleCheck, ...]:
     """The four style checks of paired replies; ``checkers`` is each pair's character's."""
     n = len(candidate)
@@ -230,14 +268,14 @@ def style_checks(
         "length", float(c_words.mean()), float(d_words.mean()), ratio, limit, p_len,
         bool((ratio > limit or ratio < 1 / limit) and p_len < config.alpha),
         f"mean words {d_words.mean():.1f} -> {c_words.mean():.1f} (x{ratio:.2f}, Wilcoxon "
-        f"p = {p_len:.2g})",
+        f"p = {p_len:.2g})", n_pairs=n,
     )  # fmt: skip
 
     emoji = _binary_check(
         "emoji_rate",
         np.array([bool(emoji_list(r)) for r in candidate]),
         np.array([bool(emoji_list(r)) for r in deployed]),
-        config.max_emoji_rate_increase, config.alpha, "replies with emoji",
+        config.max_emoji_rate_increase, config.alpha, min_power, "replies with emoji",
     )  # fmt: skip
 
     free = [
@@ -248,7 +286,7 @@ def style_checks(
         "question_rate",
         np.array([asks(candidate[i]) for i in free]),
         np.array([asks(deployed[i]) for i in free]),
-        config.max_question_rate_increase, config.alpha,
+        config.max_question_rate_increase, config.alpha, min_power,
         "replies ending in a question (characters not told to ask)",
     )  # fmt: skip
 
@@ -266,7 +304,7 @@ def style_checks(
     shown = " ".join(phrase) if phrase else "-"
     catch = _binary_check(
         "catchphrase_repetition", has_c, has_d, config.max_catchphrase_increase, config.alpha,
-        f"replies containing {shown!r}",
+        min_power, f"replies containing {shown!r}",
     )  # fmt: skip
     return (length, emoji, question, catch)
 
@@ -293,7 +331,7 @@ def style_term_check(
     return StyleCheck(
         "rm_style_term", float(c.mean()), float(d.mean()), float(diff.mean()), 0.0, p, shifted,
         f"reward-model style term {d.mean():+.3f} -> {c.mean():+.3f} (median paired gain "
-        f"{np.median(diff):+.3f}, Wilcoxon p = {p:.2g})",
+        f"{np.median(diff):+.3f}, Wilcoxon p = {p:.2g})", n_pairs=len(diff),
     )  # fmt: skip
 
 
@@ -344,8 +382,10 @@ def run_style_regression(
     naive_model: Any,
     style_model: Any,
     config: StyleGateConfig | None = None,
+    min_power: float = DEFAULT_MIN_POWER,
 ) -> StyleRegressionResult:
-    """Run the suite on paired replies (module docstring) and decide pass / fail.
+    """Run the suite on paired replies (module docstring) and decide pass / fail /
+    inconclusive.
 
     Args:
         contexts: the user message each pair answers (reward-model context).
@@ -354,6 +394,7 @@ def run_style_regression(
         naive_model: a reward model that reads style (``style_controlled=False``).
         style_model: a style-controlled reward model.
         config: thresholds; default ``StyleGateConfig()``.
+        min_power: least power each binary axis needs at its threshold for a pass.
     """
     from rewards.evaluation import style_controlled_win_rates
 
@@ -363,7 +404,7 @@ def run_style_regression(
             f"the style regression suite needs at least 4 paired replies, got {len(contexts)}"
         )
     checks = (
-        *style_checks(candidate, deployed, checkers, config),
+        *style_checks(candidate, deployed, checkers, config, min_power),
         style_term_check(contexts, candidate, deployed, style_model, config.alpha),
     )
     with warnings.catch_warnings():
@@ -384,12 +425,15 @@ def run_style_regression(
     # A surface axis moved AND the reward's own style term says the candidate gained from
     # it: the candidate learned what the reward pays for style, whatever else it improved.
     paid_for = checks[-1].shifted and any(c.shifted for c in checks[:-1])
-    passed = not (shifts and (explained or paid_for))
+    failed = bool(shifts and (explained or paid_for))
     rates_text = (
         f"RM win rate raw {raw:.2f} vs style-controlled {controlled:.2f} / "
         f"style-adjusted {adjusted:.2f} (gap {gap:+.2f}, limit {config.max_win_rate_gap:.2f})"
     )
-    if not passed:
+    # An axis that shifted has seen what it looks for; only a silent one can be blind.
+    blind = [c for c in checks if not c.shifted and c.power is not None and c.power < min_power]
+    if failed:
+        verdict = "fail"
         reason = (
             ("style shift explains the gain: " if explained else "learned the reward's style: ")
             + "; ".join(c.detail for c in shifts)
@@ -406,11 +450,27 @@ def run_style_regression(
             f"no significant style shift; RM win rate raw {raw:.2f}, style-controlled "
             f"{controlled:.2f}, style-adjusted {adjusted:.2f}"
         )
+    if not failed:
+        verdict = "inconclusive" if blind else "pass"
+    if blind and not failed:
+        reason = (
+            "inconclusive: "
+            + "; ".join(_blind_reason(c, config.alpha) for c in blind)
+            + (f"; {reason}")
+        )
     return StyleRegressionResult(
         checks=checks, raw_win_rate=raw, style_controlled_win_rate=controlled,
         style_adjusted_win_rate=adjusted, glm_coefficients=coefficients, n=n,
-        passed=passed, reason=reason,
+        passed=verdict == "pass", reason=reason, verdict=verdict, min_power=min_power,
     )  # fmt: skip
+
+
+def _blind_reason(check: StyleCheck, alpha: float) -> str:
+    """Why one binary axis cannot tell: its sample, power and the sample it needs."""
+    return (
+        f"{check.n_pairs} pairs detect a {check.threshold:.2f} rise in {check.name} with power "
+        f"{check.power:.2f} at alpha {alpha:g}; needs n >= {check.n_needed}"
+    )
 
 
 def style_profile(

@@ -94,3 +94,12 @@ def test_a_style_change_the_reward_does_not_pay_for_passes(pairs) -> None:
     assert result["question_rate"].shifted and not result["rm_style_term"].shifted
     assert result.passed
     assert "does not explain" in result.reason
+
+
+def test_too_few_pairs_to_see_a_rise_is_inconclusive(pairs) -> None:
+    """Twelve unchanged pairs could not have seen a 0.20 rise in emoji: not a pass."""
+    contexts, deployed = pairs
+    result = suite(contexts[:12], deployed[:12], deployed[:12])
+    assert result.verdict == "inconclusive" and not result.passed and not result.shifts
+    assert result["emoji_rate"].power < 0.8 and result.n_needed > 12
+    assert result.reason.startswith("inconclusive: 12 pairs detect a 0.20 rise in emoji_rate")
