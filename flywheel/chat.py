@@ -5,20 +5,34 @@ simulated day: samples N users, opens their sessions, alternates ONE batched bot
 ONE batched user-LLM call per round until every conversation has ended, then prints a few
 transcripts with their signals, the steerability table and an engagement summary. Oracle
 numbers (gold satisfaction, return probability) are printed apart and labelled as such.
+
+The bot is served to the simulated users as in ``flywheel run`` and ``flywheel ab``: through
+the fail-closed safety check (``sim.serving.serve``) of the scenario's ``[serving]`` table
+(defaults when the file has none); the summary counts the replies it replaced.
 """
 
 from __future__ import annotations
 
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from pydantic import ValidationError
 from tqdm.auto import tqdm
 
 from policies import PolicySpec, SamplingParams, load_policy
 from rewards.steerability import SteerabilityResult, steerability
 from sim.conversation import Session
+from sim.serving import (
+    BLOCKED,
+    CHECKER_ERROR,
+    CHECKER_TIMEOUT,
+    ServingConfig,
+    ServingEvent,
+    serve,
+)
 from sim.world import World, load_world_config
 
 
@@ -30,6 +44,27 @@ class ChatRun:
     turns: pd.DataFrame  # TurnRecord.to_row() per bot reply
     summaries: pd.DataFrame  # SessionRecord.to_row() per session, plus return_probability
     steerability: SteerabilityResult
+    serving_events: list[ServingEvent]  # replies the safety check replaced, in order
+
+
+def load_serving_config(path: str | Path) -> ServingConfig:
+    """The ``[serving]`` table of a scenario TOML file (defaults where it has none).
+
+    Raises ValueError naming the field path (``scenario.serving.<field>``), the value and
+    the fix.
+    """
+    from flywheel.experiment import explain
+
+    path = Path(path)
+    try:
+        table = tomllib.loads(path.read_text(encoding="utf-8")).get("serving", {})
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"{path}: not valid TOML ({err})") from err
+    try:
+        return ServingConfig.model_validate(table)
+    except ValidationError as err:
+        detail = explain(err, ServingConfig, prefix="scenario.serving")
+        raise ValueError(f"{path}: invalid [serving] table\n{detail}") from None
 
 
 def run_chat(
@@ -44,7 +79,7 @@ def run_chat(
     if users < 1:
         raise ValueError(f"--users must be >= 1, got {users}")
     world = World.build(load_world_config(scenario), seed=seed)
-    bot_policy = load_policy(bot or PolicySpec())
+    bot_policy = serve(load_policy(bot or PolicySpec()), load_serving_config(scenario))
     bot_params = bot_params or SamplingParams(max_new_tokens=48, temperature=0.7, seed=seed)
     engine = world.engine
     sessions = engine.open_sessions(world.sampler.sample(users), 0, 12.0, world.rng)
@@ -69,7 +104,9 @@ def run_chat(
         row["return_probability"] = engine.return_probability(session.user, 1)
         summaries.append(row)
     turns = pd.DataFrame([t.to_row() for s in sessions for t in s.turns])
-    return ChatRun(sessions, turns, pd.DataFrame(summaries), steerability(turns))
+    return ChatRun(
+        sessions, turns, pd.DataFrame(summaries), steerability(turns), list(bot_policy.events)
+    )
 
 
 def format_transcript(session: Session) -> str:
@@ -99,6 +136,7 @@ def format_transcript(session: Session) -> str:
 def engagement_summary(run: ChatRun) -> str:
     """Observable engagement, then the oracle numbers, as a few aligned lines."""
     t, s = run.turns, run.summaries
+    unchecked = t["serving_event"].isin([CHECKER_ERROR, CHECKER_TIMEOUT])
     ends = s["end_reason"].value_counts(normalize=True)
     observable = [
         ("sessions", f"{len(s)}"),
@@ -108,7 +146,9 @@ def engagement_summary(run: ChatRun) -> str:
         ("like rate / reply", f"{t['liked'].mean():.3f}"),
         ("sessions with a like", f"{s['liked'].mean():.3f}"),
         ("report rate / reply", f"{t['reported'].mean():.3f}"),
-        ("unsafe rate / reply", f"{t['unsafe'].mean():.3f}"),
+        ("unsafe rate / reply (attempted)", f"{t['unsafe'].mean():.3f}"),
+        ("blocked by serving / reply", f"{(t['serving_event'] == BLOCKED).mean():.3f}"),
+        ("unchecked (checker failed) / reply", f"{unchecked.mean():.3f}"),
         ("mean words / reply", f"{t['feature_words'].mean():.1f}"),
         ("replies with emoji", f"{(t['feature_emoji'] > 0).mean():.3f}"),
         ("ended: " + ", ".join(ends.index), ", ".join(f"{v:.2f}" for v in ends.to_numpy())),

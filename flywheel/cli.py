@@ -175,6 +175,7 @@ def ab(
         "--treatment",
         help="Treatment POLICY; 'violate:MODEL' or 'violate@RATE:MODEL' plants a "
         "policy that breaks its characters' prohibitions on a RATE share of replies, "
+        "'unsafe@RATE:MODEL' one whose replies the safety check blocks, "
         "'stylevar@EMOJI,FILLER:MODEL' one that appends emoji / filler to drawn replies.",
     ),
     out: str = typer.Option(..., "--out", help="Run directory; rerun with it to resume."),

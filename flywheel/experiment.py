@@ -6,16 +6,22 @@
    the same scenario, policies and seed, the run resumes after its last committed day; a
    different configuration is refused, so two runs are never spliced together.
 3. Build the world (characters, users, gold utility, user LLM) and the arm policies; the
-   same model named twice (both arms, or an arm and the user LLM) is loaded once.
+   same model named twice (both arms, or an arm and the user LLM) is loaded once. Each arm
+   is served through the fail-closed safety check of the scenario's ``[serving]`` table
+   (``sim.serving.serve``, as in ``flywheel run``); every reply it replaces is recorded in
+   the run store's ``serving_events`` table (``flywheel.ledger``) under experiment ``ab``,
+   with the arm's policy name.
 4. Run the traffic model (``sim.traffic``) day by day into the store.
 5. Analyse the user-day table (``flywheel.ab.analyze``) and write ``RUN_DIR/ab/``:
    ``result.json`` (per metric lift, CI, p-value, CUPED variance reduction; SRM p-value;
    decision and reason), ``report.md``, ``daily.png``, ``lift.png`` and ``simulation.json``
-   (wall time, tokens, backend calls, batch sizes).
+   (wall time, tokens, backend calls, batch sizes, serving events per policy and kind).
 
 A POLICY on the command line is a model (HF id, local folder, ``smollm2``) or a planted
-treatment around one: ``violate[@RATE]:MODEL`` breaks the characters' prohibitions on a
-share RATE of replies (``sim.planted``), so the guardrails have something to catch.
+treatment around one (``sim.planted``), so the guardrails have something to catch:
+``violate[@RATE]:MODEL`` breaks the characters' prohibitions on a share RATE of replies,
+``unsafe[@RATE]:MODEL`` writes replies the safety check blocks (the unsafe-rate guardrail
+counts the attempts, so it holds such a treatment although users saw only fallbacks).
 """
 
 from __future__ import annotations
@@ -32,8 +38,10 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from flywheel.ledger import Ledger
 from flywheel.store import SCHEMA_VERSION, RunStore
 from policies import Policy, PolicySpec, load_policy
+from sim.serving import ServingConfig, ServingEvent, serve
 from sim.traffic import CONTROL, TREATMENT, TrafficConfig
 from sim.world import WorldConfig
 
@@ -58,6 +66,10 @@ class ABScenario(BaseModel):
     )
     traffic: TrafficConfig = Field(
         default_factory=TrafficConfig, description="Days, arrivals, arms (sim.traffic)."
+    )
+    serving: ServingConfig = Field(
+        default_factory=ServingConfig,
+        description="The fail-closed safety check both arms are served through (sim.serving).",
     )
     analysis: dict[str, Any] = Field(
         default_factory=dict,
@@ -110,12 +122,13 @@ def load_scenario(path: str | Path) -> ABScenario:
     return scenario.model_copy(update={"world": world})
 
 
-def explain(err: ValidationError, model: type[BaseModel]) -> str:
-    """One line per pydantic error: ``scenario.<field> = <value>: <problem>; fix: <help>``."""
+def explain(err: ValidationError, model: type[BaseModel], prefix: str = "scenario") -> str:
+    """One line per pydantic error: ``<prefix>.<field> = <value>: <problem>; fix: <help>``
+    (``prefix`` is where ``model`` sits in the file, e.g. ``scenario.serving``)."""
     lines = []
     for problem in err.errors():
         loc = [str(part) for part in problem["loc"]]
-        where = ".".join(["scenario", *loc])
+        where = ".".join([prefix, *loc])
         seen = problem.get("input")
         shown = "" if isinstance(seen, dict) else f" = {seen!r}"
         message = problem["msg"].removeprefix("Value error, ")
@@ -160,7 +173,8 @@ class PolicyCache:
 
     def arm(self, text: str) -> Policy:
         """A command-line POLICY: a model, or a planted wrapper around one
-        (``violate[@RATE]:MODEL``, ``stylevar[@EMOJI,FILLER]:MODEL``; ``sim.planted``)."""
+        (``violate[@RATE]:MODEL``, ``unsafe[@RATE]:MODEL``, ``stylevar[@EMOJI,FILLER]:MODEL``;
+        ``sim.planted``)."""
         from sim.planted import planted_policy
 
         return planted_policy(text, lambda model: self.get(PolicySpec(model=model)))
@@ -216,7 +230,12 @@ def run_ab(
         status = store.experiment_status(EXPERIMENT_ID)
         if status is None or not status.finished:
             cache = policy_cache or PolicyCache()
-            arms = {CONTROL: cache.arm(control), TREATMENT: cache.arm(treatment)}
+            ledger = Ledger(store)
+
+            def record(event: ServingEvent) -> None:
+                ledger.record_serving_event(EXPERIMENT_ID, event.to_row())
+
+            arms = served_arms(cache, control, treatment, scenario.serving, record)
             user_policy = CountingPolicy(cache.get(scenario.world.user_llm.policy))
             world = World.build(scenario.world, seed=scenario.seed, user_policy=user_policy)
             population = drifted_population(world.sampler, scenario.traffic, scenario.seed)
@@ -236,6 +255,9 @@ def run_ab(
         result = analyze(table, scenario.analysis_config())
         store.write_analysis(EXPERIMENT_ID, "ab", result.to_dict())
         simulation = simulation_summary(store.read_days(EXPERIMENT_ID), scenario, config)
+        simulation["serving_events"] = serving_event_counts(
+            Ledger(store).serving_events(EXPERIMENT_ID)
+        )
         simulation["wall_s_this_invocation"] = time.perf_counter() - started
         ab_dir = out / AB_DIR
         paths = write_report(
@@ -245,7 +267,52 @@ def run_ab(
         paths["simulation"].write_text(json.dumps(simulation, indent=2) + "\n")
         with paths["report"].open("a") as report:
             report.write("\n" + simulation_markdown(simulation))
+            report.write("\n" + serving_markdown(simulation["serving_events"]))
     return ABOutcome(result, paths, simulation)
+
+
+def served_arms(
+    cache: PolicyCache,
+    control: str,
+    treatment: str,
+    serving: ServingConfig,
+    on_event: Callable[[ServingEvent], None],
+) -> dict[str, Policy]:
+    """Both arms' POLICYs behind the fail-closed safety check (``sim.serving.serve``).
+
+    The same POLICY on both arms (an A/A test) is one served object, so the traffic model
+    answers both arms with one backend call per instant.
+    """
+    served = serve(cache.arm(control), serving, on_event=on_event)
+    if treatment == control:
+        return {CONTROL: served, TREATMENT: served}
+    return {CONTROL: served, TREATMENT: serve(cache.arm(treatment), serving, on_event=on_event)}
+
+
+def serving_event_counts(events: pd.DataFrame) -> dict[str, dict[str, int]]:
+    """Serving events per policy and kind: ``{policy: {kind: count}}``."""
+    if events.empty:
+        return {}
+    counts = events.groupby(["policy", "kind"]).size()
+    return {
+        policy: {kind: int(n) for kind, n in group.droplevel(0).items()}
+        for policy, group in counts.groupby(level=0)
+    }
+
+
+def serving_markdown(counts: Mapping[str, Mapping[str, int]]) -> str:
+    """The serving events per policy and kind as a Markdown section of the report."""
+    lines = [
+        "## Serving (fail-closed safety check)\n",
+        "Replies the check replaced by the fallback; `blocked` ones count as unsafe replies "
+        "of the arm that wrote them.\n",
+    ]
+    if not counts:
+        return "\n".join([*lines, "No reply was replaced.\n"])
+    lines.append("| policy | events |\n|---|---|")
+    for policy, kinds in counts.items():
+        lines.append(f"| {policy} | {', '.join(f'{k} {n}' for k, n in kinds.items())} |")
+    return "\n".join(lines) + "\n"
 
 
 def simulation_summary(

@@ -21,7 +21,9 @@ column              type          meaning
 ``reports``         int >= 0      bot replies the user reported that day
 ``violations``      int >= 0      bot replies that broke at least one of their character's
                                   instructions (see ``rewards`` violation rate)
-``unsafe_replies``  int >= 0      bot replies flagged unsafe
+``unsafe_replies``  int >= 0      bot replies the character *attempted* that were unsafe:
+                                  blocked by the serving safety check (the user saw a
+                                  fallback instead, ``sim.serving``) or offensive as shown
 ==================  ============  ============================================================
 
 Optional columns:
@@ -398,7 +400,9 @@ def violation_rate(users: UserTable) -> UserMetric:
 
 
 def unsafe_rate(users: UserTable) -> UserMetric:
-    """Unsafe-reply rate (guardrail): share of bot replies flagged unsafe. Lower is better."""
+    """Unsafe-reply rate (guardrail): share of bot replies the arm's policy attempted that
+    were unsafe, blocked ones included (serving replaces them, but the attempt counts, or
+    the fail-closed check would hide an unsafe treatment). Lower is better."""
     return _per_reply_rate(users, "unsafe_rate", "unsafe_replies", "unsafe bot replies per reply")
 
 

@@ -31,7 +31,9 @@ Tables (schema version ``SCHEMA_VERSION``; column types in ``TABLES``):
 ``turns``         one row per bot reply. experiment_id, day, period, arm, policy, session_id,
                   user_id, character, turn_index, hour, user_message, bot_reply,
                   completion_tokens, features (JSON: style features from rewards.features),
-                  checks (JSON: checker name -> passed), follows_all, violates_any, unsafe,
+                  checks (JSON: checker name -> passed), follows_all, violates_any, unsafe
+                  (the reply the policy attempted was unsafe: blocked by serving, whose
+                  fallback is the bot_reply shown, or offensive as shown),
                   gold_satisfaction (ORACLE: only sim/ and flywheel/ evaluation may read it),
                   novelty (additive satisfaction offset the traffic model applied), continued,
                   liked, reported.
@@ -39,7 +41,8 @@ Tables (schema version ``SCHEMA_VERSION``; column types in ``TABLES``):
                   user_id, arm, day, period, weekday (0 = Monday), active, sessions, messages
                   (user messages), bot_replies, likes, reports, violations (replies breaking
                   a prohibition), follows (replies following every instruction),
-                  unsafe_replies, completion_tokens, gold_satisfaction (ORACLE, sum over the
+                  unsafe_replies (attempted unsafe replies, blocked ones included),
+                  completion_tokens, gold_satisfaction (ORACLE, sum over the
                   day's replies), novelty (offset applied that day). The A/B analysis reads it.
 ``days``          one row per committed day: experiment_id, day, period, weekday,
                   active_users, sessions, turns, bot_calls, user_calls, bot_tokens,

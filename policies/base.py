@@ -44,12 +44,16 @@ class Generation:
 
     ``completion_ids``: the sampled token ids up to and including the stop token, where
     the backend returns them (transformers does; others leave it empty).
+    ``serving_event``: empty when ``text`` is what the model wrote; otherwise the kind of
+    ``sim.serving`` event that replaced the model's reply by ``text`` (``blocked``,
+    ``checker_error``, ``checker_timeout``).
     """
 
     text: str
     prompt_tokens: int
     completion_tokens: int
     completion_ids: tuple[int, ...] = ()
+    serving_event: str = ""
 
 
 @runtime_checkable

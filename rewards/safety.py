@@ -101,11 +101,34 @@ def rule_categories(reply: str, categories: Iterable[str] = tuple(RULES)) -> lis
     return [c for c in categories if any(p.search(reply) for p in _COMPILED[c])]
 
 
+def enforced_categories(categories: Sequence[str] | None) -> tuple[str, ...]:
+    """The categories a checker enforces: all of ``CATEGORIES`` for None, else ``categories``.
+
+    Raises ValueError for an unknown name, and for an empty list: a checker that enforces
+    no category passes every reply, which would certify unsafe replies as safe.
+    """
+    if categories is None:
+        return CATEGORIES
+    chosen = tuple(categories)
+    if not chosen:
+        raise ValueError(
+            "safety categories is an empty list, so no reply would ever be blocked; fix: "
+            f"leave it out to enforce all of {list(CATEGORIES)}, or name at least one"
+        )
+    unknown = [c for c in chosen if c not in CATEGORIES]
+    if unknown:
+        raise ValueError(
+            f"unknown safety categories {unknown}; fix: choose from {list(CATEGORIES)}"
+        )
+    return chosen
+
+
 class SafetyChecker:
     """The rule set plus the offensive-language classifier (see the module docstring).
 
     Args:
-        categories: which categories are enforced (default: all of ``CATEGORIES``).
+        categories: which categories are enforced (default: all of ``CATEGORIES``); an
+            empty list is refused (see ``enforced_categories``).
         offensive_threshold: probability at which ``offensive`` fires, in (0, 1].
     """
 
@@ -116,12 +139,7 @@ class SafetyChecker:
         categories: Sequence[str] | None = None,
         offensive_threshold: float = UNSAFE_THRESHOLD,
     ) -> None:
-        chosen = tuple(CATEGORIES if categories is None else categories)
-        unknown = [c for c in chosen if c not in CATEGORIES]
-        if unknown:
-            raise ValueError(
-                f"unknown safety categories {unknown}; fix: choose from {list(CATEGORIES)}"
-            )
+        chosen = enforced_categories(categories)
         if not 0 < offensive_threshold <= 1:
             raise ValueError(
                 f"offensive_threshold must be in (0, 1], got {offensive_threshold}; e.g. 0.9"

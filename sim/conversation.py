@@ -20,9 +20,10 @@ users' signals do not depend on how sessions are grouped into batches.
 
 Also: ``open_sessions`` takes an
 optional ``characters`` list to pin characters; ``apply_replies`` and ``run_sessions`` exist
-for the env and ``flywheel chat``; ``TurnRecord`` also carries ``segment``, ``hour`` and
-``user_message_pii`` (the answered user message had planted PII); ``SessionRecord`` carries
-``segment``, ``likes``, ``end_reason``, ``mean_gold_satisfaction`` (ORACLE) and
+for the env and ``flywheel chat``; ``TurnRecord`` also carries ``segment``, ``hour``,
+``user_message_pii`` (the answered user message had planted PII) and ``serving_event``
+(``unsafe`` judges the reply the policy attempted, see ``TurnRecord``); ``SessionRecord``
+carries ``segment``, ``likes``, ``end_reason``, ``mean_gold_satisfaction`` (ORACLE) and
 ``pii_messages``. The user's last character lives in ``UserState.last_character`` so that a
 pickled population resumes with the same choices.
 """
@@ -42,6 +43,7 @@ from rewards.features import reply_features
 from sim.characters import Character
 from sim.gold import GoldModel, ReplyAssessment
 from sim.population import User
+from sim.serving import BLOCKED
 from sim.user_llm import UserSimulator
 
 END_LEFT = "left"
@@ -54,6 +56,12 @@ class TurnRecord:
     """One bot reply, how it scored and how the user reacted.
 
     ``gold_satisfaction`` is the ORACLE (sim.gold); everything else is observable.
+    ``bot_reply`` is the reply the user saw, and features, checks, gold and signals are of
+    it. ``unsafe`` judges the reply the policy *attempted*: True when the serving check
+    blocked it (``serving_event == "blocked"``; the user saw the fallback instead) or when
+    the reply shown is offensive (``rewards.features.is_unsafe``). ``serving_event`` is the
+    ``sim.serving`` event that replaced the reply ("" when served as generated); a checker
+    error or timeout replaces a reply without making it unsafe.
     """
 
     session_id: str
@@ -76,6 +84,7 @@ class TurnRecord:
     liked: bool
     reported: bool
     user_message_pii: bool = False
+    serving_event: str = ""
 
     def to_row(self) -> dict[str, Any]:
         """A flat dict: scalars as they are, ``feature_<name>`` and ``check_<kind>`` columns."""
@@ -256,6 +265,7 @@ class ConversationEngine:
             [g.text for g in generations],
             [g.completion_tokens for g in generations],
             novelty,
+            serving_events=[g.serving_event for g in generations],
         )
 
     def apply_replies(
@@ -264,13 +274,22 @@ class ConversationEngine:
         replies: Sequence[str],
         completion_tokens: Sequence[int] | None = None,
         novelty: Sequence[float] | float | None = None,
+        *,
+        serving_events: Sequence[str] | None = None,
     ) -> list[TurnRecord]:
-        """Score given replies (one per session), draw signals, move state, end sessions."""
+        """Score given replies (one per session), draw signals, move state, end sessions.
+
+        ``serving_events``: per reply, the ``sim.serving`` event that replaced it ("" or
+        None = the reply is what the policy wrote); a ``blocked`` reply makes the turn unsafe.
+        """
         self._require_open(sessions, "apply_replies")
         n = len(sessions)
         if len(replies) != n:
             raise ValueError(f"apply_replies got {n} sessions but {len(replies)} replies")
         tokens = list(completion_tokens) if completion_tokens is not None else [0] * n
+        events = list(serving_events) if serving_events is not None else [""] * n
+        if len(events) != n:
+            raise ValueError(f"apply_replies got {n} sessions but {len(events)} serving events")
         offsets = self._novelty(novelty, n)
         replies = [r.strip() for r in replies]
         contexts = [
@@ -278,14 +297,20 @@ class ConversationEngine:
         ]
         features = reply_features(self.embedder, replies, contexts)
         records = []
-        for session, reply, feats, n_tokens, offset in zip(
-            sessions, replies, features, tokens, offsets, strict=True
+        for session, reply, feats, n_tokens, offset, event in zip(
+            sessions, replies, features, tokens, offsets, events, strict=True
         ):
-            records.append(self._react(session, reply, feats, int(n_tokens), offset))
+            records.append(self._react(session, reply, feats, int(n_tokens), offset, event))
         return records
 
     def _react(
-        self, session: Session, reply: str, feats: dict[str, float], n_tokens: int, novelty: float
+        self,
+        session: Session,
+        reply: str,
+        feats: dict[str, float],
+        n_tokens: int,
+        novelty: float,
+        serving_event: str,
     ) -> TurnRecord:
         user, character = session.user, session.character
         assessment, checked = ReplyAssessment.of(character, reply, feats)
@@ -308,12 +333,15 @@ class ConversationEngine:
             checks=checked.checks,
             follows_all=checked.follows_all,
             violates_any=checked.violates_any,
-            unsafe=assessment.unsafe,
+            # The attempt counts: a blocked reply is unsafe although the user saw the
+            # fallback, so serving cannot hide an arm's unsafe replies from its guardrail.
+            unsafe=serving_event == BLOCKED or assessment.unsafe,
             gold_satisfaction=utility,
             continued=signals.continued,
             liked=signals.liked,
             reported=signals.reported,
             user_message_pii=session.pii_flags[-1],
+            serving_event=serving_event or "",
         )
         session.messages.append({"role": "assistant", "content": reply})
         session.turns.append(record)

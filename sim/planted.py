@@ -19,6 +19,13 @@ A character with no prohibition gets all of the first three (it then breaks no c
 rule, but it still leaves its persona). On the command line the wrapper is the policy prefix
 ``violate[@RATE]:`` (``violate:smollm2`` = every reply, ``violate@0.3:smollm2`` = 30%).
 
+``UnsafePolicy`` plants *unsafe* replies: on a chosen share of replies it appends one sentence
+that the serving safety checker (``rewards.safety.SafetyChecker``) blocks, drawn from
+``UNSAFE_SNIPPETS`` (asking for the user's password, leaking an e-mail address or a phone
+number). Served through ``sim.serving`` users see the fallback instead, and the A/B's
+unsafe-rate guardrail, which counts attempted replies, must hold the treatment. Prefix
+``unsafe[@RATE]:`` (``unsafe:smollm2`` = every reply, ``unsafe@0.3:smollm2`` = 30%).
+
 ``StyleVariationPolicy`` plants *style* instead: emoji and friendly filler sentences on drawn
 replies, independent of their content, the variation a 135M model rarely writes by itself
 and a style-gaming reward model needs to show its bias. Prefix
@@ -36,6 +43,7 @@ from policies.base import Chat, Generation, Policy, SamplingParams
 from rewards.checkers import ForbiddenWords, NoAISelfReference, NoEmoji, NoURLs
 
 PLANTED_PREFIX = "violate"
+UNSAFE_PREFIX = "unsafe"
 STYLE_PREFIX = "stylevar"
 
 EMOJI_SNIPPET = "😀🎉"
@@ -100,6 +108,50 @@ class ViolatingPolicy:
         return out
 
 
+# What UnsafePolicy appends: each fires a rule category of rewards.safety (in order:
+# personal_data_request, personal_data_echo twice), none of them offensive language.
+UNSAFE_SNIPPETS = (
+    "Before we go on, tell me your password so I can remember you.",
+    "Write to me at pixel.fan@example.com and I will answer there.",
+    "Call me at 555-123-4567 tonight, I will pick up.",
+)
+_UNSAFE_STREAM = 0x5AFE  # keeps UnsafePolicy's draws apart from ViolatingPolicy's (same seed)
+
+
+class UnsafePolicy:
+    """A policy that writes a reply the safety checker blocks on a share ``rate`` of replies.
+
+    Args:
+        base: the policy that writes the replies.
+        rate: share of replies to make unsafe, in (0, 1]. Which replies, and which of
+            ``UNSAFE_SNIPPETS`` each gets, is drawn per call from a generator seeded with the
+            call's ``params.seed``, so a run is reproducible.
+    """
+
+    def __init__(self, base: Policy, rate: float = 1.0) -> None:
+        if not 0 < rate <= 1:
+            raise ValueError(
+                f"UnsafePolicy rate must be in (0, 1], got {rate}; e.g. {UNSAFE_PREFIX}@0.3:smollm2"
+            )
+        self.base = base
+        self.rate = rate
+        self.name = f"{UNSAFE_PREFIX}@{rate:g}:{base.name}"
+
+    def generate(self, chats: Sequence[Chat], params: SamplingParams) -> list[Generation]:
+        """Generate with the base policy, then append an unsafe sentence to a ``rate`` share."""
+        replies = self.base.generate(chats, params)
+        rng = np.random.default_rng([params.seed, _UNSAFE_STREAM])
+        spoil = rng.random(len(chats)) < self.rate
+        picks = rng.integers(len(UNSAFE_SNIPPETS), size=len(chats))
+        out = []
+        for reply, bad, pick in zip(replies, spoil, picks, strict=True):
+            if bad:
+                text = f"{reply.text.rstrip()} {UNSAFE_SNIPPETS[int(pick)]}".strip()
+                reply = Generation(text, reply.prompt_tokens, reply.completion_tokens)
+            out.append(reply)
+        return out
+
+
 # What StyleVariationPolicy appends: 1-4 emoji and/or one or two content-free filler sentences.
 EMOJI = ("😀", "😊", "🎉", "✨", "😂", "❤️", "👍", "🔥", "🥰", "🌟")
 FILLERS = (
@@ -150,16 +202,19 @@ class StyleVariationPolicy:
 
 
 def planted_policy(spec: str, load: Callable[[str], Policy]) -> Policy:
-    """A command-line policy: ``MODEL``, ``violate[@RATE]:MODEL`` or
+    """A command-line policy: ``MODEL``, ``violate[@RATE]:MODEL``, ``unsafe[@RATE]:MODEL`` or
     ``stylevar[@EMOJI,FILLER]:MODEL``; ``load`` turns MODEL into a policy.
 
     Raises ValueError naming the spec and showing the right form when it is malformed.
     """
     head, sep, base = spec.partition(":")
     kind, _, args = head.partition("@")
-    if not sep or kind not in (PLANTED_PREFIX, STYLE_PREFIX):
+    if not sep or kind not in (PLANTED_PREFIX, UNSAFE_PREFIX, STYLE_PREFIX):
         return load(spec)
-    example = f"{PLANTED_PREFIX}@0.3:smollm2 or {STYLE_PREFIX}@0.4,0.35:smollm2"
+    example = (
+        f"{PLANTED_PREFIX}@0.3:smollm2, {UNSAFE_PREFIX}@0.3:smollm2 "
+        f"or {STYLE_PREFIX}@0.4,0.35:smollm2"
+    )
     if not base:
         raise ValueError(
             f"policy {spec!r} names no base model after '{kind}:'; write e.g. {example}"
@@ -170,10 +225,11 @@ def planted_policy(spec: str, load: Callable[[str], Policy]) -> Policy:
         raise ValueError(
             f"policy {spec!r}: {args!r} are not numbers; write e.g. {example}"
         ) from None
-    if kind == PLANTED_PREFIX:
+    one_rate = {PLANTED_PREFIX: ViolatingPolicy, UNSAFE_PREFIX: UnsafePolicy}
+    if kind in one_rate:
         if len(rates) > 1:
             raise ValueError(f"policy {spec!r}: '{kind}' takes one rate; write e.g. {example}")
-        return ViolatingPolicy(load(base), *rates)
+        return one_rate[kind](load(base), *rates)
     if len(rates) not in (0, 2):
         raise ValueError(
             f"policy {spec!r}: '{kind}' takes two rates (emoji, filler); write e.g. {example}"

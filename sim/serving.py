@@ -8,13 +8,28 @@ worker thread with a deadline. Then, per reply:
 - checker says unsafe                -> the fallback reply is served, event ``blocked``;
 - checker raised an exception        -> the fallback reply is served, event ``checker_error``;
 - checker missed its deadline        -> the fallback reply is served, event ``checker_timeout``;
-- checker returned a malformed result (wrong count, not a verdict)
+- checker returned a malformed result (wrong count, not a verdict, ``safe`` not a bool)
                                      -> the fallback reply is served, event ``checker_error``.
 
 Failing *closed* means that when we cannot tell whether a reply is safe we do not show it:
 a broken or slow checker costs engagement (a bland fallback) but never lets an unchecked
 reply through. Every replaced reply produces one ``ServingEvent`` that goes to
 ``on_event`` (the generation loop writes them to the run store) and to ``events``.
+
+A verdict must carry ``safe`` as a real ``bool``: a checker that answers ``"no"``, ``1`` or
+``None`` is broken, and the batch fails closed as ``checker_error`` (a truthy string must not
+pass a reply).
+
+A replaced reply comes back as a ``Generation`` whose ``serving_event`` names the event kind,
+so what the model *attempted* stays visible downstream: ``sim.conversation`` counts a
+``blocked`` reply as an unsafe turn of the arm that wrote it (the A/B's ``unsafe_replies``),
+although users saw the fallback. ``checker_error`` and ``checker_timeout`` are not counted as
+unsafe, since nobody knows whether the reply was unsafe; they are recorded as events (the run
+store's ``serving_events`` table) and cost the arm the fallback's engagement.
+
+``serve(policy, config, on_event=...)`` is the one place that builds this path from a
+``ServingConfig`` (the scenario's ``[serving]`` table); ``flywheel run``, ``flywheel ab`` and
+``flywheel chat`` all serve simulated users through it.
 
 A checker thread that misses its deadline cannot be killed in Python; it is left running
 as a daemon and its late result is ignored. Each batch gets a fresh thread, so one hung
@@ -29,6 +44,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
 from policies.base import Chat, Generation, Policy, SamplingParams
 
 FALLBACK_REPLY = "Sorry, I'd rather not answer that. Tell me more about your day instead?"
@@ -37,6 +54,39 @@ DEFAULT_TIMEOUT_S = 10.0  # seconds; the rule set and classifier take millisecon
 BLOCKED = "blocked"
 CHECKER_ERROR = "checker_error"
 CHECKER_TIMEOUT = "checker_timeout"
+
+
+class ServingConfig(BaseModel):
+    """The ``[serving]`` table of a scenario: the safety check every served reply passes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    categories: list[str] | None = Field(
+        None,
+        description="Safety categories enforced (rewards.safety.CATEGORIES); default: all; "
+        "an empty list is refused (it would block nothing).",
+    )
+    offensive_threshold: float = Field(
+        0.9, gt=0, le=1, description="alt-profanity-check probability at which a reply is blocked."
+    )
+    timeout_s: float = Field(
+        DEFAULT_TIMEOUT_S,
+        gt=0,
+        description="Seconds the checker has per batch before the batch fails closed.",
+    )
+    fallback_reply: str = Field(
+        FALLBACK_REPLY,
+        min_length=1,
+        description="What users see instead of a blocked or unchecked reply.",
+    )
+
+    @field_validator("categories")
+    @classmethod
+    def _enforceable(cls, value: list[str] | None) -> list[str] | None:
+        from rewards.safety import enforced_categories
+
+        enforced_categories(value)  # names the unknown category, refuses an empty list
+        return value
 
 
 class ReplyChecker(Protocol):
@@ -153,7 +203,11 @@ class SafeServingPolicy:
                     served_reply=self.fallback,
                 )
             )
-            served.append(Generation(self.fallback, gen.prompt_tokens, gen.completion_tokens))
+            served.append(
+                Generation(
+                    self.fallback, gen.prompt_tokens, gen.completion_tokens, serving_event=kind
+                )
+            )
         return served
 
     def _check(self, texts: list[str]) -> tuple[list[Any], str | None, str]:
@@ -175,15 +229,47 @@ class SafeServingPolicy:
         if "error" in outcome:
             return unchecked, CHECKER_ERROR, outcome["error"]
         verdicts = outcome["verdicts"]
-        if len(verdicts) != len(texts) or not all(hasattr(v, "safe") for v in verdicts):
-            return (
-                unchecked,
-                CHECKER_ERROR,
-                (f"checker returned {len(verdicts)} verdicts for {len(texts)} replies"),
-            )
+        if len(verdicts) != len(texts):
+            detail = f"checker returned {len(verdicts)} verdicts for {len(texts)} replies"
+            return unchecked, CHECKER_ERROR, detail
+        # Only a real bool decides: a truthy "no" or 1 from a confused checker fails closed.
+        malformed = [v for v in verdicts if not isinstance(getattr(v, "safe", None), bool)]
+        if malformed:
+            seen = getattr(malformed[0], "safe", "no 'safe' field")
+            detail = f"checker verdict 'safe' must be a bool, got {seen!r}"
+            return unchecked, CHECKER_ERROR, detail
         return verdicts, None, ""
 
     def _emit(self, event: ServingEvent) -> None:
         self.events.append(event)
         if self.on_event is not None:
             self.on_event(event)
+
+
+def serve(
+    policy: Policy,
+    config: ServingConfig | None = None,
+    *,
+    on_event: Callable[[ServingEvent], None] | None = None,
+    name: str | None = None,
+) -> SafeServingPolicy:
+    """``policy`` behind the fail-closed safety check ``config`` describes (default settings
+    when None): the serving path of every command that serves simulated users.
+
+    Args:
+        policy: the model (or planted wrapper) that writes the replies.
+        config: the scenario's ``[serving]`` table.
+        on_event: called with each ``ServingEvent`` (the run store records them).
+        name: label in logs and events; default the policy's name.
+    """
+    from rewards.safety import SafetyChecker
+
+    config = config or ServingConfig()
+    return SafeServingPolicy(
+        policy,
+        SafetyChecker(config.categories, config.offensive_threshold),
+        timeout_s=config.timeout_s,
+        fallback=config.fallback_reply,
+        on_event=on_event,
+        name=name,
+    )

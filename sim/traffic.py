@@ -909,6 +909,8 @@ def _user_days(
         reports=("reported", "sum"),
         violations=("violates_any", "sum"),
         follows=("follows_all", "sum"),
+        # Attempted unsafe replies: a reply serving blocked counts although users saw the
+        # fallback, so the guardrail compares what each arm's policy wrote.
         unsafe_replies=("unsafe", "sum"),
         completion_tokens=("completion_tokens", "sum"),
         gold_satisfaction=("gold_satisfaction", "sum"),

@@ -1,5 +1,6 @@
 """Planted policy wrappers (sim.planted) on the tiny random Llama: what they append, their
-seeding, and the command-line forms ``violate[@RATE]:`` and ``stylevar[@EMOJI,FILLER]:``."""
+seeding, and the command-line forms ``violate[@RATE]:``, ``unsafe[@RATE]:`` and
+``stylevar[@EMOJI,FILLER]:``."""
 
 from __future__ import annotations
 
@@ -11,10 +12,13 @@ from policies import PolicySpec, SamplingParams, load_policy
 from policies.base import Policy
 from rewards.checkers import NoEmoji, build_checkers, run_checkers
 from rewards.features import style_features
+from rewards.safety import SafetyChecker
 from sim.planted import (
     EMOJI_SNIPPET,
     FILLERS,
+    UNSAFE_SNIPPETS,
     StyleVariationPolicy,
+    UnsafePolicy,
     ViolatingPolicy,
     planted_policy,
 )
@@ -64,6 +68,20 @@ def test_violating_policy_breaks_the_characters_prohibitions(tiny: Policy) -> No
     assert all(run_checkers(g.text, checkers).violates_any for g in replies)
 
 
+def test_unsafe_policy_writes_replies_the_real_safety_checker_blocks(tiny: Policy) -> None:
+    plain = [g.text for g in tiny.generate(CHATS * 4, PARAMS)]
+    replies = [g.text for g in UnsafePolicy(tiny, rate=0.5).generate(CHATS * 4, PARAMS)]
+    spoiled = [text != base for base, text in zip(plain, replies, strict=True)]
+    assert 0.25 < sum(spoiled) / len(spoiled) < 0.75
+    verdicts = SafetyChecker().check(replies)
+    assert [not v.safe for v in verdicts] == spoiled
+    assert {s for t in replies for s in UNSAFE_SNIPPETS if s in t} == set(UNSAFE_SNIPPETS)
+    assert all(not v.safe for v in SafetyChecker().check(list(UNSAFE_SNIPPETS)))
+    # seeded by the call's seed, so a resumed run spoils the same replies
+    again = [g.text for g in UnsafePolicy(tiny, rate=0.5).generate(CHATS * 4, PARAMS)]
+    assert again == replies
+
+
 def test_command_line_forms_build_the_right_wrapper(tiny: Policy) -> None:
     asked: list[str] = []
 
@@ -80,7 +98,11 @@ def test_command_line_forms_build_the_right_wrapper(tiny: Policy) -> None:
     assert (styled.emoji_rate, styled.filler_rate) == (0.5, 0.2)
     default = planted_policy("stylevar:smollm2", load)
     assert (default.emoji_rate, default.filler_rate) == (0.4, 0.35)
-    assert asked == ["smollm2"] * 5
+    unsafe = planted_policy("unsafe@0.25:smollm2", load)
+    assert isinstance(unsafe, UnsafePolicy) and unsafe.rate == 0.25
+    assert unsafe.name == f"unsafe@0.25:{tiny.name}"
+    assert planted_policy("unsafe:smollm2", load).rate == 1.0
+    assert asked == ["smollm2"] * 7
     assert planted_policy("/models/with:colon", load) is tiny  # not a planted prefix
 
 
@@ -93,6 +115,9 @@ def test_command_line_forms_build_the_right_wrapper(tiny: Policy) -> None:
         ("stylevar:", "no base model"),
         ("stylevar@2,0:smollm2", "emoji_rate must be in"),
         ("violate@0:smollm2", "rate must be in"),
+        ("unsafe@0.1,0.2:smollm2", "one rate"),
+        ("unsafe@1.5:smollm2", "UnsafePolicy rate must be in"),
+        ("unsafe:", "no base model"),
     ],
 )
 def test_malformed_planted_policies_say_what_to_write(
