@@ -39,7 +39,7 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from flywheel.ledger import Ledger
-from flywheel.store import SCHEMA_VERSION, RunStore
+from flywheel.store import SCHEMA_VERSION, RunStore, fallback_text, fallback_totals
 from policies import Policy, PolicySpec, load_policy
 from sim.serving import ServingConfig, ServingEvent, serve
 from sim.traffic import CONTROL, TREATMENT, TrafficConfig
@@ -340,6 +340,7 @@ def simulation_summary(
         "max_bot_batch": int(days["max_bot_batch"].max()) if len(days) else 0,
         "bot_tokens": int(days["bot_tokens"].sum()),
         "user_tokens": int(days["user_tokens"].sum()),
+        "user_fallbacks": fallback_totals(days),
         "simulated_wall_s": wall,
         "tokens_per_s": tokens / wall if wall else float("nan"),
         "replies_per_s": turns / wall if wall else float("nan"),
@@ -359,6 +360,7 @@ def simulation_markdown(sim: Mapping[str, Any]) -> str:
         f"| bot calls / mean batch / max batch | {sim['bot_calls']} / "
         f"{sim['mean_bot_batch']:.1f} / {sim['max_bot_batch']} |\n"
         f"| tokens (bot + user) | {sim['bot_tokens']} + {sim['user_tokens']} |\n"
+        f"| simulated-user fallbacks | {fallback_text(sim['user_fallbacks'])} |\n"
         f"| simulated wall time | {sim['simulated_wall_s']:.0f} s "
         f"({sim['tokens_per_s']:.1f} tokens/s) |\n"
     )

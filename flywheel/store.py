@@ -46,7 +46,10 @@ Tables (schema version ``SCHEMA_VERSION``; column types in ``TABLES``):
                   day's replies), novelty (offset applied that day). The A/B analysis reads it.
 ``days``          one row per committed day: experiment_id, day, period, weekday,
                   active_users, sessions, turns, bot_calls, user_calls, bot_tokens,
-                  user_tokens, max_bot_batch, wall_s, committed_at.
+                  user_tokens, user_messages (messages the user LLM was asked to write),
+                  user_fallbacks (of those, how many were unusable and replaced by a real
+                  human message, see ``sim.user_llm``), max_bot_batch, wall_s, committed_at.
+                  ``RunStore.user_fallbacks`` totals them per experiment.
 ``checkpoints``   experiment_id, day (last finished day; -1 = before the first day), state
                   (BLOB: pickled simulator state, see ``sim.traffic.SimState``). Only the
                   latest per experiment is kept; it is replaced in the day's transaction.
@@ -71,7 +74,7 @@ import pandas as pd
 if TYPE_CHECKING:
     from sim.traffic import DayLog
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DB_FILE = "run.duckdb"
 ARTIFACTS_DIR = "artifacts"
 
@@ -172,6 +175,8 @@ TABLES: dict[str, dict[str, str]] = {
         "user_calls": "INTEGER",
         "bot_tokens": "BIGINT",
         "user_tokens": "BIGINT",
+        "user_messages": "INTEGER",
+        "user_fallbacks": "INTEGER",
         "max_bot_batch": "INTEGER",
         "wall_s": "DOUBLE",
         "committed_at": "TIMESTAMP",
@@ -189,6 +194,31 @@ TABLES: dict[str, dict[str, str]] = {
 _JSON_COLUMNS = {"traits", "features", "checks", "config", "result", "value"}
 # Day-level tables written by ``commit_day``; their columns must match exactly.
 DAY_TABLES = ("sessions", "turns", "user_days")
+FALLBACK_FIELDS = ("user_messages", "user_fallbacks", "fallback_share")
+
+
+def fallback_totals(days: pd.DataFrame) -> dict[str, Any]:
+    """Simulated-user fallbacks in rows of the days table, JSON-ready.
+
+    ``user_messages`` (messages the user LLM was asked to write), ``user_fallbacks``
+    (unusable ones replaced by a real human message, see ``sim.user_llm``) and
+    ``fallback_share`` (None when the user LLM wrote nothing). A high share means the
+    conversations ran on canned human text, not on the simulated users' own words.
+    """
+    written = int(days["user_messages"].sum())
+    fallbacks = int(days["user_fallbacks"].sum())
+    share = fallbacks / written if written else None
+    return {"user_messages": written, "user_fallbacks": fallbacks, "fallback_share": share}
+
+
+def fallback_text(totals: Mapping[str, Any]) -> str:
+    """``fallback_totals`` in words: '3 of 120 user messages (2.5%)'."""
+    if not totals.get("user_messages"):
+        return "no user message written by the user LLM"
+    return (
+        f"{totals['user_fallbacks']} of {totals['user_messages']} user messages "
+        f"({totals['fallback_share']:.1%})"
+    )
 
 
 def fingerprint(config: Mapping[str, Any]) -> str:
@@ -503,6 +533,16 @@ class RunStore:
     def experiments(self) -> pd.DataFrame:
         """Return the experiments table."""
         return self.read_table("experiments")
+
+    def user_fallbacks(self, experiment_id: str | None = None) -> pd.DataFrame:
+        """Simulated-user fallbacks per experiment with committed days (optionally one):
+        experiment_id, user_messages, user_fallbacks, fallback_share (``fallback_totals``
+        of the experiment's rows of the days table)."""
+        rows = [
+            {"experiment_id": experiment, **fallback_totals(days)}
+            for experiment, days in self.read_days(experiment_id).groupby("experiment_id")
+        ]
+        return pd.DataFrame(rows, columns=["experiment_id", *FALLBACK_FIELDS])
 
 
 class ExperimentSink:

@@ -367,7 +367,7 @@ class DayLog:
     ``sessions``, ``turns`` and ``user_days`` have the columns of the run-store tables of the
     same names (see ``flywheel/store.py``) without ``experiment_id``; ``stats`` holds the
     day's counters (active_users, sessions, turns, bot_calls, user_calls, bot_tokens,
-    user_tokens, max_bot_batch, wall_s).
+    user_tokens, user_messages, user_fallbacks, max_bot_batch, wall_s).
     """
 
     day: int
@@ -418,6 +418,8 @@ class BatchStats:
     open_calls: int = 0
     bot_tokens: int = 0
     user_tokens: int = 0
+    user_messages: int = 0
+    user_fallbacks: int = 0
     max_bot_batch: int = 0
     bot_batch_sizes: list[int] = field(default_factory=list)
 
@@ -428,6 +430,8 @@ class BatchStats:
             "user_calls": self.user_calls,
             "bot_tokens": self.bot_tokens,
             "user_tokens": self.user_tokens,
+            "user_messages": self.user_messages,
+            "user_fallbacks": self.user_fallbacks,
             "max_bot_batch": self.max_bot_batch,
         }
 
@@ -730,7 +734,11 @@ class TrafficSimulator:
         """Write every pending user message with ONE user-LLM call."""
         self.stats.user_calls += 1
         before = self.user_counter.completion_tokens if self.user_counter else 0
+        writer = self.engine.user_simulator
+        messages, fallbacks = writer.messages, writer.fallbacks
         self.engine.user_turn(sessions, self.user_params(self._seed()))
+        self.stats.user_messages += writer.messages - messages
+        self.stats.user_fallbacks += writer.fallbacks - fallbacks
         if self.user_counter is not None:
             self.stats.user_tokens += self.user_counter.completion_tokens - before
         return [None] * len(sessions)

@@ -15,7 +15,9 @@ conversations with ONE ``Policy.generate`` call (that is where the throughput is
 - LLM output is cleaned: role prefixes ("User:", "Captain Mara:") stripped, text after a
   new speaker label or a blank line dropped, wrapping quotes removed, length capped. When
   nothing usable remains, a real human follow-up message from the train split is used
-  instead (``UserSimulator.fallbacks`` counts how often).
+  instead. ``UserSimulator.messages`` counts the messages the LLM was asked to write and
+  ``UserSimulator.fallbacks`` how many of them were replaced; the traffic model stores
+  both per day, and the reports show the share per experiment.
 - Optional planted PII (e-mails, phone numbers, street addresses from ``faker``) at
   ``pii_rate`` per message, so curation can prove it scrubs them.
 """
@@ -126,6 +128,7 @@ class UserSimulator:
         self._replies = corpus.replies(split)  # type: ignore[arg-type]
         if not self._openers:
             raise ValueError(f"the chit-chat corpus has no openers in split {split!r}")
+        self.messages = 0
         self.fallbacks = 0
         self._faker = None
 
@@ -202,6 +205,7 @@ class UserSimulator:
         out = []
         for user, character, gen, rng in zip(users, characters, generations, rngs, strict=True):
             text = clean_message(gen.text, [character.name], self.word_cap(user))
+            self.messages += 1
             if not WORD_RE.search(text):
                 self.fallbacks += 1
                 text = truncate_words(

@@ -9,7 +9,14 @@ import duckdb
 import pandas as pd
 import pytest
 
-from flywheel.store import SCHEMA_VERSION, TABLES, RunStore, fingerprint
+from flywheel.store import (
+    SCHEMA_VERSION,
+    TABLES,
+    RunStore,
+    fallback_text,
+    fallback_totals,
+    fingerprint,
+)
 from sim.traffic import DayLog
 
 CONFIG = {"scenario": "unit", "seed": 7}
@@ -35,7 +42,7 @@ def _users() -> tuple[pd.DataFrame, pd.DataFrame]:
     return users, assignments
 
 
-def _day(day: int, *, reply: str = "hi there") -> DayLog:
+def _day(day: int, *, reply: str = "hi there", written: int = 0, fallbacks: int = 0) -> DayLog:
     turns = pd.DataFrame(
         [
             {
@@ -113,6 +120,8 @@ def _day(day: int, *, reply: str = "hi there") -> DayLog:
         "user_calls": 0,
         "bot_tokens": 3,
         "user_tokens": 0,
+        "user_messages": written,
+        "user_fallbacks": fallbacks,
         "max_bot_batch": 1,
         "wall_s": 0.1,
     }
@@ -236,3 +245,31 @@ def test_analysis_table_numbers_days_from_the_test(store: RunStore) -> None:
 def test_missing_read_only_store(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="does not exist"):
         RunStore(tmp_path / "nothing", read_only=True)
+
+
+def test_user_fallbacks_are_committed_with_the_day_and_totalled(tmp_path: Path) -> None:
+    """Each day's simulated-user fallback counts are written in the day's transaction, so a
+    reopened (resumed) run keeps them; ``user_fallbacks`` totals them per experiment."""
+    with RunStore(tmp_path / "run") as store:
+        sink = store.open_sink("ab", CONFIG)
+        sink.begin(*_users(), b"s")
+        sink.commit_day(_day(0, written=10, fallbacks=1), b"c0")
+        sink.commit_day(_day(1, written=30, fallbacks=3), b"c1")
+        quiet = store.open_sink("aa", {**CONFIG, "seed": 8})
+        quiet.begin(*_users(), b"s")
+        quiet.commit_day(_day(0), b"c0")
+    with RunStore(tmp_path / "run", read_only=True) as store:
+        table = store.user_fallbacks().set_index("experiment_id")
+        days = store.read_days("ab")
+        one = store.user_fallbacks("ab")
+    assert list(days["user_fallbacks"]) == [1, 3] and list(days["user_messages"]) == [10, 30]
+    assert table.loc["ab"].to_dict() == {
+        "user_messages": 40,
+        "user_fallbacks": 4,
+        "fallback_share": 0.1,
+    }
+    assert list(one["experiment_id"]) == ["ab"]
+    assert table.loc["aa", "user_messages"] == 0 and pd.isna(table.loc["aa", "fallback_share"])
+    assert fallback_totals(days)["fallback_share"] == 0.1
+    assert fallback_text(fallback_totals(days)) == "4 of 40 user messages (10.0%)"
+    assert fallback_text(table.loc["aa"].to_dict()) == "no user message written by the user LLM"
