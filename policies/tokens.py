@@ -15,17 +15,43 @@ END_OF_TURN = "<|im_end|>"  # ChatML end of turn (SmolLM2, Qwen); ignored if not
 
 def fit_prompt_ids(tokenizer: Any, chat: Chat, max_prompt_tokens: int) -> list[int]:
     """Token ids of ``chat`` with the generation prompt, dropping the oldest turns (never
-    the system prompt) until it fits ``max_prompt_tokens``; a single turn that is still too
-    long keeps its last ``max_prompt_tokens`` tokens."""
+    the system prompt: it holds the persona) until it fits ``max_prompt_tokens``.
+
+    Raises ValueError with the sizes when the system prompt and the newest turn alone do
+    not fit: cutting tokens instead would drop the persona or leave a malformed prompt.
+    """
     head = chat[:1] if chat[0]["role"] == "system" else []
     turns = chat[len(head) :]
     while True:
-        ids = tokenizer.apply_chat_template(head + turns, add_generation_prompt=True, tokenize=True)
-        if hasattr(ids, "keys"):  # newer transformers return a BatchEncoding
-            ids = ids["input_ids"]
-        if len(ids) <= max_prompt_tokens or len(turns) <= 1:
-            return list(ids)[-max_prompt_tokens:]
+        ids = _template_ids(tokenizer, head + turns)
+        if len(ids) <= max_prompt_tokens:
+            return ids
+        if len(turns) <= 1:
+            raise ValueError(_too_long_message(tokenizer, head, len(ids), max_prompt_tokens))
         turns = turns[1:]
+
+
+def _template_ids(tokenizer: Any, chat: Chat, generation_prompt: bool = True) -> list[int]:
+    ids = tokenizer.apply_chat_template(
+        chat, add_generation_prompt=generation_prompt, tokenize=True
+    )
+    if hasattr(ids, "keys"):  # newer transformers return a BatchEncoding
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def _too_long_message(tokenizer: Any, head: Chat, needed: int, max_prompt_tokens: int) -> str:
+    if head:
+        # The system turn's share: the template around it included, as the prompt counts it.
+        system = len(_template_ids(tokenizer, head, generation_prompt=False))
+        what = f"the system prompt ({system} tokens) and the newest turn"
+    else:
+        what = "the newest turn"
+    return (
+        f"{what} need {needed} prompt tokens with the chat template, more than "
+        f"policy.max_prompt_tokens={max_prompt_tokens}; fix: raise policy.max_prompt_tokens "
+        f"to at least {needed}, or shorten the persona or the message"
+    )
 
 
 def stop_token_ids(tokenizer: Any) -> list[int]:

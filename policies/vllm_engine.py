@@ -22,7 +22,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from policies.base import Chat, Generation, SamplingParams, validate_chat
-from policies.spec import DEFAULT_MODEL, PolicySpec
+from policies.hardware import resolve_dtype
+from policies.models import resolve_model_path
+from policies.spec import PolicySpec
 from policies.tokens import fit_prompt_ids, stop_token_ids
 
 INSTALL_HINT = "pip install 'characterflywheel[gpu]'"
@@ -65,13 +67,10 @@ class VLLMPolicy:
         self.vllm = import_vllm()  # first, so a missing extra fails before any loading
         self.spec = spec
         self.name = spec.label
-        model = spec.model
-        if model == DEFAULT_MODEL:
-            from policies.models import smollm2_checkpoint
-
-            model = str(smollm2_checkpoint())
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        self.llm = self.vllm.LLM(model=model, dtype=spec.dtype)
+        model = resolve_model_path(spec.model)
+        dtype = str(resolve_dtype(spec.dtype)).removeprefix("torch.")
+        self.llm = self.vllm.LLM(model=model, dtype=dtype)
         self.tokenizer = self.llm.get_tokenizer()
         self.stop_ids = stop_token_ids(self.tokenizer)
 

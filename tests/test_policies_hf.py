@@ -70,6 +70,43 @@ def test_long_history_drops_oldest_turns_keeps_system(tiny_llama_dir) -> None:
     assert "SYSTEM-PROMPT" in text and "last" in text and "message 0 " not in text
 
 
+def _long_system_chat(system_words: int, last_words: int) -> list[dict[str, str]]:
+    return [
+        {"role": "system", "content": "PERSONA " + "arr " * system_words},
+        {"role": "user", "content": "an old question " * 10},
+        {"role": "assistant", "content": "an old answer " * 10},
+        {"role": "user", "content": "NEWEST " + "why " * last_words},
+    ]
+
+
+def test_a_long_newest_turn_keeps_the_whole_persona(tiny: HFPolicy) -> None:
+    tokenizer = tiny.tokenizer
+    chat = _long_system_chat(system_words=30, last_words=30)
+    ids = fit_prompt_ids(tokenizer, chat, max_prompt_tokens=90)
+    # The persona and the newest turn fit without the old turns: those are what is dropped.
+    assert ids == fit_prompt_ids(tokenizer, [chat[0], chat[-1]], max_prompt_tokens=10_000)
+    text = tokenizer.decode(ids)
+    assert text.count("arr") == 30 and "PERSONA" in text and "NEWEST" in text
+    assert "old" not in text
+
+
+def test_persona_and_newest_turn_over_the_budget_are_refused_with_sizes(tiny: HFPolicy) -> None:
+    tokenizer = tiny.tokenizer
+    chat = _long_system_chat(system_words=30, last_words=60)
+    needed = len(fit_prompt_ids(tokenizer, [chat[0], chat[-1]], max_prompt_tokens=10_000))
+    system_text = tokenizer.apply_chat_template(chat[:1], tokenize=False)
+    system = len(tokenizer(system_text, add_special_tokens=False)["input_ids"])
+    expected = (
+        rf"the system prompt \({system} tokens\) and the newest turn need {needed} prompt "
+        rf"tokens.*policy.max_prompt_tokens=90; fix: raise policy.max_prompt_tokens to at "
+        rf"least {needed}"
+    )
+    with pytest.raises(ValueError, match=expected):
+        fit_prompt_ids(tokenizer, chat, max_prompt_tokens=90)
+    with pytest.raises(ValueError, match=r"the newest turn need \d+ prompt tokens"):
+        fit_prompt_ids(tokenizer, chat[1:], max_prompt_tokens=20)
+
+
 @pytest.mark.parametrize(
     ("chat", "fragment"),
     [

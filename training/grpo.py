@@ -118,7 +118,7 @@ def reference_style(
     """Style statistics of ``model``'s own replies to ``prompts`` (one batched call)."""
     from policies import PolicySpec, SamplingParams, load_policy
 
-    policy = load_policy(PolicySpec(model=model, dtype="bfloat16"))
+    policy = load_policy(PolicySpec(model=model, dtype="auto"))
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.8, seed=seed)
     replies = [g.text for g in policy.generate([list(p) for p in prompts], params)]
     return StyleReference.from_replies(replies, characters)

@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from policies.hardware import use_bf16
+
 DEFAULT_MODEL = "smollm2"
 # Written last into a saved checkpoint: recipe, base model, steps, final metrics.
 TRAINING_MARKER = "flywheel-training.json"
@@ -38,12 +40,11 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_model(model: str) -> str:
-    """``"smollm2"`` -> the packaged SmolLM2 checkpoint folder; anything else as given."""
-    if model == DEFAULT_MODEL:
-        from policies.models import smollm2_checkpoint
+    """``"smollm2"`` -> the packaged SmolLM2 checkpoint folder, a folder or a cached hub id
+    as given; anything else raises FileNotFoundError saying how to name a model."""
+    from policies.models import resolve_model_path
 
-        return str(smollm2_checkpoint())
-    return model
+    return resolve_model_path(model)
 
 
 def model_config(
@@ -77,11 +78,6 @@ def load_model_and_tokenizer(model_args: Any) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model(model_args.model_name_or_path)
-    if not Path(path).exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise FileNotFoundError(
-            f"model {model_args.model_name_or_path!r} is not a folder on disk and the hub is "
-            "offline; fix: pass a checkpoint folder, or 'smollm2' for the packaged model"
-        )
     dtype = getattr(torch, model_args.dtype) if model_args.dtype not in (None, "auto") else "auto"
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -110,9 +106,9 @@ def trainer_defaults(output_dir: str | Path, max_steps: int, seed: int) -> dict[
         # ran for over 6 minutes here). A 135M model needs no memory saving on CPU.
         "gradient_checkpointing": False,
         "use_cpu": not torch.cuda.is_available(),
-        # bf16 autocast is what makes CPU training bearable on AVX-512 BF16 machines;
-        # on CPUs without it PyTorch falls back to fp32 kernels.
-        "bf16": not torch.cuda.is_available() or torch.cuda.is_bf16_supported(),
+        # bf16 autocast is what makes CPU training bearable on CPUs with native BF16; on
+        # CPUs without it bf16 is emulated and several times slower than fp32.
+        "bf16": use_bf16(),
         "disable_tqdm": os.environ.get("FLYWHEEL_QUIET") == "1",
     }
 

@@ -90,7 +90,7 @@ def run_dpo(
     contexts = data.train.head(max(steps * 4, 8))
     prompts, characters = list(contexts["prompt"]), list(contexts["character"])
     reference = _reference(model, prompts, characters, seed)
-    policy = load_policy(PolicySpec(model=model, dtype="bfloat16"))
+    policy = load_policy(PolicySpec(model=model, dtype="auto"))
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.9, seed=seed)
     candidates = sample_candidates(policy, prompts, characters, DPO_SAMPLES, params)
     del policy
