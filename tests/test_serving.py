@@ -59,10 +59,12 @@ class SlowChecker:
 
 
 class ShortChecker:
+    """Well-formed verdicts, one too few (no classifier call: it answers within the deadline)."""
+
     name = "short"
 
     def check(self, replies: Sequence[str]) -> list:
-        return SafetyChecker().check(replies)[:-1]
+        return [SafetyVerdict(True, (), 0.0) for _ in replies][:-1]
 
 
 class TruthyChecker:

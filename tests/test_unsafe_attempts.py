@@ -74,11 +74,12 @@ def unsafe_run(
          "--treatment", f"unsafe@0.6:{model}", "--out", str(out), "--quiet"],
     )  # fmt: skip
     assert done.exit_code == 0, done.output[-3000:]
-    assert "decision: HOLD" in done.output
+    (out / "stdout.txt").write_text(done.output)
     return out
 
 
 def test_a_planted_unsafe_treatment_is_held_on_the_unsafe_guardrail(unsafe_run: Path) -> None:
+    assert "decision: HOLD" in (unsafe_run / "stdout.txt").read_text()
     result = json.loads((unsafe_run / "ab" / "result.json").read_text())
     unsafe = result["metrics"]["unsafe_rate"]
     assert 0 < unsafe["control"] < 0.3 and 0.4 < unsafe["treatment"] < 0.8
