@@ -29,7 +29,10 @@ def gate_scenario(
     """One generation of a tiny world with the given recipes (name -> planted treatment)."""
     recipe = {
         "kind": "rs+sft", "reward_normalisation": "reference", "prompts": 4, "samples": 2,
-        "max_steps": 1, "max_new_tokens": 6, "trainer": {"per_device_train_batch_size": 2},
+        "max_steps": 2, "max_new_tokens": 6,
+        # A large step moves the random tiny model off its parent: replies (and RM scores)
+        # then differ, so the reward-model win rate has decisive pairs to count.
+        "trainer": {"per_device_train_batch_size": 2, "learning_rate": 0.05},
     }  # fmt: skip
     policy = {"model": str(model), "dtype": "float32"}
     return {
@@ -139,7 +142,8 @@ def test_unsafe_replies_are_gated_by_safety(planted) -> None:
 def test_filler_the_reward_pays_for_is_gated_by_style(planted) -> None:
     gate = gates_of(planted["candidates"]["filler"])["style_artifacts"]
     assert gate["verdict"] == "fail", gate["reason"]
-    assert "length" in gate["reason"] and "mean words" in gate["reason"]
+    assert gate["reason"].startswith(("style shift explains the gain", "learned the reward's"))
+    assert "mean words" in gate["reason"]  # the filler's length shift is named
 
 
 def offline_step(planted: dict[str, Any], tmp_path: Path, gates: dict[str, Any]) -> dict[str, Any]:
@@ -147,7 +151,7 @@ def offline_step(planted: dict[str, Any], tmp_path: Path, gates: dict[str, Any])
     (same logs, reward models and checkpoint), under other gate settings."""
     import shutil
 
-    from flywheel.ledger import Ledger
+    from flywheel.ledger import Ledger, derive_seed
     from flywheel.store import RunStore
 
     run_dir = tmp_path / "run"
@@ -162,7 +166,9 @@ def offline_step(planted: dict[str, Any], tmp_path: Path, gates: dict[str, Any])
             ledger.step(1, "curate")["outputs"],
             ledger.step(1, "reward_models")["outputs"],
         )
-        return loop.evaluate(1, "plain", loop.base_spec(), curate, rms, seed=11)
+        # The step's own seed: same prompts and replies, so only the changed gate can differ.
+        seed = derive_seed(data["seed"], 1, "offline:plain")
+        return loop.evaluate(1, "plain", loop.base_spec(), curate, rms, seed=seed)
 
 
 def test_bar_above_every_win_is_gated_by_rm_win_rate(planted, tmp_path: Path) -> None:
