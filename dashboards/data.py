@@ -230,6 +230,7 @@ def _experiments(run_dir: str, version: str) -> pd.DataFrame:
     with _store(run_dir) as store:
         frame = store.experiments()
         logged = store.read_days()
+        store_fallbacks = store.user_fallbacks()
     if frame.empty:
         return frame
     committed = logged.groupby("experiment_id")["day"].count()
@@ -240,13 +241,16 @@ def _experiments(run_dir: str, version: str) -> pd.DataFrame:
     frame["control"] = [a[0] for a in arms]
     frame["treatment"] = [a[1] for a in arms]
     frame["same_policy"] = [a[0] is not None and a[0] == a[1] for a in arms]
+    shares = store_fallbacks.set_index("experiment_id")["fallback_share"]
+    frame["user_fallback_share"] = frame["experiment_id"].map(shares)
     return frame
 
 
 def experiments(run_dir: str) -> pd.DataFrame:
     """The experiments table, with each experiment's committed days, designed share, arm
-    policies and ``same_policy`` (both arms served by one model: production traffic or an
-    A/A test, where no lift is expected)."""
+    policies, ``same_policy`` (both arms served by one model: production traffic or an
+    A/A test, where no lift is expected) and ``user_fallback_share`` (share of simulated
+    users' messages that were canned human text because the user LLM's was unusable)."""
     return _experiments(run_dir, run_version(run_dir))
 
 
@@ -284,6 +288,11 @@ def turns(run_dir: str, experiment_id: str) -> pd.DataFrame:
 def days(run_dir: str, experiment_id: str) -> pd.DataFrame:
     """One experiment's per-day progress rows."""
     return _read(run_dir, run_version(run_dir), "read_days", experiment_id)
+
+
+def user_fallbacks(run_dir: str, experiment_id: str | None = None) -> pd.DataFrame:
+    """Simulated-user fallbacks per experiment (``RunStore.user_fallbacks``)."""
+    return _read(run_dir, run_version(run_dir), "user_fallbacks", experiment_id)
 
 
 @st.cache_data(show_spinner=False)
@@ -433,7 +442,11 @@ def generation_table(data: dict[str, Any]) -> pd.DataFrame:
             "rm_win_rate_sc": _num(offline.get("rm_win_rate_style_controlled")),
             "instruction_following": _num(offline.get("instruction_following")),
             "violation_rate": _num(offline.get("violation_rate")),
-            "gates_failed": ", ".join(g.get("name", "?") for g in gates if not g.get("passed")),
+            "gates_failed": ", ".join(
+                f"{g.get('name', '?')}" + ("" if verdict == "fail" else f" ({verdict})")
+                for g in gates
+                if (verdict := gate_verdict(g)) != "pass"
+            ),
         }
         for metric in SUCCESS_METRICS:
             values = metrics.get(metric) or {}
@@ -532,13 +545,34 @@ def steerability_rows(data: dict[str, Any]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["generation", "model", "metric", "value", "decision"])
 
 
+def gate_verdict(gate: dict[str, Any]) -> str:
+    """A recorded gate's verdict: its ``verdict`` (pass / fail / inconclusive), or pass /
+    fail from ``passed`` in records that carry no verdict."""
+    verdict = gate.get("verdict")
+    if verdict:
+        return str(verdict)
+    return "pass" if gate.get("passed") else "fail"
+
+
 def gates_table(gen: dict[str, Any]) -> pd.DataFrame:
-    """A generation's offline gates: name, passed, value, threshold, reason."""
+    """A generation's offline gates: name, verdict, value, threshold, then every other
+    scalar field the gates record (power, sample sizes, p-values ...), the reason last.
+
+    Columns come from the records, so a field the loop adds to its gates shows up here
+    without a change; nested fields (a suite's per-check table) are left to their pages.
+    """
+    gates = gen.get("gates") or []
+    first, last = ["name", "verdict", "value", "threshold"], ["reason"]
+    extra = []
+    for gate in gates:
+        for key, value in gate.items():
+            scalar = value is None or isinstance(value, str | int | float | bool)
+            if scalar and key not in (*first, *last, "passed", *extra):
+                extra.append(key)
     rows = [
-        {k: g.get(k) for k in ("name", "passed", "value", "threshold", "reason")}
-        for g in gen.get("gates") or []
+        {**{k: g.get(k) for k in first + extra + last}, "verdict": gate_verdict(g)} for g in gates
     ]
-    return pd.DataFrame(rows, columns=["name", "passed", "value", "threshold", "reason"])
+    return pd.DataFrame(rows, columns=first + extra + last)
 
 
 @st.cache_data(show_spinner=False)

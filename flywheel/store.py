@@ -215,9 +215,10 @@ def fallback_text(totals: Mapping[str, Any]) -> str:
     """``fallback_totals`` in words: '3 of 120 user messages (2.5%)'."""
     if not totals.get("user_messages"):
         return "no user message written by the user LLM"
+    # int(): a row of a DataFrame (``RunStore.user_fallbacks``) holds the counts as floats.
     return (
-        f"{totals['user_fallbacks']} of {totals['user_messages']} user messages "
-        f"({totals['fallback_share']:.1%})"
+        f"{int(totals['user_fallbacks'])} of {int(totals['user_messages'])} user messages "
+        f"({float(totals['fallback_share']):.1%})"
     )
 
 

@@ -1,9 +1,10 @@
 """Every dashboard page under Streamlit's AppTest, on the recorded run and on broken runs.
 
-The recorded run (``tests/fixtures/dashboard_run``, replayed into a fresh run store) comes
-from the real pipeline: a simulated A/B test, two reward models, a best-of-n sweep and two
-generations (one held after its A/B test, one gated). Expected figures are read from the
-recording's own files or recomputed here with the packages, never typed in.
+The recorded run (``tests/fixtures/dashboard_run``, copied into a fresh folder per test) is
+what ``flywheel run`` wrote for a two-generation tiny scenario, plus a ``flywheel bon``
+sweep: re-record it with ``python -m tests.fixtures.record_dashboard_run``. Expected figures
+are read from the recording's own files or recomputed here with the packages, never typed
+in, so the tests hold for whatever the loop decided when it was recorded.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures"))
 from dashboard_replay import replay_run
 
 from dashboards import APP_PATH
-from flywheel.store import RunStore
+from flywheel.store import RunStore, fallback_text
 
 PAGES = {
     "Overview": "views/overview.py",
@@ -87,12 +88,69 @@ def test_overview_shows_the_generation_table(run_dir: Path, generations: dict) -
             else (f"{breadth['lift']:+.1%} [{breadth['ci_low']:+.1%}, {breadth['ci_high']:+.1%}]")
         )
         assert row["violations"] == f"{gen['offline']['violation_rate']:.3f}"
-    gated = [g for g in recorded if g["decision"] == "gated"]
-    assert gated and all(g["ab"] is None for g in gated)
+        not_passed = [g["name"] for g in gen["gates"] if verdict_of(g) != "pass"]
+        assert [n.split(" (")[0] for n in filter(None, row["failed gates"].split(", "))] == (
+            not_passed
+        )
+    assert any(g["ab"] for g in recorded), "re-record: no generation reached an A/B test"
+    assert all(g["ab"] is None for g in recorded if g["decision"] == "gated")
     # lift with CIs and steerability, plus the expander per generation with its gates
     assert len(charts(app)) == 2
     assert len(app.expander) == len(recorded)
     assert all(g["reason"] in texts(app) for g in recorded)
+
+
+def verdict_of(gate: dict) -> str:
+    """The gate's recorded verdict (records without one: pass / fail from ``passed``)."""
+    return gate.get("verdict") or ("pass" if gate["passed"] else "fail")
+
+
+def test_overview_shows_every_recorded_gate(run_dir: Path, generations: dict) -> None:
+    """Each generation's expander lists its gates as the loop recorded them: name, verdict,
+    value and threshold, every other scalar field (power, sample sizes ...), the reason."""
+    app = open_page(run_dir)
+    tables = [d.value for d in app.dataframe if "verdict" in d.value.columns]
+    recorded = generations["generations"]
+    assert len(tables) == len(recorded)
+    for table, gen in zip(tables, recorded, strict=True):
+        gates = gen["gates"]
+        assert list(table["name"]) == [g["name"] for g in gates]
+        assert list(table["verdict"]) == [verdict_of(g) for g in gates]
+        assert list(table["reason"]) == [g["reason"] for g in gates]
+        for column in set(table.columns) - {"name", "verdict", "reason"}:
+            shown = [None if pd.isna(v) else v for v in table[column]]
+            assert shown == pytest.approx([g.get(column) for g in gates], nan_ok=True)
+    assert {"steerability", "style_artifacts"} <= {g["name"] for g in recorded[0]["gates"]}
+
+
+def test_fallback_share_per_experiment(run_dir: Path, generations: dict) -> None:
+    """The run store's simulated-user fallbacks reach the Overview's experiments table, the
+    A/B page and the Markdown report of the generations."""
+    from flywheel.report import markdown
+
+    with RunStore(run_dir, read_only=True) as store:
+        stored = store.user_fallbacks().set_index("experiment_id")
+        experiments = store.experiments()["experiment_id"]
+    assert set(stored.index) == set(experiments) and (stored["user_messages"] > 0).all()
+    app = open_page(run_dir)
+    table = next(d.value for d in app.dataframe if "user_fallback_share" in d.value.columns)
+    shown = table.set_index("experiment_id")["user_fallback_share"]
+    assert shown.to_dict() == pytest.approx(stored["fallback_share"].to_dict())
+
+    experiment = ab_experiment(generations)
+    app = open_page(run_dir, "A/B detail")
+    app.selectbox(key="ab_experiment").set_value(experiment).run()
+    totals = stored.loc[experiment].to_dict()
+    assert f"Simulated-user fallbacks: {fallback_text(totals)}" in texts(app)
+
+    report = markdown(generations["scenario"], generations["generations"])
+    for gen in generations["generations"]:
+        if gen["ab"]:
+            ab = stored.loc[gen["ab_experiment_id"]].to_dict()
+            assert f"A/B {fallback_text(ab)}" in report
+            assert gen["ab"]["user_fallbacks"]["user_fallbacks"] == ab["user_fallbacks"]
+        traffic = stored.loc[gen["traffic_experiment_id"]].to_dict()
+        assert f"traffic {fallback_text(traffic)}" in report
 
 
 def ab_experiment(generations: dict) -> str:
@@ -194,9 +252,10 @@ def test_reward_models_scores_logged_replies(run_dir: Path) -> None:
 def test_style_artifacts_page(run_dir: Path, generations: dict) -> None:
     app = open_page(run_dir, "Style artifacts")
     first = generations["generations"][0]
-    suite = next(g for g in first["gates"] if "style" in g["name"])
-    verdict = app.success if suite["passed"] else app.error
-    assert any(suite["reason"] in m.value for m in verdict)
+    suite = next(g for g in first["gates"] if g["name"] == "style_artifacts")
+    box = {"pass": app.success, "fail": app.error}.get(verdict_of(suite), app.warning)
+    assert any(suite["reason"] in m.value for m in box)
+    assert any(f"style_artifacts: {verdict_of(suite).upper()}" in m.value for m in box)
     profiles = app.dataframe[-1].value
     with RunStore(run_dir, read_only=True) as store:
         turns = store.read_turns(app.selectbox(key="style_experiment").value)

@@ -6,6 +6,7 @@ import numpy as np
 import streamlit as st
 
 from dashboards import charts, data
+from flywheel.store import fallback_text
 
 DAILY_METRICS = ("breadth", "depth", "report_rate", "violation_rate", "unsafe_rate")
 DECISION_BOX = {"ship": st.success, "hold": st.error}
@@ -53,6 +54,12 @@ st.caption(
     f"{result.get('correction')} correction per metric family, CUPED "
     f"{'on' if result.get('cuped') else 'off'}. Result {view.source}."
 )
+fallbacks = data.user_fallbacks(run_dir, experiment_id)
+if len(fallbacks):
+    st.caption(
+        f"Simulated-user fallbacks: {fallback_text(fallbacks.iloc[0])} were a real human "
+        "message put in because the user LLM's output was unusable (sim.user_llm)."
+    )
 
 st.subheader("Sample ratio")
 srm = result.get("srm") or {}

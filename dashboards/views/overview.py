@@ -86,7 +86,7 @@ if experiments.empty:
 else:
     rows = experiments[
         ["experiment_id", "control", "treatment", "days_committed", "finished",
-         "treatment_share", "started_at"]
+         "treatment_share", "user_fallback_share", "started_at"]
     ].copy()  # fmt: skip
     same = dict(zip(experiments["experiment_id"], experiments["same_policy"], strict=True))
     decisions = {}
@@ -97,7 +97,19 @@ else:
         else:
             decisions[experiment_id] = data.ab_view(run_dir, experiment_id).result.get("decision")
     rows["A/B decision"] = rows["experiment_id"].map(decisions)
-    st.dataframe(rows, hide_index=True, width="stretch")
+    st.dataframe(
+        rows,
+        hide_index=True,
+        width="stretch",
+        column_config={
+            "user_fallback_share": st.column_config.NumberColumn(
+                "user fallbacks",
+                format="percent",
+                help="Share of simulated users' messages that are a real human message put in "
+                "because the user LLM's output was unusable (sim.user_llm).",
+            )
+        },
+    )
     if generations is None:
         for experiment_id in data.ab_experiments(run_dir):
             st.markdown(f"**{experiment_id}**: logged steerability per arm and policy")

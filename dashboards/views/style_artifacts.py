@@ -10,6 +10,7 @@ from dashboards import charts, data
 
 STATISTICS = ("mean_words", "emoji_rate", "question_rate")
 FEATURES = {"words": "words per reply", "emoji": "emoji per reply"}
+VERDICT_BOX = {"pass": st.success, "fail": st.error}  # inconclusive: a warning
 
 run_dir = data.require_run()
 st.title("Style artifacts")
@@ -55,9 +56,9 @@ else:
     if not suite:
         st.info("No style-artifact regression verdict recorded for this generation.")
     for gate in suite:
-        verdict = "PASS" if gate.get("passed") else "FAIL"
-        (st.success if gate.get("passed") else st.error)(
-            f"**{gate.get('name')}: {verdict}**: {gate.get('reason', '')}"
+        verdict = data.gate_verdict(gate)
+        VERDICT_BOX.get(verdict, st.warning)(
+            f"**{gate.get('name')}: {verdict.upper()}**: {gate.get('reason', '')}"
         )
         checks = gate.get("checks")
         if isinstance(checks, dict) and checks:
