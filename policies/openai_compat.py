@@ -8,8 +8,19 @@ One ``generate`` call sends one request per chat, up to ``spec.batch_size`` in f
 once; a server that batches internally (vLLM does, continuous batching) turns them into
 one forward pass, a server that serialises them (llama-cpp-python's does) simply queues
 them. Each request carries ``seed + index`` so that replies differ from chat to chat but a
-repeated call with the same seed asks for the same thing (whether the server honours the
-seed is the server's business; llama.cpp's does, see tests/test_policies_openai.py).
+repeated call with the same seed asks for the same thing.
+
+What a seed guarantees is the server's business. The seed fixes the sampler's random
+draws; the reply repeats only if the logits repeat to the last bit, and servers compute
+them differently depending on how a prompt was batched. llama-cpp-python's server always
+reuses the KV cache of the common prefix with the request it answered before and
+evaluates only the rest (llama.cpp's own server does the same unless the request sends
+``cache_prompt: false``), and its batched and single-token kernels round differently. So
+the same chat under the same seed can get another reply when another request came before
+it, e.g. when several are in flight and arrive in another order. :func:`llama_cpp_server`
+with ``reproducible=True`` evaluates prompts one token at a time, which makes a reply a
+function of its chat and seed alone (tests/test_policies_openai.py checks both). vLLM
+batches requests together and does not promise batch-invariant logits either.
 
 Transient failures (connection errors, timeouts, HTTP 429 and 5xx) are retried with
 jittered exponential backoff, honouring ``Retry-After``; everything else fails at once with
@@ -244,6 +255,9 @@ def parse_reply(body: str, url: str) -> Generation:
 
 
 SERVER_START_TIMEOUT_S = 60.0  # seconds; the packaged 135M GGUF loads in about one
+# Prompt tokens per forward pass of a reproducible llama.cpp server: with one, a token's
+# logits are computed the same way whether its prompt was cached or not.
+REPRODUCIBLE_N_BATCH = 1
 
 
 @contextlib.contextmanager
@@ -252,11 +266,17 @@ def llama_cpp_server(
     *,
     alias: str = "smollm2",
     n_threads: int = 2,
+    reproducible: bool = False,
     start_timeout_s: float = SERVER_START_TIMEOUT_S,
 ) -> Iterator[str]:
     """Run llama-cpp-python's OpenAI-compatible server on a free 127.0.0.1 port; yield its
     /v1 root, and stop it on exit. The model defaults to the packaged SmolLM2 GGUF, served
-    under ``alias`` (use that as ``policy.model``). For tests, benchmarks and local demos."""
+    under ``alias`` (use that as ``policy.model``). For tests, benchmarks and local demos.
+
+    ``reproducible=True`` evaluates prompts one token at a time (``--n_batch 1``), so a
+    reply depends only on its chat and seed, not on which request the server answered
+    before (see the module docstring); prompt processing is then several times slower.
+    """
     if importlib.util.find_spec("llama_cpp") is None:
         raise ModuleNotFoundError(
             "llama-cpp-python's server is not installed; fix: pip install 'llama-cpp-python[server]'"
@@ -287,6 +307,7 @@ def llama_cpp_server(
         str(n_threads),
         "--n_threads_batch",
         str(n_threads),
+        *(["--n_batch", str(REPRODUCIBLE_N_BATCH)] if reproducible else []),
         "--verbose",
         "False",
     ]

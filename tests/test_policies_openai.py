@@ -20,10 +20,16 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from policies import Policy, PolicySpec, SamplingParams, load_policy
-from policies.openai_compat import OpenAIPolicy, ServerError, llama_cpp_server
+from policies.openai_compat import (
+    REPRODUCIBLE_N_BATCH,
+    OpenAIPolicy,
+    ServerError,
+    llama_cpp_server,
+)
 
 CHATS = [
     [{"role": "system", "content": "You are a pirate."}, {"role": "user", "content": "hi"}],
@@ -45,10 +51,14 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="session")
 def llama_server() -> Iterator[str]:
-    """A llama-cpp-python server on the packaged SmolLM2 GGUF; yields its /v1 root."""
+    """A llama-cpp-python server on the packaged SmolLM2 GGUF; yields its /v1 root.
+
+    Started ``reproducible``: the seed then fixes each reply whatever the server answered
+    before, which the seed tests below rely on (see policies/openai_compat.py).
+    """
     # One thread: llama.cpp's threads sync at every layer, so on a busy machine a second
     # thread waits more than it helps.
-    with llama_cpp_server(n_threads=1) as root:
+    with llama_cpp_server(n_threads=1, reproducible=True) as root:
         yield root
 
 
@@ -73,12 +83,66 @@ def test_replies_come_back_with_token_counts(llama_policy: OpenAIPolicy) -> None
 
 
 def test_same_seed_same_replies_different_seed_different(llama_policy: OpenAIPolicy) -> None:
-    # llama.cpp honours the per-request seed: sampling is reproducible over HTTP.
+    # A reproducible llama.cpp server honours the per-request seed whatever order the
+    # requests in flight arrive in: sampling is reproducible over HTTP.
     params = SamplingParams(max_new_tokens=12, temperature=1.0, seed=7)
     first = llama_policy.generate(CHATS, params)
     assert llama_policy.generate(CHATS, params) == first
     other = llama_policy.generate(CHATS, SamplingParams(max_new_tokens=12, temperature=1.0, seed=8))
     assert [g.text for g in other] != [g.text for g in first]
+
+
+LONG_CHAT = [
+    {"role": "system", "content": "You are a pirate."},
+    {"role": "user", "content": "Tell me a long story about the sea and the stars. " * 16},
+]
+
+
+def test_a_reply_does_not_depend_on_what_the_server_answered_before(
+    llama_policy: OpenAIPolicy,
+) -> None:
+    # The server reuses the KV cache of the previous request's common prefix and evaluates
+    # only the rest: first the whole long prompt in one batch, then, asked again, only its
+    # last token. Batched and single-token kernels round differently (up to ~1 logit here
+    # on a 200-token prompt), so a default server may sample another reply the second time.
+    params = SamplingParams(max_new_tokens=8, temperature=1.0, seed=3)
+    llama_policy.generate(CHATS[1:2], params)
+    first = llama_policy.generate([LONG_CHAT], params)
+    assert llama_policy.generate([LONG_CHAT], params) == first
+    assert llama_policy.generate([LONG_CHAT], params) == first
+
+
+def test_a_cached_prompt_gets_the_logits_of_a_fresh_one_on_a_reproducible_server() -> None:
+    # What the reproducible server relies on, in llama.cpp itself, on the path the server
+    # takes: a prompt evaluated fresh, and the same prompt after a request that began with
+    # it (only its last token is evaluated again). With the default batch of 512 the two
+    # differ by up to ~1.1 logits on this prompt here (AVX-512); AVX2 kernels differ on
+    # short prompts too.
+    import llama_cpp
+
+    from policies.models import smollm2_gguf
+
+    llm = llama_cpp.Llama(
+        str(smollm2_gguf()), n_batch=REPRODUCIBLE_N_BATCH, n_ctx=2048, n_threads=1, verbose=False
+    )
+    story = "Tell me a long story about the sea and the stars and the crew. " * 12
+    text = (
+        "<|im_start|>system\nYou are a pirate.<|im_end|>\n<|im_start|>user\n"
+        f"hi, what is the weather like on the ship today, captain? {story}<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    prompt = llm.tokenize(text.encode(), add_bos=False, special=True)
+
+    def last_logits() -> np.ndarray:
+        logits = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+        return np.ctypeslib.as_array(logits, shape=(llm.n_vocab(),)).copy()
+
+    llm.eval([*prompt, 28, 29, 30])  # the previous request: this prompt and a reply
+    next(llm.generate(prompt, temp=0.0))  # reuses the cached prompt, evaluates its last token
+    cached = last_logits()
+    llm.reset()
+    llm.eval(prompt)
+    assert np.array_equal(last_logits(), cached)
 
 
 def test_identical_chats_in_one_call_get_different_seeds(llama_policy: OpenAIPolicy) -> None:
