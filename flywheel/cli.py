@@ -423,7 +423,7 @@ def bon(
         held = held.drop_duplicates("session_id").head(contexts)
         proxy = load_reward_model(rm)
         sweep, candidates = run_best_of_n_sweep(
-            planted_policy(policy, lambda m: load_policy(PolicySpec(model=m, dtype="bfloat16"))),
+            planted_policy(policy, lambda m: load_policy(PolicySpec(model=m, dtype="auto"))),
             list(held["prompt"]),
             list(held["character"]),
             ns,
