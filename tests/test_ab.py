@@ -243,6 +243,29 @@ def test_decision_rule(
     assert (result.decision, says in result.reason) == (decision, True), result.summary()
 
 
+def test_guardrail_with_no_control_events_holds_a_worse_treatment_under_cuped() -> None:
+    """Control wrote no unsafe reply in the test, some in the pre-period: CUPED shifts its
+    mean of 0 below 0, and the relative lift (here below -100%) loses its sign. The
+    treatment, unsafe on half its replies, must still be held, not read as an improvement."""
+    rows = []
+    for user in range(200):
+        treated = user >= 100
+        rank = user % 100
+        pre_unsafe = int(rank < (5 if treated else 10))
+        test_unsafe = (2 if rank < 5 else 1) if treated else 0
+        for day, unsafe in ((-1, pre_unsafe), (0, test_unsafe)):
+            rows.append({"user_id": user, "arm": "treatment" if treated else "control",
+                         "day": day, "active": 1, "messages": 3, "bot_replies": 2,
+                         "reports": 0, "violations": 0, "unsafe_replies": unsafe})  # fmt: skip
+    result = ab.analyze(pd.DataFrame(rows))
+    unsafe = next(m for m in result.metrics if m.name == "unsafe_rate")
+    assert unsafe.cuped_theta != 0 and unsafe.lift < -1  # the degenerate case
+    assert unsafe.control == pytest.approx(0, abs=1e-9)
+    assert unsafe.treatment == pytest.approx(0.525)
+    assert unsafe.significant and not unsafe.improved
+    assert result.decision == "hold" and "unsafe_rate" in result.reason
+
+
 def test_multiple_comparison_correction_is_holm_within_families() -> None:
     result = ab.analyze(synthetic_user_days(3000, np.random.default_rng(10)))
     for role in ("success", "guardrail"):

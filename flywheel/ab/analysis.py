@@ -132,8 +132,14 @@ class MetricResult:
     @property
     def improved(self) -> bool:
         """Whether the treatment moved the metric in its good direction (CUPED-adjusted)."""
-        # The sign of the adjusted lift, which the p-value tests; raw values when it is 0 / 0.
-        went_up = self.lift > 0 if math.isfinite(self.lift) else self.treatment > self.control
+        # The sign of the adjusted lift, which the p-value tests. Every metric is >= 0, so a
+        # lift below -100% means CUPED pushed a control mean of ~0 (a guardrail with no
+        # control events) to or below 0, where a relative lift has no sign: compare the
+        # observed values then, as for 0 / 0.
+        if math.isfinite(self.lift) and self.lift >= -1:
+            went_up = self.lift > 0
+        else:
+            went_up = self.treatment > self.control
         return went_up == self.higher_is_better
 
 
