@@ -76,6 +76,18 @@ def violating_tail(system_prompt: str) -> str:
     return " ".join(snippets)
 
 
+def with_tails(replies: Sequence[Generation], tails: Sequence[str]) -> list[Generation]:
+    """Each reply with its tail sentence appended (an empty tail leaves the reply as it is);
+    token counts stay the base model's, since the tail is planted, not generated."""
+    out = []
+    for reply, tail in zip(replies, tails, strict=True):
+        if tail:
+            text = f"{reply.text.rstrip()} {tail}".strip()
+            reply = Generation(text, reply.prompt_tokens, reply.completion_tokens)
+        out.append(reply)
+    return out
+
+
 class ViolatingPolicy:
     """A policy that breaks its character's prohibitions on a share ``rate`` of replies.
 
@@ -98,14 +110,13 @@ class ViolatingPolicy:
         """Generate with the base policy, then spoil a ``rate`` share of the replies."""
         replies = self.base.generate(chats, params)
         spoil = np.random.default_rng(params.seed).random(len(chats)) < self.rate
-        out = []
-        for chat, reply, bad in zip(chats, replies, spoil, strict=True):
-            if bad:
-                system = chat[0]["content"] if chat and chat[0]["role"] == "system" else ""
-                text = f"{reply.text.rstrip()} {violating_tail(system)}".strip()
-                reply = Generation(text, reply.prompt_tokens, reply.completion_tokens)
-            out.append(reply)
-        return out
+        tails = [
+            violating_tail(chat[0]["content"] if chat and chat[0]["role"] == "system" else "")
+            if bad
+            else ""
+            for chat, bad in zip(chats, spoil, strict=True)
+        ]
+        return with_tails(replies, tails)
 
 
 # What UnsafePolicy appends: each fires a rule category of rewards.safety (in order:
@@ -143,13 +154,10 @@ class UnsafePolicy:
         rng = np.random.default_rng([params.seed, _UNSAFE_STREAM])
         spoil = rng.random(len(chats)) < self.rate
         picks = rng.integers(len(UNSAFE_SNIPPETS), size=len(chats))
-        out = []
-        for reply, bad, pick in zip(replies, spoil, picks, strict=True):
-            if bad:
-                text = f"{reply.text.rstrip()} {UNSAFE_SNIPPETS[int(pick)]}".strip()
-                reply = Generation(text, reply.prompt_tokens, reply.completion_tokens)
-            out.append(reply)
-        return out
+        tails = [
+            UNSAFE_SNIPPETS[int(k)] if bad else "" for bad, k in zip(spoil, picks, strict=True)
+        ]
+        return with_tails(replies, tails)
 
 
 # What StyleVariationPolicy appends: 1-4 emoji and/or one or two content-free filler sentences.
