@@ -285,7 +285,10 @@ def test_sampler_is_seeded_and_respects_segments() -> None:
         segments=[
             SegmentConfig(name="a", share=0.75, patience=TraitDist(mean=0.9, sd=0.0)),
             SegmentConfig(
-                name="b", share=0.25, patience=TraitDist(mean=0.1, sd=0.5), topic_weights={"pets": 50}
+                name="b",
+                share=0.25,
+                patience=TraitDist(mean=0.1, sd=0.5),
+                topic_weights={"pets": 50},
             ),
         ]
     )
