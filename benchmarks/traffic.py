@@ -216,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp_dir = Path(tmp)
         model = str(tiny_llama(tmp_dir / "tiny")) if args.model == "tiny" else args.model
-        dtype = "float32" if args.model == "tiny" else "bfloat16"
+        dtype = "float32" if args.model == "tiny" else "auto"  # bf16 only with native BF16
         spec = PolicySpec(model=model, dtype=dtype)
         policy = load_policy(spec)
         world_config = WorldConfig.model_validate(

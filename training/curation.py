@@ -10,7 +10,8 @@ character          character name; picks the system prompt
 turn_index         order of the reply inside its session (0-based)
 user_message       the user message this reply answers
 bot_reply          the reply, the training target
-unsafe             bool, the reply broke the safety classifier (dropped)
+unsafe             bool, the reply attempted was unsafe: blocked by serving (users saw the
+                   fallback) or offensive as shown (dropped)
 violates_any       bool, the reply broke one of its character's prohibitions (dropped)
 follows_all        bool, the reply met every instruction (required when asked)
 reported           bool, the user reported the reply (dropped)
