@@ -333,6 +333,18 @@ def _blind(n: int, what: str, power: Power, alpha: float | None, fix: str) -> st
     )
 
 
+def _logged_fix(n_logged: int, eval_prompts: int, n_needed: int) -> str:
+    """How to get ``n_needed`` logged contexts: a larger setting, or more held-out logs when
+    curation held out fewer contexts than ``gates.eval_prompts`` asks for."""
+    if n_logged < eval_prompts:
+        return (
+            f"curation held out only {n_logged} logged contexts (gates.eval_prompts = "
+            f"{eval_prompts}); log more held-out users (collect.days, collect.n_users or "
+            f"curation.held_out_share) so that at least {n_needed} are held out"
+        )
+    return f"raise gates.eval_prompts to {n_needed}"
+
+
 def rm_win_rate_gate(report: OfflineReport, config: GatesConfig) -> Gate:
     """Fails when the naive RM's win rate is significantly below ``min_rm_win_rate`` (exact
     binomial over decisive pairs); power at ``min_rm_win_rate - rm_win_rate_margin``."""
@@ -360,7 +372,7 @@ def rm_win_rate_gate(report: OfflineReport, config: GatesConfig) -> Gate:
     if verdict == "fail":
         reason = f"{measured}: significantly below {bar:.2f} at alpha {alpha:g}"
     elif verdict == "inconclusive":
-        fix = f"raise gates.eval_prompts to {power.n_needed} (and enough held-out users)"
+        fix = _logged_fix(len(logged), config.eval_prompts, power.n_needed)
         what = f"decisive pairs detect a win rate of {harmful:.2f} (bar {bar:.2f})"
         reason = f"{_blind(decisive, what, power, alpha, fix)}; {measured}"
     else:
@@ -440,7 +452,8 @@ def style_gate(report: OfflineReport, config: GatesConfig) -> Gate:
     suite = report.style_regression
     reason = suite.reason
     if suite.verdict == "inconclusive":
-        reason = f"{reason}; fix: raise gates.eval_prompts to {suite.n_needed}"
+        n_logged = int((report.replies["set"] == "logged").sum())
+        reason = f"{reason}; fix: {_logged_fix(n_logged, config.eval_prompts, suite.n_needed)}"
     return Gate.decided(
         "style_artifacts", suite.verdict,
         value=suite.raw_win_rate - suite.style_controlled_win_rate,

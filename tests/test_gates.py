@@ -153,9 +153,14 @@ def rm_report(wins: int, losses: int) -> OfflineReport:
 
 
 def test_rm_win_rate_gate_is_three_valued() -> None:
-    config = GatesConfig()  # bar 0.5, margin 0.2
+    config = GatesConfig(eval_prompts=10)  # bar 0.5, margin 0.2
     small = rm_win_rate_gate(rm_report(6, 4), config)
     assert small.verdict == "inconclusive" and "raise gates.eval_prompts to 37" in small.reason
+    # Asked for 48 contexts, curation held out 10: the fix is more held-out logs.
+    short = rm_win_rate_gate(rm_report(6, 4), config.model_copy(update={"eval_prompts": 48}))
+    assert short.verdict == "inconclusive"
+    assert "curation held out only 10 logged contexts (gates.eval_prompts = 48)" in short.reason
+    assert "raise gates.eval_prompts" not in short.reason
     assert rm_win_rate_gate(rm_report(22, 18), config).verdict == "pass"
     low = rm_win_rate_gate(rm_report(8, 32), config)
     assert low.verdict == "fail" and "significantly below 0.50" in low.reason
