@@ -2,8 +2,8 @@
 
 Every text file outside ``tests/`` (code, docstrings, comments, docs, scenario and config
 files) must be readable on anyone's clone: no absolute path of one machine (a work folder,
-a temporary folder where a run happened to land), no labels of private runs ("run17",
-"grpo_run8") that exist on no one else's disk, no diary of which work session did what,
+a temporary folder where a run happened to land), no labels of private runs (``run``
+followed by a number) that exist on no one else's disk, no diary of which work session did what,
 and no reference to a design note that is not in the repository.
 """
 
@@ -82,15 +82,18 @@ def test_code_and_docs_name_no_machine_path_private_run_or_missing_document() ->
 
 def test_the_rule_catches_each_kind(tmp_path: Path) -> None:
     (tmp_path / "benchmarks").mkdir()
+    # The offending text is assembled here so that this file does not itself carry it.
+    machine_path, label = "/" + "work/", "grpo_" + "run" + "17"
+    diary = "The " + "seventh" + " session's recipe, as in " + "runs" + " 16-18.\n"
     (tmp_path / "benchmarks" / "README.md").write_text(
-        "    python benchmarks/x.py --out /work/grpo_run17\n"
-        "The seventh session's recipe, as in runs 16-18.\n"
-        "Schema in GENERATIONS_CONTRACT.md; see README.md; writes report.md.\n"
+        f"    python benchmarks/x.py --out {machine_path}{label}\n"
+        + diary
+        + "Schema in GENERATIONS_CONTRACT.md; see README.md; writes report.md.\n"
     )
     found = offending_lines(tmp_path)
     kinds = [line.split(": ")[1] for line in found]
     assert kinds.count("an absolute path of one machine") == 1
-    assert kinds.count("a private run label") == 2  # grpo_run17, runs 16-18
+    assert kinds.count("a private run label") == 2  # the label and the numbered range
     assert kinds.count("a work-session diary") == 1
     assert kinds.count("GENERATIONS_CONTRACT.md is not in the repository") == 1
     assert len(found) == 5  # README.md exists, report.md is an output name
