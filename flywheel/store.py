@@ -24,12 +24,12 @@ Tables (schema version ``SCHEMA_VERSION``; column types in ``TABLES``):
                   was drawn in), traits (JSON of the latent, fixed traits; ORACLE, like gold).
 ``assignments``   experiment_id, user_id, arm ('control' | 'treatment'), bucket (the user's
                   hash position in [0, 1)), salt.
-``sessions``      experiment_id, day, period ('pre' | 'test'), arm, policy (name of the
+``sessions``      experiment_id, day, period ('pre' | 'test'), arm, life, policy (name of the
                   policy that served it), session_id, user_id, character, start_hour,
                   end_hour (simulated hours of the day), n_user_messages, n_bot_turns, likes,
                   reported (any reply reported), ended_by_user (False = hit the turn cap).
-``turns``         one row per bot reply. experiment_id, day, period, arm, policy, session_id,
-                  user_id, character, turn_index, hour, user_message, bot_reply,
+``turns``         one row per bot reply. experiment_id, day, period, arm, life, policy,
+                  session_id, user_id, character, turn_index, hour, user_message, bot_reply,
                   completion_tokens, features (JSON: style features from rewards.features),
                   checks (JSON: checker name -> passed), follows_all, violates_any, unsafe
                   (the reply the policy attempted was unsafe: blocked by serving, whose
@@ -38,12 +38,16 @@ Tables (schema version ``SCHEMA_VERSION``; column types in ``TABLES``):
                   novelty (additive satisfaction offset the traffic model applied), continued,
                   liked, reported.
 ``user_days``     one row per assigned user and simulated day, active or not: experiment_id,
-                  user_id, arm, day, period, weekday (0 = Monday), active, sessions, messages
-                  (user messages), bot_replies, likes, reports, violations (replies breaking
+                  user_id, arm, life, day, period, weekday (0 = Monday), active, sessions,
+                  messages (user messages), bot_replies, likes, reports, violations (replies breaking
                   a prohibition), follows (replies following every instruction),
                   unsafe_replies (attempted unsafe replies, blocked ones included),
                   completion_tokens, gold_satisfaction (ORACLE, sum over the
                   day's replies), novelty (offset applied that day). The A/B analysis reads it.
+                  ``arm`` is the user's hashed arm; ``life`` the arm whose policy served
+                  the row's user life on test days: ``arm`` itself in a standard test, and
+                  both arms on every test day of a twin test (``sim.traffic``), which
+                  stores two rows per user and test day (``flywheel.ab.paired``).
 ``days``          one row per committed day: experiment_id, day, period, weekday,
                   active_users, sessions, turns, bot_calls, user_calls, bot_tokens,
                   user_tokens, user_messages (messages the user LLM was asked to write),
@@ -74,7 +78,7 @@ import pandas as pd
 if TYPE_CHECKING:
     from sim.traffic import DayLog
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 DB_FILE = "run.duckdb"
 ARTIFACTS_DIR = "artifacts"
 
@@ -106,6 +110,7 @@ TABLES: dict[str, dict[str, str]] = {
         "day": "INTEGER",
         "period": "VARCHAR",
         "arm": "VARCHAR",
+        "life": "VARCHAR",
         "policy": "VARCHAR",
         "session_id": "VARCHAR",
         "user_id": "VARCHAR",
@@ -123,6 +128,7 @@ TABLES: dict[str, dict[str, str]] = {
         "day": "INTEGER",
         "period": "VARCHAR",
         "arm": "VARCHAR",
+        "life": "VARCHAR",
         "policy": "VARCHAR",
         "session_id": "VARCHAR",
         "user_id": "VARCHAR",
@@ -147,6 +153,7 @@ TABLES: dict[str, dict[str, str]] = {
         "experiment_id": "VARCHAR",
         "user_id": "VARCHAR",
         "arm": "VARCHAR",
+        "life": "VARCHAR",
         "day": "INTEGER",
         "period": "VARCHAR",
         "weekday": "INTEGER",

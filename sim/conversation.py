@@ -15,8 +15,13 @@
 4. ``close_session(session)`` folds the session into the user's long-term state and returns
    a ``SessionRecord``; ``return_probability(user, day)`` gives next-day return.
 
-Each session owns a generator derived from the ``rng`` given to ``open_sessions``, so the
-users' signals do not depend on how sessions are grouped into batches.
+Each session owns two generators spawned from one seed: ``rng`` writes (character choice,
+opener, PII, fallbacks) and ``signal_rng`` draws the user's reactions, exactly three uniforms
+per reply (like, report, continue). So the users' signals do not depend on how sessions are
+grouped into batches, and two sessions opened with the same seed draw the same uniform at the
+same turn whatever the replies were: the common random numbers of a twin experiment
+(``sim.traffic``). The seed comes from ``open_sessions``' ``seeds`` when given (the traffic
+model derives one per user, day and session), else from its ``rng``.
 
 Also: ``open_sessions`` takes an
 optional ``characters`` list to pin characters; ``apply_replies`` and ``run_sessions`` exist
@@ -128,6 +133,7 @@ class Session:
     day: int
     hour: float
     rng: np.random.Generator
+    signal_rng: np.random.Generator
     messages: list[Message] = field(default_factory=list)
     turns: list[TurnRecord] = field(default_factory=list)
     pii_flags: list[bool] = field(default_factory=list)  # one per user message
@@ -206,18 +212,24 @@ class ConversationEngine:
         hour: float,
         rng: np.random.Generator,
         characters: Sequence[str] | None = None,
+        *,
+        seeds: Sequence[Sequence[int]] | None = None,
     ) -> list[Session]:
         """Start one session per user with the user's first message written.
 
-        ``characters`` optionally pins each user's character by name.
+        ``characters`` optionally pins each user's character by name. ``seeds`` optionally
+        gives each session its own seed (entropy for ``numpy.random.SeedSequence``) instead
+        of one drawn from ``rng``.
         """
-        if characters is not None and len(characters) != len(users):
-            raise ValueError(
-                f"open_sessions got {len(users)} users but {len(characters)} characters"
-            )
+        for name, given in (("characters", characters), ("seeds", seeds)):
+            if given is not None and len(given) != len(users):
+                raise ValueError(f"open_sessions got {len(users)} users but {len(given)} {name}")
         sessions = []
         for i, user in enumerate(users):
-            session_rng = np.random.default_rng(int(rng.integers(2**63 - 1)))
+            entropy = seeds[i] if seeds is not None else int(rng.integers(2**63 - 1))
+            session_rng, signal_rng = (
+                np.random.default_rng(s) for s in np.random.SeedSequence(entropy).spawn(2)
+            )
             if characters is not None:
                 if characters[i] not in self.characters:
                     known = sorted(self.characters)
@@ -236,6 +248,7 @@ class ConversationEngine:
                 day=day,
                 hour=hour,
                 rng=session_rng,
+                signal_rng=signal_rng,
                 messages=[{"role": "user", "content": opener}],
                 pii_flags=[pii],
             )
@@ -316,7 +329,7 @@ class ConversationEngine:
         assessment, checked = ReplyAssessment.of(character, reply, feats)
         utility = self.gold.utility(user, character, assessment, novelty)
         turn_index = len(session.turns)
-        signals = self.gold.respond(user, utility, assessment, turn_index, session.rng)
+        signals = self.gold.respond(user, utility, assessment, turn_index, session.signal_rng)
         self.gold.observe_turn(user, utility, assessment, signals)
         record = TurnRecord(
             session_id=session.session_id,

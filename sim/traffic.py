@@ -1,48 +1,70 @@
 """Production traffic as a SimPy model: days, arrivals, sessions, returns, A/B arms.
 
 A population lives through ``pre_days`` (everyone served by the control policy: the CUPED
-covariate period) and then ``test_days`` (users hashed into the treatment arm are served by
-the treatment policy). Simulated time is in hours since the start of day 0.
+covariate period) and then ``test_days``. Simulated time is in hours since the start of day 0.
+
+Two designs (``[traffic] design``):
+
+- ``standard``: users hashed into the treatment arm are served by the treatment policy on
+  test days, the others by control. What production can do.
+- ``twins``: every user lives through the test days twice, once served by control and once by
+  treatment, starting from the same latent state at the end of the pre-period. Only a
+  simulator can do this; comparing a user with their own twin removes the between-user
+  variance that a standard test pays for with users (``flywheel.ab.paired``). Both lives are
+  stored, each row tagged with its ``life``.
 
 Each day:
 
-1. For every user, in a fixed order, the day's activity is drawn: active with probability
-   ``world return probability x weekday factor`` (clipped to [0, 1]); an active user opens
-   ``1 + Binomial(max_sessions_per_day - 1, extra_session_prob)`` sessions at hours drawn
-   from the time-of-day profile ``hourly_weights``, at least ``session_gap_hours`` apart,
-   each rounded down to its arrival slot (``slot_minutes``).
-2. One SimPy process per active user runs that user's sessions one after another. A session
-   is: opener, then bot reply and user message alternating every ``think_minutes`` until the
-   world says the user left or the turn cap ended it.
-3. Nobody waits alone for a model: the ``Batcher`` gathers every request due at the same
-   simulated instant and answers them with ONE backend call per kind (openers, user messages)
-   and ONE per arm policy for bot replies. Users arriving in the same slot stay in lockstep,
-   so a busy slot is one big batch: the slot width trades timing detail for batch size.
+1. For every user the day's activity is drawn: active with probability ``world return
+   probability x weekday factor`` (clipped to [0, 1]); an active user opens ``1 +
+   Binomial(max_sessions_per_day - 1, extra_session_prob)`` sessions at hours drawn from the
+   time-of-day profile ``hourly_weights``, at least ``session_gap_hours`` apart, each rounded
+   down to its arrival slot (``slot_minutes``).
+2. One SimPy process per active user life runs that life's sessions one after another. A
+   session is: opener, then bot reply and user message alternating until the world says the
+   user left or the turn cap ended it.
+3. The whole day is one batch. Users do not interact within a day, so the simulator runs every
+   session of the day in lockstep on a logical clock: all first sessions open together, each
+   round answers every pending bot reply with ONE backend call per arm policy and every
+   pending user message with ONE user-LLM call, and a user's next session joins the round
+   after their previous one ended (continuous batching). Each session still carries the
+   hours of the diurnal profile: a turn is stamped ``start hour + think_minutes`` per reply
+   before it, so the logs read as the day was lived.
 4. When every session of the day has ended, the day's turns, sessions and user-day metrics
-   are handed to the sink together with a checkpoint of the simulator state (users' latent
-   states, the random generator, first-exposure days), which the run store writes in ONE
-   transaction. No process lives across midnight, so a run resumed from the checkpoint of
-   day k replays days k+1... exactly as the uninterrupted run did.
+   are handed to the sink together with a checkpoint of the simulator state (the lives'
+   latent states, the random generator, first-exposure days), which the run store writes in
+   ONE transaction. A run resumed from the checkpoint of day k replays days k+1... exactly
+   as the uninterrupted run did.
+
+Common random numbers: every user-side draw comes from a stream of its own, derived from the
+scenario seed, the user's position in the population, the day and (for sessions) the
+session's position in the day, with ``numpy.random.SeedSequence``. One user's draws never
+shift because another user's history changed, and both lives of a twin use the same
+uniforms: the same activity and arrival draws each day, the same opener and character draw,
+and the same like / report / continue uniforms at the same turn
+(``sim.conversation.Session.signal_rng``). A life is active when the shared uniform is below
+its own return probability, so the lives differ only where the policies made them differ.
+The bots' sampling seeds come from the simulator's one generator, a call at a time, so the
+two arms of an A/A twin test sample independently.
 
 Production dynamics:
 
 - Weekday seasonality: ``weekday_factors`` multiply the activity probability.
-- Novelty: a treatment user reacts to the change itself. On test days the world adds
-  ``novelty_amplitude * 0.5 ** (days since first exposure / novelty_half_life_days)`` to the
-  user's satisfaction with every reply (negative amplitude = change aversion). That is why a
-  test runs a week: day-1 lifts overstate the lasting effect.
+- Novelty: a user served by the treatment reacts to the change itself. On test days the world
+  adds ``novelty_amplitude * 0.5 ** (days since first exposure / novelty_half_life_days)`` to
+  the user's satisfaction with every reply (negative amplitude = change aversion). That is
+  why a test runs a week: day-1 lifts overstate the lasting effect.
 - Drift between generations: the population of generation g is the generation-0 population
   with each user replaced by a newcomer with probability ``1 - (1 - churn)^g``; newcomers
   are drawn from the segment mix shifted by ``segment_drift`` per generation.
 
-Every random draw comes from the one ``numpy.random.Generator`` the simulator owns, seeded
-from the scenario; backend calls get seeds drawn from it. Same scenario + seed -> the same
-numbers. Assignment is hash-based (sha256 of salt and user id), so a user stays in the
-same arm across restarts, machines and re-runs with the same salt.
+Same scenario + seed -> the same numbers. Assignment is hash-based (sha256 of salt and user
+id), so a user stays in the same arm across restarts, machines and re-runs with the same salt.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import math
@@ -50,7 +72,7 @@ import pickle
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import pandas as pd
@@ -77,6 +99,9 @@ HOURLY_WEIGHTS = (
 WEEKDAY_FACTORS = (1.0, 0.96, 0.95, 0.97, 1.03, 1.12, 1.1)
 
 _DRIFT_STREAM = 0xD21F7  # separates the drift draws from every other stream of the seed
+# Per-user streams (see the module docstring), one code per purpose.
+_VISIT_STREAM = 0x715
+_SESSION_STREAM = 0x5E55
 
 CONTROL = "control"
 TREATMENT = "treatment"
@@ -130,6 +155,11 @@ class TrafficConfig(BaseModel):
         description="Experiment salt of the hash assignment; a new salt "
         "re-randomises, the same salt keeps every user in the same arm.",
     )
+    design: Literal["standard", "twins"] = Field(
+        "standard",
+        description="standard: each user in their hashed arm; twins: each user lives the "
+        "test days twice, once per arm, with common random numbers (sim/traffic.py).",
+    )
     start_weekday: int = Field(0, ge=0, le=6, description="Weekday of day 0 (0 = Monday).")
     weekday_factors: tuple[float, ...] = Field(
         WEEKDAY_FACTORS, description="7 activity multipliers, Monday first, each > 0."
@@ -141,8 +171,8 @@ class TrafficConfig(BaseModel):
         SLOT_MIN,
         ge=1,
         le=720,
-        description="Arrival slot in minutes; must divide 1440. "
-        "Wider slots put more sessions into one batch.",
+        description="Arrival slot in minutes; must divide 1440. Session start hours "
+        "are rounded down to it.",
     )
     think_minutes: float = Field(
         THINK_MIN, gt=0, description="Minutes between a bot reply and the next user message."
@@ -321,7 +351,13 @@ class Engine(Protocol):
     """What the traffic model needs from ``sim.conversation.ConversationEngine``."""
 
     def open_sessions(
-        self, users: Sequence[Any], day: int, hour: float, rng: np.random.Generator
+        self,
+        users: Sequence[Any],
+        day: int,
+        hour: float,
+        rng: np.random.Generator,
+        *,
+        seeds: Sequence[Sequence[int]] | None = None,
     ) -> list[Any]: ...
 
     def bot_turn(
@@ -383,15 +419,18 @@ class DayLog:
 class SimState:
     """What survives a day boundary; pickled into every checkpoint.
 
-    ``next_day`` is the first day not yet simulated; ``rng_state`` is the bit generator's
-    state; ``first_exposure`` maps a treatment user to the test day they first saw the
-    treatment (the novelty clock); ``users`` carry their latent states.
+    ``next_day`` is the first day not yet simulated; ``rng_state`` is the state of the
+    generator behind the bots' sampling seeds; ``first_exposure`` maps a user to the test day
+    their treatment-served life first saw the treatment (the novelty clock); ``users`` carry
+    their latent states (in a twin test: the control lives), ``twins`` the treatment lives of
+    a twin test from its first test day on (None before, and in a standard test).
     """
 
     next_day: int
     users: list[Any]
     rng_state: dict[str, Any]
     first_exposure: dict[str, int] = field(default_factory=dict)
+    twins: list[Any] | None = None
 
     def dumps(self) -> bytes:
         """Serialise for the run store."""
@@ -421,6 +460,7 @@ class BatchStats:
     user_messages: int = 0
     user_fallbacks: int = 0
     max_bot_batch: int = 0
+    bot_seconds: float = 0.0  # wall time inside bot_turn: generation and scoring
     bot_batch_sizes: list[int] = field(default_factory=list)
 
     def as_row(self) -> dict[str, int]:
@@ -527,6 +567,16 @@ class Batcher:
 
 
 # ---------------------------------------------------------------------------- the simulator
+@dataclass(frozen=True)
+class Life:
+    """One user life of a day: whose it is, which arm it was hashed into, who serves it."""
+
+    user: Any
+    index: int  # the user's position in the population: the key of their random streams
+    arm: str  # the hashed assignment
+    life: str  # the policy arm serving this life on test days (== arm in a standard test)
+
+
 class TrafficSimulator:
     """Runs an A/B experiment's traffic day by day into a sink.
 
@@ -544,9 +594,9 @@ class TrafficSimulator:
             benchmark's one-conversation-at-a-time baseline).
         policies: ``{"control": Policy, "treatment": Policy}``.
         config: the traffic config.
-        seed: seeds the simulator's random generator (an int or a list of ints, as
+        seed: seeds the simulator's streams (an int or a list of ints, as
             ``numpy.random.default_rng`` takes).
-        progress: show a progress bar over days and turns.
+        progress: show progress bars over days and over the sessions of a day.
     """
 
     def __init__(
@@ -578,10 +628,11 @@ class TrafficSimulator:
         self.user_params = user_params or SamplingConfig().params
         self.batching = batching
         self.policies = dict(policies)
-        # An A/A test serves both arms with one model: one call per instant, not one per arm.
+        # An A/A test serves both arms with one model: one call per round, not one per arm.
         self._one_policy = self.policies[CONTROL] is self.policies[TREATMENT]
         self.config = config
         self.seed = seed
+        self._entropy = [int(x) for x in np.atleast_1d(np.asarray(seed, dtype=np.int64))]
         self.progress = progress
         self.state = SimState(
             next_day=0,
@@ -623,7 +674,6 @@ class TrafficSimulator:
         env = simpy.Environment(initial_time=self.state.next_day * HOURS_PER_DAY)
         bar = _progress_bar(self.config.total_days, self.state.next_day, enabled=self.progress)
         self._bar = bar
-        self._turns_done = 0
         try:
             env.process(self._days(env, sink, on_day_end))
             env.run()
@@ -657,6 +707,32 @@ class TrafficSimulator:
             }
         )
 
+    # -------------------------------------------------------------- lives
+    def lives(self, day: int) -> list[Life]:
+        """The user lives simulated on ``day``: one per user, two per user on a twin test day.
+
+        A twin test day splits each user into a control life (``state.users``) and a
+        treatment life (``state.twins``, copied from the user at the end of the pre-period).
+        """
+        users = self.state.users
+        arms = [self.arms[u.user_id] for u in users]
+        if self.config.design != "twins" or self.config.period(day) != TEST:
+            return [
+                Life(u, i, arm, arm) for i, (u, arm) in enumerate(zip(users, arms, strict=True))
+            ]
+        if self.state.twins is None:
+            self.state.twins = copy.deepcopy(users)
+        twins = self.state.twins
+        return [
+            Life(user, i, arm, life)
+            for life, population in ((CONTROL, users), (TREATMENT, twins))
+            for i, (user, arm) in enumerate(zip(population, arms, strict=True))
+        ]
+
+    def _served_by(self, life: Life, day: int) -> str:
+        """The policy arm that answers ``life`` on ``day``: control before the test."""
+        return life.life if self.config.period(day) == TEST else CONTROL
+
     # -------------------------------------------------------------- processes
     def _days(
         self,
@@ -674,14 +750,21 @@ class TrafficSimulator:
             self._open = Batcher(env, self._answer_open, _USER_FLUSH_PRIORITY, gather=gather)
             self._user = Batcher(env, self._answer_user, _USER_FLUSH_PRIORITY, gather=gather)
             self._bot = Batcher(env, self._answer_bot, _BOT_FLUSH_PRIORITY, gather=gather)
-            visits = self._draw_visits(day)
-            yield env.all_of(
-                [env.process(self._user_day(env, day, user, starts)) for user, starts in visits]
-            )
+            visits = [
+                (life, starts) for life in self.lives(day) if (starts := self._visit(day, life))
+            ]
+            n_sessions = sum(len(starts) for _, starts in visits)
+            self._day_bar = _day_progress_bar(day, n_sessions, enabled=self.progress)
+            try:
+                yield env.all_of(
+                    [env.process(self._life_day(env, day, life, s)) for life, s in visits]
+                )
+            finally:
+                self._day_bar.close()
             if env.now >= (day + 1) * HOURS_PER_DAY:
                 raise RuntimeError(
-                    f"day {day}'s sessions ran past midnight (t = {env.now:.2f} h); lower the "
-                    f"world's turn cap or traffic.think_minutes"
+                    f"day {day}'s sessions took more than a day of think time (t = "
+                    f"{env.now:.2f} h); lower the world's turn cap or traffic.think_minutes"
                 )
             log = self._day_log(day, len(visits), time.perf_counter() - started)
             self.state.next_day = day + 1
@@ -692,43 +775,51 @@ class TrafficSimulator:
                 on_day_end(day)
             yield env.timeout((day + 1) * HOURS_PER_DAY - env.now)
 
-    def _user_day(self, env: simpy.Environment, day: int, user: Any, starts: list[float]) -> Any:
-        """One user's day: each session opens at its start hour and runs to its end."""
-        day_start = day * HOURS_PER_DAY
-        for hour in starts:
-            if env.now < day_start + hour:
-                yield env.timeout(day_start + hour - env.now)
-            opened_at = env.now - day_start
-            session = yield self._open.request(None, (user, day, opened_at))
-            arm = self.arms[user.user_id]
-            policy_arm = arm if self.config.period(day) == TEST else CONTROL
-            novelty = self._novelty(user.user_id, arm, day)
+    def _life_day(self, env: simpy.Environment, day: int, life: Life, starts: list[float]) -> Any:
+        """One user life's day on the logical clock: its sessions one after another.
+
+        Every session first waits one think time (the user writes the opener), so sessions
+        that open after another ended join the next round's batch.
+        """
+        think_h = self.config.think_minutes / MINUTES_PER_HOUR
+        served_by = self._served_by(life, day)
+        key = CONTROL if self._one_policy else served_by
+        novelty = self._novelty(life.user.user_id, served_by, day)
+        for k, start_hour in enumerate(starts):
+            yield env.timeout(think_h)
+            opened = env.now
+            seed = [*self._entropy, _SESSION_STREAM, day, life.index, k]
+            session = yield self._open.request(None, (life.user, day, start_hour, seed))
             turns: list[dict[str, Any]] = []
             while True:
-                key = CONTROL if self._one_policy else policy_arm
                 record = yield self._bot.request(key, (session, novelty))
-                turns.append(
-                    self._turn_row(record, day, arm, policy_arm, novelty, env.now - day_start)
-                )
+                hour = start_hour + env.now - opened
+                turns.append(self._turn_row(record, day, life, served_by, novelty, hour))
                 if session.ended:
                     break
-                yield env.timeout(self.config.think_minutes / MINUTES_PER_HOUR)
+                yield env.timeout(think_h)
                 yield self._user.request(None, session)
+            end_hour = start_hour + env.now - opened
+            if end_hour >= HOURS_PER_DAY:
+                raise RuntimeError(
+                    f"day {day}: session {turns[0]['session_id']} ran past midnight "
+                    f"({end_hour:.2f} h); lower the world's turn cap or traffic.think_minutes"
+                )
             summary = self.engine.close_session(session)
             self._day_turns.extend(turns)
             self._day_sessions.append(
-                self._session_row(
-                    summary, turns, day, arm, policy_arm, opened_at, env.now - day_start
-                )
+                self._session_row(summary, turns, day, life, served_by, start_hour, end_hour)
             )
+            self._day_bar.update(1)
 
     # -------------------------------------------------------------- batch handlers
-    def _answer_open(self, _: None, items: list[tuple[Any, int, float]]) -> list[Any]:
+    def _answer_open(self, _: None, items: list[tuple[Any, int, float, list[int]]]) -> list[Any]:
         """Open every session due now with one call (writes the users' first messages)."""
         self.stats.open_calls += 1
-        users = [user for user, _, _ in items]
-        _, day, hour = items[0]
-        return self.engine.open_sessions(users, day, hour, self.rng)
+        sessions = []
+        for user, day, hour, seed in items:  # hours differ: each session keeps its own
+            sessions += self.engine.open_sessions([user], day, hour, self.rng, seeds=[seed])
+        return sessions
 
     def _answer_user(self, _: None, sessions: list[Any]) -> list[None]:
         """Write every pending user message with ONE user-LLM call."""
@@ -747,67 +838,76 @@ class TrafficSimulator:
         """Answer every pending session of one arm's policy with ONE ``bot_turn`` call."""
         sessions = [session for session, _ in items]
         novelty = [offset for _, offset in items]
+        started = time.perf_counter()
         records = self.engine.bot_turn(
             sessions,
             self.policies[arm],
             self.config.bot_sampling.params(self._seed()),
             novelty=novelty,
         )
+        self.stats.bot_seconds += time.perf_counter() - started
         self.stats.bot_calls += 1
         self.stats.bot_batch_sizes.append(len(sessions))
         self.stats.max_bot_batch = max(self.stats.max_bot_batch, len(sessions))
         self.stats.bot_tokens += sum(int(r.completion_tokens) for r in records)
-        self._turns_done += len(sessions)
-        self._bar.set_postfix(turns=self._turns_done, batch=len(sessions))
+        self._day_bar.set_postfix(
+            turns=len(self._day_turns) + sum(self.stats.bot_batch_sizes[-1:]),
+            batch=len(sessions),
+            tok_s=f"{self.stats.bot_tokens / max(self.stats.bot_seconds, 1e-9):.0f}",
+            refresh=False,
+        )
         return records
 
     def _seed(self) -> int:
         return int(self.rng.integers(0, 2**31 - 1))
 
     # -------------------------------------------------------------- draws
-    def _draw_visits(self, day: int) -> list[tuple[Any, list[float]]]:
-        """Who comes today and when: (user, session start hours), users in a fixed order."""
+    def _stream(self, *key: int) -> np.random.Generator:
+        """The user-side random stream named by ``key`` (see the module docstring)."""
+        return np.random.default_rng(np.random.SeedSequence([*self._entropy, *key]))
+
+    def _visit(self, day: int, life: Life) -> list[float]:
+        """A life's session start hours on ``day`` (empty: not active), from the user's stream.
+
+        Both lives of a twin draw the same uniforms; only their return probabilities differ.
+        """
         cfg = self.config
+        rng = self._stream(_VISIT_STREAM, day, life.index)
         factor = cfg.weekday_factors[cfg.weekday(day)]
+        p_active = float(np.clip(self.engine.return_probability(life.user, day) * factor, 0, 1))
+        if rng.random() >= p_active:
+            return []
         weights = np.asarray(cfg.hourly_weights, dtype=float)
-        last_hour = int(HOURS_PER_DAY - LAST_ARRIVAL_MARGIN_H)
-        weights[last_hour:] = 0.0
+        weights[int(HOURS_PER_DAY - LAST_ARRIVAL_MARGIN_H) :] = 0.0
         weights /= weights.sum()
         slot_h = cfg.slot_minutes / MINUTES_PER_HOUR
-        visits = []
-        for user in self.state.users:
-            p_active = float(np.clip(self.engine.return_probability(user, day) * factor, 0, 1))
-            if self.rng.random() >= p_active:
-                continue
-            n_sessions = 1 + int(
-                self.rng.binomial(cfg.max_sessions_per_day - 1, cfg.extra_session_prob)
-            )
-            starts: list[float] = []
-            for _ in range(n_sessions):
-                hour = self.rng.choice(24, p=weights) + self.rng.random()
-                start = math.floor(hour / slot_h) * slot_h
-                if all(abs(start - s) >= cfg.session_gap_hours for s in starts):
-                    starts.append(start)
-            visits.append((user, sorted(starts)))
-        return visits
+        n_sessions = 1 + int(rng.binomial(cfg.max_sessions_per_day - 1, cfg.extra_session_prob))
+        starts: list[float] = []
+        for _ in range(n_sessions):
+            hour = rng.choice(24, p=weights) + rng.random()
+            start = math.floor(hour / slot_h) * slot_h
+            if all(abs(start - s) >= cfg.session_gap_hours for s in starts):
+                starts.append(start)
+        return sorted(starts)
 
-    def _novelty(self, user_id: str, arm: str, day: int) -> float:
-        """Novelty offset for a treatment user on a test day; 0 otherwise."""
+    def _novelty(self, user_id: str, served_by: str, day: int) -> float:
+        """Novelty offset of a life served by the treatment on a test day; 0 otherwise."""
         cfg = self.config
-        if arm != TREATMENT or cfg.period(day) != TEST or cfg.novelty_amplitude == 0:
+        if served_by != TREATMENT or cfg.period(day) != TEST or cfg.novelty_amplitude == 0:
             return 0.0
         first = self.state.first_exposure.setdefault(user_id, day)
         return novelty_offset(day - first, cfg.novelty_amplitude, cfg.novelty_half_life_days)
 
     # -------------------------------------------------------------- rows
     def _turn_row(
-        self, record: Any, day: int, arm: str, policy_arm: str, novelty: float, hour: float
+        self, record: Any, day: int, life: Life, served_by: str, novelty: float, hour: float
     ) -> dict[str, Any]:
         return {
             "day": day,
             "period": self.config.period(day),
-            "arm": arm,
-            "policy": self.policies[policy_arm].name,
+            "arm": life.arm,
+            "life": life.life,
+            "policy": self.policies[served_by].name,
             "session_id": record.session_id,
             "user_id": record.user_id,
             "character": record.character,
@@ -833,16 +933,17 @@ class TrafficSimulator:
         summary: Any,
         turns: list[dict[str, Any]],
         day: int,
-        arm: str,
-        policy_arm: str,
+        life: Life,
+        served_by: str,
         start_hour: float,
         end_hour: float,
     ) -> dict[str, Any]:
         return {
             "day": day,
             "period": self.config.period(day),
-            "arm": arm,
-            "policy": self.policies[policy_arm].name,
+            "arm": life.arm,
+            "life": life.life,
+            "policy": self.policies[served_by].name,
             "session_id": turns[0]["session_id"],
             "user_id": turns[0]["user_id"],
             "character": turns[0]["character"],
@@ -855,24 +956,24 @@ class TrafficSimulator:
             "ended_by_user": not turns[-1]["continued"] if turns else True,
         }
 
-    def _day_log(self, day: int, active_users: int, wall_s: float) -> DayLog:
+    def _day_log(self, day: int, active_lives: int, wall_s: float) -> DayLog:
         cfg = self.config
         turns = pd.DataFrame(self._day_turns, columns=list(_TURN_COLUMNS))
         sessions = pd.DataFrame(self._day_sessions, columns=list(_SESSION_COLUMNS))
-        user_days = _user_days(
-            [u.user_id for u in self.state.users],
-            self.arms,
-            turns,
-            sessions,
-            day,
-            cfg.period(day),
-            cfg.weekday(day),
-        )
-        novelty_by_user = turns.groupby("user_id")["novelty"].first() if len(turns) else None
-        if novelty_by_user is not None:
-            user_days["novelty"] = user_days["user_id"].map(novelty_by_user).fillna(0.0)
+        ids = [u.user_id for u in self.state.users]
+        twin_day = cfg.design == "twins" and cfg.period(day) == TEST
+        period, weekday = cfg.period(day), cfg.weekday(day)
+        if twin_day:
+            frames = [
+                _user_days(ids, self.arms, life, turns[turns["life"] == life],
+                           sessions[sessions["life"] == life], day, period, weekday)
+                for life in (CONTROL, TREATMENT)
+            ]  # fmt: skip
+            user_days = pd.concat(frames, ignore_index=True)
+        else:
+            user_days = _user_days(ids, self.arms, None, turns, sessions, day, period, weekday)
         stats = {
-            "active_users": active_users,
+            "active_users": active_lives,
             "sessions": len(sessions),
             "turns": len(turns),
             "wall_s": wall_s,
@@ -882,29 +983,36 @@ class TrafficSimulator:
 
 
 _TURN_COLUMNS = (
-    "day", "period", "arm", "policy", "session_id", "user_id", "character", "turn_index",
-    "hour", "user_message", "bot_reply", "completion_tokens", "features", "checks",
-    "follows_all", "violates_any", "unsafe", "gold_satisfaction", "novelty", "continued",
-    "liked", "reported",
+    "day", "period", "arm", "life", "policy", "session_id", "user_id", "character",
+    "turn_index", "hour", "user_message", "bot_reply", "completion_tokens", "features",
+    "checks", "follows_all", "violates_any", "unsafe", "gold_satisfaction", "novelty",
+    "continued", "liked", "reported",
 )  # fmt: skip
 _SESSION_COLUMNS = (
-    "day", "period", "arm", "policy", "session_id", "user_id", "character", "start_hour",
-    "end_hour", "n_user_messages", "n_bot_turns", "likes", "reported", "ended_by_user",
+    "day", "period", "arm", "life", "policy", "session_id", "user_id", "character",
+    "start_hour", "end_hour", "n_user_messages", "n_bot_turns", "likes", "reported",
+    "ended_by_user",
 )  # fmt: skip
 
 
 def _user_days(
     user_ids: list[str],
     arms: Mapping[str, str],
+    life: str | None,
     turns: pd.DataFrame,
     sessions: pd.DataFrame,
     day: int,
     period: str,
     weekday: int,
 ) -> pd.DataFrame:
-    """One row per assigned user for ``day``: zeros for users who did not come."""
+    """One row per assigned user for ``day``: zeros for users who did not come.
+
+    ``life`` is the life these turns belong to on a twin test day; None = one life per user,
+    the hashed arm's (``life == arm``).
+    """
     frame = pd.DataFrame({"user_id": user_ids})
     frame["arm"] = frame["user_id"].map(arms)
+    frame["life"] = frame["arm"] if life is None else life
     frame["day"] = day
     frame["period"] = period
     frame["weekday"] = weekday
@@ -922,14 +1030,15 @@ def _user_days(
         unsafe_replies=("unsafe", "sum"),
         completion_tokens=("completion_tokens", "sum"),
         gold_satisfaction=("gold_satisfaction", "sum"),
+        novelty=("novelty", "first"),
     )
     frame = frame.join(per_session, on="user_id").join(per_turn, on="user_id")
     counts = ["sessions", "messages", "bot_replies", "likes", "reports", "violations",
               "follows", "unsafe_replies", "completion_tokens"]  # fmt: skip
     frame[counts] = frame[counts].fillna(0).astype("int64")
     frame["gold_satisfaction"] = frame["gold_satisfaction"].fillna(0.0).astype(float)
+    frame["novelty"] = frame["novelty"].fillna(0.0).astype(float)
     frame["active"] = frame["sessions"] > 0
-    frame["novelty"] = 0.0
     return frame
 
 
@@ -950,3 +1059,10 @@ def _progress_bar(total: int, done: int, *, enabled: bool) -> Any:
 
     return tqdm(total=total, initial=done, desc="simulated days", unit="day",
                 disable=not enabled, leave=False)  # fmt: skip
+
+
+def _day_progress_bar(day: int, sessions: int, *, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=sessions, desc=f"day {day} sessions", unit="session",
+                disable=not enabled, leave=False, position=1)  # fmt: skip

@@ -49,6 +49,7 @@ def _day(day: int, *, reply: str = "hi there", written: int = 0, fallbacks: int 
                 "day": day,
                 "period": "pre" if day == 0 else "test",
                 "arm": "control",
+                "life": "control",
                 "policy": "p",
                 "session_id": f"s{day}",
                 "user_id": "u0",
@@ -77,6 +78,7 @@ def _day(day: int, *, reply: str = "hi there", written: int = 0, fallbacks: int 
                 "day": day,
                 "period": turns.period[0],
                 "arm": "control",
+                "life": "control",
                 "policy": "p",
                 "session_id": f"s{day}",
                 "user_id": "u0",
@@ -95,6 +97,7 @@ def _day(day: int, *, reply: str = "hi there", written: int = 0, fallbacks: int 
         {
             "user_id": ["u0", "u1"],
             "arm": ["control", "treatment"],
+            "life": ["control", "treatment"],
             "day": day,
             "period": turns.period[0],
             "weekday": day % 7,

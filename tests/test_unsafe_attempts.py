@@ -44,7 +44,7 @@ model = "{tiny_llama_dir}"
 dtype = "float32"
 
 [traffic]
-n_users = 40
+n_users = 80
 pre_days = 0
 test_days = 2
 treatment_share = 0.5
