@@ -1,7 +1,9 @@
 """Write an A/B analysis to disk: ``result.json``, ``report.md`` and PNG plots.
 
 ``write_report(result, table, out_dir)`` is what both ``flywheel ab`` (a simulated run) and
-``flywheel analyze`` (a logged table) call. Plots are drawn on matplotlib ``Figure`` objects
+``flywheel analyze`` (a logged table) call. A twin experiment's ``PairedResult`` gets its
+twin estimates first, each beside the standard design's CI, then the standard view's report
+(what production would have seen of the same users); its daily curves are the standard view's. Plots are drawn on matplotlib ``Figure`` objects
 with the Agg canvas, never through pyplot's global state, so this works headless and in
 threads.
 """
@@ -15,6 +17,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from flywheel.ab import AAResult, ABResult, MetricResult
+from flywheel.ab.paired import PairedResult, standard_view
 from flywheel.metrics import daily_curves
 
 DAILY_PANELS = (
@@ -57,23 +60,26 @@ def _color(m: MetricResult) -> str:
     return "#2a9d4b" if m.improved else "#c0392b"
 
 
-def plot_lift(result: ABResult, path: Path) -> Path:
-    """Relative lift per metric with its 95% CI (CUPED and unadjusted), margins dashed."""
+def plot_lift(result: ABResult | PairedResult, path: Path) -> Path:
+    """Relative lift per metric with its 95% CI, margins dashed. In grey: the estimate
+    without CUPED, or for twins the standard design's (CUPED) estimate of the same run."""
     metrics = [m for m in result.metrics if math.isfinite(m.lift)]
+    twins = isinstance(result, PairedResult)
     fig = Figure(figsize=(8, 1 + 0.6 * max(len(metrics), 1)), layout="constrained")
     ax = fig.subplots()
     for row, m in enumerate(reversed(metrics)):
+        s = result.standard[m.name] if twins else m
+        grey = (s.lift, s.ci_low, s.ci_high) if twins else (
+            m.lift_unadjusted, m.ci_low_unadjusted, m.ci_high_unadjusted
+        )  # fmt: skip
         ax.errorbar(
-            m.lift_unadjusted * 100,
+            grey[0] * 100,
             row - 0.18,
             color="0.7",
             fmt="s",
             ms=4,
             capsize=3,
-            xerr=[
-                [(m.lift_unadjusted - m.ci_low_unadjusted) * 100],
-                [(m.ci_high_unadjusted - m.lift_unadjusted) * 100],
-            ],
+            xerr=[[(grey[0] - grey[1]) * 100], [(grey[2] - grey[0]) * 100]],
         )
         ax.errorbar(
             m.lift * 100,
@@ -88,7 +94,8 @@ def plot_lift(result: ABResult, path: Path) -> Path:
             ax.plot([m.noninferiority_margin * 100] * 2, [row - 0.35, row + 0.35], "k--", lw=1)
     ax.axvline(0, color="k", lw=0.8)
     ax.set_yticks(range(len(metrics)), [m.name for m in reversed(metrics)])
-    ax.set_xlabel("relative lift, % (95% CI; grey: without CUPED; dashed: guardrail margin)")
+    grey = "standard design" if twins else "without CUPED"
+    ax.set_xlabel(f"relative lift, % (95% CI; grey: {grey}; dashed: guardrail margin)")
     ax.set_title(f"decision: {result.decision}", fontsize=10)
     ax.grid(axis="x", alpha=0.3)
     fig.savefig(path, dpi=110)
@@ -169,8 +176,40 @@ def markdown(result: ABResult, aa: AAResult | None = None, title: str = "A/B tes
     return "\n".join(lines)
 
 
+def twin_markdown(result: PairedResult) -> str:
+    """The twin section: paired estimates beside the standard design's CIs, and the cost."""
+    lines = [
+        f"**Twin decision: {result.decision.upper()}**: {result.reason}",
+        "",
+        f"{result.n_users} users each lived the {result.n_test_days} test days twice, once "
+        f"per arm, on common random numbers. The twin design spent {result.cost_twin:.0f} "
+        f"{result.cost_unit}, the standard view of the same run {result.cost_standard:.0f}.",
+        "",
+        "| metric | role | control | treatment | ATE | lift | twin 95% CI | standard 95% CI "
+        "| p adj. | variance ratio |",
+        "|---|---|---:|---:|---:|---:|---|---|---:|---:|",
+    ]
+    for m in result.metrics:
+        s = result.standard[m.name]
+        lines.append(
+            f"| {m.name} | {m.role} | {_fmt(m.control, '.4g')} | {_fmt(m.treatment, '.4g')} "
+            f"| {_fmt(m.ate, '+.3g')} | {_fmt(m.lift, '+.2%')} "
+            f"| [{_fmt(m.ci_low, '+.2%')}, {_fmt(m.ci_high, '+.2%')}] "
+            f"| [{_fmt(s.ci_low, '+.2%')}, {_fmt(s.ci_high, '+.2%')}] "
+            f"| {_fmt(m.p_value_adjusted, '.3g')} | {_fmt(m.variance_ratio, '.2f')} |"
+        )
+    lines += [
+        "",
+        "Variance ratio: the standard design's lift variance over the twin design's at equal "
+        "generated tokens (above 1: twins buy the same precision with fewer tokens). See "
+        "`flywheel/ab/paired.py`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
 def write_report(
-    result: ABResult,
+    result: ABResult | PairedResult,
     table: pd.DataFrame,
     out_dir: str | Path,
     *,
@@ -180,15 +219,21 @@ def write_report(
     """Write result.json, report.md, daily.png, lift.png (and aa.json) into ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    twins = isinstance(result, PairedResult)
+    standard = result.standard if twins else result
     paths = {
         "result": out / "result.json",
         "report": out / "report.md",
-        "daily": plot_daily(daily_curves(table), out / "daily.png"),
+        "daily": plot_daily(daily_curves(standard_view(table)), out / "daily.png"),
         "lift": plot_lift(result, out / "lift.png"),
     }
     paths["result"].write_text(result.to_json() + "\n")
     if aa is not None:
         paths["aa"] = out / "aa.json"
         paths["aa"].write_text(aa.to_json() + "\n")
-    paths["report"].write_text(markdown(result, aa, title))
+    report = markdown(standard, aa, title)
+    if twins:  # the twin section goes first, under the title; the standard view follows
+        head, rest = report.split("\n", 1)
+        report = f"{head}\n\n{twin_markdown(result)}\n## Standard view\n{rest}"
+    paths["report"].write_text(report)
     return paths

@@ -47,9 +47,24 @@ def analyze(
     retention_day: int = typer.Option(1, "--retention-day", help="Retention: active k days later."),
     cuped: bool = typer.Option(True, "--cuped/--no-cuped", help="Adjust with the pre-period."),
     seed: int = typer.Option(0, "--seed", help="Seed of the A/A re-randomisations."),
+    sequential: bool = typer.Option(
+        False, "--sequential", help="Also print day-by-day always-valid CIs and early stops."
+    ),
 ) -> None:
-    """Analyse an A/B test from a user-level table: lifts, CUPED, SRM, guardrails, decision."""
-    from flywheel.ab import AnalysisConfig, aa_test
+    """Analyse an A/B test from a user-level table: lifts, CUPED, SRM, guardrails, decision.
+
+    A twin table (a 'life' column; flywheel.ab.paired) gets the paired analysis beside the
+    standard one, which sees only each user's hash-assigned arm."""
+    from pathlib import Path
+
+    from flywheel.ab import (
+        AnalysisConfig,
+        aa_test,
+        analyze_paired,
+        is_twin_table,
+        sequential_monitor,
+        standard_view,
+    )
     from flywheel.ab import analyze as run_analysis
     from flywheel.ab_report import write_report
     from flywheel.metrics import aggregate_users, load_table
@@ -59,14 +74,26 @@ def analyze(
             alpha=alpha, treatment_share=treatment_share, correction=correction,
             retention_day=retention_day, cuped=cuped,
         )  # fmt: skip
-        frame = load_table(table)
+        loaded = load_table(table)
+        paired = analyze_paired(loaded, config) if is_twin_table(loaded) else None
+        frame = standard_view(loaded)
         users = aggregate_users(frame)
-        result = run_analysis(users, config)
+        result = paired.standard if paired is not None else run_analysis(users, config)
+        monitors = [sequential_monitor(frame, config)] if sequential else []
+        if sequential and paired is not None:
+            monitors.append(sequential_monitor(loaded, config))
     except (FileNotFoundError, ValueError) as err:
         # A bad table is the user's to fix: show the message, not a traceback.
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(code=2) from err
     typer.echo(result.summary())
+    Path(out).mkdir(parents=True, exist_ok=True)
+    if paired is not None:
+        typer.echo(paired.summary())
+        (Path(out) / "paired.json").write_text(paired.to_json())
+    for monitor in monitors:
+        typer.echo(monitor.summary())
+        (Path(out) / f"sequential_{monitor.design}.json").write_text(monitor.to_json())
     aa_result = aa_test(users, aa, seed=seed, config=config, progress=True) if aa else None
     if aa_result is not None:
         typer.echo(aa_result.summary())
@@ -179,6 +206,12 @@ def ab(
         "'stylevar@EMOJI,FILLER:MODEL' one that appends emoji / filler to drawn replies.",
     ),
     out: str = typer.Option(..., "--out", help="Run directory; rerun with it to resume."),
+    design: str | None = typer.Option(
+        None,
+        "--design",
+        help="standard (users in their hashed arm) or twins (every user lives the test "
+        "days once per arm); default: the scenario's traffic.design.",
+    ),
     progress: bool = typer.Option(True, "--progress/--quiet", help="Progress bar over days."),
 ) -> None:
     """Simulate an A/B test (pre-period + test days of traffic) and analyse it: writes
@@ -186,7 +219,7 @@ def ab(
     from flywheel.experiment import run_ab
 
     try:
-        outcome = run_ab(scenario, control, treatment, out, progress=progress)
+        outcome = run_ab(scenario, control, treatment, out, progress=progress, design=design)
     except (FileNotFoundError, ValueError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(code=2) from err

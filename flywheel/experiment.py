@@ -12,7 +12,8 @@
    the run store's ``serving_events`` table (``flywheel.ledger``) under experiment ``ab``,
    with the arm's policy name.
 4. Run the traffic model (``sim.traffic``) day by day into the store.
-5. Analyse the user-day table (``flywheel.ab.analyze``) and write ``RUN_DIR/ab/``:
+5. Analyse the user-day table (``analyze_experiment``: ``flywheel.ab.analyze``, or for a twin
+   test ``flywheel.ab.paired.analyze_paired`` beside the standard view) and write ``RUN_DIR/ab/``:
    ``result.json`` (per metric lift, CI, p-value, CUPED variance reduction; SRM p-value;
    decision and reason), ``report.md``, ``daily.png``, ``lift.png`` and ``simulation.json``
    (wall time, tokens, backend calls, batch sizes, serving events per policy and kind).
@@ -47,6 +48,7 @@ from sim.world import WorldConfig
 
 if TYPE_CHECKING:
     from flywheel.ab import ABResult, AnalysisConfig
+    from flywheel.ab.paired import PairedResult
 
 EXPERIMENT_ID = "ab"
 AB_DIR = "ab"
@@ -185,7 +187,7 @@ class PolicyCache:
 class ABOutcome:
     """What ``run_ab`` produced: the analysis, the files and the simulation figures."""
 
-    result: ABResult
+    result: ABResult | PairedResult
     paths: dict[str, Path]
     simulation: dict[str, Any]
 
@@ -199,6 +201,7 @@ def run_ab(
     progress: bool = True,
     on_day_end: Callable[[int], None] | None = None,
     policy_cache: PolicyCache | None = None,
+    design: str | None = None,
 ) -> ABOutcome:
     """Run (or resume) the A/B experiment of a scenario into ``out`` and analyse it.
 
@@ -210,13 +213,15 @@ def run_ab(
         progress: progress bar over simulated days.
         on_day_end: called with each committed day (fault injection in tests).
         policy_cache: share loaded models across calls (tests, benchmarks).
+        design: "standard" or "twins", overriding the scenario's ``traffic.design``.
     """
-    from flywheel.ab import analyze
     from flywheel.ab_report import write_report
     from sim.traffic import CountingPolicy, TrafficSimulator, drifted_population
     from sim.world import World
 
     scenario = load_scenario(scenario_path)
+    if design is not None:
+        scenario = with_design(scenario, design)
     out = Path(out)
     config = {
         "scenario": scenario.model_dump(mode="json"),
@@ -252,7 +257,7 @@ def run_ab(
             )
             simulator.run(sink, on_day_end=on_day_end)
         table = store.analysis_table(EXPERIMENT_ID)
-        result = analyze(table, scenario.analysis_config())
+        result = analyze_experiment(table, scenario.analysis_config())
         store.write_analysis(EXPERIMENT_ID, "ab", result.to_dict())
         simulation = simulation_summary(store.read_days(EXPERIMENT_ID), scenario, config)
         simulation["serving_events"] = serving_event_counts(
@@ -269,6 +274,26 @@ def run_ab(
             report.write("\n" + simulation_markdown(simulation))
             report.write("\n" + serving_markdown(simulation["serving_events"]))
     return ABOutcome(result, paths, simulation)
+
+
+def with_design(scenario: ABScenario, design: str) -> ABScenario:
+    """``scenario`` with ``traffic.design`` set to ``design``, validated like the file."""
+    try:
+        traffic = TrafficConfig.model_validate({**scenario.traffic.model_dump(), "design": design})
+    except ValidationError as err:
+        raise ValueError(
+            f"--design {design!r} is not a traffic design; use 'standard' or 'twins'"
+        ) from err
+    return scenario.model_copy(update={"traffic": traffic})
+
+
+def analyze_experiment(table: pd.DataFrame, config: AnalysisConfig) -> ABResult | PairedResult:
+    """The A/B analysis of a simulated experiment's user-day table, whatever its design:
+    ``flywheel.ab.analyze`` for a standard test, the paired analysis for a twin test."""
+    from flywheel.ab import analyze
+    from flywheel.ab.paired import analyze_paired, is_twin_table
+
+    return analyze_paired(table, config) if is_twin_table(table) else analyze(table, config)
 
 
 def served_arms(

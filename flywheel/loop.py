@@ -585,14 +585,14 @@ class FlywheelRun:
         self, generation: int, control: PolicySpec, treatment: PolicySpec, seed: int
     ) -> dict[str, Any]:
         """Simulate and analyse the A/B test; write its report under ``artifacts/gen{K}/ab``."""
-        from flywheel.ab import analyze
         from flywheel.ab_report import write_report
+        from flywheel.experiment import analyze_experiment
 
         _, ab_id = experiment_ids(generation)
         traffic = self.scenario.ab_traffic(generation)
         simulation = self.simulate(ab_id, traffic, control, treatment, seed)
         table = self.store.analysis_table(ab_id)
-        result = analyze(table, self.scenario.analysis_config())
+        result = analyze_experiment(table, self.scenario.analysis_config())
         self.store.write_analysis(ab_id, "ab", result.to_dict())
         folder = self.gen_dir(generation) / "ab"
         paths = write_report(
@@ -606,7 +606,10 @@ class FlywheelRun:
         return {
             "experiment_id": ab_id,
             "metrics": summary["metrics"],
-            "srm_p_value": summary["srm_p_value"],
+            # a twin test has no sample ratio to check; its standard view has
+            "srm_p_value": summary.get(
+                "srm_p_value", summary.get("standard", {}).get("srm_p_value")
+            ),
             "decision": summary["decision"],
             "reason": summary["reason"],
             "simulation": simulation,

@@ -365,3 +365,24 @@ def test_resume_after_a_crash_inside_a_day(
         assert set(store.read_turns("ab")["day"]) == {0}
     run_ab(tiny_scenario, model, f"violate:{model}", out, progress=False, policy_cache=cache)
     _assert_same_run(out, reference_run)
+
+
+def test_ab_twins_analyses_both_lives_beside_the_standard_view(
+    tmp_path: Path, tiny_scenario: Path, tiny_llama_dir: Path, cache: PolicyCache
+) -> None:
+    model = str(tiny_llama_dir)
+    outcome = run_ab(tiny_scenario, model, f"violate:{model}", tmp_path / "twins",
+                     progress=False, policy_cache=cache, design="twins")  # fmt: skip
+    result = json.loads(outcome.paths["result"].read_text())
+    assert result["design"] == "twins" and result["n_users"] == 16
+    assert result["decision"] == "hold" and "violation_rate" in result["reason"]
+    violations = result["metrics"]["violation_rate"]
+    assert violations["treatment"] == 1.0 and violations["control"] < 0.5
+    assert result["standard"]["n_users"] == 16  # the hashed lives: what production would see
+    report = outcome.paths["report"].read_text()
+    assert "Twin decision: HOLD" in report and "## Standard view" in report
+    with RunStore(tmp_path / "twins", read_only=True) as store:
+        days = store.read_user_days("ab")
+    assert (days[days.period == "test"].groupby(["user_id", "day"]).size() == 2).all()
+    with pytest.raises(ValueError, match="--design 'paired' is not a traffic design"):
+        run_ab(tiny_scenario, model, model, tmp_path / "bad", design="paired")
