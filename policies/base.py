@@ -47,6 +47,8 @@ class Generation:
     ``serving_event``: empty when ``text`` is what the model wrote; otherwise the kind of
     ``sim.serving`` event that replaced the model's reply by ``text`` (``blocked``,
     ``checker_error``, ``checker_timeout``).
+    ``cached_tokens``: of the ``prompt_tokens``, how many the backend served from its prefix
+    cache instead of encoding them (0 where it has none or does not say).
     """
 
     text: str
@@ -54,6 +56,7 @@ class Generation:
     completion_tokens: int
     completion_ids: tuple[int, ...] = ()
     serving_event: str = ""
+    cached_tokens: int = 0
 
 
 @runtime_checkable
