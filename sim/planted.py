@@ -83,7 +83,12 @@ def with_tails(replies: Sequence[Generation], tails: Sequence[str]) -> list[Gene
     for reply, tail in zip(replies, tails, strict=True):
         if tail:
             text = f"{reply.text.rstrip()} {tail}".strip()
-            reply = Generation(text, reply.prompt_tokens, reply.completion_tokens)
+            reply = Generation(
+                text,
+                reply.prompt_tokens,
+                reply.completion_tokens,
+                cached_tokens=reply.cached_tokens,
+            )
         out.append(reply)
     return out
 
@@ -205,7 +210,14 @@ class StyleVariationPolicy:
                 text = " ".join([text, *(FILLERS[int(i)] for i in picks)])
             if rng.random() < self.emoji_rate:
                 text = text + " " + "".join(rng.choice(EMOJI, size=int(rng.integers(1, 5))))
-            out.append(Generation(text, reply.prompt_tokens, reply.completion_tokens))
+            out.append(
+                Generation(
+                    text,
+                    reply.prompt_tokens,
+                    reply.completion_tokens,
+                    cached_tokens=reply.cached_tokens,
+                )
+            )
         return out
 
 

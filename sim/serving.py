@@ -205,7 +205,11 @@ class SafeServingPolicy:
             )
             served.append(
                 Generation(
-                    self.fallback, gen.prompt_tokens, gen.completion_tokens, serving_event=kind
+                    self.fallback,
+                    gen.prompt_tokens,
+                    gen.completion_tokens,
+                    serving_event=kind,
+                    cached_tokens=gen.cached_tokens,
                 )
             )
         return served
