@@ -10,6 +10,7 @@ autocast) asks :func:`resolve_dtype` / :func:`use_bf16`, so one rule holds every
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import sys
@@ -75,6 +76,27 @@ def _flag_summary(flags: frozenset[str] | set[str]) -> str:
         return ", ".join(bf16)
     vector = [f for f in ("avx512f", "avx2", "avx", "asimd") if f in flags]
     return vector[0] if vector else "no vector flags seen"
+
+
+# The flags that decide CPU inference speed, shown beside every benchmark figure.
+VECTOR_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "asimd")
+
+
+def machine_summary() -> str:
+    """This machine's CPU model, core count and vector flags, for benchmark headers: speed
+    figures differ several-fold between AVX2-only and AVX-512 + BF16 machines."""
+    import os
+    import platform
+
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in CPUINFO.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+                break
+    flags = [f for f in VECTOR_FLAGS if f in _machine_cpu_flags()]
+    return f"{model}; {os.cpu_count()} CPUs; vector flags: {' '.join(flags) or 'none seen'}"
 
 
 def resolve_dtype(name: str) -> torch.dtype:
