@@ -12,6 +12,10 @@ For each number of days the users needed at the target relative MDE, alpha and p
 from statsmodels (``TTestIndPower`` with equal arms for the standard design, ``TTestPower``
 for the paired one, effect size ``mde / sqrt(s2(d))``); the plan keeps the cheapest.
 
+The pilot should run the candidate itself: the twin variance grows with the effect (the two
+lives of a user disagree more often when the policies differ), so an A/A pilot understates
+what twins need (``tests/test_ab_planner.py`` plans from a pilot of the planted lift).
+
 Cost: both designs live the pilot's pre-period once per user (CUPED and the twins' shared
 start need it); a standard user lives each test day once, a twin user twice. Generated
 tokens = users x (pre days x tokens per pre user-day + test days x lives x tokens per test
