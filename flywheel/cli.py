@@ -520,6 +520,66 @@ def run(
     )
 
 
+@app.command("plan")
+def plan(
+    scenario: str = typer.Argument(..., help="Scenario TOML (flywheel run or flywheel ab)."),
+    mde: float = typer.Option(0.05, "--mde", help="Target relative lift (0.1 = +10%)."),
+    power: float | None = typer.Option(None, "--power", help="Default: the scenario's (0.8)."),
+    pilot: str | None = typer.Option(
+        None, "--pilot", help="RUN_DIR of a logged experiment to plan from (else: run one)."
+    ),
+    experiment: str = typer.Option("ab", "--experiment", help="Experiment id in --pilot."),
+    control: str | None = typer.Option(
+        None, "--control", help="Pilot control POLICY; default: the scenario's [policy] model."
+    ),
+    treatment: str | None = typer.Option(
+        None,
+        "--treatment",
+        help="Pilot treatment POLICY, ideally the candidate itself (twin variance grows with "
+        "the effect); default: the control (an A/A pilot, which understates it).",
+    ),
+    users: int | None = typer.Option(None, "--pilot-users", help="Resize the pilot's users."),
+    out: str | None = typer.Option(None, "--out", help="Pilot run dir; default runs/plan/NAME."),
+    progress: bool = typer.Option(True, "--progress/--quiet", help="Progress bars."),
+) -> None:
+    """Users x days the standard design (with CUPED) and the twin design need to detect
+    --mde, priced in generated tokens and CPU minutes on this machine, from a twin pilot."""
+    from pathlib import Path
+
+    from flywheel.ab.planner import format_plan
+    from flywheel.pilot import pilot_scenario, read_pilot, run_pilot, scenario_verdict
+    from flywheel.pilot import plan as make_plan
+
+    try:
+        ab_scenario, default_control = pilot_scenario(scenario)
+        if pilot is None:
+            control = control or default_control
+            run_dir = Path(out or Path("runs") / "plan" / ab_scenario.name)
+            run_pilot(ab_scenario, control, treatment or control, run_dir,
+                      users=users, progress=progress)  # fmt: skip
+        else:
+            run_dir = Path(pilot)
+        measured = read_pilot(run_dir, experiment)
+        plans = make_plan(measured, ab_scenario, mde, power)
+        verdict = scenario_verdict(measured, ab_scenario, mde)
+    except (FileNotFoundError, ValueError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(code=2) from err
+    typer.echo(f"pilot: {measured.source}")
+    typer.echo(
+        f"cost on this machine: {measured.tokens_per_user_day:.0f} generated tokens per "
+        f"user-day, {measured.seconds_per_token * 1000:.1f} ms per token"
+    )
+    typer.echo(format_plan(plans))
+    for line in verdict:
+        typer.echo(line)
+    if treatment is None and pilot is None:
+        typer.echo(
+            "note: an A/A pilot understates the twin design's variance under a real effect; "
+            "rerun with --treatment CANDIDATE for the twin plan of that candidate"
+        )
+
+
 @app.command("report")
 def report(
     run_dir: str = typer.Argument(..., help="Run directory of `flywheel run`."),

@@ -193,7 +193,7 @@ class ABOutcome:
 
 
 def run_ab(
-    scenario_path: str | Path,
+    scenario: str | Path | ABScenario,
     control: str,
     treatment: str,
     out: str | Path,
@@ -206,7 +206,7 @@ def run_ab(
     """Run (or resume) the A/B experiment of a scenario into ``out`` and analyse it.
 
     Args:
-        scenario_path: the scenario TOML file.
+        scenario: the scenario TOML file, or a loaded scenario.
         control: POLICY serving the control arm (and everyone in the pre-period).
         treatment: POLICY serving the treatment arm during the test.
         out: the run directory (created; an existing one is resumed).
@@ -219,7 +219,8 @@ def run_ab(
     from sim.traffic import CountingPolicy, TrafficSimulator, drifted_population
     from sim.world import World
 
-    scenario = load_scenario(scenario_path)
+    if not isinstance(scenario, ABScenario):
+        scenario = load_scenario(scenario)
     if design is not None:
         scenario = with_design(scenario, design)
     out = Path(out)

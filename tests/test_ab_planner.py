@@ -93,3 +93,14 @@ def test_a_pilot_without_token_counts_needs_the_rate() -> None:
     pilot = synthetic_user_days(100, np.random.default_rng(4), n_test_days=2, n_pre_days=1)
     with pytest.raises(ValueError, match="no 'completion_tokens' column; pass tokens_per_user_day"):
         ab.plan_experiment(pilot, mde=MDE, seconds_per_token=0.01)
+
+
+def test_users_for_large_or_infinite_effects_are_the_fewest_that_reach_power() -> None:
+    from statsmodels.stats.power import TTestPower
+
+    from flywheel.ab.planner import MIN_USERS, _users
+
+    assert _users("twins", float("inf"), 0.05, 0.8) == MIN_USERS["twins"]
+    assert _users("standard", float("inf"), 0.05, 0.8) == MIN_USERS["standard"]
+    n = _users("twins", 20.0, 0.05, 0.8)  # statsmodels' own root finder gives NaN here
+    assert TTestPower().power(20.0, n, 0.05) >= 0.8

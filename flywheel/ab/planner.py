@@ -26,12 +26,14 @@ CPU minutes = tokens x seconds per token / 60.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
 from scipy.optimize import nnls
 from statsmodels.stats.power import TTestIndPower, TTestPower
+from statsmodels.tools.sm_exceptions import ConvergenceWarning
 
 from flywheel.ab.analysis import AnalysisConfig
 from flywheel.ab.paired import TOKENS, is_twin_table, standard_view
@@ -40,6 +42,10 @@ from flywheel.metrics import aggregate_users
 
 DEFAULT_MAX_DAYS = 14  # longest test the planner considers, in days
 LIVES = {"standard": 1, "twins": 2}  # user lives per test user-day
+# Above this standardized effect, 2 users per arm (or 2 twin pairs) already give any usual
+# power; a pilot whose lives never disagreed gives an infinite effect size.
+MAX_EFFECT_SIZE = 100.0
+MIN_USERS = {"standard": 4, "twins": 2}
 
 
 @dataclass(frozen=True)
@@ -84,14 +90,28 @@ def _unit_variances(
 
 
 def _users(design: Design, effect_size: float, alpha: float, power: float) -> int:
-    """Users needed for a standardized effect (statsmodels power solvers)."""
-    if design == "twins":
-        n = TTestPower().solve_power(effect_size=effect_size, alpha=alpha, power=power)
-        return math.ceil(float(np.asarray(n).item()))
-    per_arm = TTestIndPower().solve_power(
-        effect_size=effect_size, alpha=alpha, power=power, ratio=1.0
-    )
-    return 2 * math.ceil(float(np.asarray(per_arm).item()))
+    """Users needed for a standardized effect (statsmodels power solvers).
+
+    statsmodels' root finder starts at 2 observations and returns NaN when even those give
+    more than the target power (a large effect); then the smallest count that reaches it is
+    searched directly.
+    """
+    solver = TTestPower() if design == "twins" else TTestIndPower()
+    kwargs = {} if design == "twins" else {"ratio": 1.0}
+    if effect_size > MAX_EFFECT_SIZE:  # the pilot saw (almost) no variance: the fewest users
+        return MIN_USERS[design]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        n = float(np.asarray(
+            solver.solve_power(effect_size=effect_size, alpha=alpha, power=power, **kwargs)
+        ).item())  # fmt: skip
+    if not math.isfinite(n):
+        n = next(
+            k for k in range(2, 10_000)
+            if solver.power(effect_size, k, alpha, **kwargs) >= power
+        )  # fmt: skip
+    per_unit = math.ceil(n)
+    return per_unit if design == "twins" else 2 * per_unit
 
 
 def _token_rates(pilot: pd.DataFrame, tokens_per_user_day: float | None) -> tuple[float, float]:
