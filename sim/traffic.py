@@ -403,7 +403,7 @@ class DayLog:
     ``sessions``, ``turns`` and ``user_days`` have the columns of the run-store tables of the
     same names (see ``flywheel/store.py``) without ``experiment_id``; ``stats`` holds the
     day's counters (active_users, sessions, turns, bot_calls, user_calls, bot_tokens,
-    user_tokens, user_messages, user_fallbacks, max_bot_batch, wall_s).
+    user_tokens, user_messages, user_fallbacks, max_bot_batch, bot_seconds, wall_s).
     """
 
     day: int
@@ -463,9 +463,10 @@ class BatchStats:
     bot_seconds: float = 0.0  # wall time inside bot_turn: generation and scoring
     bot_batch_sizes: list[int] = field(default_factory=list)
 
-    def as_row(self) -> dict[str, int]:
+    def as_row(self) -> dict[str, float]:
         """The counters the ``days`` table stores."""
         return {
+            "bot_seconds": self.bot_seconds,
             "bot_calls": self.bot_calls,
             "user_calls": self.user_calls,
             "bot_tokens": self.bot_tokens,
@@ -489,6 +490,7 @@ class CountingPolicy:
         self.calls = 0
         self.chats = 0
         self.prompt_tokens = 0
+        self.cached_tokens = 0  # of the prompt tokens, those served from a prefix cache
         self.completion_tokens = 0
         self.seconds = 0.0
 
@@ -500,6 +502,7 @@ class CountingPolicy:
         self.calls += 1
         self.chats += len(chats)
         self.prompt_tokens += sum(g.prompt_tokens for g in out)
+        self.cached_tokens += sum(g.cached_tokens for g in out)
         self.completion_tokens += sum(g.completion_tokens for g in out)
         return out
 
