@@ -463,7 +463,9 @@ def analyze_paired(table: pd.DataFrame, config: AnalysisConfig | None = None) ->
     for metric, est, p, p_adj in zip(metrics, estimates, p_values, adjusted, strict=True):
         s = standard[metric.name]
         standard_se = (s.ci_high - s.ci_low) / (2 * z)
-        ratio = (standard_se**2 * cost_standard) / (float(est.lift_se[0]) ** 2 * cost_twin)
+        twin_variance = float(est.lift_se[0]) ** 2 * cost_twin
+        # lives that never disagreed leave no twin variance to compare with: NaN
+        ratio = standard_se**2 * cost_standard / twin_variance if twin_variance else math.nan
         ate_halfwidth, lift_halfwidth = est.halfwidths(config.alpha)
         results.append(
             paired_metric_result(
