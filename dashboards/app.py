@@ -17,6 +17,8 @@ VIEWS = Path(__file__).resolve().parent / "views"
 PAGES = (
     ("overview.py", "Overview", ":material/insights:"),
     ("ab_detail.py", "A/B detail", ":material/science:"),
+    ("twins.py", "Twins vs standard", ":material/compare_arrows:"),
+    ("sequential.py", "Sequential monitoring", ":material/timeline:"),
     ("reward_models.py", "Reward models", ":material/target:"),
     ("style_artifacts.py", "Style artifacts", ":material/palette:"),
     ("conversations.py", "Conversations", ":material/forum:"),

@@ -8,8 +8,10 @@ grey); arms have the colours of ``flywheel.ab_report``'s PNG plots.
 from __future__ import annotations
 
 import altair as alt
+import numpy as np
 import pandas as pd
 
+from dashboards.data import ALWAYS_VALID_LABEL, NAIVE_LABEL, STANDARD_LABEL, TWIN_LABEL
 from flywheel.ab_report import ARM_COLORS
 
 DECISION_COLORS = {
@@ -87,9 +89,10 @@ def steerability_by_generation(rows: pd.DataFrame) -> alt.Chart:
     )
 
 
-def metric_lifts(metrics: pd.DataFrame) -> alt.LayerChart:
+def metric_lifts(metrics: pd.DataFrame, grey: str = "without CUPED") -> alt.LayerChart:
     """Every metric's lift with its 95% CI: CUPED (coloured) and unadjusted (grey), with
-    the guardrails' non-inferiority margins as black ticks."""
+    the guardrails' non-inferiority margins as black ticks. ``grey`` names what the grey
+    intervals (the ``*_unadjusted`` columns) are in the axis title."""
     frame = _percent(
         metrics,
         ("lift", "ci_low", "ci_high", "lift_unadjusted", "ci_low_unadjusted", "ci_high_unadjusted"),
@@ -109,7 +112,7 @@ def metric_lifts(metrics: pd.DataFrame) -> alt.LayerChart:
         x=alt.X("ci_low_unadjusted_pct:Q"), x2="ci_high_unadjusted_pct:Q"
     )
     cuped_ci = adjusted.mark_rule(strokeWidth=2).encode(
-        x=alt.X("ci_low_pct:Q", title="relative lift, % (95% CI; grey: without CUPED)"),
+        x=alt.X("ci_low_pct:Q", title=f"relative lift, % (95% CI; grey: {grey})"),
         x2="ci_high_pct:Q",
         color=alt.Color("verdict:N", scale=verdicts, title="verdict"),
     )
@@ -301,3 +304,109 @@ def style_comparison(rows: pd.DataFrame) -> alt.FacetChart:
         .facet(column=alt.Column("statistic:N", title=None))
         .resolve_scale(y="independent")
     )
+
+
+DESIGN_COLORS = {TWIN_LABEL: "#2a6f97", STANDARD_LABEL: "#9a9a9a"}
+DESIGN_SCALE = alt.Scale(domain=list(DESIGN_COLORS), range=list(DESIGN_COLORS.values()))
+
+
+def twin_vs_standard(rows: pd.DataFrame) -> alt.LayerChart:
+    """Every metric's lift with its 95% CI in both designs of one twin run, one above the
+    other: the twin (paired) estimate and the standard design's (each user in one arm)."""
+    frame = _percent(rows, ("lift", "ci_low", "ci_high"))
+    y = alt.Y("metric:N", title=None, sort=list(dict.fromkeys(frame["metric"])))
+    base = alt.Chart(frame).encode(
+        y=y,
+        yOffset=alt.YOffset("design:N", sort=list(DESIGN_COLORS)),
+        color=alt.Color("design:N", scale=DESIGN_SCALE, title="design"),
+    )
+    ci = base.mark_rule(strokeWidth=4).encode(
+        x=alt.X("ci_low_pct:Q", title="relative lift, % (95% CI)"), x2="ci_high_pct:Q"
+    )
+    point = base.mark_point(filled=True, size=70, color="black").encode(
+        x="lift_pct:Q",
+        tooltip=[
+            "metric:N",
+            "design:N",
+            alt.Tooltip("lift_pct:Q", format="+.2f", title="lift %"),
+            alt.Tooltip("ci_low_pct:Q", format="+.2f", title="CI low %"),
+            alt.Tooltip("ci_high_pct:Q", format="+.2f", title="CI high %"),
+            alt.Tooltip("variance_ratio:Q", format=".2f", title="variance ratio"),
+        ],
+    )
+    zero = alt.Chart(frame).mark_rule(color="black", strokeDash=[4, 3]).encode(x=alt.datum(0))
+    return alt.layer(zero, ci, point).properties(height=56 * frame["metric"].nunique() + 40)
+
+
+INTERVAL_COLORS = {ALWAYS_VALID_LABEL: "#2a6f97", NAIVE_LABEL: "#bbbbbb"}
+INTERVAL_SCALE = alt.Scale(domain=list(INTERVAL_COLORS), range=list(INTERVAL_COLORS.values()))
+LOOK_OFFSET = 0.12  # days: the two intervals of a look sit side by side around it
+# The y axis of the sequential chart reaches this many naive-CI extents beyond the naive
+# CIs: an always-valid CI of an early look with little information can be orders of
+# magnitude wider, and would flatten every other interval to a dot.
+AXIS_MARGIN = 2.0
+
+
+def sequential_cis(looks: pd.DataFrame, metric: str, stopped_at: int | None) -> alt.LayerChart:
+    """One metric's lift at every daily look with two intervals: the always-valid CI (valid
+    at every look at once) and the naive fixed-horizon CI (valid for one planned look); a
+    dashed line marks the look where the test would have stopped early. Intervals reaching
+    beyond ``AXIS_MARGIN`` naive extents from the naive CIs are cut at the axis' edge."""
+    rows = looks[looks["metric"] == metric]
+    frame = pd.concat(
+        [
+            rows.assign(interval=label, low=rows[f"{prefix}_low"], high=rows[f"{prefix}_high"])
+            .assign(x=rows["day"] + offset)
+            .loc[:, ["day", "x", "interval", "lift", "low", "high", "decision"]]
+            for prefix, label, offset in (
+                ("cs", ALWAYS_VALID_LABEL, -LOOK_OFFSET),
+                ("naive", NAIVE_LABEL, LOOK_OFFSET),
+            )
+        ],
+        ignore_index=True,
+    )
+    frame = _percent(frame, ("lift", "low", "high"))
+    x = alt.X(
+        "x:Q",
+        title="look: test days 0..day",
+        axis=alt.Axis(tickMinStep=1, format="d"),
+        scale=alt.Scale(padding=20),
+    )
+    base = alt.Chart(frame).encode(
+        x=x, color=alt.Color("interval:N", scale=INTERVAL_SCALE, title=None)
+    )
+    intervals = base.mark_rule(strokeWidth=4, clip=True).encode(
+        y=alt.Y("low_pct:Q", title=f"{metric}: relative lift, %", scale=_naive_scale(frame)),
+        y2="high_pct:Q",
+    )
+    point = base.mark_point(filled=True, size=60, color="black", clip=True).encode(
+        y="lift_pct:Q",
+        tooltip=[
+            "day:Q",
+            "interval:N",
+            "decision:N",
+            alt.Tooltip("lift_pct:Q", format="+.2f", title="lift %"),
+            alt.Tooltip("low_pct:Q", format="+.2f", title="low %"),
+            alt.Tooltip("high_pct:Q", format="+.2f", title="high %"),
+        ],
+    )
+    zero = alt.Chart(frame).mark_rule(color="black", strokeDash=[4, 3]).encode(y=alt.datum(0))
+    layers = [zero, intervals, point]
+    if stopped_at is not None:
+        stop = pd.DataFrame({"x": [stopped_at], "label": [f"early stop (day {stopped_at})"]})
+        rule = alt.Chart(stop).mark_rule(color=DECISION_COLORS["hold"], strokeDash=[6, 3])
+        layers.append(rule.encode(x="x:Q", tooltip=["label:N"]))
+    return alt.layer(*layers).properties(height=300)
+
+
+def _naive_scale(frame: pd.DataFrame) -> alt.Scale:
+    """A y scale around the naive CIs and the lifts (``AXIS_MARGIN`` extents either side, and
+    0), or Altair's own when no naive CI is finite."""
+    naive = frame.loc[frame["interval"] == NAIVE_LABEL, ["low_pct", "high_pct", "lift_pct"]]
+    values = naive.to_numpy(dtype=float).ravel()
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return alt.Scale(zero=True)
+    low, high = min(values.min(), 0.0), max(values.max(), 0.0)
+    margin = AXIS_MARGIN * max(high - low, 1e-9)
+    return alt.Scale(domain=[low - margin, high + margin], nice=False)

@@ -47,6 +47,7 @@ RM_META_FILE = "reward_model.json"
 BON_FILES = ("bon.json", "sweep.json")  # contract name, and what `flywheel bon` writes
 BON_CANDIDATES_FILE = "candidates.parquet"
 SUCCESS_METRICS = ("breadth", "depth")
+TWINS, STANDARD = "twins", "standard"  # traffic designs (sim.traffic.TrafficConfig.design)
 # Display format of the rate columns of rewards.steerability tables.
 RATE_COLUMNS = {
     column: st.column_config.NumberColumn(format="%.3f")
@@ -237,6 +238,7 @@ def _experiments(run_dir: str, version: str) -> pd.DataFrame:
     frame["days_committed"] = frame["experiment_id"].map(committed).fillna(0).astype(int)
     frame["finished"] = frame["finished_at"].notna()
     frame["treatment_share"] = [design_share(c) for c in frame["config"]]
+    frame["design"] = [traffic_design(c) for c in frame["config"]]
     arms = [arm_policies(c) for c in frame["config"]]
     frame["control"] = [a[0] for a in arms]
     frame["treatment"] = [a[1] for a in arms]
@@ -247,8 +249,8 @@ def _experiments(run_dir: str, version: str) -> pd.DataFrame:
 
 
 def experiments(run_dir: str) -> pd.DataFrame:
-    """The experiments table, with each experiment's committed days, designed share, arm
-    policies, ``same_policy`` (both arms served by one model: production traffic or an
+    """The experiments table, with each experiment's committed days, designed share, traffic
+    ``design`` (standard or twins), arm policies, ``same_policy`` (both arms served by one model: production traffic or an
     A/A test, where no lift is expected) and ``user_fallback_share`` (share of simulated
     users' messages that were canned human text because the user LLM's was unusable)."""
     return _experiments(run_dir, run_version(run_dir))
@@ -264,15 +266,28 @@ def arm_policies(config: Any) -> tuple[str | None, str | None]:
     )
 
 
-def design_share(config: Any) -> float | None:
-    """The designed treatment share in an experiment's stored config, if it records one."""
+def _traffic(config: Any) -> dict[str, Any]:
+    """The ``[traffic]`` settings an experiment's stored config records (``flywheel ab``
+    keeps them under ``scenario``, the loop at the top level), else an empty dict."""
     if not isinstance(config, dict):
-        return None
+        return {}
     for holder in (config.get("scenario", {}), config):
         traffic = holder.get("traffic") if isinstance(holder, dict) else None
-        if isinstance(traffic, dict) and "treatment_share" in traffic:
-            return float(traffic["treatment_share"])
-    return None
+        if isinstance(traffic, dict):
+            return traffic
+    return {}
+
+
+def design_share(config: Any) -> float | None:
+    """The designed treatment share in an experiment's stored config, if it records one."""
+    traffic = _traffic(config)
+    return float(traffic["treatment_share"]) if "treatment_share" in traffic else None
+
+
+def traffic_design(config: Any) -> str:
+    """``twins`` when the experiment's stored config says every user lived both arms
+    (``[traffic] design = "twins"``), else ``standard`` (also for configs from before twins)."""
+    return TWINS if _traffic(config).get("design") == TWINS else STANDARD
 
 
 def sessions(run_dir: str, experiment_id: str) -> pd.DataFrame:
@@ -316,12 +331,27 @@ def ab_experiments(run_dir: str) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- A/B
+def metric_frame(result: dict[str, Any]) -> pd.DataFrame:
+    """One row per metric of a result dict's ``metrics``: the fields of ``MetricResult``.
+
+    Stored JSON loses the analysis' metric order (the run store sorts keys), so the
+    success family comes first, then the guardrails, each in name order; JSON nulls (NaN in
+    the analysis: no events in either arm) are NaN again.
+    """
+    rows = [{"metric": name, **values} for name, values in result["metrics"].items()]
+    frame = pd.DataFrame(rows).replace({None: np.nan})
+    order = frame["role"].map({"success": 0, "guardrail": 1}).fillna(2)
+    return frame.assign(_order=order).sort_values(["_order", "metric"]).drop(columns="_order")
+
+
 @dataclass(frozen=True)
 class ABView:
     """An experiment's A/B result as the dashboard shows it.
 
-    ``result`` has the shape of ``flywheel.ab.ABResult.to_dict()``; ``source`` says where
-    it came from (the run's record, or computed here by ``flywheel.ab.analyze``).
+    ``result`` has the shape of ``flywheel.ab.ABResult.to_dict()``, or for a twin experiment
+    of ``flywheel.ab.PairedResult.to_dict()``: ``design`` "twins", the paired estimates in
+    ``metrics`` and the standard view's ``ABResult`` dict under ``standard``. ``source`` says
+    where it came from (the run's record, or computed here by ``flywheel.ab``).
     """
 
     experiment_id: str
@@ -329,17 +359,53 @@ class ABView:
     source: str
 
     @property
-    def metrics(self) -> pd.DataFrame:
-        """One row per metric, success metrics first: the fields of ``MetricResult``.
+    def design(self) -> str:
+        """``twins`` for a paired result, ``standard`` otherwise."""
+        return TWINS if self.result.get("design") == TWINS else STANDARD
 
-        Stored JSON loses the analysis' metric order (the run store sorts keys), so the
-        success family comes first, then the guardrails, each in name order.
+    @property
+    def standard(self) -> dict[str, Any]:
+        """The standard design's result: the result itself, or a twin result's standard view
+        (what production would have seen: each user in their hash-assigned arm only).
+
+        Raises:
+            ValueError: a twin result that does not carry its standard view.
         """
-        rows = [{"metric": name, **values} for name, values in self.result["metrics"].items()]
-        frame = pd.DataFrame(rows)
-        frame = frame.replace({None: np.nan})
-        order = frame["role"].map({"success": 0, "guardrail": 1}).fillna(2)
-        return frame.assign(_order=order).sort_values(["_order", "metric"]).drop(columns="_order")
+        if self.design == STANDARD:
+            return self.result
+        standard = self.result.get("standard")
+        if not _is_ab_result(standard):
+            raise ValueError(
+                f"the twin analysis of experiment {self.experiment_id!r} ({self.source}) has "
+                f"no standard view ('standard' is {type(standard).__name__}); re-analyse it "
+                "with this release (`flywheel ab SCENARIO --design twins --out RUN_DIR` "
+                "resumes the run and records both)"
+            )
+        return standard
+
+    @property
+    def metrics(self) -> pd.DataFrame:
+        """One row per metric (a twin result's paired estimates); see :func:`metric_frame`."""
+        return metric_frame(self.result)
+
+    @property
+    def standard_metrics(self) -> pd.DataFrame:
+        """One row per metric of the standard design's result (:attr:`standard`)."""
+        return metric_frame(self.standard)
+
+    def lift_chart(self) -> tuple[pd.DataFrame, str]:
+        """The metrics for ``charts.metric_lifts`` and what its grey intervals are: without
+        CUPED for a standard result; for a twin result (which has no CUPED) the standard
+        design's CIs, as ``flywheel.ab_report``'s lift plot draws them."""
+        if self.design == STANDARD:
+            return self.metrics, "without CUPED"
+        metrics = self.metrics
+        standard = self.standard_metrics.set_index("metric")
+        grey = {
+            f"{field}_unadjusted": metrics["metric"].map(standard[field])
+            for field in ("lift", "ci_low", "ci_high")
+        }
+        return metrics.assign(**grey), "standard design"
 
 
 def _is_ab_result(value: Any) -> bool:
@@ -348,42 +414,293 @@ def _is_ab_result(value: Any) -> bool:
     )
 
 
+def analysis_config(config: Any, recorded: dict[str, Any] | None = None) -> Any:
+    """The ``flywheel.ab.AnalysisConfig`` an experiment was analysed with, as far as the run
+    records it.
+
+    In order: the ``[analysis]`` settings of the stored config (``flywheel ab`` keeps its
+    scenario there; the loop does not), then what the recorded result shows of its own
+    settings (alpha, correction, CUPED, SRM level, guardrail margins), the designed treatment
+    share; ``flywheel.ab`` defaults for the rest (power, retention day).
+    """
+    from flywheel.ab import AnalysisConfig
+
+    scenario = config.get("scenario") if isinstance(config, dict) else None
+    analysis = scenario.get("analysis") if isinstance(scenario, dict) else None
+    settings = dict(analysis) if isinstance(analysis, dict) else {}
+    standard = recorded.get("standard", recorded) if isinstance(recorded, dict) else None
+    if _is_ab_result(standard):
+        for key in ("alpha", "correction", "cuped"):
+            if standard.get(key) is not None:
+                settings.setdefault(key, standard[key])
+        srm_alpha = (standard.get("srm") or {}).get("alpha")
+        if srm_alpha is not None:
+            settings.setdefault("srm_alpha", srm_alpha)
+        margins = {
+            name: values["noninferiority_margin"]
+            for name, values in standard["metrics"].items()
+            if values.get("role") == "guardrail" and values.get("noninferiority_margin")
+        }
+        if margins:
+            settings.setdefault("noninferiority_margins", margins)
+    share = design_share(config)
+    if share is not None:
+        settings["treatment_share"] = share
+    return AnalysisConfig(**settings)
+
+
+def _config(run_dir: str, experiment_id: str) -> Any:
+    """The config an experiment was stored with (None for an unknown experiment)."""
+    return experiments(run_dir).set_index("experiment_id")["config"].get(experiment_id)
+
+
 @st.cache_data(show_spinner="Analysing the A/B test with flywheel.ab ...")
 def _ab_view(run_dir: str, version: str, experiment_id: str) -> ABView:
     with _store(run_dir) as store:
         recorded = store.read_table("analyses", experiment_id)
-        config = store.experiments().set_index("experiment_id")["config"].get(experiment_id)
     if len(recorded):
         recorded = recorded.sort_values("created_at")
         for row in recorded.iloc[::-1].itertuples(index=False):
             if _is_ab_result(row.result):
                 return ABView(experiment_id, row.result, f"recorded in the run store ({row.name})")
-    from flywheel.ab import AnalysisConfig, analyze
+    from flywheel.ab import analyze, analyze_paired, is_twin_table
 
-    share = design_share(config)
-    analysis_config = AnalysisConfig() if share is None else AnalysisConfig(treatment_share=share)
-    result = analyze(analysis_table(run_dir, experiment_id), analysis_config).to_dict()
-    note = "" if share is not None else " (designed treatment share not recorded: SRM vs 50%)"
-    return ABView(
-        experiment_id, result, "computed by the dashboard with flywheel.ab.analyze" + note
+    config = _config(run_dir, experiment_id)
+    table = analysis_table(run_dir, experiment_id)
+    settings = analysis_config(config)
+    # The dispatch of flywheel.experiment.analyze_experiment, which would import the simulator.
+    if is_twin_table(table):
+        result, how = analyze_paired(table, settings).to_dict(), "flywheel.ab.analyze_paired"
+    else:
+        result, how = analyze(table, settings).to_dict(), "flywheel.ab.analyze"
+    note = (
+        ""
+        if design_share(config) is not None
+        else " (designed treatment share not recorded: SRM vs 50%)"
     )
+    return ABView(experiment_id, result, f"computed by the dashboard with {how}{note}")
 
 
 def ab_view(run_dir: str, experiment_id: str) -> ABView:
-    """The recorded A/B result of ``experiment_id``, or one computed by ``flywheel.ab``."""
+    """The recorded A/B result of ``experiment_id``, or one computed by ``flywheel.ab``
+    (the paired analysis for a twin experiment)."""
     return _ab_view(run_dir, run_version(run_dir), experiment_id)
 
 
 @st.cache_data(show_spinner=False)
 def _daily(run_dir: str, version: str, experiment_id: str) -> pd.DataFrame:
+    from flywheel.ab import standard_view
     from flywheel.metrics import daily_curves
 
-    return daily_curves(analysis_table(run_dir, experiment_id))
+    return daily_curves(standard_view(analysis_table(run_dir, experiment_id)))
 
 
 def daily(run_dir: str, experiment_id: str) -> pd.DataFrame:
-    """Per arm and day: breadth, depth and guardrail rates (``flywheel.metrics.daily_curves``)."""
+    """Per arm and day: breadth, depth and guardrail rates (``flywheel.metrics.daily_curves``);
+    of a twin experiment, its standard view (each user in their hash-assigned arm), as
+    ``flywheel.ab_report`` plots it."""
     return _daily(run_dir, run_version(run_dir), experiment_id)
+
+
+# ---------------------------------------------------------------------------- twins
+TWIN_LABEL = "twin (paired)"  # design labels of the twin-vs-standard chart
+STANDARD_LABEL = "standard (production view)"
+
+
+def twin_experiments(run_dir: str) -> list[str]:
+    """Experiments with a test day whose traffic design is twins."""
+    stored = experiments(run_dir)
+    if stored.empty:
+        return []
+    twins = set(stored.loc[stored["design"] == TWINS, "experiment_id"])
+    return [e for e in ab_experiments(run_dir) if e in twins]
+
+
+def twin_comparison(view: ABView) -> pd.DataFrame:
+    """One row per metric of a twin experiment, both designs side by side.
+
+    Columns: ``metric``, ``role``; ``twin_lift`` / ``twin_ci_low`` / ``twin_ci_high`` (the
+    paired estimate) and ``standard_*`` (the standard view's, CUPED as configured); each CI's
+    ``*_width``; ``width_ratio`` (standard / twin width in this run, where the twin design
+    spent more tokens); ``variance_ratio`` (standard / twin lift variance at equal generated
+    tokens, as ``flywheel.ab.paired`` computes it); the ``ate`` with its CI; both designs'
+    corrected p-values.
+
+    Raises:
+        ValueError: the result is not a twin result, or lacks its standard view.
+    """
+    if view.design != TWINS:
+        raise ValueError(
+            f"experiment {view.experiment_id!r} has a standard A/B result ({view.source}), "
+            "not a twin one; a twin experiment comes from `flywheel ab SCENARIO --design "
+            'twins` or a scenario with `[traffic] design = "twins"`'
+        )
+    twin = view.metrics.set_index("metric")
+    standard = view.standard_metrics.set_index("metric").reindex(twin.index)
+    out = pd.DataFrame({"metric": twin.index, "role": twin["role"].to_numpy()})
+    for prefix, frame in (("twin", twin), ("standard", standard)):
+        out[f"{prefix}_lift"] = frame["lift"].to_numpy(dtype=float)
+        out[f"{prefix}_ci_low"] = frame["ci_low"].to_numpy(dtype=float)
+        out[f"{prefix}_ci_high"] = frame["ci_high"].to_numpy(dtype=float)
+        out[f"{prefix}_width"] = out[f"{prefix}_ci_high"] - out[f"{prefix}_ci_low"]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out["width_ratio"] = out["standard_width"] / out["twin_width"]
+    for column in ("variance_ratio", "ate", "ate_ci_low", "ate_ci_high"):
+        out[column] = twin[column].to_numpy(dtype=float)
+    out["twin_p_adjusted"] = twin["p_value_adjusted"].to_numpy(dtype=float)
+    out["standard_p_adjusted"] = standard["p_value_adjusted"].to_numpy(dtype=float)
+    return out
+
+
+def twin_ci_rows(comparison: pd.DataFrame) -> pd.DataFrame:
+    """Long form of :func:`twin_comparison` for the chart: one row per metric and design."""
+    frames = [
+        pd.DataFrame(
+            {
+                "metric": comparison["metric"],
+                "role": comparison["role"],
+                "design": label,
+                "lift": comparison[f"{prefix}_lift"],
+                "ci_low": comparison[f"{prefix}_ci_low"],
+                "ci_high": comparison[f"{prefix}_ci_high"],
+                "variance_ratio": comparison["variance_ratio"],
+            }
+        )
+        for prefix, label in (("twin", TWIN_LABEL), ("standard", STANDARD_LABEL))
+    ]
+    return pd.concat(frames, ignore_index=True)
+
+
+# ---------------------------------------------------------------------------- sequential
+ALWAYS_VALID_LABEL = "always-valid CI"  # interval labels of the sequential chart
+NAIVE_LABEL = "naive fixed-horizon CI"
+
+
+@dataclass(frozen=True)
+class SequentialView:
+    """Daily looks at one experiment: ``flywheel.ab.sequential_monitor``'s always-valid CIs
+    beside the naive fixed-horizon CI of each look.
+
+    ``looks`` has one row per look and metric: ``day`` (the last test day the look
+    includes, 0 = first), ``metric``, ``role``, ``lift``, ``cs_low`` / ``cs_high`` (the
+    always-valid CI: covers the true lift at every look at once), ``p_value`` /
+    ``p_value_adjusted`` (always-valid), ``naive_low`` / ``naive_high`` and
+    ``naive_p_value`` (what a fixed-horizon analysis run that day would report: valid for
+    one pre-planned look only), ``decision`` (the look's: ship or hold would stop the test).
+    ``srm`` has one row per look of the standard design's sequential SRM check (empty for
+    twins, whose split is exact).
+    """
+
+    experiment_id: str
+    design: str
+    alpha: float
+    horizon_days: int
+    stopped_at: int | None
+    decision: str
+    reason: str
+    looks: pd.DataFrame
+    srm: pd.DataFrame
+
+    def first_excluding_zero(self, interval: str) -> dict[str, int]:
+        """Per metric, the first look whose ``interval`` (``cs`` or ``naive``) excludes 0;
+        metrics whose interval never does are left out."""
+        low, high = self.looks[f"{interval}_low"], self.looks[f"{interval}_high"]
+        excludes = self.looks[(low > 0) | (high < 0)]
+        return {str(k): int(v) for k, v in excludes.groupby("metric")["day"].min().items()}
+
+    def naive_ahead(self) -> dict[str, tuple[int, int | None]]:
+        """Metrics whose naive CI excluded 0 at an earlier look than the always-valid CI:
+        metric -> (naive look, always-valid look or None). What daily peeking would have
+        claimed too early, or falsely."""
+        naive, valid = self.first_excluding_zero("naive"), self.first_excluding_zero("cs")
+        return {
+            m: (day, valid.get(m)) for m, day in naive.items() if m not in valid or day < valid[m]
+        }
+
+
+def planned_test_days(config: Any) -> int | None:
+    """The experiment's planned test days (``[traffic] test_days``), if its config records
+    them: the sequential monitor's horizon while the test is still running."""
+    days = _traffic(config).get("test_days")
+    return int(days) if isinstance(days, int) and days > 0 else None
+
+
+@st.cache_data(show_spinner="Monitoring the test day by day with flywheel.ab.sequential ...")
+def _sequential_view(run_dir: str, version: str, experiment_id: str, design: str) -> SequentialView:
+    from scipy import stats
+
+    from flywheel.ab.sequential import daily_looks, sequential_monitor
+
+    config = _config(run_dir, experiment_id)
+    table = analysis_table(run_dir, experiment_id)
+    settings = analysis_config(config, ab_view(run_dir, experiment_id).result)
+    horizon = planned_test_days(config)
+    monitor = sequential_monitor(table, settings, design=design, horizon_days=horizon)
+    # sequential_monitor keeps the per-look standard errors to itself; daily_looks is the
+    # same computation, and lift +- z se is the fixed-horizon CI of each look.
+    looks = daily_looks(table, settings, design=design)
+    z = float(stats.norm.ppf(1 - settings.alpha / 2))
+    names = [m.name for m in looks.metrics[0]]
+    estimates = {name: looks.lift_and_se(name) for name in names}
+    rows = []
+    for k, look in enumerate(monitor.looks):
+        for metric in look.metrics:
+            lift, se = (values[k] for values in estimates[metric.name])
+            naive = looks.estimates[k][names.index(metric.name)]
+            if not np.isfinite(lift):  # a control value of 0: no relative lift, no CI
+                lift = se = np.nan
+            rows.append(
+                {
+                    "day": look.day,
+                    "metric": metric.name,
+                    "role": metric.role,
+                    "lift": metric.lift if np.isfinite(metric.lift) else np.nan,
+                    "cs_low": metric.ci_low,
+                    "cs_high": metric.ci_high,
+                    "p_value": metric.p_value,
+                    "p_value_adjusted": metric.p_value_adjusted,
+                    "naive_low": lift - z * se,
+                    "naive_high": lift + z * se,
+                    "naive_p_value": float(naive.p_value[0]),
+                    "decision": look.decision,
+                }
+            )
+    srm = pd.DataFrame(
+        [
+            {
+                "day": look.day,
+                "n_control": look.srm.n_control,
+                "n_treatment": look.srm.n_treatment,
+                "p_value": look.srm.p_value,
+                "flagged": look.srm.flagged,
+            }
+            for look in monitor.looks
+            if look.srm is not None
+        ],
+        columns=["day", "n_control", "n_treatment", "p_value", "flagged"],
+    )
+    return SequentialView(
+        experiment_id=experiment_id,
+        design=monitor.design,
+        alpha=monitor.alpha,
+        horizon_days=monitor.horizon_days,
+        stopped_at=monitor.stopped_at,
+        decision=monitor.decision,
+        reason=monitor.reason,
+        looks=pd.DataFrame(rows),
+        srm=srm,
+    )
+
+
+def sequential_view(run_dir: str, experiment_id: str, design: str) -> SequentialView:
+    """Day-by-day always-valid monitoring of an experiment in ``design`` (``twins``: the
+    paired looks of a twin experiment; ``standard``: any experiment, a twin one through its
+    standard view).
+
+    Raises:
+        ValueError: the user-day table cannot be monitored (its message names the problem).
+    """
+    return _sequential_view(run_dir, run_version(run_dir), experiment_id, design)
 
 
 # ---------------------------------------------------------------------------- generations

@@ -2,7 +2,7 @@
 
 The recorded run (``tests/fixtures/dashboard_run``, copied into a fresh folder per test) is
 what ``flywheel run`` wrote for a two-generation tiny scenario, plus a ``flywheel bon``
-sweep: re-record it with ``python -m tests.fixtures.record_dashboard_run``. Expected figures
+sweep and a ``flywheel ab --design twins`` experiment (``ab``): re-record it with ``python -m tests.fixtures.record_dashboard_run``. Expected figures
 are read from the recording's own files or recomputed here with the packages, never typed
 in, so the tests hold for whatever the loop decided when it was recorded.
 """
@@ -26,9 +26,13 @@ from dashboard_replay import replay_run
 from dashboards import APP_PATH
 from flywheel.store import RunStore, fallback_text
 
+TWIN_EXPERIMENT = "ab"  # the recording's `flywheel ab --design twins` run (record_dashboard_run)
+
 PAGES = {
     "Overview": "views/overview.py",
     "A/B detail": "views/ab_detail.py",
+    "Twins vs standard": "views/twins.py",
+    "Sequential monitoring": "views/sequential.py",
     "Reward models": "views/reward_models.py",
     "Style artifacts": "views/style_artifacts.py",
     "Conversations": "views/conversations.py",
@@ -182,12 +186,15 @@ def test_ab_detail_shows_the_recorded_analysis(run_dir: Path, generations: dict)
     assert not app.exception and len(charts(app)) == before
 
 
-def test_ab_detail_computes_the_analysis_when_none_was_recorded(tmp_path: Path) -> None:
+def test_ab_detail_computes_the_analysis_when_none_was_recorded(
+    tmp_path: Path, generations: dict
+) -> None:
     from flywheel.ab import AnalysisConfig, analyze
 
     run = replay_run(tmp_path / "run", analyses=False, generations=False, artifacts=False)
     app = open_page(run, "A/B detail")
-    experiment = app.selectbox(key="ab_experiment").value
+    experiment = ab_experiment(generations)  # a standard A/B test of the loop
+    app.selectbox(key="ab_experiment").set_value(experiment).run()
     with RunStore(run, read_only=True) as store:
         config = store.experiments().set_index("experiment_id").loc[experiment, "config"]
         traffic = config.get("traffic") or config["scenario"]["traffic"]
@@ -289,6 +296,269 @@ def test_conversations_filter_and_transcript(run_dir: Path) -> None:
     assert not app.exception and len(app.dataframe[0].value) == reported
 
 
+# ---------------------------------------------------------------------------- twins, sequential
+def recorded_analysis(run_dir: Path | str, experiment: str) -> dict:
+    with RunStore(run_dir, read_only=True) as store:
+        recorded = store.read_analysis(experiment, "ab")
+    assert recorded is not None, f"re-record: experiment {experiment!r} has no A/B analysis"
+    return recorded
+
+
+def as_float(value: float | None) -> float:
+    """A result JSON value as a float (JSON stores NaN as null)."""
+    return np.nan if value is None else float(value)
+
+
+def open_twin_page(run_dir: Path | str) -> AppTest:
+    app = open_page(run_dir, "Twins vs standard")
+    app.selectbox(key="twin_experiment").set_value(TWIN_EXPERIMENT).run()
+    assert not app.exception, [e.value for e in app.exception]
+    return app
+
+
+def test_twin_view_shows_both_cis_and_the_variance_ratio(run_dir: Path) -> None:
+    """Per metric, the twin (paired) and the standard design's lift and CI, and the variance
+    ratio, exactly as `flywheel ab --design twins` recorded them."""
+    recorded = recorded_analysis(run_dir, TWIN_EXPERIMENT)
+    assert recorded["design"] == "twins", "re-record: the twin experiment was not analysed paired"
+    app = open_twin_page(run_dir)
+    shown = app.dataframe[0].value.set_index("metric")
+    assert set(shown.index) == set(recorded["metrics"])
+    for name, twin in recorded["metrics"].items():
+        standard = recorded["standard"]["metrics"][name]
+        for field in ("lift", "ci_low", "ci_high"):
+            assert shown.loc[name, f"twin_{field}"] == pytest.approx(
+                as_float(twin[field]), nan_ok=True
+            )
+            assert shown.loc[name, f"standard_{field}"] == pytest.approx(
+                as_float(standard[field]), nan_ok=True
+            )
+        assert shown.loc[name, "variance_ratio"] == pytest.approx(
+            as_float(twin["variance_ratio"]), nan_ok=True
+        )
+        assert shown.loc[name, "ate"] == pytest.approx(as_float(twin["ate"]), nan_ok=True)
+    ratios = {m.label: m.value for m in app.metric}
+    for name in ("breadth", "depth"):
+        assert (
+            ratios[f"{name}: variance ratio"]
+            == f"{recorded['metrics'][name]['variance_ratio']:.2f}"
+        )
+    page = texts(app)
+    assert f"**{recorded['decision'].upper()}**: {recorded['reason']}" in page
+    assert f"**{recorded['standard']['decision'].upper()}**" in page
+    assert "The simulator's truth about this population" in page
+    assert "What production would see" in page
+    assert f"{recorded['cost_twin']:,.0f} {recorded['cost_unit']}" in page
+    (chart,) = charts(app)
+    plotted = chart_data(chart, "design").set_index(["design", "metric"])
+    for name, twin in recorded["metrics"].items():
+        standard = recorded["standard"]["metrics"][name]
+        for design, values in (("twin (paired)", twin), ("standard (production view)", standard)):
+            for field in ("ci_low", "ci_high"):
+                assert plotted.loc[(design, name), f"{field}_pct"] == pytest.approx(
+                    100 * as_float(values[field]), nan_ok=True
+                )
+    no_lift = [name for name, twin in recorded["metrics"].items() if twin["lift"] is None]
+    if no_lift:
+        assert f"No relative lift for {', '.join(sorted(no_lift))}" in page
+
+
+def chart_data(chart: object, column: str) -> pd.DataFrame:
+    """The rows an Altair chart sent to the page in its dataset with ``column`` (Streamlit
+    ships each dataset of the spec as Arrow)."""
+    import pyarrow as pa
+
+    frames = [pa.ipc.open_stream(d.data.data).read_pandas() for d in chart.proto.datasets]
+    return next(frame for frame in frames if column in frame.columns)
+
+
+def test_twin_view_computes_the_paired_analysis_when_none_was_recorded(tmp_path: Path) -> None:
+    from flywheel.ab import AnalysisConfig, analyze_paired
+
+    run = replay_run(tmp_path / "run", analyses=False, generations=False, artifacts=False)
+    app = open_twin_page(run)
+    with RunStore(run, read_only=True) as store:
+        table = store.analysis_table(TWIN_EXPERIMENT)
+    expected = analyze_paired(table, AnalysisConfig(treatment_share=0.5))
+    shown = app.dataframe[0].value.set_index("metric")
+    for metric in expected.metrics:
+        standard = expected.standard[metric.name]
+        assert shown.loc[metric.name, "twin_ci_low"] == pytest.approx(metric.ci_low, nan_ok=True)
+        assert shown.loc[metric.name, "standard_ci_high"] == pytest.approx(
+            standard.ci_high, nan_ok=True
+        )
+        assert shown.loc[metric.name, "variance_ratio"] == pytest.approx(
+            metric.variance_ratio, nan_ok=True
+        )
+    assert "computed by the dashboard with flywheel.ab.analyze_paired" in texts(app)
+
+
+def test_ab_detail_reads_a_twin_result(run_dir: Path) -> None:
+    """A twin result has its SRM check and CUPED under 'standard': the A/B page shows the
+    paired lifts, the standard view's SRM and CUPED, and says which is which."""
+    recorded = recorded_analysis(run_dir, TWIN_EXPERIMENT)
+    app = open_page(run_dir, "A/B detail")
+    app.selectbox(key="ab_experiment").set_value(TWIN_EXPERIMENT).run()
+    assert not app.exception, [e.value for e in app.exception]
+    shown = app.dataframe[0].value.set_index("metric")
+    for name, metric in recorded["metrics"].items():
+        assert shown.loc[name, "ci_low"] == pytest.approx(as_float(metric["ci_low"]), nan_ok=True)
+    cuped = app.dataframe[1].value.set_index("metric")
+    lifts = chart_data(charts(app)[0], "ci_low_unadjusted_pct").set_index("metric")
+    for name, metric in recorded["standard"]["metrics"].items():
+        assert cuped.loc[name, "ci_low"] == pytest.approx(as_float(metric["ci_low"]), nan_ok=True)
+        # the lift chart's grey intervals: the standard design's CIs
+        assert lifts.loc[name, "ci_low_unadjusted_pct"] == pytest.approx(
+            100 * as_float(metric["ci_low"]), nan_ok=True
+        )
+    page = texts(app)
+    standard_srm = recorded["standard"]["srm"]
+    assert f"{standard_srm['n_control']} control / {standard_srm['n_treatment']} treatment" in page
+    assert f"p = {recorded['standard']['srm_p_value']:.3g}" in page
+    assert "**Twin experiment**" in page and "paired analysis (no CUPED" in page
+    assert "The twin design has no sample ratio to check" in page
+    assert f"Decision: {recorded['decision'].upper()}" in page
+
+
+def test_twin_pages_explain_a_twin_result_without_its_standard_view(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(run_dir, broken)
+    recorded = recorded_analysis(broken, TWIN_EXPERIMENT)
+    del recorded["standard"]
+    with RunStore(broken) as store:
+        store.write_analysis(TWIN_EXPERIMENT, "ab", recorded)
+    app = open_twin_page(broken)
+    assert [e.value for e in app.error] == ["**No twin analysis to compare**"]
+    assert "has no standard view" in texts(app) and "--design twins" in texts(app)
+    assert not app.dataframe
+    app = open_page(broken, "A/B detail")
+    app.selectbox(key="ab_experiment").set_value(TWIN_EXPERIMENT).run()
+    assert [e.value for e in app.error] == ["**Twin analysis without its standard view**"]
+
+
+def test_twin_page_without_a_twin_experiment(run_dir: Path, tmp_path: Path) -> None:
+    standard_only = tmp_path / "standard"
+    shutil.copytree(run_dir, standard_only)
+    con = duckdb.connect(str(standard_only / "run.duckdb"))
+    tables = con.execute(
+        "SELECT table_name FROM information_schema.columns WHERE column_name = 'experiment_id'"
+    ).fetchall()
+    for (table,) in tables:
+        con.execute(f'DELETE FROM "{table}" WHERE experiment_id = ?', [TWIN_EXPERIMENT])
+    con.close()
+    app = open_page(standard_only, "Twins vs standard")
+    (info,) = app.info
+    assert info.value.startswith("**No twin experiment in this run.**")
+    assert "flywheel ab SCENARIO --design twins" in texts(app)
+    assert not app.dataframe and not charts(app)
+
+
+def shown_looks(app: AppTest) -> pd.DataFrame:
+    return app.dataframe[0].value.set_index(["day", "metric"])
+
+
+def assert_looks_match(shown: pd.DataFrame, monitor: object, fixed: dict) -> None:
+    """The page's looks are ``monitor``'s always-valid CIs; the naive CI of the last look is
+    the fixed-horizon analysis ``fixed`` recorded for the whole test."""
+    for look in monitor.looks:
+        for metric in look.metrics:
+            row = shown.loc[(look.day, metric.name)]
+            assert row["cs_low"] == pytest.approx(metric.ci_low, nan_ok=True)
+            assert row["cs_high"] == pytest.approx(metric.ci_high, nan_ok=True)
+            assert row["p_value"] == pytest.approx(metric.p_value, nan_ok=True)
+            assert row["decision"] == look.decision
+    last = monitor.looks[-1].day
+    for name, metric in fixed["metrics"].items():
+        for field in ("low", "high"):
+            assert shown.loc[(last, name), f"naive_{field}"] == pytest.approx(
+                as_float(metric[f"ci_{field}"]), rel=1e-6, nan_ok=True
+            )
+        # an always-valid CI is never narrower than the fixed one at the same look
+        row = shown.loc[(last, name)]
+        if np.isfinite(row["naive_low"]):
+            assert row["cs_high"] - row["cs_low"] >= row["naive_high"] - row["naive_low"]
+
+
+def stop_text(monitor: object) -> str:
+    if monitor.stopped_at is None:
+        return "**No early stop**"
+    return f"**Early stop at day {monitor.stopped_at}: {monitor.decision.upper()}**"
+
+
+def test_sequential_view_of_a_standard_test(run_dir: Path, generations: dict) -> None:
+    from flywheel.ab import AnalysisConfig, sequential_monitor
+
+    experiment = ab_experiment(generations)
+    app = open_page(run_dir, "Sequential monitoring")
+    app.selectbox(key="seq_experiment").set_value(experiment).run()
+    assert not app.exception and not app.radio  # a standard test has one design
+    with RunStore(run_dir, read_only=True) as store:
+        config = store.experiments().set_index("experiment_id").loc[experiment, "config"]
+        table = store.analysis_table(experiment)
+    traffic = config["traffic"]
+    monitor = sequential_monitor(
+        table,
+        AnalysisConfig(treatment_share=traffic["treatment_share"]),
+        horizon_days=traffic["test_days"],
+    )
+    assert monitor.design == "standard" and len(monitor.looks) == traffic["test_days"]
+    assert_looks_match(shown_looks(app), monitor, recorded_analysis(run_dir, experiment))
+    assert stop_text(monitor) in texts(app)
+    srm = app.dataframe[1].value
+    assert list(srm["p_value"]) == pytest.approx([look.srm.p_value for look in monitor.looks])
+    assert len(charts(app)) == 1
+    app.selectbox(key="seq_metric").set_value("violation_rate").run()
+    assert not app.exception and len(charts(app)) == 1
+
+
+def test_sequential_view_of_a_twin_test_in_both_designs(run_dir: Path) -> None:
+    from flywheel.ab import AnalysisConfig, sequential_monitor
+
+    recorded = recorded_analysis(run_dir, TWIN_EXPERIMENT)
+    with RunStore(run_dir, read_only=True) as store:
+        table = store.analysis_table(TWIN_EXPERIMENT)
+    config = AnalysisConfig(treatment_share=0.5)
+    app = open_page(run_dir, "Sequential monitoring")
+    app.selectbox(key="seq_experiment").set_value(TWIN_EXPERIMENT).run()
+    assert app.radio(key="seq_design").value == "twins"
+    twins = sequential_monitor(table, config)
+    assert twins.design == "twins"
+    assert_looks_match(shown_looks(app), twins, recorded)
+    assert stop_text(twins) in texts(app)
+    assert len(app.dataframe) == 1  # no SRM check: every user lived both arms
+    app.radio(key="seq_design").set_value("standard").run()
+    assert not app.exception, [e.value for e in app.exception]
+    standard = sequential_monitor(table, config, design="standard")
+    assert_looks_match(shown_looks(app), standard, recorded["standard"])
+    assert stop_text(standard) in texts(app)
+
+
+def test_sequential_view_explains_an_incomplete_twin_table(run_dir: Path, tmp_path: Path) -> None:
+    """A twin user-day lived by one policy only is refused with the monitor's own message."""
+    broken = tmp_path / "broken"
+    shutil.copytree(run_dir, broken)
+    con = duckdb.connect(str(broken / "run.duckdb"))
+    user, day = con.execute(
+        "SELECT user_id, day FROM user_days WHERE experiment_id = ? AND period = 'test' "
+        "AND life = 'treatment' ORDER BY user_id, day LIMIT 1",
+        [TWIN_EXPERIMENT],
+    ).fetchone()
+    con.execute(
+        "DELETE FROM user_days WHERE experiment_id = ? AND user_id = ? AND day = ? "
+        "AND life = 'treatment'",
+        [TWIN_EXPERIMENT, user, day],
+    )
+    con.close()
+    app = open_page(broken, "Sequential monitoring")
+    app.selectbox(key="seq_experiment").set_value(TWIN_EXPERIMENT).run()
+    assert not app.exception, [e.value for e in app.exception]
+    assert [e.value for e in app.error] == ["**This experiment cannot be monitored**"]
+    assert "lived by one policy only" in texts(app) and repr(user) in texts(app)
+    assert not charts(app)
+
+
 # ---------------------------------------------------------------------------- broken runs
 def run_view(run_dir: Path | str, page: str) -> AppTest:
     """Run one page script on its own (as a bookmark to the page would)."""
@@ -340,6 +610,8 @@ def test_pages_degrade_without_optional_artifacts(tmp_path: Path, page: str) -> 
     expected = {
         "Overview": "No generations.json in this run",
         "A/B detail": "Decision:",
+        "Twins vs standard": "The simulator's truth about this population",
+        "Sequential monitoring": "daily looks of a",
         "Reward models": "No best-of-n sweep recorded for this run",
         "Style artifacts": "No generations recorded",
         "Conversations": "sessions",

@@ -1,4 +1,9 @@
-"""A/B detail: daily curves per arm, lift with CIs per metric, CUPED, SRM, guardrails."""
+"""A/B detail: daily curves per arm, lift with CIs per metric, CUPED, SRM, guardrails.
+
+A twin experiment shows its paired estimates here; SRM, CUPED and the daily curves are its
+standard view's (each user in their hash-assigned arm), and the Twins vs standard page sets
+both designs' CIs side by side.
+"""
 
 from __future__ import annotations
 
@@ -43,16 +48,35 @@ if arms["same_policy"]:
 view = data.ab_view(run_dir, experiment_id)
 result = view.result
 metrics = view.metrics
+twins = view.design == data.TWINS
+try:
+    standard = view.standard
+except ValueError as err:
+    st.error("**Twin analysis without its standard view**", icon=":material/block:")
+    st.markdown(str(err))
+    st.stop()
 
 decision = str(result.get("decision", "?"))
 DECISION_BOX.get(decision, st.warning)(
     f"**Decision: {decision.upper()}**: {result.get('reason', '')}"
 )
+if twins:
+    st.info(
+        "**Twin experiment**: every user lived the test days twice, once per arm, on common "
+        "random numbers. The lifts below are the paired (twin) estimates, the simulator's "
+        "truth about this population; the Twins vs standard page shows them beside the "
+        "standard design's, what production would see."
+    )
+adjustment = (
+    "paired analysis (no CUPED: both lives share the pre-period)"
+    if twins
+    else f"CUPED {'on' if standard.get('cuped') else 'off'}"
+)
 st.caption(
     f"{result.get('n_users')} users, {result.get('n_test_days')} test days, "
     f"{result.get('n_pre_days')} pre-period days; alpha {result.get('alpha')}, "
-    f"{result.get('correction')} correction per metric family, CUPED "
-    f"{'on' if result.get('cuped') else 'off'}. Result {view.source}."
+    f"{result.get('correction')} correction per metric family, {adjustment}. "
+    f"Result {view.source}."
 )
 fallbacks = data.user_fallbacks(run_dir, experiment_id)
 if len(fallbacks):
@@ -62,19 +86,25 @@ if len(fallbacks):
     )
 
 st.subheader("Sample ratio")
-srm = result.get("srm") or {}
+srm = standard.get("srm") or {}
+srm_p = standard.get("srm_p_value")
 srm_text = (
     f"{srm.get('n_control')} control / {srm.get('n_treatment')} treatment users; designed "
     f"treatment share {srm.get('expected_treatment_share', float('nan')):.1%}; chi-square "
-    f"p = {result.get('srm_p_value', float('nan')):.3g}"
+    f"p = {float('nan') if srm_p is None else srm_p:.3g}"
 )
 if srm.get("flagged"):
     st.error(f"**Sample ratio mismatch**: {srm_text}. Find the assignment or logging bug first.")
+elif twins:
+    st.success(
+        "The twin design has no sample ratio to check: every user lived both arms. Its "
+        f"standard view's hash assignment shows no mismatch: {srm_text}."
+    )
 else:
     st.success(f"No sample ratio mismatch: {srm_text}.")
 
 st.subheader("Lift per metric")
-st.altair_chart(charts.metric_lifts(metrics), width="stretch")
+st.altair_chart(charts.metric_lifts(*view.lift_chart()), width="stretch")
 st.dataframe(
     metrics[
         [
@@ -106,12 +136,13 @@ st.dataframe(
     },
 )
 
-st.subheader("CUPED")
+st.subheader("CUPED" + (" (standard view)" if twins else ""))
+cuped_metrics = view.standard_metrics
 left, right = st.columns(2)
 with left:
-    st.altair_chart(charts.cuped_effect(metrics), width="stretch")
+    st.altair_chart(charts.cuped_effect(cuped_metrics), width="stretch")
 with right:
-    cuped = metrics[
+    cuped = cuped_metrics[
         [
             "metric",
             "lift_unadjusted",
@@ -136,6 +167,12 @@ with right:
     st.caption(
         "CUPED adjusts each metric with its own pre-period value (theta pooled over both "
         "arms); the narrower CI is the variance it removed."
+        + (
+            " The paired twin estimate needs none: both lives of a user share the "
+            "pre-period, so an adjustment would cancel in their difference."
+            if twins
+            else ""
+        )
     )
 
 st.subheader("Guardrails")
@@ -164,7 +201,14 @@ metric = st.selectbox(
     "Metric", DAILY_METRICS, format_func=lambda m: charts.METRIC_TITLES.get(m, m), key="ab_daily"
 )
 st.altair_chart(charts.daily_curve(curves, metric), width="stretch")
-st.caption("flywheel.metrics.daily_curves; the dashed line separates pre-period and test.")
+st.caption(
+    "flywheel.metrics.daily_curves; the dashed line separates pre-period and test."
+    + (
+        " Twin experiment: its standard view, each user in their hash-assigned arm."
+        if twins
+        else ""
+    )
+)
 
 st.subheader("Logged steerability per arm")
 st.dataframe(data.steerability_by_policy(run_dir, experiment_id), hide_index=True, width="stretch")

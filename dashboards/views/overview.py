@@ -85,7 +85,7 @@ if experiments.empty:
     st.info("The run store holds no experiment yet.")
 else:
     rows = experiments[
-        ["experiment_id", "control", "treatment", "days_committed", "finished",
+        ["experiment_id", "control", "treatment", "design", "days_committed", "finished",
          "treatment_share", "user_fallback_share", "started_at"]
     ].copy()  # fmt: skip
     same = dict(zip(experiments["experiment_id"], experiments["same_policy"], strict=True))
