@@ -120,7 +120,10 @@ def load_scenario(path: str | Path) -> ABScenario:
         scenario = ABScenario.model_validate(data)
     except ValidationError as err:
         raise ValueError(f"{path}: invalid scenario\n{explain(err, ABScenario)}") from None
+    from flywheel.scenario import warn_ab_power
+
     world = scenario.world.resolved(path.parent)
+    warn_ab_power(world, scenario.traffic, scenario.analysis_config(), str(path))
     return scenario.model_copy(update={"world": world})
 
 

@@ -23,6 +23,7 @@ Relative paths are resolved against the scenario file's folder.
 
 from __future__ import annotations
 
+import math
 import tomllib
 import warnings
 from dataclasses import fields
@@ -654,10 +655,59 @@ def check_files(scenario: Scenario, source: str) -> None:
         raise ScenarioError(f"{source}: invalid scenario\n" + "\n".join(problems))
     for line in gate_sample_warnings(scenario.gates, len(heldout)):
         warnings.warn(f"{source}: {line}", ScenarioWarning, stacklevel=2)
+    warn_ab_power(scenario.world, scenario.traffic, scenario.analysis_config(), source)
 
 
 class ScenarioWarning(UserWarning):
-    """A scenario that runs but whose offline gates may say 'inconclusive' for lack of power."""
+    """A scenario that runs but whose offline gates or A/B test may say 'inconclusive' for
+    lack of power."""
+
+
+def breadth_mde_floor(
+    world: WorldConfig, traffic: TrafficConfig, alpha: float, power: float
+) -> float:
+    """The smallest relative breadth lift a standard test of ``traffic`` could detect, at best.
+
+    A user's breadth is their share of active test days. Each day is a coin flip with the
+    user's return probability p, so even a CUPED adjustment that removed every difference
+    between users would leave the day-to-day noise ``E[p (1 - p)] / days`` per user. With p
+    taken from the world's configured ``return_propensity`` (mean and sd per segment, times
+    the mean weekday factor; latent memory moves it during a run, so this is an estimate of
+    the floor, not a bound): ``MDE >= (z_{1-alpha/2} + z_power) sqrt(E[p(1-p)] / days *
+    (1/n_t + 1/n_c)) / E[p]``. ``flywheel plan`` measures the real figure from a pilot.
+    """
+    from scipy import stats
+
+    segments = world.population.segments
+    total = sum(s.share for s in segments)
+    factor = sum(traffic.weekday_factors) / len(traffic.weekday_factors)
+    mean_p = sum(s.share * s.return_propensity.mean for s in segments) / total * factor
+    within = sum(
+        s.share * (s.return_propensity.mean * (1 - s.return_propensity.mean)
+                   - s.return_propensity.sd**2)
+        for s in segments
+    ) / total  # fmt: skip
+    n_t = traffic.n_users * traffic.treatment_share
+    n_c = traffic.n_users - n_t
+    z = stats.norm.ppf(1 - alpha / 2) + stats.norm.ppf(power)
+    return z * math.sqrt(max(within, 0.0) / traffic.test_days * (1 / n_t + 1 / n_c)) / mean_p
+
+
+def warn_ab_power(world: WorldConfig, traffic: TrafficConfig, analysis: Any, source: str) -> None:
+    """Warn when a standard test cannot reach ``analysis.target_mde`` on breadth."""
+    if analysis.target_mde is None or traffic.design != "standard":
+        return  # twins: the floor above does not apply, their noise cancels within a user
+    floor = breadth_mde_floor(world, traffic, analysis.alpha, analysis.power)
+    if floor > analysis.target_mde:
+        warnings.warn(
+            f"{source}: analysis.target_mde = {analysis.target_mde:g}, but a standard test of "
+            f"{traffic.n_users} users x {traffic.test_days} test days cannot detect a breadth "
+            f"lift below about {floor:.3f} at power {analysis.power:g} (day-to-day noise "
+            "alone, flywheel/scenario.py breadth_mde_floor); raise traffic.n_users or "
+            "traffic.test_days, set traffic.design = 'twins', or size it with `flywheel plan`",
+            ScenarioWarning,
+            stacklevel=3,
+        )
 
 
 def gate_sample_warnings(gates: GatesConfig, heldout_characters: int) -> list[str]:

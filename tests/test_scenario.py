@@ -4,6 +4,7 @@ path, the value seen and the fix."""
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -221,3 +222,44 @@ def test_artifact_tolerance_is_one_value_or_one_per_known_feature(tmp_path: Path
     assert "'emoji'" in message  # the fix lists the known features
     message = error_of(tmp_path, recipe + "artifact_tolerance = -1\n")
     assert "artifact_tolerance" in message and "-1" in message and ">= 0" in message
+
+
+def test_a_standard_test_too_small_for_its_target_mde_warns(tmp_path: Path) -> None:
+    from flywheel.experiment import load_scenario as load_ab_scenario
+    from flywheel.scenario import ScenarioWarning
+
+    small = "[traffic]\nn_users = 80\ntest_days = 2\ntreatment_share = 0.5\n"
+    with pytest.warns(ScenarioWarning, match=r"target_mde = 0.05.*80 users x 2 test days"):
+        load_scenario(write(tmp_path, small + "[analysis]\ntarget_mde = 0.05\n"))
+    twins = small.replace("test_days = 2", 'test_days = 2\ndesign = "twins"')
+    big = "[traffic]\nn_users = 200000\ntest_days = 7\ntreatment_share = 0.5\n"
+    for quiet in (twins, big, small):  # twins, a big enough test, or no target: no warning
+        target = "" if quiet is small else "[analysis]\ntarget_mde = 0.05\n"
+        with warnings.catch_warnings():  # flywheel ab's loader: no offline gates to warn about
+            warnings.simplefilter("error", ScenarioWarning)
+            load_ab_scenario(write(tmp_path, quiet + target, name="quiet.toml"))
+    with pytest.warns(ScenarioWarning, match="target_mde"):
+        load_ab_scenario(write(tmp_path, small + "[analysis]\ntarget_mde = 0.05\n"))
+    assert "target_mde" in error_of(tmp_path, "[analysis]\ntarget_mde = -0.1\n")
+
+
+def test_the_breadth_floor_is_statsmodels_minimum_detectable_effect() -> None:
+    from statsmodels.stats.power import NormalIndPower
+
+    from flywheel.scenario import breadth_mde_floor
+    from sim.population import PopulationConfig, SegmentConfig, TraitDist
+    from sim.traffic import TrafficConfig
+    from sim.world import WorldConfig
+
+    p, sd = 0.6, 0.1
+    segment = SegmentConfig(name="all", share=1.0, return_propensity=TraitDist(mean=p, sd=sd))
+    world = WorldConfig(population=PopulationConfig(segments=[segment]))
+    traffic = TrafficConfig(n_users=300, test_days=3, treatment_share=0.3,
+                            weekday_factors=(1.0,) * 7)  # fmt: skip
+    within = p * (1 - p) - sd**2
+    effect = NormalIndPower().solve_power(
+        nobs1=300 * 0.3, ratio=0.7 / 0.3, alpha=0.05, power=0.8, alternative="two-sided"
+    )
+    # statsmodels' effect is in sd units of the per-user variance within / days
+    expected = effect * (within / 3) ** 0.5 / p
+    assert breadth_mde_floor(world, traffic, 0.05, 0.8) == pytest.approx(expected, rel=1e-3)

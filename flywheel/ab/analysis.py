@@ -43,6 +43,9 @@ class AnalysisConfig:
     power: float = 0.8  # power at which the minimum detectable effect is reported
     retention_day: int = DEFAULT_RETENTION_DAY  # retention = active this many days after exposure
     noninferiority_margins: Mapping[str, float] = field(default_factory=lambda: DEFAULT_MARGINS)
+    # The relative lift on the success metrics the test is designed to detect (0.05 = +5%);
+    # None = not stated. Scenario validation warns when the test's size cannot reach it.
+    target_mde: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("alpha", "treatment_share", "srm_alpha", "power"):
@@ -57,6 +60,11 @@ class AnalysisConfig:
             raise ValueError(
                 f"AnalysisConfig.correction {self.correction!r} is not a statsmodels "
                 "multipletests method; use e.g. 'holm', 'bonferroni' or 'fdr_bh'"
+            )
+        if self.target_mde is not None and not 0 < self.target_mde < 10:
+            raise ValueError(
+                f"AnalysisConfig.target_mde must be a relative lift in (0, 10) (0.05 = +5%), "
+                f"got {self.target_mde}"
             )
         unknown = sorted(set(self.noninferiority_margins) - set(DEFAULT_MARGINS))
         if unknown:
