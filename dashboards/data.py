@@ -30,13 +30,16 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import streamlit as st
 
 from flywheel.store import ARTIFACTS_DIR, DB_FILE, SCHEMA_VERSION, RunStore
+
+if TYPE_CHECKING:
+    from flywheel.ab import AnalysisConfig
 
 RUN_DIR_ENV = "FLYWHEEL_RUN_DIR"
 RUN_DIR_KEY = "run_dir"  # st.session_state key of the run directory
@@ -414,7 +417,7 @@ def _is_ab_result(value: Any) -> bool:
     )
 
 
-def analysis_config(config: Any, recorded: dict[str, Any] | None = None) -> Any:
+def analysis_config(config: Any, recorded: dict[str, Any] | None = None) -> AnalysisConfig:
     """The ``flywheel.ab.AnalysisConfig`` an experiment was analysed with, as far as the run
     records it.
 

@@ -559,6 +559,35 @@ def test_sequential_view_explains_an_incomplete_twin_table(run_dir: Path, tmp_pa
     assert not charts(app)
 
 
+def test_peeking_lists_metrics_whose_naive_ci_excluded_zero_first() -> None:
+    """The Sequential page's peeking warning: metrics whose naive CI excluded 0 at an earlier
+    look than the always-valid CI (or at a look where it never did)."""
+    from dashboards.data import SequentialView
+
+    intervals = {  # metric -> per look (cs_low, cs_high, naive_low, naive_high)
+        "breadth": [(-2, 2, 0.1, 1), (-1, 3, 0.2, 1), (0.1, 2, 0.3, 1)],  # naive day 0, CS day 2
+        "depth": [(-2, 2, -1, 1), (0.1, 2, 0.2, 1), (0.2, 2, 0.3, 1)],  # both at day 1
+        "report_rate": [(-2, 2, -1, -0.1), (-2, 2, -1, 1), (-2, 2, -1, 1)],  # CS never
+    }
+    looks = pd.DataFrame(
+        [
+            {
+                "day": day,
+                "metric": metric,
+                "cs_low": a,
+                "cs_high": b,
+                "naive_low": c,
+                "naive_high": d,
+            }
+            for metric, rows in intervals.items()
+            for day, (a, b, c, d) in enumerate(rows)
+        ]
+    )
+    view = SequentialView("x", "standard", 0.05, 3, None, "inconclusive", "", looks, pd.DataFrame())
+    assert view.first_excluding_zero("cs") == {"breadth": 2, "depth": 1}
+    assert view.naive_ahead() == {"breadth": (0, 2), "report_rate": (0, None)}
+
+
 # ---------------------------------------------------------------------------- broken runs
 def run_view(run_dir: Path | str, page: str) -> AppTest:
     """Run one page script on its own (as a bookmark to the page would)."""
