@@ -42,7 +42,12 @@ def _world(tiny_policy: Any, temperature: float) -> World:
 
 
 def _run(
-    tmp_path: Path, world: World, policies: dict[str, Any], temperature: float, **traffic: Any
+    tmp_path: Path,
+    world: World,
+    policies: dict[str, Any],
+    temperature: float,
+    on_day_end: Any = None,
+    **traffic: Any,
 ) -> dict[str, pd.DataFrame]:
     config = TrafficConfig(
         n_users=12,
@@ -60,7 +65,7 @@ def _run(
         user_params=world.user_params, progress=False,
     )  # fmt: skip
     with RunStore(tmp_path / "run") as store:
-        simulator.run(store.open_sink("ab", {"design": config.design}))
+        simulator.run(store.open_sink("ab", {"design": config.design}), on_day_end=on_day_end)
         return {
             "user_days": store.read_user_days("ab").drop(columns=["experiment_id"]),
             "turns": store.read_turns("ab").drop(columns=["experiment_id"]),
@@ -121,3 +126,22 @@ def test_a_whole_day_is_one_batch_per_round(tmp_path: Path, tiny_policy: Any) ->
     # bot call carries one reply per active user.
     assert (days["max_bot_batch"] == active).all()
     assert (days["bot_calls"] < first_turns).all()
+
+
+def test_a_twin_run_resumes_to_the_same_tables(tmp_path: Path, tiny_policy: Any) -> None:
+    def run(folder: str, on_day_end: Any = None) -> dict[str, pd.DataFrame]:
+        world = _world(tiny_policy, temperature=0.8)
+        treatment = ViolatingPolicy(tiny_policy, rate=0.5)
+        return _run(tmp_path / folder, world, {"control": tiny_policy, "treatment": treatment},
+                    0.8, on_day_end=on_day_end, design="twins")  # fmt: skip
+
+    def crash_after_the_first_test_day(day: int) -> None:
+        if day == 1:  # the twins exist from day 1 on: the checkpoint must carry them
+            raise KeyboardInterrupt
+
+    reference = run("reference")
+    with pytest.raises(KeyboardInterrupt):
+        run("resumed", crash_after_the_first_test_day)
+    resumed = run("resumed")
+    for name in ("user_days", "turns"):
+        pd.testing.assert_frame_equal(resumed[name], reference[name], obj=name)
