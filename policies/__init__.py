@@ -1,4 +1,5 @@
-"""Chat-model backends behind one interface: ``hf``, ``openai`` (HTTP), ``vllm`` (GPU extra)."""
+"""Chat-model backends behind one interface: ``hf``, ``hf_engine`` (prefix caching, continuous
+batching), ``openai`` (HTTP), ``vllm`` (GPU extra)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,10 @@ def load_policy(spec: PolicySpec | str) -> Policy:
         from policies.hf import HFPolicy
 
         return HFPolicy(spec)
+    if spec.backend == "hf_engine":
+        from policies.engine import EnginePolicy
+
+        return EnginePolicy(spec)
     if spec.backend == "openai":
         from policies.openai_compat import OpenAIPolicy
 

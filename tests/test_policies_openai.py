@@ -348,13 +348,16 @@ def test_server_that_cannot_start_is_reported(tmp_path) -> None:
 
 
 def test_generation_benchmark_prints_its_table(
-    llama_server: str, capsys: pytest.CaptureFixture[str]
+    llama_server: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     # Smoke test of benchmarks/generation.py on a tiny budget: the running server, no hf.
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "generation.py"
     main = runpy.run_path(str(script), run_name="benchmark")["main"]
-    args = ["--dtypes", "--base-url", llama_server, "--batch-sizes", "1", "2"]
-    main([*args, "--max-new-tokens", "2", "--min-chats", "1"])
+    args = ["--backends", "--base-url", llama_server, "--batches", "1", "2", "--prompts", "2"]
+    main([*args, "--max-new-tokens", "2", "--json", str(tmp_path / "rows.json")])
     out = capsys.readouterr().out
+    assert "vector flags:" in out
     assert "| openai | server | 2 | 2 |" in out
-    assert "openai server: batch-2 / batch-1 throughput = " in out
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert [(r["backend"], r["batch"]) for r in rows] == [("openai", 1), ("openai", 2)]
+    assert max(r["ratio_vs_baseline"] for r in rows) == 1.0

@@ -1,0 +1,394 @@
+"""hf_engine backend: transformers on this machine, with prefix caching and continuous batching.
+
+Bulk generation for the simulator: a whole day of chats in one call, where most prompt
+tokens were seen before (a character's system prompt, a conversation's earlier turns).
+
+- **Prefix caching.** The key/value states of every prompt and reply are kept in blocks of
+  :data:`BLOCK_TOKENS` tokens, each keyed by its whole prefix (like vLLM's automatic prefix
+  caching), least recently used evicted beyond ``policy.prefix_cache_tokens``. A new
+  prompt starts from the longest run of cached blocks and encodes only the rest; the
+  count served from the cache is ``Generation.cached_tokens``.
+- **Continuous batching.** Up to ``policy.batch_size`` chats decode together; a chat
+  leaves the batch at its stop token, and once a quarter of the slots are free the next
+  waiting chats are encoded and join the running batch. Rows hold caches of different
+  lengths side by side, padded on the left and masked out.
+- **Sampling.** Temperature, then top-p (nucleus), then a draw; nothing else (no top-k,
+  no min-p). Chat ``i`` draws from its own generator seeded ``params.seed + i``, so its
+  random numbers do not depend on its batch neighbours. Its *logits* do, in the last
+  bits: a matrix product rounds differently with another batch shape, and a prefix
+  served from the cache was computed in another batch. A reply is therefore a function
+  of its chat and seed only up to such rounding, which changes a sampled token only when
+  a draw falls within rounding of a top-p or cumulative-probability boundary. The same
+  chats with the same seed in one call on one machine give identical replies.
+- **Stops** at the chat template's end-of-turn or end-of-sequence token
+  (:func:`policies.tokens.stop_token_ids`); prompts are built and trimmed exactly as in
+  the ``hf`` backend (:func:`policies.tokens.fit_prompt_ids`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict, deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from policies.base import Chat, Generation, SamplingParams, validate_chat
+from policies.hardware import resolve_dtype
+from policies.hf import load_causal_lm
+from policies.spec import PolicySpec
+from policies.tokens import fit_prompt_ids, stop_token_ids
+
+BLOCK_TOKENS = 16  # tokens per cached key/value block: the unit of prefix reuse
+PREFILL_TOKENS = 8192  # padded prompt tokens per encoding forward pass (bounds activations)
+ADMIT_FRACTION = 4  # admit waiting chats once 1/ADMIT_FRACTION of the slots are free
+PROGRESS_MIN_CHATS = 256  # calls this large show a progress bar
+
+
+@dataclass
+class _Block:
+    tokens: tuple[int, ...]
+    parent: int
+    kv: torch.Tensor  # [layers, 2 (key, value), kv_heads, BLOCK_TOKENS, head_dim]
+
+
+class PrefixCache:
+    """Key/value blocks keyed by their whole token prefix; least recently used evicted first.
+
+    A block is found only through the chain of blocks before it, so a hit means the whole
+    prefix matched, token for token (the stored tokens are compared, not only hashes).
+    """
+
+    def __init__(self, max_tokens: int) -> None:
+        self.max_blocks = max_tokens // BLOCK_TOKENS
+        self._blocks: OrderedDict[int, _Block] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    def _chain(self, ids: Sequence[int], n_blocks: int) -> list[tuple[int, int, tuple[int, ...]]]:
+        """(key, parent key, tokens) of the first ``n_blocks`` full blocks of ``ids``."""
+        chain, parent = [], 0
+        for b in range(n_blocks):
+            tokens = tuple(ids[b * BLOCK_TOKENS : (b + 1) * BLOCK_TOKENS])
+            key = hash((parent, tokens))
+            chain.append((key, parent, tokens))
+            parent = key
+        return chain
+
+    def lookup(self, ids: Sequence[int]) -> tuple[int, torch.Tensor | None]:
+        """Tokens of ``ids`` served from the cache and their states ``[layers, 2, heads, n,
+        dim]``; at least one token is always left to encode (its logits are needed)."""
+        found: list[torch.Tensor] = []
+        for key, parent, tokens in self._chain(ids, (len(ids) - 1) // BLOCK_TOKENS):
+            block = self._blocks.get(key)
+            if block is None or block.parent != parent or block.tokens != tokens:
+                break
+            self._blocks.move_to_end(key)
+            found.append(block.kv)
+        if not found:
+            return 0, None
+        return len(found) * BLOCK_TOKENS, torch.cat(found, dim=3)
+
+    def missing_from(self, ids: Sequence[int], n_tokens: int) -> int:
+        """Index of the first full block of ``ids[:n_tokens]`` not cached (touching the
+        cached ones), in tokens; ``n_tokens`` rounded down when all are cached."""
+        for b, (key, parent, tokens) in enumerate(self._chain(ids, n_tokens // BLOCK_TOKENS)):
+            block = self._blocks.get(key)
+            if block is None or block.parent != parent or block.tokens != tokens:
+                return b * BLOCK_TOKENS
+            self._blocks.move_to_end(key)
+        return n_tokens // BLOCK_TOKENS * BLOCK_TOKENS
+
+    def store(self, ids: Sequence[int], start: int, kv: torch.Tensor) -> None:
+        """Cache the full blocks of ``ids`` from token ``start`` (a block boundary) on, whose
+        states ``kv`` (``[layers, 2, heads, n, dim]``) begin at ``start``."""
+        if self.max_blocks == 0:
+            return
+        n_blocks = (start + kv.shape[3]) // BLOCK_TOKENS
+        for b, (key, parent, tokens) in enumerate(self._chain(ids, n_blocks)):
+            if b * BLOCK_TOKENS < start:
+                continue
+            offset = b * BLOCK_TOKENS - start
+            part = kv[:, :, :, offset : offset + BLOCK_TOKENS].clone()
+            self._blocks[key] = _Block(tokens, parent, part)
+            self._blocks.move_to_end(key)
+        while len(self._blocks) > self.max_blocks:
+            self._blocks.popitem(last=False)
+
+
+@dataclass
+class _Row:
+    """One chat being answered."""
+
+    index: int
+    ids: list[int]
+    cached: int
+    generator: torch.Generator
+    generated: list[int] = field(default_factory=list)
+    done: bool = False
+
+
+@dataclass
+class _Batch:
+    """Rows decoding together: per-layer states ``[rows, heads, length, dim]`` padded on the
+    left, a mask with 1 where a state is real, and each row's next position."""
+
+    rows: list[_Row]
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    mask: torch.Tensor  # [rows, length], long
+    positions: torch.Tensor  # [rows], long: position of the row's next token
+
+    def row_states(self, r: int, start: int) -> torch.Tensor:
+        """Row ``r``'s real states from its token ``start`` on: ``[layers, 2, heads, n, dim]``."""
+        columns = self.mask[r].nonzero().squeeze(1)[start:]
+        keys = torch.stack([k[r][:, columns] for k in self.keys])
+        values = torch.stack([v[r][:, columns] for v in self.values])
+        return torch.stack([keys, values], dim=1)
+
+
+def _left_pad(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    missing = length - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+def _merge(a: _Batch | None, b: _Batch) -> _Batch:
+    """One batch holding the rows of both, states aligned on the right."""
+    if a is None:
+        return b
+    length = max(a.mask.shape[1], b.mask.shape[1])
+
+    def cat(x: torch.Tensor, y: torch.Tensor, dim: int) -> torch.Tensor:
+        return torch.cat([_left_pad(x, length, dim), _left_pad(y, length, dim)])
+
+    return _Batch(
+        rows=a.rows + b.rows,
+        keys=[cat(x, y, 2) for x, y in zip(a.keys, b.keys, strict=True)],
+        values=[cat(x, y, 2) for x, y in zip(a.values, b.values, strict=True)],
+        mask=cat(a.mask, b.mask, 1),
+        positions=torch.cat([a.positions, b.positions]),
+    )
+
+
+def _keep(batch: _Batch, keep: list[int]) -> _Batch | None:
+    """The batch without the rows not in ``keep``, and without columns no row uses."""
+    if not keep:
+        return None
+    index = torch.tensor(keep)
+    mask = batch.mask.index_select(0, index)
+    first = int(mask.any(0).nonzero()[0])  # leading columns that were only padding
+    return _Batch(
+        rows=[batch.rows[i] for i in keep],
+        keys=[k.index_select(0, index)[:, :, first:] for k in batch.keys],
+        values=[v.index_select(0, index)[:, :, first:] for v in batch.values],
+        mask=mask[:, first:],
+        positions=batch.positions.index_select(0, index),
+    )
+
+
+def sample_next(
+    logits: torch.Tensor, temperature: float, top_p: float, generators: Sequence[torch.Generator]
+) -> list[int]:
+    """One token per row of ``logits`` ``[rows, vocab]``: greedy at temperature 0, else
+    temperature, then the smallest set of tokens whose probability reaches ``top_p``,
+    then a draw from row ``i``'s own generator."""
+    if temperature == 0:
+        return logits.argmax(-1).tolist()
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        mass_before = sorted_probs.cumsum(-1) - sorted_probs
+        sorted_probs[mass_before >= top_p] = 0  # the top token always stays (mass 0 before it)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return [
+        int(torch.multinomial(row, 1, generator=generator))
+        for row, generator in zip(probs, generators, strict=True)
+    ]
+
+
+class EnginePolicy:
+    """A transformers causal LM answering large batches of chats with prefix caching and
+    continuous batching (see the module docstring for what a seed guarantees)."""
+
+    def __init__(self, spec: PolicySpec | None = None) -> None:
+        self.spec = spec or PolicySpec(backend="hf_engine")
+        self.name = self.spec.label
+        self.model, self.tokenizer = load_causal_lm(self.spec.model, resolve_dtype(self.spec.dtype))
+        self.stop_ids = set(stop_token_ids(self.tokenizer))
+        if isinstance(self.model.generation_config.eos_token_id, int):
+            self.stop_ids.add(self.model.generation_config.eos_token_id)
+        self.pad_id = self.tokenizer.pad_token_id
+        self.cache = PrefixCache(self.spec.prefix_cache_tokens)
+
+    @torch.inference_mode()
+    def generate(self, chats: Sequence[Chat], params: SamplingParams) -> list[Generation]:
+        """One reply per chat, in order; chat ``i`` is sampled with seed ``params.seed + i``."""
+        for i, chat in enumerate(chats):
+            validate_chat(chat, i)
+        prompts = [fit_prompt_ids(self.tokenizer, c, self.spec.max_prompt_tokens) for c in chats]
+        # Longest first: rows encoded together then need little padding, and long prompts
+        # do not trail behind at the end of the call.
+        waiting = deque(sorted(range(len(prompts)), key=lambda i: -len(prompts[i])))
+        results: dict[int, Generation] = {}
+        quiet = len(chats) < PROGRESS_MIN_CHATS or os.environ.get("FLYWHEEL_QUIET") == "1"
+        bar = tqdm(total=len(chats), desc=f"generate {self.name}", unit="reply", disable=quiet)
+        batch: _Batch | None = None
+        slots = self.spec.batch_size
+        while waiting or batch is not None:
+            active = len(batch.rows) if batch is not None else 0
+            if waiting and slots - active >= max(1, slots // ADMIT_FRACTION):
+                group = [waiting.popleft() for _ in range(min(slots - active, len(waiting)))]
+                rows = [self._new_row(i, prompts[i], params.seed + i) for i in group]
+                for part in self._prefill(rows, params):
+                    batch = _merge(batch, part)
+            else:
+                self._decode(batch, params)
+            batch = self._retire(batch, params, results, bar)
+        bar.close()
+        return [results[i] for i in range(len(chats))]
+
+    def _new_row(self, index: int, ids: list[int], seed: int) -> _Row:
+        return _Row(index, ids, 0, torch.Generator().manual_seed(seed))
+
+    def _prefill(self, rows: list[_Row], params: SamplingParams) -> list[_Batch]:
+        """Encode the uncached part of each row's prompt and sample its first token, in
+        forward passes of at most :data:`PREFILL_TOKENS` padded tokens."""
+        cached = [self.cache.lookup(row.ids) for row in rows]
+        for row, (n, _) in zip(rows, cached, strict=True):
+            row.cached = n
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i].ids) - rows[i].cached)
+        parts, start = [], 0
+        while start < len(order):
+            end = start + 1
+            while end < len(order):
+                width = len(rows[order[end]].ids) - rows[order[end]].cached
+                if (end + 1 - start) * width > PREFILL_TOKENS:
+                    break
+                end += 1
+            chosen = order[start:end]
+            part, logits = self._encode([rows[i] for i in chosen], [cached[i][1] for i in chosen])
+            self._sample_into(part, logits, params)
+            parts.append(part)
+            start = end
+        return parts
+
+    def _encode(
+        self, rows: list[_Row], prefixes: list[torch.Tensor | None]
+    ) -> tuple[_Batch, torch.Tensor]:
+        """Run the uncached prompt tokens of ``rows`` after their cached states; the batch
+        and each row's last logits."""
+        from transformers import DynamicCache
+
+        width = max(len(r.ids) - r.cached for r in rows)
+        past = max(r.cached for r in rows)
+        config = self.model.config
+        heads = config.num_key_value_heads
+        dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        layers = config.num_hidden_layers
+        dtype = self.model.dtype
+        keys = [torch.zeros(len(rows), heads, past, dim, dtype=dtype) for _ in range(layers)]
+        values = [torch.zeros(len(rows), heads, past, dim, dtype=dtype) for _ in range(layers)]
+        mask = torch.zeros(len(rows), past + width, dtype=torch.long)
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        position_ids = torch.zeros(len(rows), width, dtype=torch.long)
+        for r, (row, prefix) in enumerate(zip(rows, prefixes, strict=True)):
+            new = row.ids[row.cached :]
+            if prefix is not None:
+                for layer in range(layers):
+                    keys[layer][r, :, past - row.cached :] = prefix[layer, 0]
+                    values[layer][r, :, past - row.cached :] = prefix[layer, 1]
+            mask[r, past - row.cached : past] = 1
+            mask[r, past + width - len(new) :] = 1
+            input_ids[r, width - len(new) :] = torch.tensor(new)
+            position_ids[r, width - len(new) :] = torch.arange(row.cached, len(row.ids))
+        cache = DynamicCache()
+        if past:
+            for layer in range(layers):
+                cache.update(keys[layer], values[layer], layer)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        batch = _Batch(  # the cache object now holds the prompt tokens' states too
+            rows=rows,
+            keys=[layer.keys for layer in cache.layers],
+            values=[layer.values for layer in cache.layers],
+            mask=mask,
+            positions=torch.tensor([len(r.ids) for r in rows]),
+        )
+        for r, row in enumerate(rows):  # share this prompt's new blocks with later rows at once
+            start = self.cache.missing_from(row.ids, len(row.ids))
+            if start < len(row.ids) // BLOCK_TOKENS * BLOCK_TOKENS:
+                self.cache.store(row.ids, start, batch.row_states(r, start))
+        return batch, out.logits[:, -1]
+
+    def _decode(self, batch: _Batch, params: SamplingParams) -> None:
+        """Feed every row its last sampled token and sample the next."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        for layer, (k, v) in enumerate(zip(batch.keys, batch.values, strict=True)):
+            cache.update(k, v, layer)
+        batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.rows), 1)], dim=1)
+        tokens = torch.tensor([[row.generated[-1]] for row in batch.rows])
+        out = self.model(
+            input_ids=tokens,
+            attention_mask=batch.mask,
+            position_ids=batch.positions[:, None],
+            cache=cache,
+            use_cache=True,
+        )
+        batch.keys = [layer.keys for layer in cache.layers]
+        batch.values = [layer.values for layer in cache.layers]
+        batch.positions = batch.positions + 1
+        self._sample_into(batch, out.logits[:, -1], params)
+
+    def _sample_into(self, batch: _Batch, logits: torch.Tensor, params: SamplingParams) -> None:
+        tokens = sample_next(
+            logits, params.temperature, params.top_p, [row.generator for row in batch.rows]
+        )
+        for row, token in zip(batch.rows, tokens, strict=True):
+            row.generated.append(token)
+            row.done = token in self.stop_ids or len(row.generated) >= params.max_new_tokens
+
+    def _retire(
+        self, batch: _Batch | None, params: SamplingParams, results: dict[int, Generation], bar
+    ) -> _Batch | None:
+        """Turn finished rows into Generations, cache their states, drop them from the batch."""
+        if batch is None:
+            return None
+        keep = []
+        for r, row in enumerate(batch.rows):
+            if not row.done:
+                keep.append(r)
+                continue
+            sequence = row.ids + row.generated[:-1]  # the last token was never fed
+            start = self.cache.missing_from(sequence, len(sequence))
+            if start < len(sequence) // BLOCK_TOKENS * BLOCK_TOKENS:
+                self.cache.store(sequence, start, batch.row_states(r, start))
+            results[row.index] = self._generation(row)
+            bar.update(1)
+        return _keep(batch, keep) if len(keep) < len(batch.rows) else batch
+
+    def _generation(self, row: _Row) -> Generation:
+        completion = row.generated
+        if completion and completion[-1] in self.stop_ids:
+            completion = completion[:-1]
+        return Generation(
+            text=self.tokenizer.decode(completion, skip_special_tokens=True).strip(),
+            prompt_tokens=len(row.ids),
+            completion_tokens=len(completion),
+            completion_ids=tuple(row.generated),
+            cached_tokens=row.cached,
+        )
