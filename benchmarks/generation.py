@@ -210,9 +210,10 @@ def machine_line() -> str:
 
 
 def _line(r: Row) -> str:
+    ratio = f"{r.ratio_vs_baseline:.2f}" if r.ratio_vs_baseline else "-"  # before with_ratios
     return (
         f"| {r.backend} | {r.dtype} | {r.batch} | {r.prompts} | {r.tokens} | {r.prompt_tokens} "
-        f"| {r.encoded_tokens} | {r.wall_s:.1f} | {r.tok_s:.1f} | {r.ratio_vs_baseline:.2f} |"
+        f"| {r.encoded_tokens} | {r.wall_s:.1f} | {r.tok_s:.1f} | {ratio} |"
     )
 
 
