@@ -167,3 +167,15 @@ def test_cli_analyze_sequential_prints_daily_cis_for_both_designs(tmp_path: Path
         assert json.loads((out / name).read_text())
     looks = json.loads((out / "sequential_standard.json").read_text())["looks"]
     assert [look["day"] for look in looks] == [0, 1, 2]
+
+
+def test_a_look_without_variance_carries_no_information() -> None:
+    # Twins whose lives never disagreed on day 0 leave a paired se of rounding noise there;
+    # taken as information, it would make the boundary absurdly wide at every later look.
+    estimate = np.array([0.0, 0.02, 0.03])
+    noisy = confidence_sequence(estimate, np.array([1.7e-17, 0.02, 0.015]), alpha=0.05, horizon=3)
+    clean = confidence_sequence(estimate, np.array([np.nan, 0.02, 0.015]), alpha=0.05, horizon=3)
+    assert np.isnan(noisy.low[0]) and np.isnan(noisy.high[0])
+    np.testing.assert_allclose(noisy.low[1:], clean.low[1:])
+    np.testing.assert_allclose(noisy.high[1:], clean.high[1:])
+    assert noisy.high[1] - noisy.low[1] < 0.5

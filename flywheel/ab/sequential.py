@@ -80,6 +80,9 @@ from flywheel.metrics import COUNT_COLUMNS, UserMetric, UserTable, aggregate_use
 
 Design = Literal["standard", "twins"]
 SRM_CONCENTRATION = 100.0  # Dirichlet prior strength (x the designed shares), as in seqabpy
+# Standard errors at or below this (relative lift units) are rounding noise of an exactly zero
+# variance, e.g. twins whose lives never disagreed on the first day: no information yet.
+MIN_SE = 1e-9
 
 
 def mixture_rho(v_opt: float, alpha: float) -> float:
@@ -127,7 +130,7 @@ def confidence_sequence(
     if horizon < 1:
         raise ValueError(f"horizon must be >= 1 look, got {horizon}")
     with np.errstate(divide="ignore", invalid="ignore"):
-        info = np.where(se > 0, 1 / se**2, np.nan)
+        info = np.where(se > MIN_SE, 1 / se**2, np.nan)
     usable = np.isfinite(info)
     first = np.argmax(usable, axis=-1)
     first_info = np.take_along_axis(info, first[..., None], axis=-1)
