@@ -2,12 +2,14 @@
 
 ``benchmarks/twins_aa.py`` checks the paired statistics on synthetic tables; this runs the
 traffic model itself (``sim.traffic``, ``design = "twins"``) with a real model writing both
-the bot replies and the users' messages, repeated over seeds:
+the bot replies and the users' messages. ``--groups`` experiments of ``--users`` users each
+are simulated together in one population (big batches: far cheaper than one run each) and
+analysed apart; their users share nothing but the backend calls their replies came from.
 
 - **A/A** (``--treatment`` left out: the same model serves both lives, its sampling seeds
-  independent per call): the share of repetitions whose paired test finds p < alpha on
+  independent per call): the share of experiments whose paired test finds p < alpha on
   breadth and on depth, with a 95% Clopper-Pearson interval. A calibrated test gives alpha.
-- **A treatment** (``--treatment violate@0.3:smollm2`` or any POLICY): per repetition the
+- **A treatment** (``--treatment violate@0.3:MODEL`` or any POLICY): per experiment the
   twin CI of the lift on breadth and depth, the standard view's CI (CUPED, the users in
   their hashed arms: what production would see of the same run), the generated tokens each
   design spent, and the width ratio at equal tokens (``sqrt`` of the variance ratio of
@@ -15,10 +17,9 @@ the bot replies and the users' messages, repeated over seeds:
 
 Usage::
 
-    .venv/bin/python benchmarks/twins_sim.py --model tiny --reps 200 --json runs/twins_sim/aa_tiny.json
-    .venv/bin/python benchmarks/twins_sim.py --model smollm2 --reps 5 --users 60
-    .venv/bin/python benchmarks/twins_sim.py --model smollm2 --treatment violate@0.3:smollm2 \\
-        --reps 1 --users 120 --test-days 3 --json runs/twins_sim/violate_smollm2.json
+    .venv/bin/python benchmarks/twins_sim.py --model tiny --groups 200 --json runs/twins_sim/aa_tiny.json
+    .venv/bin/python benchmarks/twins_sim.py --model smollm2 --groups 5 --users 40 \\
+        --json runs/twins_sim/aa_smollm2.json
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import pandas as pd
 from scipy import stats
 from tqdm.auto import tqdm
 from traffic import tiny_llama
@@ -49,23 +51,32 @@ from sim.world import World, WorldConfig
 METRICS = ("breadth", "depth")
 
 
-def one_twin_test(args: argparse.Namespace, world: World, arms: dict[str, Policy], seed: int,
-                  run_dir: Path) -> dict[str, dict[str, float]]:  # fmt: skip
-    """One twin experiment of ``seed`` on a fresh population of ``world``; per metric its
-    paired and standard-view figures."""
+def twin_tests(args: argparse.Namespace, world: World, arms: dict[str, Policy], seed: int,
+               run_dir: Path) -> list[dict[str, dict[str, float]]]:  # fmt: skip
+    """``--groups`` twin experiments of ``--users`` each, simulated together in one run of
+    ``seed`` on fresh users of ``world`` (one population, big batches) and analysed apart:
+    users share nothing but the batches their replies were generated in."""
+    n_users = args.users * args.groups
     traffic = TrafficConfig(
-        n_users=args.users, pre_days=args.pre_days, test_days=args.test_days,
+        n_users=n_users, pre_days=args.pre_days, test_days=args.test_days,
         treatment_share=0.5, design="twins", salt=f"twins-{seed}",
         bot_sampling=SamplingConfig(max_new_tokens=args.max_new_tokens),
     )  # fmt: skip
-    users = world.sampler.sample(args.users)  # the sampler moves on: each repetition new users
+    users = world.sampler.sample(n_users)  # the sampler moves on: each run new users
+    group = {u.user_id: i // args.users for i, u in enumerate(users)}
     simulator = TrafficSimulator(
         world.engine, users, arms, traffic, seed=seed, user_params=world.user_params,
-        progress=False,
+        progress=True,
     )  # fmt: skip
     with RunStore(run_dir) as store:
         simulator.run(store.open_sink("ab", {"seed": seed}))
         table = store.analysis_table("ab")
+    groups = table["user_id"].map(group)
+    return [analysed(args, table[groups == g]) for g in range(args.groups)]
+
+
+def analysed(args: argparse.Namespace, table: pd.DataFrame) -> dict[str, dict[str, float]]:
+    """One twin experiment's paired and standard-view figures per metric."""
     result = analyze_paired(table, AnalysisConfig(alpha=args.alpha))
     out = {}
     for name in METRICS:
@@ -108,8 +119,10 @@ def main() -> None:
     parser.add_argument("--model", default="tiny", help="'tiny', 'smollm2' or an HF folder")
     parser.add_argument("--treatment", help="treatment POLICY; 'MODEL' stands for --model's "
                         "path; default: the control itself (A/A)")  # fmt: skip
-    parser.add_argument("--reps", type=int, default=200)
-    parser.add_argument("--users", type=int, default=16)
+    parser.add_argument("--reps", type=int, default=1, help="simulated runs (seeds)")
+    parser.add_argument("--groups", type=int, default=200,
+                        help="independent twin experiments per run (disjoint users)")  # fmt: skip
+    parser.add_argument("--users", type=int, default=16, help="users per experiment")
     parser.add_argument("--pre-days", type=int, default=1)
     parser.add_argument("--test-days", type=int, default=2)
     parser.add_argument("--turn-cap", type=int, default=2)
@@ -133,12 +146,12 @@ def main() -> None:
         world = World.build(world_config, seed=args.seed, user_policy=control)
         arms = {"control": control, "treatment": treatment}
         runs = []
-        for rep in tqdm(range(args.reps), desc="twin experiments"):
+        for rep in tqdm(range(args.reps), desc="simulated runs"):
             seed = args.seed + rep
-            runs.append(one_twin_test(args, world, arms, seed, tmp_dir / f"run{seed}"))
+            runs += twin_tests(args, world, arms, seed, tmp_dir / f"run{seed}")
     summary = summarise(runs, args.alpha)
     kind = f"treatment {args.treatment}" if args.treatment else "A/A"
-    print(f"{machine_summary()}\nmodel {args.model}, {kind}, {args.reps} twin experiments of "
+    print(f"{machine_summary()}\nmodel {args.model}, {kind}, {len(runs)} twin experiments of "
           f"{args.users} users, {args.pre_days} + {args.test_days} days")  # fmt: skip
     print(
         "| metric | p < alpha | 95% CI | twin CI width | standard CI width | width ratio at equal tokens |"

@@ -73,6 +73,12 @@ class ABScenario(BaseModel):
         default_factory=ServingConfig,
         description="The fail-closed safety check both arms are served through (sim.serving).",
     )
+    arms: PolicySpec = Field(
+        default_factory=PolicySpec,
+        description="Backend settings (backend, dtype, batch_size, prefix_cache_tokens, ...) "
+        "of the POLICYs named by --control and --treatment; their model comes from the "
+        "command line, so this table's model is ignored.",
+    )
     analysis: dict[str, Any] = Field(
         default_factory=dict,
         description="flywheel.ab.AnalysisConfig settings: alpha, srm_alpha, cuped, correction, "
@@ -161,10 +167,14 @@ def _field_help(model: type[BaseModel], loc: list[str]) -> str:
 
 # ---------------------------------------------------------------------------- policies
 class PolicyCache:
-    """Loads each distinct ``PolicySpec`` once: the same model named twice is shared."""
+    """Loads each distinct ``PolicySpec`` once: the same model named twice is shared.
 
-    def __init__(self) -> None:
+    ``arm_settings`` gives the backend settings of command-line POLICYs (``arm``).
+    """
+
+    def __init__(self, arm_settings: PolicySpec | None = None) -> None:
         self._loaded: dict[PolicySpec, Policy] = {}
+        self.arm_settings = arm_settings or PolicySpec()
 
     def get(self, spec: PolicySpec) -> Policy:
         """The policy for ``spec``, loading it the first time."""
@@ -182,7 +192,10 @@ class PolicyCache:
         ``sim.planted``)."""
         from sim.planted import planted_policy
 
-        return planted_policy(text, lambda model: self.get(PolicySpec(model=model)))
+        def load(model: str) -> Policy:
+            return self.get(self.arm_settings.model_copy(update={"model": model, "name": None}))
+
+        return planted_policy(text, load)
 
 
 # ---------------------------------------------------------------------------- the experiment
@@ -238,7 +251,7 @@ def run_ab(
         sink = store.open_sink(EXPERIMENT_ID, config)
         status = store.experiment_status(EXPERIMENT_ID)
         if status is None or not status.finished:
-            cache = policy_cache or PolicyCache()
+            cache = policy_cache or PolicyCache(scenario.arms)
             ledger = Ledger(store)
 
             def record(event: ServingEvent) -> None:

@@ -53,7 +53,8 @@ def pilot_scenario(path: str | Path) -> tuple[ABScenario, str]:
     """The A/B scenario a pilot of ``path`` runs, and its default control POLICY.
 
     A ``flywheel run`` scenario keeps its shared tables; its ``[policy]`` model is the
-    control. A ``flywheel ab`` scenario is loaded as it is, with ``smollm2`` as control.
+    control and its backend settings serve the arms. A ``flywheel ab`` scenario is loaded as
+    it is, with ``smollm2`` as control.
     """
     path = Path(path)
     if not path.is_file():
@@ -61,10 +62,11 @@ def pilot_scenario(path: str | Path) -> tuple[ABScenario, str]:
     data = tomllib.loads(path.read_text(encoding="utf-8"))
     if "generations" not in data and "policy" not in data:
         return load_scenario(path), "smollm2"
-    control = PolicySpec.model_validate(data.get("policy", {})).model
+    deployed = PolicySpec.model_validate(data.get("policy", {}))
     shared = {k: v for k, v in data.items() if k in SHARED_TABLES}
-    scenario = ABScenario.model_validate(shared)
-    return scenario.model_copy(update={"world": scenario.world.resolved(path.parent)}), control
+    scenario = ABScenario.model_validate({**shared, "arms": deployed.model_dump()})
+    world = scenario.world.resolved(path.parent)
+    return scenario.model_copy(update={"world": world}), deployed.model
 
 
 def run_pilot(
