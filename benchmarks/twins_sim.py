@@ -72,7 +72,13 @@ def twin_tests(args: argparse.Namespace, world: World, arms: dict[str, Policy], 
         simulator.run(store.open_sink("ab", {"seed": seed}))
         table = store.analysis_table("ab")
     groups = table["user_id"].map(group)
-    return [analysed(args, table[groups == g]) for g in range(args.groups)]
+    results = []
+    for g in range(args.groups):
+        try:
+            results.append(analysed(args, table[groups == g]))
+        except ValueError as err:  # e.g. the hash split left an arm under 2 users
+            print(f"experiment {g} of run {seed} skipped: {err}")
+    return results
 
 
 def analysed(args: argparse.Namespace, table: pd.DataFrame) -> dict[str, dict[str, float]]:
