@@ -105,6 +105,12 @@ def read_pilot(run_dir: Path, experiment_id: str = EXPERIMENT_ID) -> Pilot:
     )
 
 
+# A simulated user's activity on a day is drawn from their state the evening before, so the
+# first test day's breadth cannot show the treatment in either design (in a twin test both
+# lives are even identical that day): a plan needs at least two test days.
+MIN_TEST_DAYS = 2
+
+
 def plan(
     pilot: Pilot, scenario: ABScenario, mde: float, power: float | None = None
 ) -> tuple[Plan, ...]:
@@ -117,6 +123,7 @@ def plan(
         alpha=config.alpha,
         power=config.power if power is None else power,
         tokens_per_user_day=pilot.tokens_per_user_day,
+        min_days=MIN_TEST_DAYS,
         config=config,
     )
 

@@ -72,6 +72,10 @@ def test_a_standard_pilot_plans_the_standard_design_only() -> None:
     found = ab.plan_experiment(pilot, mde=MDE, seconds_per_token=0.01, tokens_per_user_day=50)
     assert {plan.design for plan in found} == {"standard"}
     assert {plan.metric for plan in found} == {"breadth", "depth"}
+    later = ab.plan_experiment(
+        pilot, mde=MDE, seconds_per_token=0.01, tokens_per_user_day=50, min_days=4
+    )
+    assert min(plan.days for plan in later) >= 4
 
 
 @pytest.mark.parametrize(
@@ -79,7 +83,8 @@ def test_a_standard_pilot_plans_the_standard_design_only() -> None:
     [
         ({"mde": 0.0}, "mde must be a positive"),
         ({"seconds_per_token": 0.0}, "seconds_per_token must be > 0"),
-        ({"days": 0}, "days and max_days must be >= 1"),
+        ({"days": 0}, "need days >= 1"),
+        ({"min_days": 5, "max_days": 3}, "1 <= min_days <= max_days"),
         ({"tokens_per_user_day": -1.0}, "tokens_per_user_day must be > 0"),
     ],
 )

@@ -142,24 +142,27 @@ def plan_experiment(
     tokens_per_user_day: float | None = None,
     days: int | None = None,
     max_days: int = DEFAULT_MAX_DAYS,
+    min_days: int = 1,
     config: AnalysisConfig | None = None,
 ) -> tuple[Plan, ...]:
     """One :class:`Plan` per design and metric (see module doc for the model).
 
-    ``days`` fixes the test length; None picks the cheapest in 1..``max_days``. ``config``
+    ``days`` fixes the test length; None picks the cheapest in ``min_days``..``max_days``. ``config``
     sets CUPED and the retention day of the metrics (its alpha and power are overridden).
     """
     if not mde > 0:
         raise ValueError(f"mde must be a positive relative lift (0.1 = +10%), got {mde}")
     if not seconds_per_token > 0:
         raise ValueError(f"seconds_per_token must be > 0, got {seconds_per_token}")
-    if (days is not None and days < 1) or max_days < 1:
-        raise ValueError(f"days and max_days must be >= 1, got {days} and {max_days}")
+    if (days is not None and days < 1) or not 1 <= min_days <= max_days:
+        raise ValueError(
+            f"need days >= 1 and 1 <= min_days <= max_days, got {days}, {min_days}, {max_days}"
+        )
     config = replace(config or AnalysisConfig(), alpha=alpha, power=power)
     designs: tuple[Design, ...] = ("standard", "twins") if is_twin_table(pilot) else ("standard",)
     pre_rate, test_rate = _token_rates(pilot, tokens_per_user_day)
     pre_days = aggregate_users(standard_view(pilot)).n_pre_days
-    candidates = [days] if days is not None else list(range(1, max_days + 1))
+    candidates = [days] if days is not None else list(range(min_days, max_days + 1))
     plans = []
     for design in designs:
         for metric in metrics:
