@@ -15,13 +15,14 @@
 4. ``close_session(session)`` folds the session into the user's long-term state and returns
    a ``SessionRecord``; ``return_probability(user, day)`` gives next-day return.
 
-Each session owns two generators spawned from one seed: ``rng`` writes (character choice,
+Each session owns its generators, so the users' signals do not depend on how sessions are
+grouped into batches. Given ``open_sessions``' ``seeds`` (the traffic model derives one per
+user, day and session), a session spawns two from its seed: ``rng`` writes (character choice,
 opener, PII, fallbacks) and ``signal_rng`` draws the user's reactions, exactly three uniforms
-per reply (like, report, continue). So the users' signals do not depend on how sessions are
-grouped into batches, and two sessions opened with the same seed draw the same uniform at the
-same turn whatever the replies were: the common random numbers of a twin experiment
-(``sim.traffic``). The seed comes from ``open_sessions``' ``seeds`` when given (the traffic
-model derives one per user, day and session), else from its ``rng``.
+per reply (like, report, continue), so two sessions opened with the same seed draw the same
+uniform at the same turn whatever the replies were: the common random numbers of a twin
+experiment (``sim.traffic``). Without seeds (the env, ``flywheel chat``), one generator drawn
+from ``rng`` does both.
 
 Also: ``open_sessions`` takes an
 optional ``characters`` list to pin characters; ``apply_replies`` and ``run_sessions`` exist
@@ -226,10 +227,12 @@ class ConversationEngine:
                 raise ValueError(f"open_sessions got {len(users)} users but {len(given)} {name}")
         sessions = []
         for i, user in enumerate(users):
-            entropy = seeds[i] if seeds is not None else int(rng.integers(2**63 - 1))
-            session_rng, signal_rng = (
-                np.random.default_rng(s) for s in np.random.SeedSequence(entropy).spawn(2)
-            )
+            if seeds is not None:
+                session_rng, signal_rng = (
+                    np.random.default_rng(s) for s in np.random.SeedSequence(seeds[i]).spawn(2)
+                )
+            else:  # no common random numbers asked for: one generator, drawn from ``rng``
+                session_rng = signal_rng = np.random.default_rng(int(rng.integers(2**63 - 1)))
             if characters is not None:
                 if characters[i] not in self.characters:
                     known = sorted(self.characters)

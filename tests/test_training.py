@@ -463,7 +463,7 @@ def _logged_run(run_dir, n_users: int = 12) -> None:
     turns = pd.DataFrame(
         [
             {
-                "day": 0, "period": "pre", "arm": "control", "policy": "p",
+                "day": 0, "period": "pre", "arm": "control", "life": "control", "policy": "p",
                 "session_id": f"s{i}", "user_id": f"u{i}", "character": names[i % 2],
                 "turn_index": t, "hour": 12.0, "user_message": f"tell me about thing {t}",
                 "bot_reply": f"Ahoy, thing {t} is fun, game on! What about you, friend {i}?",
