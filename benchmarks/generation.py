@@ -7,7 +7,7 @@ with the same sampling (up to 48 new tokens, temperature 0.8, top_p 0.95, no top
 seed, in one ``generate`` call; ``batch`` is the rows per padded ``generate`` (hf), the
 slots of continuous batching (hf_engine) or the requests in flight (openai). Configurations:
 
-- ``hf`` in each dtype: today's padded transformers ``generate``;
+- ``hf`` in each dtype: the hf backend's padded transformers ``generate``;
 - ``hf_engine`` in each dtype, prefix cache on but cold: only prompts within the call
   share blocks (mostly the personas);
 - ``hf_engine+turns``: the same after the engine answered each conversation's previous

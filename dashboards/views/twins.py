@@ -13,6 +13,14 @@ import streamlit as st
 from dashboards import charts, data
 
 DECISION_BOX = {"ship": st.success, "hold": st.error}
+
+
+def decision_box(analysis: dict) -> None:
+    """An analysis' decision and reason, coloured by the decision."""
+    decision = str(analysis.get("decision", "?"))
+    DECISION_BOX.get(decision, st.warning)(f"**{decision.upper()}**: {analysis.get('reason', '')}")
+
+
 SHOWN_RATIOS = data.SUCCESS_METRICS  # variance ratios shown as big numbers
 # Both CIs and the ratios first; widths, ATE and p-values after.
 COLUMN_ORDER = [
@@ -50,11 +58,11 @@ except ValueError as err:
     st.stop()
 result = view.result
 
+
 twin_side, standard_side = st.columns(2)
 with twin_side:
     st.markdown(f"#### {data.TWIN_LABEL}")
-    decision = str(result.get("decision", "?"))
-    DECISION_BOX.get(decision, st.warning)(f"**{decision.upper()}**: {result.get('reason', '')}")
+    decision_box(result)
     st.markdown(
         "**The simulator's truth about this population.** Every user lived the test days "
         "under both policies, on the same random numbers; the difference between a user's "
@@ -64,8 +72,7 @@ with twin_side:
     )
 with standard_side:
     st.markdown(f"#### {data.STANDARD_LABEL}")
-    decision = str(standard.get("decision", "?"))
-    DECISION_BOX.get(decision, st.warning)(f"**{decision.upper()}**: {standard.get('reason', '')}")
+    decision_box(standard)
     st.markdown(
         "**What production would see.** The same run read as a live A/B test: each user "
         "only in the arm their hash assigned, "
