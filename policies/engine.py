@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
+from transformers.cache_utils import Cache, DynamicLayer
 
 from policies.base import Chat, Generation, SamplingParams, validate_chat
 from policies.hardware import resolve_dtype
@@ -44,6 +45,8 @@ from policies.tokens import fit_prompt_ids, stop_token_ids
 BLOCK_TOKENS = 16  # tokens per cached key/value block: the unit of prefix reuse
 PREFILL_TOKENS = 8192  # padded prompt tokens per encoding forward pass (bounds activations)
 ADMIT_FRACTION = 4  # admit waiting chats once 1/ADMIT_FRACTION of the slots are free
+ROOM_TOKENS = 64  # spare key/value room per row, so decode steps append without copying
+NUCLEUS_CANDIDATES = 1024  # tokens partially sorted per row to find the top-p nucleus
 PROGRESS_MIN_CHATS = 256  # calls this large show a progress bar
 
 
@@ -131,22 +134,65 @@ class _Row:
     done: bool = False
 
 
+class _GrowingLayer(DynamicLayer):
+    """One layer's key/value states ``[rows, heads, length, dim]`` with spare room behind
+    them: a decode step writes its token into the room instead of concatenating the whole
+    cache (``DynamicLayer`` copies every state on every step)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, room: int = ROOM_TOKENS) -> None:
+        super().__init__()
+        self.device, self.is_initialized = keys.device, True
+        self.length = keys.shape[2]
+        self._keys = self._with_room(keys, room)
+        self._values = self._with_room(values, room)
+        self._view()
+
+    @staticmethod
+    def _with_room(states: torch.Tensor, room: int) -> torch.Tensor:
+        shape = list(states.shape)
+        shape[2] += room
+        buffer = states.new_empty(shape)
+        buffer[:, :, : states.shape[2]] = states
+        return buffer
+
+    def _view(self) -> None:
+        self.keys = self._keys[:, :, : self.length]
+        self.values = self._values[:, :, : self.length]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        n = key_states.shape[2]
+        if self.length + n > self._keys.shape[2]:
+            room = max(n, self.length)  # doubling: each state is copied O(1) times on average
+            self._keys = self._with_room(self.keys, room)
+            self._values = self._with_room(self.values, room)
+        self._keys[:, :, self.length : self.length + n] = key_states
+        self._values[:, :, self.length : self.length + n] = value_states
+        self.length += n
+        self._view()
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+
 @dataclass
 class _Batch:
-    """Rows decoding together: per-layer states ``[rows, heads, length, dim]`` padded on the
-    left, a mask with 1 where a state is real, and each row's next position."""
+    """Rows decoding together: each layer's states (padded on the left, with room to grow
+    on the right), a mask with 1 where a state is real, and each row's next position."""
 
     rows: list[_Row]
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
+    layers: list[_GrowingLayer]
     mask: torch.Tensor  # [rows, length], long
     positions: torch.Tensor  # [rows], long: position of the row's next token
+
+    def cache(self) -> Cache:
+        return Cache(layers=self.layers)
 
     def row_states(self, r: int, start: int) -> torch.Tensor:
         """Row ``r``'s real states from its token ``start`` on: ``[layers, 2, heads, n, dim]``."""
         columns = self.mask[r].nonzero().squeeze(1)[start:]
-        keys = torch.stack([k[r][:, columns] for k in self.keys])
-        values = torch.stack([v[r][:, columns] for v in self.values])
+        keys = torch.stack([layer.keys[r][:, columns] for layer in self.layers])
+        values = torch.stack([layer.values[r][:, columns] for layer in self.layers])
         return torch.stack([keys, values], dim=1)
 
 
@@ -170,8 +216,10 @@ def _merge(a: _Batch | None, b: _Batch) -> _Batch:
 
     return _Batch(
         rows=a.rows + b.rows,
-        keys=[cat(x, y, 2) for x, y in zip(a.keys, b.keys, strict=True)],
-        values=[cat(x, y, 2) for x, y in zip(a.values, b.values, strict=True)],
+        layers=[
+            _GrowingLayer(cat(x.keys, y.keys, 2), cat(x.values, y.values, 2))
+            for x, y in zip(a.layers, b.layers, strict=True)
+        ],
         mask=cat(a.mask, b.mask, 1),
         positions=torch.cat([a.positions, b.positions]),
     )
@@ -186,8 +234,13 @@ def _keep(batch: _Batch, keep: list[int]) -> _Batch | None:
     first = int(mask.any(0).nonzero()[0])  # leading columns that were only padding
     return _Batch(
         rows=[batch.rows[i] for i in keep],
-        keys=[k.index_select(0, index)[:, :, first:] for k in batch.keys],
-        values=[v.index_select(0, index)[:, :, first:] for v in batch.values],
+        layers=[
+            _GrowingLayer(
+                layer.keys.index_select(0, index)[:, :, first:],
+                layer.values.index_select(0, index)[:, :, first:],
+            )
+            for layer in batch.layers
+        ],
         mask=mask[:, first:],
         positions=batch.positions.index_select(0, index),
     )
@@ -198,19 +251,27 @@ def sample_next(
 ) -> list[int]:
     """One token per row of ``logits`` ``[rows, vocab]``: greedy at temperature 0, else
     temperature, then the smallest set of tokens whose probability reaches ``top_p``,
-    then a draw from row ``i``'s own generator."""
+    then a draw from row ``i``'s own generator.
+
+    The nucleus is looked for among the :data:`NUCLEUS_CANDIDATES` most probable tokens
+    (a partial sort), and among all of them only for a row whose candidates fall short of
+    ``top_p``: the same set as a full sort, without sorting the vocabulary on every step.
+    """
     if temperature == 0:
         return logits.argmax(-1).tolist()
     probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        mass_before = sorted_probs.cumsum(-1) - sorted_probs
-        sorted_probs[mass_before >= top_p] = 0  # the top token always stays (mass 0 before it)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    return [
-        int(torch.multinomial(row, 1, generator=generator))
-        for row, generator in zip(probs, generators, strict=True)
-    ]
+    k = probs.shape[-1] if top_p >= 1 else min(NUCLEUS_CANDIDATES, probs.shape[-1])
+    top, order = probs.topk(k, dim=-1)
+    tokens = []
+    for r, generator in enumerate(generators):
+        row_top, row_order = top[r], order[r]
+        if top_p < 1 and float(row_top.sum()) < top_p:  # a flat row: its nucleus is wider
+            row_top, row_order = probs[r].sort(descending=True)
+        if top_p < 1:
+            mass_before = row_top.cumsum(-1) - row_top
+            row_top = row_top.masked_fill(mass_before >= top_p, 0)  # the top token stays
+        tokens.append(int(row_order[torch.multinomial(row_top, 1, generator=generator)]))
+    return tokens
 
 
 class EnginePolicy:
@@ -284,34 +345,31 @@ class EnginePolicy:
     ) -> tuple[_Batch, torch.Tensor]:
         """Run the uncached prompt tokens of ``rows`` after their cached states; the batch
         and each row's last logits."""
-        from transformers import DynamicCache
-
         width = max(len(r.ids) - r.cached for r in rows)
         past = max(r.cached for r in rows)
         config = self.model.config
         heads = config.num_key_value_heads
         dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        layers = config.num_hidden_layers
+        n_layers = config.num_hidden_layers
         dtype = self.model.dtype
-        keys = [torch.zeros(len(rows), heads, past, dim, dtype=dtype) for _ in range(layers)]
-        values = [torch.zeros(len(rows), heads, past, dim, dtype=dtype) for _ in range(layers)]
+        keys = [torch.zeros(len(rows), heads, past, dim, dtype=dtype) for _ in range(n_layers)]
+        values = [torch.zeros(len(rows), heads, past, dim, dtype=dtype) for _ in range(n_layers)]
         mask = torch.zeros(len(rows), past + width, dtype=torch.long)
         input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         position_ids = torch.zeros(len(rows), width, dtype=torch.long)
         for r, (row, prefix) in enumerate(zip(rows, prefixes, strict=True)):
             new = row.ids[row.cached :]
             if prefix is not None:
-                for layer in range(layers):
+                for layer in range(n_layers):
                     keys[layer][r, :, past - row.cached :] = prefix[layer, 0]
                     values[layer][r, :, past - row.cached :] = prefix[layer, 1]
             mask[r, past - row.cached : past] = 1
             mask[r, past + width - len(new) :] = 1
             input_ids[r, width - len(new) :] = torch.tensor(new)
             position_ids[r, width - len(new) :] = torch.arange(row.cached, len(row.ids))
-        cache = DynamicCache()
-        if past:
-            for layer in range(layers):
-                cache.update(keys[layer], values[layer], layer)
+        room = width + ROOM_TOKENS  # the prompt's new tokens, then the first decode steps
+        layers = [_GrowingLayer(k, v, room) for k, v in zip(keys, values, strict=True)]
+        cache = Cache(layers=layers)
         out = self.model(
             input_ids=input_ids,
             attention_mask=mask,
@@ -320,10 +378,9 @@ class EnginePolicy:
             use_cache=True,
             logits_to_keep=1,
         )
-        batch = _Batch(  # the cache object now holds the prompt tokens' states too
+        batch = _Batch(  # the layers now hold the prompt tokens' states too
             rows=rows,
-            keys=[layer.keys for layer in cache.layers],
-            values=[layer.values for layer in cache.layers],
+            layers=layers,
             mask=mask,
             positions=torch.tensor([len(r.ids) for r in rows]),
         )
@@ -335,22 +392,15 @@ class EnginePolicy:
 
     def _decode(self, batch: _Batch, params: SamplingParams) -> None:
         """Feed every row its last sampled token and sample the next."""
-        from transformers import DynamicCache
-
-        cache = DynamicCache()
-        for layer, (k, v) in enumerate(zip(batch.keys, batch.values, strict=True)):
-            cache.update(k, v, layer)
         batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.rows), 1)], dim=1)
         tokens = torch.tensor([[row.generated[-1]] for row in batch.rows])
         out = self.model(
             input_ids=tokens,
             attention_mask=batch.mask,
             position_ids=batch.positions[:, None],
-            cache=cache,
+            cache=batch.cache(),
             use_cache=True,
         )
-        batch.keys = [layer.keys for layer in cache.layers]
-        batch.values = [layer.values for layer in cache.layers]
         batch.positions = batch.positions + 1
         self._sample_into(batch, out.logits[:, -1], params)
 

@@ -7,7 +7,13 @@ import torch
 from pydantic import ValidationError
 
 from policies import PolicySpec, SamplingParams, load_policy
-from policies.engine import BLOCK_TOKENS, EnginePolicy, PrefixCache, sample_next
+from policies.engine import (
+    BLOCK_TOKENS,
+    NUCLEUS_CANDIDATES,
+    EnginePolicy,
+    PrefixCache,
+    sample_next,
+)
 from policies.hf import HFPolicy
 
 PERSONA = "You are Captain Mara, a cheerful pirate who sails the northern seas. " * 4
@@ -128,6 +134,32 @@ def test_top_p_keeps_the_smallest_set_reaching_p() -> None:
     assert draws == {0, 1}  # 0.5 + 0.3 reaches 0.8; tokens 2 and 3 are cut
     greedy = sample_next(logits, 0.0, 0.8, [torch.Generator()])
     assert greedy == [0]
+
+
+def _full_sort_nucleus(probs: torch.Tensor, top_p: float) -> set[int]:
+    """The reference: sort the whole vocabulary, keep tokens until the mass reaches top_p."""
+    values, order = probs.sort(descending=True)
+    keep = (values.cumsum(-1) - values) < top_p
+    return set(order[keep].tolist())
+
+
+@pytest.mark.parametrize("spread", [0.5, 8.0], ids=["peaked", "flat"])
+def test_partial_sort_nucleus_is_the_full_sort_nucleus(spread: float) -> None:
+    # A flat row's nucleus is wider than the partially sorted candidates: the sampler must
+    # notice and sort that row whole; a peaked row's nucleus lies within the candidates.
+    vocab = 4 * NUCLEUS_CANDIDATES
+    logits = torch.randn(1, vocab, generator=torch.Generator().manual_seed(0)) / spread
+    nucleus = _full_sort_nucleus(torch.softmax(logits[0], -1), 0.9)
+    assert (len(nucleus) > NUCLEUS_CANDIDATES) == (spread == 8.0)
+    draws = {
+        sample_next(logits, 1.0, 0.9, [torch.Generator().manual_seed(s)])[0] for s in range(2000)
+    }
+    assert draws <= nucleus
+    candidates = set(torch.softmax(logits[0], -1).topk(NUCLEUS_CANDIDATES).indices.tolist())
+    if spread == 8.0:  # some draws come from past the candidates: the row was sorted whole
+        assert draws - candidates
+    else:
+        assert nucleus <= candidates
 
 
 def test_prefix_cache_needs_the_whole_prefix_and_evicts_least_recent() -> None:
