@@ -7,7 +7,9 @@ tokens were seen before (a character's system prompt, a conversation's earlier t
   :data:`BLOCK_TOKENS` tokens, each keyed by its whole prefix (like vLLM's automatic prefix
   caching), least recently used evicted beyond ``policy.prefix_cache_tokens``. A new
   prompt starts from the longest run of cached blocks and encodes only the rest; the
-  count served from the cache is ``Generation.cached_tokens``.
+  count served from the cache is ``Generation.cached_tokens``. The prompts of one call
+  always share; states are kept from one call to the next only inside
+  :func:`shared_prefixes` (the traffic model opens one per simulated day).
 - **Continuous batching.** Up to ``policy.batch_size`` chats decode together; a chat
   leaves the batch at its stop token, and once a quarter of the slots are free the next
   waiting chats are encoded and join the running batch. Rows hold caches of different
@@ -28,8 +30,10 @@ tokens were seen before (a character's system prompt, a conversation's earlier t
 from __future__ import annotations
 
 import os
+import weakref
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -70,6 +74,9 @@ class PrefixCache:
 
     def __len__(self) -> int:
         return len(self._blocks)
+
+    def clear(self) -> None:
+        self._blocks.clear()
 
     def _chain(self, ids: Sequence[int], n_blocks: int) -> list[tuple[int, int, tuple[int, ...]]]:
         """(key, parent key, tokens) of the first ``n_blocks`` full blocks of ``ids``."""
@@ -274,6 +281,36 @@ def sample_next(
     return tokens
 
 
+_ENGINES: weakref.WeakSet[EnginePolicy] = weakref.WeakSet()
+_shared_depth = 0  # open shared_prefixes() blocks
+
+
+@contextmanager
+def shared_prefixes() -> Iterator[None]:
+    """Within this block every engine keeps prefix states from one call for the next.
+
+    Outside it, each call starts from an empty cache (prompts of one call still share
+    their prefixes). What a cache hit serves was computed in another batch and can differ
+    from a fresh encoding in the last bits (more often in bf16), enough to flip a sampled
+    token; so a call's replies depend on the calls before it only inside such a block. The
+    traffic model opens one per simulated day, its unit of checkpointing: a day resumed
+    from its checkpoint meets the same (empty) cache as in an uninterrupted run.
+    """
+    global _shared_depth
+    _clear_all()
+    _shared_depth += 1
+    try:
+        yield
+    finally:
+        _shared_depth -= 1
+        _clear_all()
+
+
+def _clear_all() -> None:
+    for engine in list(_ENGINES):
+        engine.cache.clear()
+
+
 class EnginePolicy:
     """A transformers causal LM answering large batches of chats with prefix caching and
     continuous batching (see the module docstring for what a seed guarantees)."""
@@ -287,12 +324,15 @@ class EnginePolicy:
             self.stop_ids.add(self.model.generation_config.eos_token_id)
         self.pad_id = self.tokenizer.pad_token_id
         self.cache = PrefixCache(self.spec.prefix_cache_tokens)
+        _ENGINES.add(self)
 
     @torch.inference_mode()
     def generate(self, chats: Sequence[Chat], params: SamplingParams) -> list[Generation]:
         """One reply per chat, in order; chat ``i`` is sampled with seed ``params.seed + i``."""
         for i, chat in enumerate(chats):
             validate_chat(chat, i)
+        if not _shared_depth:
+            self.cache.clear()
         prompts = [fit_prompt_ids(self.tokenizer, c, self.spec.max_prompt_tokens) for c in chats]
         # Longest first: rows encoded together then need little padding, and long prompts
         # do not trail behind at the end of the call.

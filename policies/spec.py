@@ -15,11 +15,11 @@ class PolicySpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     backend: Literal["hf", "hf_engine", "openai", "vllm"] = Field(
-        "hf",
-        description="hf: transformers on this machine, padded batches; hf_engine: "
-        "transformers with prefix caching and continuous batching, for bulk generation "
-        "(policies/engine.py); openai: any OpenAI-compatible server (vLLM, llama.cpp); "
-        "vllm: in-process vLLM engine (GPU extra).",
+        "hf_engine",
+        description="hf_engine (default): transformers on this machine with prefix caching "
+        "and continuous batching, for bulk generation (policies/engine.py); hf: "
+        "transformers' padded-batch generate; openai: any OpenAI-compatible server (vLLM, "
+        "llama.cpp); vllm: in-process vLLM engine (GPU extra).",
     )
     model: str = Field(
         DEFAULT_MODEL,
@@ -34,7 +34,10 @@ class PolicySpec(BaseModel):
         "where bf16 is emulated and several times slower (policies/hardware.py).",
     )
     batch_size: int = Field(
-        64, gt=0, description="Chats per forward batch (hf) or in flight (openai)."
+        64,
+        gt=0,
+        description="Chats per forward batch (hf), decoding together (hf_engine) "
+        "or in flight (openai).",
     )
     max_prompt_tokens: int = Field(
         1536,

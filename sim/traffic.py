@@ -80,6 +80,7 @@ import simpy
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from policies.base import Chat, Generation, Policy, SamplingParams
+from policies.engine import shared_prefixes
 from sim.population import User, UserSampler
 
 HOURS_PER_DAY = 24.0  # hours
@@ -759,9 +760,10 @@ class TrafficSimulator:
             n_sessions = sum(len(starts) for _, starts in visits)
             self._day_bar = _day_progress_bar(day, n_sessions, enabled=self.progress)
             try:
-                yield env.all_of(
-                    [env.process(self._life_day(env, day, life, s)) for life, s in visits]
-                )
+                with shared_prefixes():  # reused across the day's calls; a day starts empty
+                    yield env.all_of(
+                        [env.process(self._life_day(env, day, life, s)) for life, s in visits]
+                    )
             finally:
                 self._day_bar.close()
             if env.now >= (day + 1) * HOURS_PER_DAY:

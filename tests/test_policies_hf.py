@@ -22,7 +22,9 @@ CHATS = [
 
 @pytest.fixture(scope="module")
 def tiny(tiny_llama_dir) -> HFPolicy:
-    return load_policy(PolicySpec(model=str(tiny_llama_dir), dtype="float32", batch_size=2))
+    return load_policy(
+        PolicySpec(backend="hf", model=str(tiny_llama_dir), dtype="float32", batch_size=2)
+    )
 
 
 def test_same_seed_same_replies_different_seed_different(tiny: HFPolicy) -> None:
@@ -55,7 +57,7 @@ def test_token_counts_and_stop(tiny: HFPolicy) -> None:
 
 def test_long_history_drops_oldest_turns_keeps_system(tiny_llama_dir) -> None:
     policy = load_policy(
-        PolicySpec(model=str(tiny_llama_dir), dtype="float32", max_prompt_tokens=60)
+        PolicySpec(backend="hf", model=str(tiny_llama_dir), dtype="float32", max_prompt_tokens=60)
     )
     chat = [{"role": "system", "content": "SYSTEM-PROMPT"}]
     for i in range(20):
@@ -131,7 +133,7 @@ def test_bad_params_and_specs() -> None:
 
 @pytest.mark.slow
 def test_real_smollm2_answers_in_character() -> None:
-    policy = load_policy("smollm2")
+    policy = load_policy(PolicySpec(backend="hf", model="smollm2"))
     params = SamplingParams(max_new_tokens=24, seed=3)
     out = policy.generate(CHATS[:2], params)
     assert out == policy.generate(CHATS[:2], params)

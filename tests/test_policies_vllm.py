@@ -47,7 +47,9 @@ def test_sampling_params_mapping() -> None:
 
 @pytest.fixture(scope="module")
 def tiny_hf(tiny_llama_dir) -> HFPolicy:
-    return load_policy(PolicySpec(model=str(tiny_llama_dir), dtype="float32", max_prompt_tokens=60))
+    return load_policy(
+        PolicySpec(backend="hf", model=str(tiny_llama_dir), dtype="float32", max_prompt_tokens=60)
+    )
 
 
 def test_stop_tokens_and_completion_length(tiny_hf: HFPolicy) -> None:

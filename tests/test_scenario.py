@@ -44,7 +44,7 @@ def test_shipped_scenarios_load(name: str) -> None:
 def test_quickstart_is_a_demo_of_at_least_two_generations() -> None:
     scenario = load_scenario(SCENARIOS_DIR / "quickstart.toml")
     assert scenario.generations >= 2
-    assert scenario.policy.model == "smollm2" and scenario.policy.backend == "hf"
+    assert scenario.policy.model == "smollm2" and scenario.policy.backend == "hf_engine"
 
 
 def test_artifact_trap_has_a_naive_and_a_mitigated_recipe() -> None:
