@@ -171,21 +171,13 @@ def expected_feature(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per reply, the policy's expected count of a feature (emoji: ``token_ids`` are the
     tokens that start one) and its probability of having it, from its own token
-    probabilities along its sampled tokens (``training.anchor.expected_features``): the
+    probabilities along its sampled tokens (``training.recipes.feature_expectations``): the
     quantities counting estimates, with far less variance at a rate of a few replies in a
     hundred."""
-    from policies.tokens import fit_prompt_ids
-    from training.anchor import expected_features
+    from training.recipes import feature_expectations
 
-    tokenizer = policy.tokenizer
-    return expected_features(
-        policy.model,
-        [fit_prompt_ids(tokenizer, chat, policy.spec.max_prompt_tokens) for chat in chats],
-        completion_ids,
-        token_ids,
-        params.temperature,
-        params.top_p,
-        tokenizer.pad_token_id,
+    return feature_expectations(
+        policy, chats, completion_ids, token_ids, params.temperature, params.top_p
     )
 
 
@@ -322,8 +314,9 @@ def parse_features(text: str) -> tuple[str, ...]:
         raise argparse.ArgumentTypeError(str(err)) from err
 
 
-def main() -> None:
-    """Parse arguments, evaluate the base model, train, evaluate again, print."""
+def build_parser() -> argparse.ArgumentParser:
+    """The benchmark's options (each GRPO one maps onto a ``training.recipes.GRPORecipe``
+    field, ``recipe_from_args``)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scenario", default="scenarios/world_example.toml")
     parser.add_argument("--model", default="smollm2", help="model GRPO starts from")
@@ -425,25 +418,54 @@ def main() -> None:
     parser.add_argument(
         "--trained", default=None, help="evaluate this GRPO checkpoint instead of training one"
     )
+    return parser
+
+
+def recipe_from_args(args: argparse.Namespace) -> Any:
+    """The ``training.recipes.GRPORecipe`` the options describe: the builder the loop and
+    ``flywheel train grpo`` use turns it into rewards and a GRPOConfig."""
+    from training.recipes import GRPORecipe
+
+    return GRPORecipe(
+        max_steps=args.max_steps,
+        learning_rate=args.learning_rate,
+        beta=args.beta,
+        normalise=args.normalise,
+        artifact_tolerance=args.artifact_tolerance,
+        hold_rates=args.hold_rate,
+        rate_lr=args.rate_lr,
+        rate_estimate=args.rate_estimate,
+        mask_credit=args.mask_credit,
+        anchors=args.anchor,
+        anchor_coef=args.anchor_coef,
+        temperature=TEMPERATURE,
+        top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens,
+        reference_prompts=args.train_prompts,
+        reference_samples=args.reference_samples,
+    )
+
+
+def main() -> None:
+    """Parse arguments, evaluate the base model, train, evaluate again, print."""
+    parser = build_parser()
     args = parser.parse_args()
     from policies import SamplingParams
 
-    serving_top_p = SamplingParams().top_p  # the reference replies are sampled with it
-    if args.rate_estimate == "tokens" and args.top_p != serving_top_p:
-        parser.error(
-            f"--rate-estimate tokens with --top-p {args.top_p}: its target is estimated on "
-            f"reference replies sampled at top_p {serving_top_p}, and GRPO's replies must be "
-            f"sampled the same way; fix: --top-p {serving_top_p}"
-        )
+    try:
+        recipe = recipe_from_args(args)
+        # the reference replies are sampled at the serving nucleus
+        recipe.check_sampling(TEMPERATURE, SamplingParams().top_p)
+    except ValueError as err:
+        parser.error(f"{err} (options --top-p, --rate-estimate)")
     import torch
 
     torch.set_num_threads(args.threads)
 
     from policies import load_policy
-    from training.anchor import credit_masks, token_anchors
-    from training.grpo import build_rewards, grpo_config, grpo_records, train_grpo
+    from training.grpo import grpo_records
     from training.models import model_config, time_limit_callback
-    from training.rewards import StyleReference, held_rates, scaled_by_reference
+    from training.recipes import build_grpo, sample_reference, train
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -476,28 +498,7 @@ def main() -> None:
     base_turns.assign(model="base").to_parquet(out / "eval_base.parquet")
     # The reference: the base model's own replies to the training prompts (style
     # statistics, reward scales, the rate a RateConstraint holds).
-    reference_chats = train_chats * args.reference_samples
-    reference_characters = train_characters * args.reference_samples
-    reference_params = SamplingParams(
-        max_new_tokens=args.max_new_tokens, temperature=TEMPERATURE, seed=args.seed
-    )
-    reference_generations = base_policy.generate(reference_chats, reference_params)
-    reference_replies = [g.text for g in reference_generations]
-    reference = StyleReference.from_replies(reference_replies, reference_characters)
-    estimates = None
-    if args.rate_estimate == "tokens":
-        from training.anchor import feature_token_ids
-
-        estimates = {
-            feature: expected_feature(
-                base_policy,
-                reference_chats,
-                [g.completion_ids for g in reference_generations],
-                reference_params,
-                feature_token_ids(base_policy.tokenizer, feature),
-            )[1]
-            for feature in args.hold_rate
-        }
+    reference = sample_reference(base_policy, train_chats, train_characters, recipe, args.seed)
     del base_policy
 
     checkers = {name: world.characters[name].checkers for name in names}
@@ -506,61 +507,24 @@ def main() -> None:
         from rewards.rm.base import load_reward_model
 
         scorer = load_reward_model(args.rm)
-    constraints = held_rates(
-        args.hold_rate,
-        reference_replies,
-        reference_characters,
-        checkers,
-        estimates=estimates,
-        lr=args.rate_lr,
-        estimate=args.rate_estimate,
-    )
-    anchors = token_anchors(args.anchor, checkers, args.anchor_coef)
-    masks = credit_masks(args.mask_credit, checkers)
-    rewards = build_rewards(
-        checkers,
-        reference,
-        scorer,
-        artifact_tolerance=args.artifact_tolerance,
-        held=sorted({c.feature for c in [*constraints, *anchors, *masks]}),
-    )
-    scales = None
-    if args.normalise == "reference":
-        rewards = scaled_by_reference(
-            rewards, reference_chats, reference_replies, reference_characters
-        )
-        scales = {r.__name__: r.scale for r in rewards}
-        print(f"reward scales (sd over the base model's replies): {scales}", flush=True)
+    build = build_grpo(recipe, checkers, reference, out / "trainer", args.seed, scorer)
+    constraints, anchors, masks = build.constraints, build.anchors, build.credit_masks
+    if build.scales is not None:
+        print(f"reward scales (sd over the base model's replies): {build.scales}", flush=True)
     for c in constraints:
         print(f"{c.__name__}: holding {c.target:.4f} for {sorted(c.characters)}", flush=True)
     for a in anchors:
         print(f"anchor: {a.feature} token mass for {sorted(a.characters)}", flush=True)
     for m in masks:
         print(f"credit mask: {m.feature} start tokens for {sorted(m.characters)}", flush=True)
-    rewards = [*rewards, *constraints]
-    grpo_args = grpo_config(
-        out / "trainer",
-        max_steps=args.max_steps,
-        seed=args.seed,
-        max_completion_length=args.max_new_tokens,
-        learning_rate=args.learning_rate,
-        beta=args.beta,
-        top_p=args.top_p,
-        multi_objective_aggregation="sum_then_normalize"
-        if args.normalise == "reference"
-        else "normalize_then_sum",
-    )
     t0 = time.monotonic()
     if args.trained is None:
-        model_dir = train_grpo(
+        model_dir = train(
+            build,
             grpo_records(train_chats, train_characters),
-            rewards,
             model_config(args.model),
-            grpo_args,
             out / "model",
             callbacks=[time_limit_callback(args.minutes * 60)],
-            anchors=anchors,
-            credit_masks=masks,
         )
         train_s = time.monotonic() - t0
     else:
@@ -590,7 +554,7 @@ def main() -> None:
         "train_seconds": train_s,
         "train_steps": steps,
         "seconds_per_step": train_s / max(steps, 1),
-        "reward_scales": scales,
+        "reward_scales": build.scales,
         "rate_constraints": {
             c.__name__: {
                 "target": c.target,
@@ -609,7 +573,7 @@ def main() -> None:
             "before": base_turns.groupby("character")["follows_all"].mean().to_dict(),
             "after": trained_turns.groupby("character")["follows_all"].mean().to_dict(),
         },
-        "reference_style": reference.to_dict(),
+        "reference_style": build.style.to_dict(),
     }
     (out / "before_after.json").write_text(json.dumps(report, indent=2))
     trained_turns.assign(model="grpo").to_parquet(out / "eval_grpo.parquet")

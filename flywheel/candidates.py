@@ -13,9 +13,10 @@ it per context (``training.rewards`` says why).
   context becomes an SFT target (``training.rejection`` then ``training.sft``).
 - ``dpo``: the same samples; the best and worst reply of each context form a preference
   pair (``training.dpo``).
-- ``grpo``: the contexts as prompts for TRL's GRPOTrainer with the rewards
-  (``training.grpo``), plus a ``RateConstraint`` per ``hold_rates`` feature holding its
-  rate at the deployed model's logged one.
+- ``grpo``: the contexts as prompts for TRL's GRPOTrainer, built by
+  ``training.recipes.build_grpo`` like ``flywheel train grpo`` and the GRPO benchmark
+  (``grpo_recipe``: the benchmark's recipe with the scenario's settings), calibrated on the
+  deployed model's logged replies and sampling as it serves.
 
 The checkpoint is written into a staging folder and renamed into place when complete, so a
 killed run never leaves a half-written model where a finished one is expected.
@@ -26,6 +27,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -93,10 +95,42 @@ def scaled_by_logged_replies(
 
 def trainer_overrides(recipe: RecipeConfig) -> dict[str, Any]:
     """TRL config fields for the recipe: its trainer file, then its ``trainer`` table."""
-    overrides = {**trainer_file_fields(recipe), **recipe.trainer}
-    if recipe.kind == "grpo":
-        overrides.setdefault("max_completion_length", recipe.max_new_tokens)
-    return overrides
+    return {**trainer_file_fields(recipe), **recipe.trainer}
+
+
+# RecipeConfig fields a grpo recipe takes from the scenario only where the scenario sets
+# them; unset, the benchmark's measured default (training.recipes.GRPORecipe) applies.
+_SCENARIO_GRPO_FIELDS = {
+    "max_steps": "max_steps",
+    "reward_normalisation": "normalise",
+    "artifact_tolerance": "artifact_tolerance",
+    "hold_rates": "hold_rates",
+}
+
+
+def grpo_recipe(recipe: RecipeConfig, sampling: SamplingParams) -> Any:
+    """The ``training.recipes.GRPORecipe`` of a scenario's grpo recipe: the benchmark's
+    settings, overridden by the fields the scenario sets (``max_steps``,
+    ``reward_normalisation``, ``artifact_tolerance``, ``hold_rates``; ``trainer`` and
+    ``trainer_file`` as GRPOConfig fields), its reward weights and reply length, sampling
+    at the serving ``sampling`` (the logged replies' distribution)."""
+    from training.recipes import GRPORecipe
+
+    chosen = {
+        ours: getattr(recipe, theirs)
+        for theirs, ours in _SCENARIO_GRPO_FIELDS.items()
+        if theirs in recipe.model_fields_set
+    }
+    if "hold_rates" in chosen:
+        chosen["hold_rates"] = tuple(chosen["hold_rates"])
+    return GRPORecipe(
+        **chosen,
+        max_new_tokens=recipe.max_new_tokens,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        weights=recipe.weights(),
+        trainer=trainer_overrides(recipe),
+    )
 
 
 def train_candidate(
@@ -118,47 +152,48 @@ def train_candidate(
         base_model: the deployed model's checkpoint ('smollm2' or a folder).
         deployed: the deployed ``Policy`` (samples the rs+sft / dpo candidates).
         train: curated train split (columns prompt, character, ...).
-        reference: ``training.rewards.StyleReference`` of the deployed model's replies.
+        reference: ``training.rewards.StyleReference`` of the deployed model's replies
+            (rs+sft, dpo; a grpo recipe calibrates on the logged train replies).
         checkers: character name -> instruction checkers.
         reward_model: the reward model the recipe names (or None for 'none').
         out_dir: final checkpoint folder (must not exist yet or is replaced).
         seed: seeds context choice, sampling and the trainer.
-        sampling: how rs+sft / dpo samples replies (its seed is replaced by ``seed``).
+        sampling: how the deployed model serves: rs+sft / dpo sample replies with it (its
+            seed replaced by ``seed``), grpo trains at its temperature and nucleus.
 
     Returns:
         ``{"examples": n, "reward_names": [...], "trainer_metrics": {...}}``.
     """
     from training.models import TRAINING_MARKER, model_config, seed_everything
-    from training.rewards import held_rates
 
     rng = np.random.default_rng(seed)
     prompts, characters = training_contexts(train, recipe.prompts, rng)
-    constraints = held_rates(
-        recipe.hold_rates, list(train["completion"]), list(train["character"]), checkers
-    )
-    held = [c.feature for c in constraints]
-    funcs, weights = reward_functions(recipe, checkers, reference, reward_model, held)
-    if recipe.reward_normalisation == "reference":
-        funcs = scaled_by_logged_replies(funcs, train, rng)
     model_args = model_config(
         base_model, use_peft=recipe.use_peft, lora_r=recipe.lora_r, lora_alpha=recipe.lora_alpha
     )
     staging = out_dir.parent / f".{out_dir.name}.partial"
     shutil.rmtree(staging, ignore_errors=True)
-    overrides = trainer_overrides(recipe)
     work = staging / "trainer"
     seed_everything(seed)
     if recipe.kind == "grpo":
-        from training.grpo import DEFAULT_WEIGHTS, grpo_config, grpo_records, train_grpo
+        from training.grpo import grpo_records
+        from training.recipes import build_grpo, logged_reference, transformers_policy
+        from training.recipes import train as train_build
 
-        if recipe.reward_normalisation == "reference":
-            overrides.setdefault("multi_objective_aggregation", "sum_then_normalize")
-        funcs = [*funcs, *constraints]
-        weights |= {c.__name__: DEFAULT_WEIGHTS[c.__name__] for c in constraints}
-        args = grpo_config(work, max_steps=recipe.max_steps, seed=seed, **overrides)
+        settings = grpo_recipe(recipe, sampling)
+        estimator = transformers_policy(deployed, base_model) if settings.estimates_rates else None
+        logged = logged_reference(
+            estimator, list(train["prompt"]), list(train["completion"]),
+            list(train["character"]), settings, rng,
+        )  # fmt: skip
+        del estimator
+        build = build_grpo(settings, checkers, logged, work, seed, reward_model)
         records = grpo_records(prompts, characters)
-        train_grpo(records, funcs, model_args, args, staging, weights=weights)
-        examples = len(records)
+        train_build(build, records, model_args, staging)
+        funcs, weights, examples = build.rewards, build.weights, len(records)
+        # What the recipe resolved to (the scenario's recipe record shows only what it set).
+        built = {k: v for k, v in build.describe().items() if k != "trainer"}
+        resolved = {"grpo": {"recipe": asdict(settings), **built}}
     else:
         from training.rejection import (
             best_replies,
@@ -167,6 +202,11 @@ def train_candidate(
             score_candidates,
         )
 
+        resolved = {}
+        funcs, weights = reward_functions(recipe, checkers, reference, reward_model)
+        if recipe.reward_normalisation == "reference":
+            funcs = scaled_by_logged_replies(funcs, train, rng)
+        overrides = trainer_overrides(recipe)
         params = SamplingParams(
             max_new_tokens=recipe.max_new_tokens,
             temperature=sampling.temperature,
@@ -206,4 +246,5 @@ def train_candidate(
         "reward_names": [f.__name__ for f in funcs],
         "weights": weights,
         "trainer_metrics": record.get("metrics", {}),
+        **resolved,
     }

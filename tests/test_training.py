@@ -510,6 +510,202 @@ def test_flywheel_train_command_end_to_end(recipe, tiny_llama_dir, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = json.loads((out / TRAINING_MARKER).read_text())["metrics"]
     assert metrics["global_step"] == 1
-    if recipe == "grpo":  # every logged reply has a "!": the rate held is 1
+    if recipe == "grpo":  # every logged reply has a "!": a rate to hold
         assert metrics["reward_names"][-1] == "exclamations_rate"
     _assert_serves(out)
+
+
+# ----------------------------------------------------------------------------- one recipe
+BENCHMARK_BEST = [
+    "--learning-rate", "5e-4", "--artifact-tolerance", "words=0,exclamations=0,emoji=1",
+    "--beta", "0.2", "--normalise", "reference", "--hold-rate", "emoji", "--rate-lr", "0.1",
+    "--rate-estimate", "tokens", "--top-p", "0.95", "--mask-credit", "emoji",
+    "--reference-samples", "2", "--max-new-tokens", "48", "--train-prompts", "128",
+]  # fmt: skip
+RECIPE_CHECKERS = {
+    "Pixel": build_checkers({"no_emoji": True, "max_words": 12}),
+    "Mara": build_checkers({"starts_with": "Ahoy"}),
+    "Kim": build_checkers({"ends_with_question": True}),
+}
+
+
+def _benchmark_module():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "grpo_steerability.py"
+    spec = importlib.util.spec_from_file_location("grpo_steerability", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def _reference(estimate: float = 0.05):
+    from training.recipes import ReferenceReplies
+
+    replies = ["Ahoy there, sailor!", "Hi 😀 friend", "What do you play?", "Ahoy! Fair winds"]
+    characters = ["Mara", "Kim", "Kim", "Mara"]
+    chats = [[{"role": "user", "content": f"hello {i}"}] for i in range(len(replies))]
+    return ReferenceReplies(
+        chats * 3, replies * 3, characters * 3, 0.8, 0.95, {"emoji": [estimate] * 12}
+    )
+
+
+def _three_recipes(steps: int):
+    """The loop's, the CLI's and the benchmark's recipe for the same settings: the
+    benchmark's best (benchmarks/README.md) with ``steps`` steps."""
+    from flywheel.candidates import grpo_recipe
+    from flywheel.scenario import RecipeConfig
+    from policies import SamplingParams
+    from training.recipes import cli_recipe
+
+    loop = grpo_recipe(
+        RecipeConfig(name="grpo", kind="grpo", max_steps=steps, max_new_tokens=48),
+        SamplingParams(temperature=0.8, top_p=0.95),
+    )
+    cli = cli_recipe(steps)
+    bench = _benchmark_module()
+    args = bench.build_parser().parse_args([*BENCHMARK_BEST, "--max-steps", str(steps)])
+    return {"loop": loop, "cli": cli, "benchmark": bench.recipe_from_args(args)}
+
+
+def test_loop_cli_and_benchmark_build_identical_grpo_runs(tmp_path):
+    from training.recipes import build_grpo
+
+    recipes = _three_recipes(steps=5)
+    assert recipes["loop"] == recipes["cli"] == recipes["benchmark"]
+    built = {
+        name: build_grpo(recipe, RECIPE_CHECKERS, _reference(), tmp_path, seed=3)
+        for name, recipe in recipes.items()
+    }
+    described = {name: build.describe() for name, build in built.items()}
+    assert described["loop"] == described["cli"] == described["benchmark"]
+    # What the benchmark's command line built by hand before there was a builder.
+    one = described["loop"]
+    assert one["reward_names"] == ["steerability", "artifact_penalty", "emoji_rate"]
+    assert set(one["weights"].values()) == {1.0}
+    held = one["rate_constraints"]["emoji_rate"]
+    assert held["target"] == pytest.approx(0.05) and held["characters"] == ["Kim", "Mara"]
+    assert one["credit_masks"] == {"emoji": ["Kim", "Mara"]}
+    trainer = one["trainer"]
+    assert (trainer["max_steps"], trainer["learning_rate"], trainer["beta"]) == (5, 5e-4, 0.2)
+    assert (trainer["temperature"], trainer["top_p"], trainer["max_completion_length"]) == (
+        0.8, 0.95, 48,
+    )  # fmt: skip
+    assert trainer["multi_objective_aggregation"] == "sum_then_normalize"
+    assert trainer["seed"] == 3 and trainer["num_generations"] == 8
+    scaled = built["cli"].rewards[0]
+    assert isinstance(scaled, ScaledReward) and scaled.scale == one["reward_scales"]["steerability"]
+
+
+def test_recipe_defaults_are_the_benchmarks_best_and_scenario_fields_override_them(tmp_path):
+    from flywheel.candidates import grpo_recipe
+    from flywheel.scenario import RecipeConfig
+    from policies import SamplingParams
+    from training.recipes import STEPS_TO_MOVE, GRPORecipe
+
+    best = GRPORecipe()
+    assert (best.beta, best.normalise, best.rate_estimate) == (0.2, "reference", "tokens")
+    assert best.mask_credit == best.hold_rates == ("emoji",) and best.max_steps == STEPS_TO_MOVE
+    serving = SamplingParams(temperature=0.7, top_p=0.9)
+    unset = grpo_recipe(RecipeConfig(name="g", kind="grpo"), serving)
+    assert (unset.normalise, unset.max_steps, unset.hold_rates) == ("reference", 47, ("emoji",))
+    assert (unset.temperature, unset.top_p) == (0.7, 0.9)  # GRPO samples as the model serves
+    chosen = grpo_recipe(
+        RecipeConfig(
+            name="g", kind="grpo", reward_normalisation="group", hold_rates=[], max_steps=6,
+            steerability_weight=0, trainer={"learning_rate": 1e-4},
+        ),
+        serving,
+    )  # fmt: skip
+    assert (chosen.normalise, chosen.hold_rates, chosen.max_steps) == ("group", (), 6)
+    build = build_grpo_count(chosen, tmp_path)
+    assert build.args.learning_rate == 1e-4 and build.args.temperature == 0.7
+    assert [r.__name__ for r in build.rewards] == ["artifact_penalty"]
+    assert build.args.multi_objective_aggregation == "normalize_then_sum"
+
+
+def build_grpo_count(recipe, tmp_path):
+    from training.recipes import ReferenceReplies, build_grpo
+
+    ref = _reference()
+    reference = ReferenceReplies(
+        ref.chats, ref.replies, ref.characters, recipe.temperature, recipe.top_p
+    )
+    return build_grpo(recipe, RECIPE_CHECKERS, reference, tmp_path / "w", seed=0)
+
+
+def test_token_estimated_rates_need_matching_sampling_and_estimates(tmp_path):
+    import re
+    from dataclasses import replace
+
+    from training.recipes import GRPORecipe, ReferenceReplies, build_grpo
+
+    recipe, ref = GRPORecipe(max_steps=1), _reference()
+    top_p_1 = replace(ref, top_p=1.0)
+    with pytest.raises(ValueError, match=re.escape("fix: top_p = 1.0, temperature = 0.8")):
+        build_grpo(recipe, RECIPE_CHECKERS, top_p_1, tmp_path, 0)
+    bare = ReferenceReplies(ref.chats, ref.replies, ref.characters, 0.8, 0.95)
+    with pytest.raises(ValueError, match="no token estimates"):
+        build_grpo(recipe, RECIPE_CHECKERS, bare, tmp_path, 0)
+    nucleus = replace(recipe, trainer={"top_p": 1.0})  # GRPOConfig fields may not move it
+    with pytest.raises(ValueError, match=re.escape("GRPO sampling at temperature 0.8, top_p 1.0")):
+        build_grpo(nucleus, RECIPE_CHECKERS, ref, tmp_path, 0)
+    counted = replace(recipe, rate_estimate="count")  # counting reads no probabilities
+    assert build_grpo(counted, RECIPE_CHECKERS, top_p_1, tmp_path, 0).constraints
+
+
+def test_loop_candidate_trains_the_benchmarks_recipe_on_logged_replies(tiny_llama_dir, tmp_path):
+    """The loop's grpo candidate: calibrated on the deployed model's logged replies (the
+    emoji rate read from its token probabilities), credit masked, one step, checkpoint."""
+    from flywheel.candidates import train_candidate
+    from flywheel.scenario import RecipeConfig
+    from policies import PolicySpec, SamplingParams, load_policy
+
+    deployed = load_policy(PolicySpec(model=str(tiny_llama_dir), dtype="float32"))
+    train = pd.DataFrame({
+        "prompt": PROMPTS, "character": ["Pixel", "Mara"] * 4,
+        "completion": ["Ahoy, what a fine day 😀", "Ahoy matey!"] * 4,
+    })  # fmt: skip
+    recipe = RecipeConfig(
+        name="grpo", kind="grpo", reward_model="none", prompts=4, max_steps=1,
+        max_new_tokens=8, trainer={"per_device_train_batch_size": 4, "num_generations": 4},
+    )  # fmt: skip
+    result = train_candidate(
+        recipe, str(tiny_llama_dir), deployed, train, REFERENCE, CHECKERS, None,
+        tmp_path / "model", seed=0, sampling=SamplingParams(temperature=0.7, top_p=0.95),
+    )  # fmt: skip
+    assert result["reward_names"] == ["steerability", "artifact_penalty", "emoji_rate"]
+    grpo = result["grpo"]
+    assert grpo["recipe"]["rate_estimate"] == "tokens" and grpo["recipe"]["temperature"] == 0.7
+    assert grpo["credit_masks"] == {"emoji": ["Mara"]}  # Pixel forbids emoji: a checker sees it
+    assert 0 < grpo["rate_constraints"]["emoji_rate"]["target"] < 1
+    assert result["trainer_metrics"]["global_step"] == 1
+    _assert_serves(tmp_path / "model")
+
+
+def test_grpo_benchmark_runs_through_the_builder_on_a_tiny_budget(tiny_llama_dir, tmp_path):
+    """The benchmark's entry point end to end on the tiny model: base evaluation, reference,
+    the builder's rewards and credit mask, one step, evaluation, report."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "bench"
+    done = subprocess.run(
+        [sys.executable, "benchmarks/grpo_steerability.py", "--model", str(tiny_llama_dir),
+         "--train-prompts", "4", "--eval-prompts", "2", "--eval-samples", "1",
+         "--max-steps", "1", "--max-new-tokens", "8", "--rate-estimate", "tokens",
+         "--top-p", "0.95", "--mask-credit", "emoji", "--out", str(out)],
+        cwd=repo, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((out / "before_after.json").read_text())
+    assert report["train_steps"] == 1 and set(report["reward_scales"]) == {
+        "steerability", "artifact_penalty",
+    }  # fmt: skip
+    assert set(report["credit_masks"]) == {"emoji"}
+    assert report["paired_tests"]["instruction_following_rate"]["n_prompts"] == 2

@@ -4,7 +4,9 @@ The dataset holds one row per prompt: ``{"prompt": [system, ..., user], "charact
 name}`` (``grpo_records``). For each prompt GRPO samples ``num_generations`` replies,
 scores them with the reward functions of ``training.rewards`` and pushes the policy
 towards the replies that beat their group. The part people change is the reward list
-and its weights (``build_rewards``); everything else is TRL.
+and its weights (``build_rewards``); everything else is TRL. The loop, ``flywheel train
+grpo`` and the GRPO benchmark assemble rewards, rate constraints, credit masks and this
+config in one place, ``training.recipes.build_grpo``.
 
 On CPU (default) generation is transformers' ``generate`` and LoRA keeps the step cheap
 (benchmarks/README.md has step times on a 2-core CPU). On GPUs the same recipe
