@@ -15,6 +15,8 @@ exact binomial, one-sided   a rate against a fixed bar (reward-model win rate ov
 (``binomial_less``)         decisive pairs)
 count above an allowance    the safety gate: more unsafe replies than ``max_unsafe_rate``
 (``allowance_power``)       allows fails, with no alpha (the gate errs towards failing)
+paired t-test, one-sided    per-prompt follow rates of the two models over several replies
+(``paired_rate_drop_p``)    each (the IFBench gate, ``flywheel.ifbench``)
 ==========================  =============================================================
 
 McNemar power is exact: the number of discordant pairs is Binomial(n, psi) and, given m of
@@ -177,3 +179,52 @@ def paired_power(
         n_needed=mcnemar_sample_size(effect, discordance, alpha, target),
         target=target,
     )
+
+
+def paired_rate_drop_p(deployed: np.ndarray, candidate: np.ndarray) -> float:
+    """One-sided paired t-test p-value that the candidate's per-prompt rates are lower than
+    the deployed model's (scipy ``ttest_rel``, alternative ``greater``). Differences that are
+    all equal have no spread to test: p is 0 when every prompt fell by the same amount, 1
+    when none moved or all rose."""
+    a, b = np.asarray(deployed, dtype=float), np.asarray(candidate, dtype=float)
+    diff = a - b
+    if len(diff) < 2:
+        return 1.0
+    if np.ptp(diff) == 0:
+        return 0.0 if diff[0] > 0 else 1.0
+    return float(stats.ttest_rel(a, b, alternative="greater").pvalue)
+
+
+def rate_difference_sd(deployed_rate: float, candidate_rate: float, samples: int) -> float:
+    """Standard deviation of a prompt's difference of follow rates over ``samples`` replies
+    each, when each model follows independently at its rate: sqrt((p(1-p) + q(1-q)) / k).
+    Prompts differ in how hard they are; the binomial variance at the pooled rate bounds
+    the average of theirs from above (E[p_i(1-p_i)] = p(1-p) - Var(p_i)), so the power it
+    gives errs low."""
+    p, q = deployed_rate, candidate_rate
+    return math.sqrt((p * (1 - p) + q * (1 - q)) / samples)
+
+
+def paired_rate_power(
+    n: int, samples: int, deployed_rate: float, effect: float, alpha: float, target: float
+) -> Power:
+    """Power of ``paired_rate_drop_p`` < alpha on ``n`` prompts of ``samples`` replies each to
+    see the deployed model's follow rate fall by ``effect`` (statsmodels ``TTestPower``, the
+    non-central t, with the spread of ``rate_difference_sd``)."""
+    from statsmodels.stats.power import TTestPower
+
+    degraded = deployed_rate - effect
+    if effect <= 0 or degraded < 0:
+        return Power(1.0, n, 0, target, possible=False)
+    sd = rate_difference_sd(deployed_rate, degraded, samples)
+
+    def power_at(m: int) -> float:
+        if m < 2:
+            return 0.0
+        if sd == 0:  # from 1 to 0: every prompt falls by the whole effect
+            return 1.0
+        return float(
+            TTestPower().power(effect_size=effect / sd, nobs=m, alpha=alpha, alternative="larger")
+        )
+
+    return Power(power_at(n), n, sample_size(power_at, target, start=2), target)

@@ -7,7 +7,9 @@ batched call per model:
   logs (``training.curation`` keeps those users out of every training split);
 - *the steerability benchmark*: held-out characters (``scenarios/heldout_characters``,
   instructions no training character has, see ``flywheel.scenario.check_heldout``) meeting
-  real human openers from the chit-chat corpus's held-out split.
+  real human openers from the chit-chat corpus's held-out split;
+- *IFBench* (``gates.ifbench.enabled``): the public benchmark's prompts our checkers can
+  score, ``gates.ifbench.samples`` replies each with the same seeds (``flywheel.ifbench``).
 
 Gates (thresholds in ``flywheel.scenario.GatesConfig``). Each gate guards against a
 degradation of a stated size and decides by a one-sided test at ``gates.style.alpha``
@@ -18,8 +20,8 @@ degradation of a stated size and decides by a one-sided test at ``gates.style.al
   below ``gates.min_power``: the sample could not have told, so the gate does not pass;
 - ``pass``: it does not, and it would have with at least ``gates.min_power``.
 
-A candidate must pass all four; ``inconclusive`` gates it like ``fail``, with the sample
-size the gate needs in its reason.
+A candidate must pass all of them (four, five with IFBench); ``inconclusive`` gates it like
+``fail``, with the sample size the gate needs in its reason.
 
 ==================  ===========================================================================
 ``rm_win_rate``     the naive reward model's win rate of the candidate's reply over the deployed
@@ -39,6 +41,9 @@ size the gate needs in its reason.
                     blocked by the serving safety checker (``rewards.safety``), no alpha:
                     one reply over the allowance fails; power at an unsafe rate of
                     ``detect_unsafe_rate``.
+``ifbench``         on IFBench's covered prompts, the per-prompt follow rate does not fall
+                    significantly (one-sided paired t-test, ``flywheel.ifbench``); power at a
+                    fall of ``gates.ifbench.max_following_drop`` from the deployed model's rate.
 ==================  ===========================================================================
 """
 
@@ -59,6 +64,8 @@ from flywheel.gate_power import (
     binomial_less_power,
     mcnemar_greater,
     paired_power,
+    paired_rate_drop_p,
+    paired_rate_power,
     sample_size,
 )
 from flywheel.scenario import GatesConfig
@@ -183,6 +190,7 @@ class OfflineReport:
     parent_unsafe_rate: float
     replies: pd.DataFrame  # every prompt with both replies and their scores
     steerability_pairs: pd.DataFrame  # per benchmark prompt: follows / violates, both models
+    ifbench: pd.DataFrame | None = None  # flywheel.ifbench.follow_table (None: gate off)
 
     @staticmethod
     def _overall(table: pd.DataFrame, column: str) -> float:
@@ -225,6 +233,16 @@ class OfflineReport:
             "parent_unsafe_rate": self.parent_unsafe_rate,
             "style_regression": self.style_regression.to_dict(),
             "steerability_by_character": self.steerability.to_dict(orient="records"),
+            **self._ifbench_dict(),
+        }
+
+    def _ifbench_dict(self) -> dict[str, Any]:
+        if self.ifbench is None:
+            return {}
+        return {
+            "ifbench_following": float(self.ifbench["candidate_follows"].mean()),
+            "parent_ifbench_following": float(self.ifbench["deployed_follows"].mean()),
+            "ifbench_prompts": int(self.ifbench["key"].nunique()),
         }
 
 
@@ -270,6 +288,15 @@ def evaluate_offline(
 
     cand_checks, dep_checks = bench_checks(cand_bench), bench_checks(dep_bench)
 
+    ifbench = None
+    if config.ifbench.enabled:
+        from flywheel.ifbench import follow_table, gate_prompts
+
+        ifb = config.ifbench
+        ifbench = follow_table(
+            candidate, deployed, gate_prompts(ifb), ifb.samples, ifb.max_new_tokens,
+            params.temperature, params.top_p, params.seed,
+        )  # fmt: skip
     cand_verdicts = safety_checker.check(cand)
     dep_verdicts = safety_checker.check(dep)
     replies = pd.DataFrame({
@@ -304,17 +331,21 @@ def evaluate_offline(
         unsafe_rate=float(replies["candidate_unsafe"].mean()),
         parent_unsafe_rate=float(replies["deployed_unsafe"].mean()),
         replies=replies,
+        ifbench=ifbench,
     )
 
 
 def apply_gates(report: OfflineReport, config: GatesConfig) -> list[Gate]:
     """Every gate's verdict (all are evaluated, so every failing reason is recorded)."""
-    return [
+    gates = [
         rm_win_rate_gate(report, config),
         steerability_gate(report, config),
         style_gate(report, config),
         safety_gate(report, config),
     ]
+    if config.ifbench.enabled:
+        gates.append(ifbench_gate(report, config))
+    return gates
 
 
 def _verdict(seen: bool, power: Power) -> Verdict:
@@ -491,6 +522,56 @@ def safety_gate(report: OfflineReport, config: GatesConfig) -> Gate:
         reason = f"{measured}; {_seen(power, f'an unsafe rate of {safety.detect_unsafe_rate:.2f}')}"
     return Gate.decided(
         "safety", verdict, value=report.unsafe_rate, threshold=allowed, reason=reason,
+        power=power.power, n=n, n_needed=power.n_needed,
+    )  # fmt: skip
+
+
+MAX_IFBENCH_SAMPLES = 64  # replies per prompt the inconclusive IFBench gate may ask for
+
+
+def ifbench_gate(report: OfflineReport, config: GatesConfig) -> Gate:
+    """Fails when the candidate's per-prompt IFBench follow rate is significantly below the
+    deployed model's (one-sided paired t-test); power at a fall of
+    ``gates.ifbench.max_following_drop`` (``flywheel.gate_power.paired_rate_power``)."""
+    from flywheel.ifbench import per_prompt_rates
+
+    if report.ifbench is None:
+        raise ValueError(
+            "gates.ifbench.enabled but the offline report has no IFBench replies; fix: "
+            "evaluate with the same gates config (evaluate_offline) or disable gates.ifbench"
+        )
+    ifb, alpha, target = config.ifbench, config.style.alpha, config.min_power
+    rates = per_prompt_rates(report.ifbench)
+    n, drop = len(rates), ifb.max_following_drop
+    replies = int(report.ifbench.groupby("key").size().min())  # per prompt and model
+    before, after = float(rates["deployed"].mean()), float(rates["candidate"].mean())
+    p = paired_rate_drop_p(rates["deployed"].to_numpy(), rates["candidate"].to_numpy())
+    power = paired_rate_power(n, replies, before, drop, alpha, target)
+    verdict = _verdict(p < alpha, power)
+    measured = (
+        f"IFBench follow rate {before:.2f} -> {after:.2f} on {n} prompts x {replies} "
+        f"replies (one-sided paired t-test p = {p:.2g})"
+    )
+    if verdict == "fail":
+        reason = f"following fell significantly at alpha {alpha:g}: {measured}"
+    elif verdict == "inconclusive":
+        what = f"prompts detect a {drop:.2f} fall in the follow rate"
+        # Our checkers cover few IFBench prompts: more replies per prompt is the lever.
+        samples = next(
+            (k for k in range(replies + 1, MAX_IFBENCH_SAMPLES + 1)
+             if paired_rate_power(n, k, before, drop, alpha, target).enough),
+            None,
+        )  # fmt: skip
+        fix = (
+            f"raise gates.ifbench.samples to {samples}"
+            if samples is not None
+            else f"raise gates.ifbench.max_following_drop ({n} prompts cannot see {drop:.2f})"
+        )
+        reason = f"{_blind(n, what, power, alpha, fix)}; {measured}"
+    else:
+        reason = f"no significant fall: {measured}; {_seen(power, f'a {drop:.2f} fall')}"
+    return Gate.decided(
+        "ifbench", verdict, value=after, threshold=before - drop, reason=reason,
         power=power.power, n=n, n_needed=power.n_needed,
     )  # fmt: skip
 

@@ -15,7 +15,8 @@ generation K = 1, 2, ... then runs these steps, in order, each recorded in the r
 4. ``candidate:R``    each scenario recipe R makes a candidate from the deployed model
                       (``flywheel.candidates``) -> ``artifacts/gen{K}/models/R``.
 5. ``offline:R``      offline evaluation and gates (``flywheel.gates``): reward-model win
-                      rate, held-out steerability, style-artifact regression, safety.
+                      rate, held-out steerability, style-artifact regression, safety and,
+                      with ``gates.ifbench``, IFBench's prompts our checkers score.
 6. ``ab``             the best candidate that passed every gate (highest style-controlled
                       win rate) meets the deployed model in a simulated A/B test (experiment
                       ``gen{K}-ab``), analysed by ``flywheel.ab`` -> ``artifacts/gen{K}/ab/``.
@@ -569,6 +570,13 @@ class FlywheelRun:
         _atomic_write(
             replies, report.replies.to_json(orient="records", lines=True, force_ascii=False)
         )
+        files = {"replies": self.rel(replies)}
+        if report.ifbench is not None:
+            ifbench = folder / f"{recipe}_ifbench.jsonl"
+            _atomic_write(
+                ifbench, report.ifbench.to_json(orient="records", lines=True, force_ascii=False)
+            )
+            files["ifbench_replies"] = self.rel(ifbench)
         self.console.print(report.style_regression.summary())
         for gate in verdicts:
             shown = "pass" if gate.passed else gate.verdict.upper()
@@ -577,7 +585,7 @@ class FlywheelRun:
             "offline": _json_ready(report.offline_dict()),
             "gates": [_json_ready(g.to_dict()) for g in verdicts],
             "passed": all(g.passed for g in verdicts),
-            "replies": self.rel(replies),
+            **files,
         }
 
     # ------------------------------------------------------------------ A/B and decision

@@ -32,6 +32,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from flywheel.ifbench import IFBenchGateConfig
 from policies.spec import PolicySpec
 from sim.serving import ServingConfig
 from sim.traffic import TrafficConfig
@@ -141,7 +142,13 @@ class RewardModelsConfig(BaseModel):
 
 
 class RecipeConfig(BaseModel):
-    """One way to make a candidate from the deployed model and the generation's data."""
+    """One way to make a candidate from the deployed model and the generation's data.
+
+    A grpo recipe is the GRPO benchmark's (``training.recipes.GRPORecipe``: KL leash, rewards
+    scaled by the reference, emoji rate held, emoji credit masked, its step count); of the
+    fields below it takes ``max_steps``, ``reward_normalisation``, ``artifact_tolerance`` and
+    ``hold_rates`` only where the scenario sets them (``flywheel.candidates.grpo_recipe``).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -420,6 +427,10 @@ class GatesConfig(BaseModel):
     )
     safety: SafetyGateConfig = Field(
         default_factory=SafetyGateConfig, description="Offline safety gate."
+    )
+    ifbench: IFBenchGateConfig = Field(
+        default_factory=IFBenchGateConfig,
+        description="IFBench (public benchmark) prompts our checkers score (flywheel.ifbench).",
     )
 
 

@@ -19,6 +19,9 @@ from flywheel.gate_power import (
     mcnemar_greater,
     mcnemar_power,
     mcnemar_sample_size,
+    paired_rate_drop_p,
+    paired_rate_power,
+    rate_difference_sd,
     worst_case_discordance,
 )
 from flywheel.gates import (
@@ -110,6 +113,29 @@ def steer_report(deployed_follows: list[bool], candidate_follows: list[bool]) ->
 
 def halves(n: int) -> list[bool]:
     return [i % 2 == 0 for i in range(n)]
+
+
+def test_paired_rate_test_and_power_match_statsmodels_and_a_seeded_simulation() -> None:
+    """The IFBench gate's test: per-prompt follow rates over k replies of each model."""
+    from statsmodels.stats.weightstats import DescrStatsW
+
+    n, k, p, q, trials = 12, 4, 0.6, 0.35, 4000
+    rng = np.random.default_rng(0)
+    deployed = rng.binomial(k, p, size=(trials, n)) / k
+    candidate = rng.binomial(k, q, size=(trials, n)) / k
+    for a, b in zip(deployed[:5], candidate[:5], strict=True):
+        reference = DescrStatsW(a - b).ttest_mean(alternative="larger")[1]
+        assert paired_rate_drop_p(a, b) == pytest.approx(reference)
+    diff = deployed - candidate
+    assert rate_difference_sd(p, q, k) == pytest.approx(diff.std(ddof=1), rel=0.02)
+    pvalues = stats.ttest_rel(deployed, candidate, axis=1, alternative="greater").pvalue
+    power = paired_rate_power(n, k, p, p - q, 0.05, 0.8)
+    assert abs(np.mean(pvalues < 0.05) - power.power) < 0.03
+    assert paired_rate_power(power.n_needed, k, p, p - q, 0.05, 0.8).enough
+    assert not paired_rate_power(power.n_needed - 1, k, p, p - q, 0.05, 0.8).enough
+    # No spread to test: every prompt fell alike is a fall, none moved is none.
+    assert paired_rate_drop_p([1.0, 1.0], [0.5, 0.5]) == 0.0
+    assert paired_rate_drop_p([0.5, 0.5], [0.5, 0.5]) == 1.0
 
 
 def test_24_pairs_cannot_see_a_20_point_drop_so_steerability_is_inconclusive() -> None:

@@ -96,6 +96,9 @@ max_following_drop = 1.0
 max_violation_increase = 1.0
 [gates.safety]
 max_unsafe_rate = 1.0
+[gates.ifbench]
+samples = 2
+max_new_tokens = 6
 """,
         encoding="utf-8",
     )
@@ -209,7 +212,7 @@ def test_run_writes_the_generation_table(runs: dict[str, Any]) -> None:
         assert record["recipe"] == "rs+sft"
         assert record["decision"] in ("ship", "hold", "gated")
         assert {g["name"] for g in record["gates"]} == {
-            "rm_win_rate", "steerability", "style_artifacts", "safety",
+            "rm_win_rate", "steerability", "style_artifacts", "safety", "ifbench",
         }  # fmt: skip
         assert (runs["clean"] / record["model_path"] / "config.json").is_file()
         if record["decision"] == "gated":

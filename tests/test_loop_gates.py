@@ -83,6 +83,8 @@ POWERED = {
         "max_catchphrase_increase": 0.5,
     },
     "safety": {"max_unsafe_rate": 0.05, "detect_unsafe_rate": 0.3},
+    # 8 tokens hold none of IFBench's word ranges: a fall from 0 cannot happen, so it passes.
+    "ifbench": {"samples": 2, "max_new_tokens": 8},
 }
 
 
@@ -116,6 +118,7 @@ def test_plain_candidate_passes_every_gate_and_meets_the_deployed_model(planted)
     gates = gates_of(plain)
     assert {g["verdict"] for g in gates.values()} == {"pass"}, gates
     assert all(g["power"] >= 0.8 for g in gates.values())
+    assert "cannot happen from here" in gates["ifbench"]["reason"]
     assert plain["passed_gates"]
     record = planted["record"]
     # The only candidate through the gates goes to the A/B test, which decides.
