@@ -112,9 +112,10 @@ def grpo_recipe(recipe: RecipeConfig, sampling: SamplingParams) -> Any:
     """The ``training.recipes.GRPORecipe`` of a scenario's grpo recipe: the benchmark's
     settings, overridden by the fields the scenario sets (``max_steps``,
     ``reward_normalisation``, ``artifact_tolerance``, ``hold_rates``; ``trainer`` and
-    ``trainer_file`` as GRPOConfig fields), its reward weights and reply length, sampling
-    at the serving ``sampling`` (the logged replies' distribution)."""
-    from training.recipes import GRPORecipe
+    ``trainer_file`` as GRPOConfig fields, the recipe's own among them lifted into it), its
+    reward weights and reply length, sampling at the serving ``sampling`` (the logged
+    replies' distribution) unless the trainer fields say otherwise."""
+    from training.recipes import GRPORecipe, split_trainer_fields
 
     chosen = {
         ours: getattr(recipe, theirs)
@@ -123,14 +124,15 @@ def grpo_recipe(recipe: RecipeConfig, sampling: SamplingParams) -> Any:
     }
     if "hold_rates" in chosen:
         chosen["hold_rates"] = tuple(chosen["hold_rates"])
-    return GRPORecipe(
+    named, trainer = split_trainer_fields(trainer_overrides(recipe))
+    settings = {
+        "max_new_tokens": recipe.max_new_tokens,
+        "temperature": sampling.temperature,
+        "top_p": sampling.top_p,
         **chosen,
-        max_new_tokens=recipe.max_new_tokens,
-        temperature=sampling.temperature,
-        top_p=sampling.top_p,
-        weights=recipe.weights(),
-        trainer=trainer_overrides(recipe),
-    )
+        **named,
+    }
+    return GRPORecipe(**settings, weights=recipe.weights(), trainer=trainer)
 
 
 def train_candidate(

@@ -621,6 +621,7 @@ def test_recipe_defaults_are_the_benchmarks_best_and_scenario_fields_override_th
         serving,
     )  # fmt: skip
     assert (chosen.normalise, chosen.hold_rates, chosen.max_steps) == ("group", (), 6)
+    assert chosen.learning_rate == 1e-4 and chosen.trainer == {}  # the recipe says what ran
     build = build_grpo_count(chosen, tmp_path)
     assert build.args.learning_rate == 1e-4 and build.args.temperature == 0.7
     assert [r.__name__ for r in build.rewards] == ["artifact_penalty"]

@@ -280,13 +280,32 @@ def same_sampling(grpo: tuple[float, float], reference: tuple[float, float]) -> 
         )
 
 
+# GRPOConfig fields that are GRPORecipe settings under another name or the same one.
+_RECIPE_FIELDS = {
+    "learning_rate": "learning_rate",
+    "beta": "beta",
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "max_completion_length": "max_new_tokens",
+}
+
+
+def split_trainer_fields(fields: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """GRPOConfig ``fields`` as (GRPORecipe settings, the rest for ``GRPORecipe.trainer``):
+    a learning rate given as a trainer field is the recipe's learning rate, so that the
+    recipe says what the run used."""
+    named = {_RECIPE_FIELDS[k]: v for k, v in fields.items() if k in _RECIPE_FIELDS}
+    return named, {k: v for k, v in fields.items() if k not in _RECIPE_FIELDS}
+
+
 def cli_recipe(
     steps: int, hold_rates: Sequence[str] = (), overrides: Mapping[str, Any] | None = None
 ) -> GRPORecipe:
     """``flywheel train grpo``'s recipe: the benchmark's, with ``--steps``, ``--hold-rate``
     (none given: the recipe's; ``none``: no rate held) and ``--config``'s GRPOConfig fields."""
     held = {} if not hold_rates else {"hold_rates": tuple(f for f in hold_rates if f != "none")}
-    return GRPORecipe(max_steps=steps, trainer=dict(overrides or {}), **held)
+    named, trainer = split_trainer_fields(overrides or {})
+    return GRPORecipe(max_steps=steps, trainer=trainer, **held, **named)
 
 
 @dataclass(frozen=True)
