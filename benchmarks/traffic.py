@@ -47,6 +47,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from flywheel.store import RunStore
 from policies import Chat, Generation, Policy, PolicySpec, SamplingParams, load_policy
+from policies.engine import shared_prefixes
 from policies.hardware import machine_summary
 from sim.traffic import CountingPolicy, SamplingConfig, TrafficConfig, TrafficSimulator
 from sim.world import World, WorldConfig
@@ -172,15 +173,17 @@ def simulate(
 
 
 def replay(policy: Policy, run: DayRun) -> Row:
-    """Replay the recorded calls through the bare policy: generation at the same batches."""
+    """Replay the recorded calls through the bare policy: generation at the same batches,
+    prefixes kept across the calls as the simulator keeps them within a day."""
     tokens, seconds, chats, calls = 0, 0.0, 0, 0
-    for recorded in (run.bot.recorded, run.user.recorded):
-        for batch, params in recorded:
-            started = time.perf_counter()
-            out = policy.generate(batch, params)
-            seconds += time.perf_counter() - started
-            tokens += sum(g.completion_tokens for g in out)
-            chats, calls = chats + len(batch), calls + 1
+    with shared_prefixes():
+        for recorded in (run.bot.recorded, run.user.recorded):
+            for batch, params in recorded:
+                started = time.perf_counter()
+                out = policy.generate(batch, params)
+                seconds += time.perf_counter() - started
+                tokens += sum(g.completion_tokens for g in out)
+                chats, calls = chats + len(batch), calls + 1
     return Row("replay of its calls (generation only)", calls, chats, tokens, seconds)
 
 
@@ -235,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2", help="'tiny' (random 2-layer Llama), "
                         "'smollm2' or any HF folder / id")  # fmt: skip
-    parser.add_argument("--backend", default="hf", help="policy backend of the model")
+    parser.add_argument("--backend", default="hf_engine", help="policy backend of the model")
     parser.add_argument("--users", type=int, default=120, help="population of the run")
     parser.add_argument("--days", type=int, default=1, help="simulated days")
     parser.add_argument("--baseline-users", type=int, default=0,
