@@ -22,6 +22,7 @@ PAGES = (
     ("reward_models.py", "Reward models", ":material/target:"),
     ("style_artifacts.py", "Style artifacts", ":material/palette:"),
     ("conversations.py", "Conversations", ":material/forum:"),
+    ("fidelity.py", "Simulated-user fidelity", ":material/groups:"),
 )
 
 st.set_page_config(page_title="CharacterFlywheel", page_icon=":material/cyclone:", layout="wide")

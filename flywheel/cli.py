@@ -598,6 +598,29 @@ def report(
     typer.echo(render_markdown(document["scenario"], records) if markdown else text_table(records))
 
 
+@app.command("fidelity")
+def fidelity(
+    run_dir: str = typer.Argument(..., help="Run directory with simulated traffic (run.duckdb)."),
+    experiment: str | None = typer.Option(
+        None, "--experiment", help="Read one experiment (default: every experiment, pooled)."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed of the human resamples (distinct-2)."),
+) -> None:
+    """Compare a run's simulated users with held-out human chat: a PASS / MISS line per target.
+
+    Writes RUN_DIR/fidelity.json, fidelity.md and fidelity_qq.png (flywheel.fidelity)."""
+    from flywheel.fidelity import fidelity_card, write_fidelity
+
+    try:
+        card = fidelity_card(run_dir, experiment_id=experiment, seed=seed)
+    except (FileNotFoundError, ValueError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(code=2) from err
+    paths = write_fidelity(card, run_dir)
+    typer.echo(card.summary())
+    typer.echo("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
 @app.command("dashboard")
 def dashboard(
     run_dir: str = typer.Argument(..., help="Run directory (run.duckdb, generations.json)."),

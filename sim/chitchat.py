@@ -4,7 +4,8 @@ Used for simulated users' conversation openers and to calibrate how long their m
 Conversations (exact duplicates dropped: 6,233 remain) are split once, by a seeded
 permutation, into a *train* part (openers and lengths the simulation draws from) and a
 *held-out* part kept for evaluation, so that what the flywheel learns can be checked on
-openers it never saw.
+openers it never saw, and simulated users are measured against human chat they were not
+built from (``flywheel fidelity``).
 
 A message is the dataset's consecutive utterances of one speaker joined with a space.
 """
@@ -58,6 +59,12 @@ class ChitchatCorpus:
     def messages_per_conversation(self, split: Split = "train") -> np.ndarray:
         """Number of messages in each conversation (both speakers)."""
         return np.array([len(conv) for conv in self.conversations(split)], dtype=int)
+
+    def opener_messages_per_conversation(self, split: Split = "train") -> np.ndarray:
+        """Messages the opening speaker sent in each conversation (speakers alternate, so
+        ``ceil(n / 2)`` of ``n``): a simulated user's messages per session are compared with it.
+        """
+        return (self.messages_per_conversation(split) + 1) // 2
 
 
 @functools.cache

@@ -8,7 +8,7 @@
 2. ``bot_turn(sessions, bot_policy, params, novelty)`` answers every given session with ONE
    ``bot_policy.generate`` call, then scores the replies (features, checkers), computes the
    gold utility, draws the user's signals and moves latent state. A session whose user
-   leaves, reports, or reaches the turn cap gets ``ended=True``.
+   leaves, reports, said goodbye, or reaches the turn cap gets ``ended=True``.
    ``apply_replies`` does the same for replies written elsewhere (the env's actions).
 3. ``user_turn(sessions, params)`` writes the next user message for every open session with
    ONE user-LLM call.
@@ -23,6 +23,22 @@ per reply (like, report, continue), so two sessions opened with the same seed dr
 uniform at the same turn whatever the replies were: the common random numbers of a twin
 experiment (``sim.traffic``). Without seeds (the env, ``flywheel chat``), one generator drawn
 from ``rng`` does both.
+
+How a session ends (checked after every bot reply, in this order; ``end_reason``):
+
+1. ``reported``: the user reported the reply (a user who reports leaves).
+2. ``goodbye``: the user's message that this reply answered closed the chat (the user LLM
+   said bye, ``sim.user_llm.is_goodbye``). The character answers the goodbye, the user
+   reacts to that answer (like / report drawn as for any reply) and leaves: the reply's
+   ``continued`` is recorded False whatever the continue draw was, and the goodbye is the
+   user's last message (``TurnRecord.user_message`` of the session's last turn).
+3. ``left``: the continue draw failed (the latent leave hazard, ``sim.gold``).
+4. ``turn_cap``: the session reached the world's turn cap.
+
+So a user leaves when either the utility-driven continue draw fails or their own text says
+goodbye, whichever comes first. A goodbye is read from the text alone and draws nothing: every
+reply, the farewell answer included, consumes exactly its three ``signal_rng`` uniforms, so
+the common random numbers stay aligned turn by turn between twin lives.
 
 Also: ``open_sessions`` takes an
 optional ``characters`` list to pin characters; ``apply_replies`` and ``run_sessions`` exist
@@ -55,6 +71,7 @@ from sim.user_llm import UserSimulator
 END_LEFT = "left"
 END_REPORTED = "reported"
 END_TURN_CAP = "turn_cap"
+END_GOODBYE = "goodbye"
 
 
 @dataclass(frozen=True)
@@ -138,6 +155,7 @@ class Session:
     messages: list[Message] = field(default_factory=list)
     turns: list[TurnRecord] = field(default_factory=list)
     pii_flags: list[bool] = field(default_factory=list)  # one per user message
+    goodbye: bool = False  # the user's latest message closes the chat (see the module doc)
     ended: bool = False
     end_reason: str = ""
     closed: bool = False
@@ -353,7 +371,7 @@ class ConversationEngine:
             # fallback, so serving cannot hide an arm's unsafe replies from its guardrail.
             unsafe=serving_event == BLOCKED or assessment.unsafe,
             gold_satisfaction=utility,
-            continued=signals.continued,
+            continued=signals.continued and not session.goodbye,
             liked=signals.liked,
             reported=signals.reported,
             user_message_pii=session.pii_flags[-1],
@@ -363,6 +381,8 @@ class ConversationEngine:
         session.turns.append(record)
         if signals.reported:
             session.ended, session.end_reason = True, END_REPORTED
+        elif session.goodbye:
+            session.ended, session.end_reason = True, END_GOODBYE
         elif not signals.continued:
             session.ended, session.end_reason = True, END_LEFT
         elif len(session.turns) >= self.turn_cap:
@@ -388,9 +408,10 @@ class ConversationEngine:
             params,
             [s.rng for s in live],
         )
-        for session, (text, pii) in zip(live, written, strict=True):
-            session.messages.append({"role": "user", "content": text})
-            session.pii_flags.append(pii)
+        for session, message in zip(live, written, strict=True):
+            session.messages.append({"role": "user", "content": message.text})
+            session.pii_flags.append(message.pii)
+            session.goodbye = message.goodbye
 
     # ------------------------------------------------------------------ closing
     def close_session(self, session: Session) -> SessionRecord:

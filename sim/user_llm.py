@@ -20,12 +20,26 @@ conversations with ONE ``Policy.generate`` call (that is where the throughput is
   both per day, and the reports show the share per experiment.
 - Optional planted PII (e-mails, phone numbers, street addresses from ``faker``) at
   ``pii_rate`` per message, so curation can prove it scrubs them.
+- The prompt conditions the text on the user's segment description (``User.profile``), their
+  mood (``UserState.mood``, the running satisfaction of this session, in words: ``mood_words``)
+  and the character's last reply (the chat's last turn).
+- Users end chats themselves: a message that ``is_goodbye`` (a closing phrase such as "bye",
+  "gotta go", "talk later", or the end marker ``END_MARKER`` that user models such as UserLM
+  emit) is returned with ``goodbye=True``; ``sim.conversation`` then closes the session after
+  the character's answer to it. A marker with no words around it becomes a real human
+  closing message from the train split, counted as a fallback. The prompt tells the LLM it
+  may say bye, and a low mood tells it the user is bored, so the text-side exit follows the
+  same satisfaction as the latent leave hazard.
+- ``assistant_speak`` flags messages that sound like an assistant rather than a person
+  ("how can I help you", "I hope this helps", "as an AI", ...; ``ASSISTANT_SPEAK_PATTERNS``).
+  ``flywheel fidelity`` counts them in a run's stored user messages.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -38,7 +52,54 @@ if TYPE_CHECKING:
     from sim.characters import Character
     from sim.population import User
 
+END_MARKER = "<|endconversation|>"  # UserLM's end-of-conversation token
+# Closing phrases of a person leaving a chat (matched case-insensitively, as whole words).
+# Phrases that also occur mid-chat are pinned down: "see you" needs "later / soon ...",
+# "have to go" must end its clause ("I have to go to work" is no exit), "take care" must not
+# go on with "of", and "a good night" ("a good night's sleep") is no goodnight.
+_CLAUSE_END = r"(?:\s(?:now|soon))?(?=\s*(?:[.!,;:)]|lol|bye|$))"
+GOODBYE_RE = re.compile(
+    r"\b(?:good\s?bye|bye(?:\s?bye)?|byee+|ttyl|gtg|g2g|(?<!a\s)good\s?night|nite|"
+    r"see\s(?:you|ya|u)\s(?:later|soon|tomorrow|around|then)|"
+    r"talk\s(?:to\s(?:you|ya|u)\s)?(?:later|soon|tomorrow)|catch\s(?:you|ya)\slater|"
+    r"(?:gotta|got\sto|have\sto|need\sto|must)\s(?:go|run|head\s(?:out|off))"
+    + _CLAUSE_END
+    + r"|take\scare(?!\sof\b)|nice\s(?:talking|chatting)\s(?:to|with)\s(?:you|ya|u)|"
+    r"have\sa\s(?:good|great|nice|lovely)\s(?:day|night|evening|one|weekend))\b",
+    re.IGNORECASE,
+)
+# Assistant-speak: what a chat assistant says and a person chatting for fun does not. One
+# pattern per habit, each a whole-word, case-insensitive regex; the names are what
+# ``assistant_speak`` returns. Checked on held-out human chit-chat messages in
+# tests/test_user_llm.py (false-positive rate) and on assistant phrasings (recall).
+ASSISTANT_SPEAK_PATTERNS: dict[str, re.Pattern[str]] = {
+    name: re.compile(pattern, re.IGNORECASE)
+    for name, pattern in {
+        # "How can I help you?", "What can I do for you today?", "How may I assist you"
+        "offers_help": r"\b(?:how|what)\s(?:can|may|could)\si\s(?:help|assist|do\sfor)\b"
+        r"|\bhow\scan\si\sbe\sof\s(?:help|assistance|service)\b"
+        r"|\bi\scan\shelp\syou\b|\blet\sme\sknow\sif\syou\s(?:need|have|want)\b"
+        r"|\bfeel\sfree\sto\s(?:ask|reach\sout|let\sme\sknow)\b"
+        r"|\banything\selse\si\scan\b|\bif\syou\sneed\s(?:any\s)?(?:help|assistance)\b",
+        # "I'm here to help", "I'd be happy to assist", "glad I could help"
+        "eager_to_help": r"\bi(?:'m|\sam)\s(?:always\s)?(?:here|happy|glad|ready)\sto\s"
+        r"(?:help|assist)\b|\bi(?:'d|\swould)\s(?:be\s(?:happy|glad|delighted)|love)\sto\s"
+        r"(?:help|assist)\b|\bglad\s(?:i\scould|to)\s(?:help|assist)\b"
+        r"|\bhappy\sto\s(?:help|assist)\b",
+        # "I hope this helps", "I hope I can help you"
+        "hopes_it_helps": r"\bhope\s(?:this|that|it|i|my\s\w+)\s(?:\w+\s){0,2}help",
+        # "As an AI", "I'm just a language model", "I'm a virtual assistant"
+        "ai_self_reference": r"\bas\san?\s(?:ai|a\.i\.|language\smodel|assistant)\b"
+        r"|\bi(?:'m|\sam)\s(?:just\s|only\s)?an?\s(?:ai|language\smodel|chatbot|"
+        r"(?:virtual\s|chat\s|ai\s)?assistant)\b",
+        # "I'm sorry, but I can't assist with that", "I'm unable to provide"
+        "refusal": r"\bi(?:'m|\sam)\s(?:sorry,?\sbut\si(?:'m|\sam)\s)?(?:unable|not\sable)\s"
+        r"to\s(?:help|assist|provide|facilitate)\b|\bi\scan(?:'t|not)\sassist\b",
+    }.items()
+}
 GENERIC_SPEAKERS = ("user", "me", "you", "assistant", "bot", "human", "ai", "system", "character")
+MOOD_BORED = -0.3  # gold-utility units: below, the prompt says the user is bored
+MOOD_HAPPY = 0.3  # above, the prompt says the user enjoys the chat
 PII_TEMPLATES = {
     "email": ("btw my email is {}", "you can email me at {}", "my mail is {} if you want"),
     "phone": ("my number is {}", "text me at {}", "call me sometime, {}"),
@@ -76,6 +137,34 @@ def truncate_words(text: str, max_words: int) -> str:
     return kept
 
 
+def is_goodbye(text: str) -> bool:
+    """True when ``text`` closes the chat: a closing phrase (``GOODBYE_RE``) or ``END_MARKER``."""
+    return END_MARKER in text or GOODBYE_RE.search(text) is not None
+
+
+def assistant_speak(text: str) -> tuple[str, ...]:
+    """Names of the ``ASSISTANT_SPEAK_PATTERNS`` that ``text`` matches (empty: sounds human)."""
+    return tuple(name for name, pattern in ASSISTANT_SPEAK_PATTERNS.items() if pattern.search(text))
+
+
+def is_assistant_speak(text: str) -> bool:
+    """True when ``text`` sounds like an assistant (matches any ``ASSISTANT_SPEAK_PATTERNS``)."""
+    return any(pattern.search(text) for pattern in ASSISTANT_SPEAK_PATTERNS.values())
+
+
+def mood_words(mood: float) -> str:
+    """The user's mood (``UserState.mood``, in gold-utility units) as an instruction.
+
+    The bands split the utility of typical replies (roughly -1.3 .. 1.0 from the 10th to the
+    90th percentile) into disliked, middling and liked; a bored user is told they may leave.
+    """
+    if mood < MOOD_BORED:
+        return "You are getting bored and a bit annoyed with this chat; you may want to leave."
+    if mood > MOOD_HAPPY:
+        return "You are enjoying this chat."
+    return "You are in a so-so mood about this chat."
+
+
 def clean_message(text: str, speaker_names: Sequence[str], max_words: int) -> str:
     """Strip role prefixes, later speaker turns, wrapping quotes; cap at ``max_words`` words."""
     names = [*GENERIC_SPEAKERS, *speaker_names]
@@ -92,6 +181,16 @@ def clean_message(text: str, speaker_names: Sequence[str], max_words: int) -> st
     if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
         text = text[1:-1].strip()
     return truncate_words(text, max_words).strip()
+
+
+@dataclass(frozen=True)
+class UserMessage:
+    """One message a simulated user wrote: its text, whether PII was planted in it, and
+    whether it closes the chat (``is_goodbye``)."""
+
+    text: str
+    pii: bool = False
+    goodbye: bool = False
 
 
 class UserSimulator:
@@ -126,11 +225,18 @@ class UserSimulator:
         self.min_words_cap = min_words_cap
         self._openers = corpus.openers(split)  # type: ignore[arg-type]
         self._replies = corpus.replies(split)  # type: ignore[arg-type]
+        self._closings: list[str] | None = None  # human goodbyes, gathered on first need
         if not self._openers:
             raise ValueError(f"the chit-chat corpus has no openers in split {split!r}")
         self.messages = 0
         self.fallbacks = 0
         self._faker = None
+
+    def closings(self) -> list[str]:
+        """Human follow-up messages of the opener split that close a chat (``is_goodbye``)."""
+        if self._closings is None:
+            self._closings = [r for r in self._replies if is_goodbye(r)]
+        return self._closings
 
     def word_cap(self, user: User) -> int:
         """Most words a message of ``user`` may have."""
@@ -149,7 +255,8 @@ class UserSimulator:
             "You are the human user, not an assistant: never offer help. React to what "
             f"{character.name} just said, share something about yourself or ask a question. "
             f"Write one casual message of about {user.traits.message_words} words. "
-            "Never say you are an AI."
+            "Never say you are an AI. "
+            f"{mood_words(user.state.mood)} When you want to end the chat, say bye."
         )
 
     def user_chat(self, user: User, character: Character, messages: Sequence[Message]) -> Chat:
@@ -185,12 +292,13 @@ class UserSimulator:
         conversations: Sequence[Sequence[Message]],
         params: SamplingParams,
         rngs: Sequence[np.random.Generator],
-    ) -> list[tuple[str, bool]]:
+    ) -> list[UserMessage]:
         """The next message of every conversation with ONE policy call.
 
-        Returns ``(message, pii_planted)`` per conversation. ``rngs`` (one per conversation)
-        drive fallbacks and PII planting, so results do not depend on batch composition
-        beyond what the LLM's own sampling does.
+        ``rngs`` (one per conversation) drive fallbacks and PII planting, so results do not
+        depend on batch composition beyond what the LLM's own sampling does. A message is a
+        goodbye when the LLM's text closes the chat (``is_goodbye``), checked before PII is
+        planted.
         """
         if not len(users) == len(characters) == len(conversations) == len(rngs):
             raise ValueError(
@@ -202,14 +310,23 @@ class UserSimulator:
         triples = zip(users, characters, conversations, strict=True)
         chats = [self.user_chat(u, c, m) for u, c, m in triples]
         generations = self.policy.generate(chats, params)
-        out = []
-        for user, character, gen, rng in zip(users, characters, generations, rngs, strict=True):
-            text = clean_message(gen.text, [character.name], self.word_cap(user))
-            self.messages += 1
-            if not WORD_RE.search(text):
-                self.fallbacks += 1
-                text = truncate_words(
-                    self._replies[int(rng.integers(len(self._replies)))], self.word_cap(user)
-                )
-            out.append(self.maybe_plant_pii(text, rng))
-        return out
+        return [
+            self.read_generation(gen.text, user, character, rng)
+            for user, character, gen, rng in zip(users, characters, generations, rngs, strict=True)
+        ]
+
+    def read_generation(
+        self, raw: str, user: User, character: Character, rng: np.random.Generator
+    ) -> UserMessage:
+        """The user's message from the LLM's raw text: cleaned, replaced by a human message
+        when unusable (counted), marked as a goodbye, PII planted (see the module docstring)."""
+        marked = END_MARKER in raw
+        text = clean_message(raw.split(END_MARKER, 1)[0], [character.name], self.word_cap(user))
+        self.messages += 1
+        if not WORD_RE.search(text):
+            self.fallbacks += 1
+            pool = self.closings() if marked else self._replies
+            text = truncate_words(pool[int(rng.integers(len(pool)))], self.word_cap(user))
+        goodbye = marked or is_goodbye(text)
+        text, pii = self.maybe_plant_pii(text, rng)
+        return UserMessage(text, pii, goodbye)

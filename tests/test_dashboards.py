@@ -36,6 +36,7 @@ PAGES = {
     "Reward models": "views/reward_models.py",
     "Style artifacts": "views/style_artifacts.py",
     "Conversations": "views/conversations.py",
+    "Simulated-user fidelity": "views/fidelity.py",
 }
 TIMEOUT_S = 180  # a cold page imports statsmodels and friends on a busy 2-core machine
 
@@ -314,6 +315,28 @@ def open_twin_page(run_dir: Path | str) -> AppTest:
     app.selectbox(key="twin_experiment").set_value(TWIN_EXPERIMENT).run()
     assert not app.exception, [e.value for e in app.exception]
     return app
+
+
+def test_fidelity_page_shows_the_card_of_each_choice(run_dir: Path) -> None:
+    """The page shows ``flywheel.fidelity``'s card, line by line with target and status, for
+    the pooled run and for one experiment (the twin experiment: both lives replayed)."""
+    from flywheel.fidelity import fidelity_card
+
+    app = open_page(run_dir, "Simulated-user fidelity")
+    for choice, experiment in (
+        ("every experiment (pooled)", None),
+        (TWIN_EXPERIMENT, TWIN_EXPERIMENT),
+    ):
+        app.selectbox(key="fidelity_experiment").set_value(choice).run()
+        assert not app.exception, [e.value for e in app.exception]
+        card = fidelity_card(run_dir, experiment_id=experiment)
+        shown = app.dataframe[0].value
+        assert list(shown["name"]) == [line.name for line in card.lines]
+        assert list(shown["status"]) == [line.status for line in card.lines]
+        assert list(shown["target"]) == [line.target for line in card.lines]
+        headline = f"{len(card.misses)} of {len(card.lines)} lines missed their target"
+        assert (headline if card.misses else "lines met their target") in texts(app)
+        assert len(charts(app)) == 1  # the QQ plot
 
 
 def test_twin_view_shows_both_cis_and_the_variance_ratio(run_dir: Path) -> None:
@@ -644,6 +667,7 @@ def test_pages_degrade_without_optional_artifacts(tmp_path: Path, page: str) -> 
         "Reward models": "No best-of-n sweep recorded for this run",
         "Style artifacts": "No generations recorded",
         "Conversations": "sessions",
+        "Simulated-user fidelity": "held-out split of `chitchat-dataset`",
     }[page]
     assert expected in texts(app)
 

@@ -1,4 +1,5 @@
-"""LLM-simulated users: chit-chat corpus, output cleaning, PII planting, batched writing."""
+"""LLM-simulated users: chit-chat corpus, output cleaning, PII planting, batched writing,
+goodbyes that end a chat, and the assistant-speak checker."""
 
 from __future__ import annotations
 
@@ -14,10 +15,23 @@ from policies import Policy, SamplingParams, load_policy
 from policies.base import Chat, Generation
 from sim.characters import Character
 from sim.chitchat import load_chitchat
+from sim.conversation import END_GOODBYE
 from sim.population import PopulationConfig, UserSampler
-from sim.user_llm import UserSimulator, clean_message, truncate_words
+from sim.user_llm import (
+    END_MARKER,
+    UserMessage,
+    UserSimulator,
+    assistant_speak,
+    clean_message,
+    is_assistant_speak,
+    is_goodbye,
+    mood_words,
+    truncate_words,
+)
+from sim.world import World, parse_world
 
 CHARACTER = Character(name="Captain Mara", persona="A retired sea captain.", topics=("travel",))
+REPO = Path(__file__).resolve().parents[1]
 
 
 class CountingPolicy:
@@ -129,24 +143,28 @@ def test_next_messages_is_one_batched_call_and_seeded(tiny_policy: CountingPolic
         users, [CHARACTER] * 3, convs, params, [np.random.default_rng(i) for i in range(3)]
     )
     assert first == second
-    for (text, pii), user in zip(first, users, strict=True):
-        assert re.search(r"\w", text) and not pii
-        assert len(re.findall(r"\w+", text)) <= sim.word_cap(user)
+    for message, user in zip(first, users, strict=True):
+        assert isinstance(message, UserMessage)
+        assert re.search(r"\w", message.text) and not message.pii
+        assert message.goodbye == is_goodbye(message.text)
+        assert len(re.findall(r"\w+", message.text)) <= sim.word_cap(user)
     with pytest.raises(ValueError, match="one user, character"):
         sim.next_messages(users, [CHARACTER], convs, params, [np.random.default_rng(0)])
 
 
-@pytest.fixture(scope="module")
-def mute_llama_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Path:
-    """A real tiny Llama (SmolLM2's tokenizer) whose first sampled token is always its stop
-    token: embeddings are all ones and attention and MLP write nothing to the residual
-    stream, so every position's hidden state is the same, and only the stop token's output
-    row is non-zero (logit 64 against 0: probability 1 - 1e-23 at temperature 1). Every
-    message it writes is empty: a user LLM whose output is never usable."""
+def constant_llama(path: Path, smollm2_dir: Path, token: str | None) -> Path:
+    """A real tiny Llama (SmolLM2's tokenizer) that samples ``token`` at every step (None:
+    its stop token): embeddings are all ones and attention and MLP write nothing to the
+    residual stream, so every position's hidden state is the same, and only that token's
+    output row is non-zero (logit 64 against 0: probability 1 - 1e-23 at temperature 1)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    if token is None:
+        token_id = tokenizer.eos_token_id
+    else:
+        (token_id,) = tokenizer.encode(token, add_special_tokens=False)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,
@@ -166,11 +184,22 @@ def mute_llama_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) 
             layer.self_attn.o_proj.weight.zero_()
             layer.mlp.down_proj.weight.zero_()
         model.lm_head.weight.zero_()
-        model.lm_head.weight[tokenizer.eos_token_id] = 1.0
-    path = tmp_path_factory.mktemp("mute-llama")
+        model.lm_head.weight[token_id] = 1.0
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def mute_llama_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Path:
+    """A user LLM whose output is never usable: every message it writes is empty."""
+    return constant_llama(tmp_path_factory.mktemp("mute-llama"), smollm2_dir, None)
+
+
+@pytest.fixture(scope="module")
+def goodbye_llama_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Path:
+    """A user LLM that says " goodbye" at every step: every message it writes is a goodbye."""
+    return constant_llama(tmp_path_factory.mktemp("bye-llama"), smollm2_dir, " goodbye")
 
 
 def test_unusable_output_falls_back_and_is_counted(mute_llama_dir: Path) -> None:
@@ -185,7 +214,8 @@ def test_unusable_output_falls_back_and_is_counted(mute_llama_dir: Path) -> None
     chat = sim.user_chat(users[0], CHARACTER, convs[0])
     assert sim.policy.generate([chat], params)[0].text == ""  # the LLM wrote nothing
     replies = corpus.replies("train")
-    for (text, _), user in zip(written, users, strict=True):
+    for message, user in zip(written, users, strict=True):
+        text = message.text
         assert text and any(r.startswith(text) for r in replies)  # a real human message
         assert len(re.findall(r"\w+", text)) <= sim.word_cap(user)
     assert (sim.messages, sim.fallbacks) == (3, 3)
@@ -244,3 +274,176 @@ max_new_tokens = 4
     report = (out / "ab" / "report.md").read_text()
     assert f"| simulated-user fallbacks | {fallback_text(totals)} |" in report
     assert "(100.0%)" in fallback_text(totals)
+
+
+# ---------------------------------------------------------------------------- assistant-speak
+ASSISTANT_PHRASINGS = [
+    "How can I help you today?",
+    "What can I do for you?",
+    "I hope this helps!",
+    "I hope I can help you",
+    "As an AI, I don't have feelings.",
+    "I'm here to help with anything you need.",
+    "I'd be happy to assist you with that.",
+    "Feel free to ask me anything.",
+    "Let me know if you have any other questions.",
+    "I'm just a language model, so I can't travel.",
+    "I'm sorry, but I'm unable to facilitate communication or provide companionship.",
+    "Is there anything else I can do for you?",
+    "I am a virtual assistant.",
+    "Glad I could help!",
+]
+HUMAN_MESSAGES = [
+    "hey whats up",
+    "lol yeah I just got back from practice, so tired",
+    "Can you help me pick a movie for tonight? I can't decide",
+    "I hope it doesn't rain tomorrow, we have a picnic",
+    "my mom is an assistant principal at my school haha",
+    "I am not a morning person at all",
+    "what do you do for fun?",
+    "Honestly I'd love to go to Japan someday",
+]
+
+
+@pytest.mark.parametrize("text", ASSISTANT_PHRASINGS)
+def test_assistant_speak_flags_assistant_phrasings(text: str) -> None:
+    assert is_assistant_speak(text) and assistant_speak(text)
+
+
+@pytest.mark.parametrize("text", HUMAN_MESSAGES)
+def test_assistant_speak_passes_human_messages(text: str) -> None:
+    assert not is_assistant_speak(text) and assistant_speak(text) == ()
+
+
+def test_assistant_speak_rarely_flags_held_out_human_chat() -> None:
+    """People chatting for fun almost never sound like an assistant: under 0.5% of the
+    held-out chit-chat messages are flagged (about 0.04% when the checker was written)."""
+    corpus = load_chitchat()
+    messages = [m for conv in corpus.conversations("heldout") for m in conv]
+    flagged = [m for m in messages if is_assistant_speak(m)]
+    assert len(messages) > 20_000
+    assert len(flagged) / len(messages) < 0.005, flagged[:20]
+
+
+# ---------------------------------------------------------------------------- goodbyes
+@pytest.mark.parametrize(
+    "text",
+    ["bye!", "ok gotta go, ttyl", "Goodnight :)", "nice talking to you", f"fine {END_MARKER}",
+     "I have to go now, see you later", "Take care!", "have a great day"],
+)  # fmt: skip
+def test_goodbyes_are_recognised(text: str) -> None:
+    assert is_goodbye(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["I'd love to see you try", "what do you do for a living?", "I have to admit it's good",
+     "byproduct of the war", "we had a good day at the beach", "I have to go to work",
+     "take care of my dog", "I had a good night"],
+)  # fmt: skip
+def test_other_messages_are_not_goodbyes(text: str) -> None:
+    assert not is_goodbye(text)
+
+
+def test_goodbyes_sit_at_the_end_of_human_conversations() -> None:
+    """On held-out human chat, a conversation's last message is a goodbye far more often
+    than any earlier message (about 21% against 0.6% when the pattern was written)."""
+    corpus = load_chitchat()
+    convs = [c for c in corpus.conversations("heldout") if len(c) > 1]
+    last = np.mean([is_goodbye(c[-1]) for c in convs])
+    earlier = np.mean([is_goodbye(m) for c in convs for m in c[:-1]])
+    assert last > 0.1 and earlier < 0.03 and last > 5 * earlier
+
+
+def test_system_prompt_carries_segment_mood_and_the_way_out(tiny_policy: CountingPolicy) -> None:
+    sim = UserSimulator(tiny_policy, load_chitchat())
+    user = UserSampler(PopulationConfig(), np.random.default_rng(0)).sample(1)[0]
+    prompts = {}
+    for mood in (-1.0, 0.0, 1.0):
+        user.state.mood = mood
+        prompts[mood] = sim.system_prompt(user, CHARACTER)
+        assert user.profile in prompts[mood] and mood_words(mood) in prompts[mood]
+        assert "say bye" in prompts[mood]
+    assert len(set(prompts.values())) == 3
+    assert "bored" in prompts[-1.0] and "enjoying" in prompts[1.0]
+
+
+def _goodbye_world(user_policy: Policy, turn_cap: int = 5) -> World:
+    """A world whose users always continue and never report, so only a goodbye ends early."""
+    config = parse_world(
+        {
+            "characters_dir": str(REPO / "scenarios" / "characters"),
+            "turn_cap": turn_cap,
+            "gold": {"continue_bias": 30.0, "report_bias": -30.0},
+            "user_llm": {"max_new_tokens": 4},
+        },
+        source="test",
+    )
+    return World.build(config, seed=3, user_policy=user_policy)
+
+
+def test_a_goodbye_ends_the_session_after_the_bot_answers_it(
+    goodbye_llama_dir: Path, tiny_llama_dir: Path
+) -> None:
+    """The user LLM says bye: the character answers, the reply's continue is recorded False,
+    the session ends as 'goodbye', and the goodbye is the last turn's user message. The
+    signal stream drew exactly three uniforms per reply, the farewell answer included."""
+    world = _goodbye_world(load_policy(str(goodbye_llama_dir)))
+    engine, bot = world.engine, load_policy(str(tiny_llama_dir))
+    users = world.sampler.sample(3)
+    seeds = [[9, i] for i in range(3)]
+    sessions = engine.open_sessions(users, 0, 20.0, np.random.default_rng(0), seeds=seeds)
+    params = SamplingParams(max_new_tokens=4, temperature=0.0, seed=0)
+    first = engine.bot_turn(sessions, bot, params)
+    assert all(r.continued for r in first) and not any(s.ended for s in sessions)
+    engine.user_turn(sessions, params)
+    assert all(s.goodbye and is_goodbye(s.last_user_message) for s in sessions)
+    second = engine.bot_turn(sessions, bot, params)
+    for session, record, seed in zip(sessions, second, seeds, strict=True):
+        assert session.ended and session.end_reason == END_GOODBYE
+        assert not record.continued and record.user_message == session.last_user_message
+        reference = np.random.default_rng(np.random.SeedSequence(seed).spawn(2)[1])
+        reference.random(3 * 2)
+        assert session.signal_rng.random() == reference.random()
+        summary = engine.close_session(session)
+        assert (summary.end_reason, summary.n_turns, summary.n_user_messages) == (END_GOODBYE, 2, 2)
+
+
+@pytest.fixture(scope="module")
+def hello_llama_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Path:
+    """A user LLM that says " hello" at every step: usable messages that never close a chat."""
+    return constant_llama(tmp_path_factory.mktemp("hello-llama"), smollm2_dir, " hello")
+
+
+def test_without_a_goodbye_the_same_users_chat_to_the_cap(
+    hello_llama_dir: Path, tiny_llama_dir: Path
+) -> None:
+    """The control of the test above: the same world with a user LLM whose messages are no
+    goodbye runs every session to the turn cap (so the goodbye, not the world, ended them)."""
+    world = _goodbye_world(load_policy(str(hello_llama_dir)), turn_cap=3)
+    engine, bot = world.engine, load_policy(str(tiny_llama_dir))
+    sessions = engine.open_sessions(
+        world.sampler.sample(3), 0, 20.0, np.random.default_rng(0), seeds=[[9, i] for i in range(3)]
+    )
+    params = SamplingParams(max_new_tokens=4, temperature=0.0, seed=0)
+    engine.run_sessions(sessions, bot, params, params)
+    assert [s.end_reason for s in sessions] == ["turn_cap"] * 3
+
+
+def test_an_end_marker_alone_becomes_a_human_goodbye(tiny_policy: CountingPolicy) -> None:
+    """A user model that writes only the end marker (as UserLM does) still closes the chat;
+    its empty text is replaced by a real human closing message and counted as a fallback.
+    Words before the marker are kept as the goodbye."""
+    sim = UserSimulator(tiny_policy, load_chitchat())
+    user = UserSampler(PopulationConfig(), np.random.default_rng(0)).sample(1)[0]
+    closings = sim.closings()
+    assert closings and all(is_goodbye(c) for c in closings)
+    for seed in range(3):
+        message = sim.read_generation(END_MARKER, user, CHARACTER, np.random.default_rng(seed))
+        assert message.goodbye and END_MARKER not in message.text
+        assert any(c.startswith(message.text) for c in closings)
+    kept = sim.read_generation(
+        f"ok {END_MARKER} trailing", user, CHARACTER, np.random.default_rng(0)
+    )
+    assert kept == UserMessage("ok", False, True)
+    assert (sim.messages, sim.fallbacks) == (4, 3)
