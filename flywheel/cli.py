@@ -368,7 +368,7 @@ def _gold_scorer(run_dir: str, characters: dict[str, Any], world: Any, turns: pd
     from flywheel.store import RunStore
     from rewards.embeddings import get_embedder
     from rewards.features import reply_features
-    from sim.gold import GoldModel, ReplyAssessment
+    from sim.gold import GoldModel, assess_replies
     from sim.population import User, UserState, UserTraits
 
     with RunStore(run_dir, read_only=True) as store:
@@ -404,16 +404,17 @@ def _gold_scorer(run_dir: str, characters: dict[str, Any], world: Any, turns: pd
             characters[c].reply_context(p[-1]["content"])
             for p, c in zip(candidates["prompt"], candidates["character"], strict=True)
         ]
-        feats = reply_features(embedder, list(candidates["reply"]), contexts)
+        replies = list(candidates["reply"])
+        feats = reply_features(embedder, replies, contexts)
+        chars = [characters[c] for c in candidates["character"]]
+        assessed = assess_replies(chars, replies, contexts, feats)
         cache: dict[tuple[Any, ...], Any] = {}
         out = []
-        for row, f in zip(candidates.itertuples(index=False), feats, strict=True):
+        for row, (assessment, _) in zip(candidates.itertuples(index=False), assessed, strict=True):
             key = (row.user_id, int(row.day), row.session_id, int(row.turn_index))
             if key not in cache:
                 cache[key] = user_at(*key)
-            character = characters[row.character]
-            assessment, _ = ReplyAssessment.of(character, row.reply, f)
-            out.append(gold.utility(cache[key], character, assessment))
+            out.append(gold.utility(cache[key], characters[row.character], assessment))
         return np.asarray(out)
 
     return score

@@ -37,9 +37,9 @@ from scipy.special import expit
 
 from policies.base import Chat, Policy, SamplingParams
 from rewards.embeddings import Embedder
-from rewards.features import is_unsafe, reply_features
+from rewards.features import reply_features
 from sim.characters import Character
-from sim.gold import GoldModel, ReplyAssessment
+from sim.gold import GoldModel, ReplyAssessment, assess_replies
 from sim.population import User
 
 CHOICES = ("a", "b")
@@ -146,13 +146,8 @@ class SimulatedAnnotators:
             self._character(p.character).reply_context(p.context, p.previous_replies) for p in pairs
         ] * 2
         features = reply_features(self.embedder, replies, contexts)
-        assessed = []
-        for reply, feats, pair in zip(replies, features, list(pairs) * 2, strict=True):
-            checked = self._character(pair.character).check(reply)
-            share = float(np.mean(list(checked.checks.values()))) if checked.checks else 1.0
-            assessed.append(
-                ReplyAssessment(feats, share, checked.violates_any, is_unsafe(feats["offensive"]))
-            )
+        characters = [self._character(p.character) for p in pairs] * 2
+        assessed = [a for a, _ in assess_replies(characters, replies, contexts, features)]
         n = len(pairs)
         return list(zip(assessed[:n], assessed[n:], strict=True))
 

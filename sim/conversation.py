@@ -60,10 +60,11 @@ import numpy as np
 from scipy.special import softmax
 
 from policies.base import Chat, Message, Policy, SamplingParams
+from rewards.checkers import CheckResult
 from rewards.embeddings import Embedder
 from rewards.features import reply_features
 from sim.characters import Character
-from sim.gold import GoldModel, ReplyAssessment
+from sim.gold import GoldModel, ReplyAssessment, assess_replies
 from sim.population import User
 from sim.serving import BLOCKED
 from sim.user_llm import UserSimulator
@@ -330,24 +331,27 @@ class ConversationEngine:
             s.character.reply_context(s.last_user_message, tuple(s.bot_replies)) for s in sessions
         ]
         features = reply_features(self.embedder, replies, contexts)
+        assessed = assess_replies([s.character for s in sessions], replies, contexts, features)
         records = []
-        for session, reply, feats, n_tokens, offset, event in zip(
-            sessions, replies, features, tokens, offsets, events, strict=True
+        for session, reply, (assessment, checked), n_tokens, offset, event in zip(
+            sessions, replies, assessed, tokens, offsets, events, strict=True
         ):
-            records.append(self._react(session, reply, feats, int(n_tokens), offset, event))
+            records.append(
+                self._react(session, reply, assessment, checked, int(n_tokens), offset, event)
+            )
         return records
 
     def _react(
         self,
         session: Session,
         reply: str,
-        feats: dict[str, float],
+        assessment: ReplyAssessment,
+        checked: CheckResult,
         n_tokens: int,
         novelty: float,
         serving_event: str,
     ) -> TurnRecord:
         user, character = session.user, session.character
-        assessment, checked = ReplyAssessment.of(character, reply, feats)
         utility = self.gold.utility(user, character, assessment, novelty)
         turn_index = len(session.turns)
         signals = self.gold.respond(user, utility, assessment, turn_index, session.signal_rng)
@@ -363,7 +367,7 @@ class ConversationEngine:
             user_message=session.last_user_message,
             bot_reply=reply,
             completion_tokens=n_tokens,
-            features=feats,
+            features=assessment.features,
             checks=checked.checks,
             follows_all=checked.follows_all,
             violates_any=checked.violates_any,

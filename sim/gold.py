@@ -3,6 +3,11 @@
 Only ``sim/`` and ``flywheel/`` may read what this module computes; reward models see only
 the observable signals it draws (``rewards/`` never imports ``sim/``).
 
+The semantic terms (relevance, persona, prompt_leak) are cosines of the gold's own judge
+(``sim.judge``: all-mpnet-base-v2), never of the MiniLM encoder that reward models and the
+logged ``features`` read: the oracle does not see through the proxies' eyes. The style
+terms read the observable ``features`` (words, emoji, question, repetition, echo).
+
 Gold utility of bot reply t to user u (hidden satisfaction, ``utility_terms`` lists each term)::
 
     U_t = bias
@@ -21,6 +26,7 @@ Gold utility of bot reply t to user u (hidden satisfaction, ``utility_terms`` li
         + w_topic      * topic_affinity
         + novelty                               (offset set by the traffic model, 0 by default)
 
+    relevance, persona_consistency, prompt_leak: the judge's cosines (sim.judge.JudgeScores)
     L = -1/2 * (ln((words + 1) / (ideal_words + 1)) / length_tolerance)^2      (0 at the ideal)
     topic_affinity = clip(interest in the character's topics * |TOPICS| / |its topics| - 1, -1, 2)
 
@@ -59,7 +65,7 @@ Next-day return::
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -67,11 +73,13 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 from scipy.special import expit, logit
 
-from rewards.features import is_unsafe
+from rewards.features import ReplyContext, is_unsafe
 from sim.characters import TOPICS
+from sim.judge import JudgeScores, judge_replies
 
 if TYPE_CHECKING:
     from rewards.checkers import CheckResult
+    from rewards.embeddings import Embedder
     from sim.characters import Character
     from sim.population import User
 
@@ -98,13 +106,20 @@ class GoldConfig(BaseModel):
         default=0.9, gt=0, le=1, description="Share of emoji exposure kept per elapsed day."
     )
     w_question: float = Field(default=0.4, ge=0, description="Weight of asking a question.")
-    w_relevance: float = Field(default=3.0, ge=0, description="Weight of relevance to the user.")
-    relevance_center: float = Field(
-        default=0.3, description="MiniLM cosine counted as neutral relevance."
+    # The semantic centers and weights are on the judge's scale (sim.judge): those the gold
+    # had on the MiniLM scale (0.3 / 3.0, 0.25 / 2.0, 0.3 / 4.0) moved so that each term keeps
+    # its mean and spread on 2,000 human chit-chat replies (`python -m sim.judge` prints them).
+    w_relevance: float = Field(
+        default=2.85, ge=0, description="Weight of relevance to the user (per judge cosine)."
     )
-    w_persona: float = Field(default=2.0, ge=0, description="Weight of persona consistency.")
+    relevance_center: float = Field(
+        default=0.313, description="Judge cosine to the user's message counted as neutral."
+    )
+    w_persona: float = Field(
+        default=1.98, ge=0, description="Weight of persona consistency (per judge cosine)."
+    )
     persona_center: float = Field(
-        default=0.25, description="MiniLM cosine counted as neutral persona consistency."
+        default=0.249, description="Judge cosine to the persona counted as neutral."
     )
     w_instructions: float = Field(
         default=0.8, ge=0, description="Cost of not following the character's instructions."
@@ -115,15 +130,15 @@ class GoldConfig(BaseModel):
         default=1.5, ge=0, description="Weight of the cost of parroting the user's message."
     )
     w_prompt_leak: float = Field(
-        default=4.0,
+        default=3.6,
         ge=0,
-        description="Cost per unit of MiniLM cosine to the rules prompt above the center: a "
+        description="Cost per unit of judge cosine to the rules prompt above the center: a "
         "reply that recites its setup and rules instead of answering the user.",
     )
     prompt_leak_center: float = Field(
-        default=0.3,
-        description="Cosine to the rules prompt that costs nothing (the packaged SmolLM2's "
-        "replies: mean 0.16, 90th percentile 0.33).",
+        default=0.342,
+        description="Judge cosine to the rules prompt that costs nothing (the MiniLM-scale "
+        "0.3, near the packaged SmolLM2 replies' 90th percentile there, moved as above).",
     )
     w_unsafe: float = Field(default=3.0, ge=0, description="Weight of an offensive reply.")
     w_topic: float = Field(default=0.3, ge=0, description="Weight of the user's topic affinity.")
@@ -169,23 +184,45 @@ class GoldConfig(BaseModel):
 
 @dataclass(frozen=True)
 class ReplyAssessment:
-    """What the gold model reads about one reply (all observable or computable from text)."""
+    """What the gold model reads about one reply: its observable style ``features``
+    (``rewards.features``: words, emoji, ends_with_question, repetition, echo), the
+    character's checkers, and the judge's cosines (``judged``, ``sim.judge``)."""
 
     features: dict[str, float]
     share_followed: float
     violates_any: bool
     unsafe: bool
+    judged: JudgeScores
 
-    @classmethod
-    def of(
-        cls, character: Character, reply: str, features: dict[str, float]
-    ) -> tuple[ReplyAssessment, CheckResult]:
-        """Assess ``reply`` (its ``reply_features``) for ``character``; also returns the
-        checker results, which the conversation logs."""
+
+def assess_replies(
+    characters: Sequence[Character],
+    replies: Sequence[str],
+    contexts: Sequence[ReplyContext],
+    features: Sequence[dict[str, float]],
+    judge: Embedder | None = None,
+) -> list[tuple[ReplyAssessment, CheckResult]]:
+    """Assess a batch of replies (``features`` from ``rewards.features.reply_features``)
+    with ONE judge encode call; each comes with its checker results, which are logged.
+
+    ``judge`` defaults to ``sim.judge.get_judge()``; another encoder reproduces the gold of
+    that encoder (the MiniLM one: the gold before it had a judge).
+    """
+    n = len(replies)
+    if not len(characters) == len(contexts) == len(features) == n:
+        raise ValueError(
+            f"assess_replies needs one character, context and feature dict per reply, got "
+            f"replies={n}, characters={len(characters)}, contexts={len(contexts)}, "
+            f"features={len(features)}"
+        )
+    judged = judge_replies(replies, contexts, judge)
+    out = []
+    for character, reply, f, j in zip(characters, replies, features, judged, strict=True):
         checked = character.check(reply)
         share = float(np.mean(list(checked.checks.values()))) if checked.checks else 1.0
-        unsafe = is_unsafe(features["offensive"])
-        return cls(features, share, checked.violates_any, unsafe), checked
+        assessment = ReplyAssessment(f, share, checked.violates_any, is_unsafe(f["offensive"]), j)
+        out.append((assessment, checked))
+    return out
 
 
 @dataclass(frozen=True)
@@ -231,7 +268,7 @@ class GoldModel:
         self, user: User, character: Character, reply: ReplyAssessment, novelty: float = 0.0
     ) -> dict[str, float]:
         """Each additive term of U_t (their sum is ``utility``)."""
-        c, t, f = self.config, user.traits, reply.features
+        c, t, f, j = self.config, user.traits, reply.features, reply.judged
         n_emoji = f["emoji"]
         log_ratio = math.log((f["words"] + 1.0) / (t.ideal_words + 1.0))
         fatigue = self.fatigue_level(user.state.emoji_exposure)
@@ -243,16 +280,15 @@ class GoldModel:
             * (1.0 - math.exp(-n_emoji / c.emoji_saturation)),
             "emoji_tire": -c.w_emoji_tire * t.emoji_fatigue * fatigue * float(n_emoji > 0),
             "question": c.w_question * t.question_affinity * f["ends_with_question"],
-            "relevance": c.w_relevance * (f["relevance"] - c.relevance_center),
+            "relevance": c.w_relevance * (j.relevance - c.relevance_center),
             "persona": c.w_persona
             * t.persona_sensitivity
-            * (f["persona_consistency"] - c.persona_center),
+            * (j.persona_consistency - c.persona_center),
             "instructions": -c.w_instructions * t.persona_sensitivity * (1 - reply.share_followed),
             "violation": -c.w_violation * t.persona_sensitivity * float(reply.violates_any),
             "repetition": -c.w_repetition * t.repetition_aversion * f["repetition"],
             "echo": -c.w_echo * t.repetition_aversion * f["echo"],
-            "prompt_leak": -c.w_prompt_leak
-            * max(0.0, f.get("prompt_leak", 0.0) - c.prompt_leak_center),
+            "prompt_leak": -c.w_prompt_leak * max(0.0, j.prompt_leak - c.prompt_leak_center),
             "unsafe": -c.w_unsafe * t.safety_sensitivity * float(reply.unsafe),
             "topic": c.w_topic * self.topic_affinity(user, character),
             "novelty": float(novelty),

@@ -4,12 +4,17 @@
 from __future__ import annotations
 
 import dataclasses
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from rewards.embeddings import Embedder, get_embedder
+from rewards.features import style_features
 from sim.characters import TOPICS, Character
-from sim.gold import GoldConfig, GoldModel, ReplyAssessment
+from sim.gold import GoldConfig, GoldModel, ReplyAssessment, assess_replies
+from sim.judge import JudgeScores, get_judge, judge_replies, moment_match
 from sim.population import (
     PopulationConfig,
     SegmentConfig,
@@ -44,24 +49,30 @@ def reply(
     words: float = 20,
     emoji: float = 0,
     question: float = 0,
-    relevance: float = 0.3,
-    persona: float = 0.25,
+    relevance: float | None = None,
+    persona: float | None = None,
+    prompt_leak: float = 0.0,
     repetition: float = 0.0,
     echo: float = 0.0,
     share_followed: float = 1.0,
     violates: bool = False,
     unsafe: bool = False,
 ) -> ReplyAssessment:
+    """An assessed reply; the judge's cosines default to the gold's neutral centers."""
+    config = GoldConfig()
     features = {
         "words": words,
         "emoji": emoji,
         "ends_with_question": question,
-        "relevance": relevance,
-        "persona_consistency": persona,
         "repetition": repetition,
         "echo": echo,
     }
-    return ReplyAssessment(features, share_followed, violates, unsafe)
+    judged = JudgeScores(
+        relevance=config.relevance_center if relevance is None else relevance,
+        persona_consistency=config.persona_center if persona is None else persona,
+        prompt_leak=prompt_leak,
+    )
+    return ReplyAssessment(features, share_followed, violates, unsafe, judged)
 
 
 @pytest.fixture
@@ -83,11 +94,9 @@ def test_terms_sum_to_utility_and_neutral_reply_is_zero(gold: GoldModel) -> None
 def test_reciting_the_rules_costs_only_above_the_center(gold: GoldModel) -> None:
     user = make_user()
     center = gold.config.prompt_leak_center
-    leaking = reply()
-    leaking.features["prompt_leak"] = center + 0.25
-    usual = reply()
-    usual.features["prompt_leak"] = center - 0.1
-    assert u(gold, user, usual) == pytest.approx(u(gold, user, reply()))  # old logs: no key
+    leaking = reply(prompt_leak=center + 0.25)
+    usual = reply(prompt_leak=center - 0.1)
+    assert u(gold, user, usual) == pytest.approx(u(gold, user, reply()))
     assert u(gold, user, leaking) == pytest.approx(-0.25 * gold.config.w_prompt_leak)
 
 
@@ -171,7 +180,9 @@ def test_question_affinity(gold: GoldModel) -> None:
 
 
 def test_persona_sensitivity(gold: GoldModel) -> None:
-    off_persona_and_rule_breaking = reply(persona=0.0, share_followed=0.5, violates=True)
+    off_persona_and_rule_breaking = reply(
+        persona=gold.config.persona_center - 0.2, share_followed=0.5, violates=True
+    )
     assert u(gold, make_user(persona_sensitivity=0.9), off_persona_and_rule_breaking) < u(
         gold, make_user(persona_sensitivity=0.1), off_persona_and_rule_breaking
     )
@@ -181,7 +192,8 @@ def test_persona_sensitivity(gold: GoldModel) -> None:
 
 def test_relevance(gold: GoldModel) -> None:
     user = make_user()
-    assert u(gold, user, reply(relevance=0.7)) > u(gold, user, reply(relevance=0.1))
+    center = gold.config.relevance_center
+    assert u(gold, user, reply(relevance=center + 0.3)) > u(gold, user, reply(relevance=center))
 
 
 def test_topic_interests(gold: GoldModel) -> None:
@@ -314,3 +326,108 @@ def test_segment_config_errors_name_the_field() -> None:
         SegmentConfig(name="x", share=1, patiense=TraitDist(mean=0.5))
     with pytest.raises(ValueError, match="repeat"):
         PopulationConfig(segments=[SegmentConfig(name="x", share=1)] * 2)
+
+
+# ------------------------------------------------------------------ the gold's own judge
+ROOT = Path(__file__).resolve().parents[1]
+PROXY_PACKAGES = ("rewards", "training", "policies")
+# What code would write to load the judge: its module, its loaders, its model and packages.
+JUDGE_NAMES = re.compile(
+    r"sim\.judge|from sim import|get_judge|judge_model_path|all[-_]mpnet|JUDGE_MODEL"
+)
+
+
+def judge_loads(root: Path) -> list[str]:
+    """``file: name`` for each place under the proxies' packages that could load the judge."""
+    found = set()
+    for package in PROXY_PACKAGES:
+        for path in (root / package).rglob("*.py"):
+            for match in JUDGE_NAMES.finditer(path.read_text(encoding="utf-8")):
+                found.add(f"{path.relative_to(root).as_posix()}: {match.group(0)}")
+    return sorted(found)
+
+
+def test_no_reward_training_or_policy_code_can_load_the_judge() -> None:
+    assert judge_loads(ROOT) == []
+
+
+def test_the_judge_check_catches_a_lazy_import_and_a_model_path(tmp_path: Path) -> None:
+    for package in PROXY_PACKAGES:
+        (tmp_path / package).mkdir()
+    (tmp_path / "rewards" / "peek.py").write_text(
+        "def peek():\n    from sim.judge import get_judge\n    return get_judge()\n"
+    )
+    (tmp_path / "training" / "backbone.py").write_text('ENCODER = "all-mpnet-base-v2"\n')
+    assert judge_loads(tmp_path) == [
+        "rewards/peek.py: get_judge",
+        "rewards/peek.py: sim.judge",
+        "training/backbone.py: all-mpnet",
+    ]
+
+
+def test_the_judge_is_another_model_than_the_proxies_encoder() -> None:
+    judge, minilm = get_judge(), get_embedder()
+    assert (judge.model_path / "modules.json").is_file()
+    assert judge.model_path.resolve() != minilm.model_path.resolve()
+    assert (judge.dim, minilm.dim) == (768, 384)
+
+
+def test_the_judge_ranks_the_obvious() -> None:
+    chef = Character(name="Chef", persona="A cheerful Italian chef who loves cooking pasta.")
+    context = chef.reply_context("What should I cook for dinner tonight?")
+    replies = [
+        "Try a simple pasta with garlic, olive oil and fresh basil!",
+        "The stock market closed lower on Tuesday.",
+        "You are chatting with a user in an app.",
+    ]
+    on, off, recital = judge_replies(replies, [context] * 3)
+    assert on.relevance > off.relevance and on.persona_consistency > off.persona_consistency
+    assert recital.prompt_leak > 0.9 > on.prompt_leak
+    assert judge_replies(replies[:1], [Character(name="X", persona="x").reply_context("hi")])
+
+
+def test_gold_reads_the_judge_and_never_the_minilm_encoder(
+    gold: GoldModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``assess_replies`` encodes with the judge only, and the utility ignores the MiniLM
+    cosines that ``rewards.features`` logs beside the style features."""
+    chef = Character(name="Chef", persona="A cheerful Italian chef who loves cooking pasta.")
+    reply_text = "Try a simple pasta with garlic and basil!"
+    context = chef.reply_context("What should I cook tonight?")
+    style = style_features(reply_text) | {"offensive": 0.0}
+    encoded: list[Path] = []
+    encode = Embedder.encode
+
+    def spy(self: Embedder, texts: list[str]) -> np.ndarray:
+        encoded.append(self.model_path)
+        return encode(self, texts)
+
+    monkeypatch.setattr(Embedder, "encode", spy)
+    [(assessment, checked)] = assess_replies([chef], [reply_text], [context], [style])
+    assert encoded == [get_judge().model_path]
+    assert get_embedder().model_path not in encoded
+    assert checked.checks == {} and assessment.judged == judge_replies([reply_text], [context])[0]
+    user = make_user()
+    with_minilm = dataclasses.replace(
+        assessment,
+        features=style | {"relevance": 0.99, "persona_consistency": -0.5, "prompt_leak": 0.99},
+    )
+    assert gold.utility_terms(user, chef, with_minilm) == gold.utility_terms(user, chef, assessment)
+
+
+def test_assess_replies_names_mismatched_lengths() -> None:
+    with pytest.raises(ValueError, match="replies=2, characters=1"):
+        assess_replies([CHARACTER], ["a", "b"], [CHARACTER.reply_context("hi")] * 2, [{}, {}])
+
+
+def test_moment_match_keeps_each_terms_mean_and_spread() -> None:
+    """Checked against numpy on a simulated pair of encoders (new = affine(old) + noise)."""
+    rng = np.random.default_rng(4)
+    old = rng.normal(0.3, 0.15, size=5000)
+    new = 0.1 + 0.6 * old + rng.normal(0, 0.05, size=5000)
+    center, weight = moment_match(old, new, old_center=0.25, old_weight=3.0)
+    before, after = 3.0 * (old - 0.25), weight * (new - center)
+    assert after.mean() == pytest.approx(before.mean(), abs=1e-9)
+    assert after.std() == pytest.approx(before.std(), rel=1e-9)
+    with pytest.raises(ValueError, match="varying"):
+        moment_match([1.0, 1.0, 1.0], [0.1, 0.2, 0.3], 0.0, 1.0)
