@@ -16,7 +16,18 @@ users), fits one reward model and reports on the held-out users:
   logged replies, and the largest absolute Pearson r;
 - ``style_sensitivity``: the reward a content-free style edit (emoji, "!!", a filler
   sentence) adds to the same held-out replies, in units of the reward's spread;
-- the training time and, for style-controlled models, the fitted style coefficients.
+- the training time and, for style-controlled models, the fitted style coefficients;
+- ``leak_probe`` (when the gold terms of the logged turns are given, as ``rm_train`` does):
+  how well the reward model's own inputs predict each gold term (:func:`leak_probe`).
+
+The leak probe guards the second half of the oracle invariant (DESIGN.md): the gold must
+not be readable from what a reward model reads. For each term of the gold utility
+(``sim.gold.GoldModel.utility_terms``, recomputed per logged turn by
+:func:`logged_gold_terms`) and for the total, it reports the out-of-fold R^2 (seeded
+``KFold``) of the best linear fit (``RidgeCV``) and of a small non-linear fit (an MLP with
+one hidden layer) from the model's inputs (:func:`rm_inputs`). A term at R^2 >=
+``LEAK_THRESHOLD`` is a leak: a reward model could copy the oracle's term instead of
+learning what users want.
 
 Comparisons: until the run store has a table for them, the annotators' labels are kept in
 ``RUN_DIR/artifacts/comparisons.parquet`` (:func:`write_comparisons`).
@@ -101,6 +112,283 @@ def pairwise_gold_agreement(
     return float(np.mean(agree + 0.5 * (score_diff[keep] == 0)))
 
 
+LEAK_THRESHOLD = 0.9  # R^2 at which a gold term counts as readable from a model's inputs
+PROBE_ROWS = 2000  # logged turns the leak probe fits on at most (a seeded sample)
+TOTAL_TERM = "total"  # the leak probe's name for the whole gold utility
+
+
+@dataclass(frozen=True)
+class TermProbe:
+    """How well a model's inputs predict one gold term (out-of-fold R^2)."""
+
+    term: str
+    linear_r2: float
+    nonlinear_r2: float
+    sd: float
+
+    @property
+    def best_r2(self) -> float:
+        """The better of the two fits: what a probe of either kind can read."""
+        return max(self.linear_r2, self.nonlinear_r2)
+
+
+@dataclass(frozen=True)
+class LeakProbe:
+    """The leak probe of one set of inputs against the gold terms (:func:`leak_probe`)."""
+
+    terms: tuple[TermProbe, ...]
+    constant_terms: tuple[str, ...]
+    n: int
+    n_inputs: int
+    folds: int
+    seed: int
+    threshold: float
+
+    def leaks(self) -> list[str]:
+        """Terms readable at R^2 >= ``threshold`` by either fit."""
+        return [t.term for t in self.terms if t.best_r2 >= self.threshold]
+
+    def max_r2(self) -> float:
+        """The largest R^2 over terms and fits."""
+        return max((t.best_r2 for t in self.terms), default=float("nan"))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (``rm_eval.json``'s ``leak_probe``)."""
+        return {
+            "terms": {
+                t.term: {"linear_r2": t.linear_r2, "nonlinear_r2": t.nonlinear_r2, "sd": t.sd}
+                for t in self.terms
+            },
+            "constant_terms": list(self.constant_terms),
+            "max_r2": self.max_r2(),
+            "leaks": self.leaks(),
+            "n": self.n,
+            "n_inputs": self.n_inputs,
+            "folds": self.folds,
+            "seed": self.seed,
+            "threshold": self.threshold,
+        }
+
+    def summary(self) -> str:
+        """One line per term: linear and non-linear R^2, and LEAK where it reaches the bar."""
+        lines = [f"leak probe (out-of-fold R^2, {self.folds} folds, n={self.n}):"]
+        for t in self.terms:
+            flag = "  LEAK" if t.best_r2 >= self.threshold else ""
+            lines.append(
+                f"  {t.term:<14} linear {t.linear_r2:+.3f}  mlp {t.nonlinear_r2:+.3f}{flag}"
+            )
+        return "\n".join(lines)
+
+
+def _out_of_fold_r2(model: Any, x: np.ndarray, y: np.ndarray, cv: Any) -> np.ndarray:
+    from sklearn.metrics import r2_score
+    from sklearn.model_selection import cross_val_predict
+
+    predicted = cross_val_predict(model, x, y, cv=cv)
+    return np.atleast_1d(r2_score(y, predicted, multioutput="raw_values"))
+
+
+def leak_probe(
+    inputs: np.ndarray,
+    terms: pd.DataFrame,
+    *,
+    folds: int = 5,
+    seed: int = 0,
+    threshold: float = LEAK_THRESHOLD,
+) -> LeakProbe:
+    """Out-of-fold R^2 of predicting each column of ``terms`` from ``inputs``.
+
+    Two probes, both standardising the inputs, fitted on ``folds`` seeded ``KFold`` splits
+    and scored on the rows each fold held out (``cross_val_predict``; R^2 of the pooled
+    out-of-fold predictions): ``RidgeCV`` with its penalty chosen per term (the best
+    linear read-out), and an MLP with one hidden layer of 64 units fitted to all
+    standardised terms at once (a small non-linear read-out, early-stopped). Terms that do
+    not vary over the rows (the bias, a novelty of 0) cannot be predicted or leaked and are
+    listed as ``constant_terms``.
+    """
+    from sklearn.compose import TransformedTargetRegressor
+    from sklearn.linear_model import RidgeCV
+    from sklearn.model_selection import KFold
+    from sklearn.neural_network import MLPRegressor
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    x = np.asarray(inputs, dtype=np.float64)
+    if x.ndim != 2 or len(x) != len(terms):
+        raise ValueError(
+            f"leak_probe needs a 2-d inputs array with one row per terms row, got inputs "
+            f"{x.shape} and {len(terms)} terms rows"
+        )
+    if len(x) < 5 * folds:
+        raise ValueError(f"leak_probe needs >= {5 * folds} rows for {folds} folds, got {len(x)}")
+    y_all = terms.to_numpy(dtype=np.float64)
+    sd = y_all.std(axis=0)
+    varying = sd > 1e-9 * np.maximum(1.0, np.abs(y_all).max(axis=0))
+    names = [str(c) for c in terms.columns]
+    y = y_all[:, varying]
+    cv = KFold(n_splits=folds, shuffle=True, random_state=seed)
+    linear = make_pipeline(
+        StandardScaler(), RidgeCV(alphas=np.logspace(-3, 5, 17), alpha_per_target=True)
+    )
+    mlp = TransformedTargetRegressor(
+        regressor=make_pipeline(
+            StandardScaler(),
+            MLPRegressor(
+                hidden_layer_sizes=(64,),
+                alpha=1e-2,
+                early_stopping=True,
+                max_iter=500,
+                random_state=seed,
+            ),
+        ),
+        transformer=StandardScaler(),
+    )
+    r2_linear = _out_of_fold_r2(linear, x, y, cv) if y.shape[1] else np.zeros(0)
+    r2_mlp = _out_of_fold_r2(mlp, x, y, cv) if y.shape[1] else np.zeros(0)
+    kept = [n for n, v in zip(names, varying, strict=True) if v]
+    probes = tuple(
+        TermProbe(term, float(a), float(b), float(s))
+        for term, a, b, s in zip(kept, r2_linear, r2_mlp, sd[varying], strict=True)
+    )
+    constant = tuple(n for n, v in zip(names, varying, strict=True) if not v)
+    return LeakProbe(probes, constant, len(x), x.shape[1], folds, seed, threshold)
+
+
+def rm_inputs(model: RewardModel, contexts: Sequence[str], replies: Sequence[str]) -> np.ndarray:
+    """What the model's trained part reads for each (context, reply): the head's input
+    vector of a MiniLM model (``features``); for an LLM model, the backbone's last hidden
+    state at the last token, which its score head reads (of the first target's adapter)."""
+    features = getattr(model, "features", None)
+    if callable(features):
+        return np.asarray(features(as_lists(contexts), as_lists(replies)), dtype=np.float64)
+    return _llm_last_hidden(model, as_lists(contexts), as_lists(replies))
+
+
+def _llm_last_hidden(model: Any, contexts: list[str], replies: list[str]) -> np.ndarray:
+    import torch
+
+    from rewards.style_control import strip_style
+
+    if model.style_controlled:
+        replies = [strip_style(r) for r in replies]
+    network = model.models[model.targets[0]]
+    tokenizer, limit = model.tokenizer, model.config.max_length
+    chats = [
+        [{"role": "user", "content": c}, {"role": "assistant", "content": r}]
+        for c, r in zip(contexts, replies, strict=True)
+    ]
+    rows = []
+    for start in range(0, len(chats), model.config.score_batch_size):
+        ids = [
+            tokenizer.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"][
+                -limit:
+            ]
+            for chat in chats[start : start + model.config.score_batch_size]
+        ]
+        width = max(len(i) for i in ids)
+        input_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(ids), width), dtype=torch.long)
+        for row, seq in enumerate(ids):
+            input_ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = 1
+        with torch.no_grad():
+            out = network(input_ids=input_ids, attention_mask=mask, output_hidden_states=True)
+        last = out.hidden_states[-1][torch.arange(len(ids)), mask.sum(dim=1) - 1]
+        rows.append(last.float().numpy())
+    return np.concatenate(rows).astype(np.float64)
+
+
+def recorded_world(run_dir: str | Path) -> Any:
+    """The ``sim.world.WorldConfig`` a run's first experiment was simulated in, or None
+    when its config records no world (a store written by something other than the
+    simulator, as in unit tests)."""
+    from flywheel.store import RunStore
+    from sim.world import WorldConfig
+
+    with RunStore(run_dir, read_only=True) as store:
+        experiments = store.experiments()
+    if experiments.empty:
+        return None
+    config = experiments["config"].iloc[0]
+    # `flywheel run` records the world beside the scenario's name; `flywheel ab` the scenario.
+    world = config.get("world") or (config.get("scenario") or {}).get("world")
+    return None if world is None else WorldConfig.model_validate(world)
+
+
+def logged_gold_terms(
+    run_dir: str | Path,
+    turns: pd.DataFrame,
+    *,
+    rows: Sequence[int] | None = None,
+    gold_config: Any = None,
+    judge: Any = None,
+) -> pd.DataFrame:
+    """Each gold-utility term (``sim.gold.GoldModel.utility_terms``) of logged turns, and
+    their sum (``total``), as the user who read the reply had it then.
+
+    ``turns`` is the run store's turns table (``read_turns``, not flat). Users are rebuilt
+    from their logged traits; each user's emoji exposure is replayed from the logged replies
+    in serving order, per experiment and user life (``GoldModel.start_session`` at each
+    session). Only ``rows`` (positions in ``turns``; default all) are judged and returned,
+    indexed by position. ``gold_config`` defaults to the run's ``[world.gold]``;
+    ``judge`` to ``sim.judge.get_judge()`` (pass the MiniLM embedder and its scale to
+    recompute a gold from before the judge). A run of a twin design replays each life
+    from its own logged replies only (the pre-period exposure it shared is not carried
+    into the other life), so its ``emoji_tire`` can be low there.
+    """
+    from dataclasses import fields as dc_fields
+
+    from flywheel.store import RunStore
+    from sim.characters import load_characters, select_characters
+    from sim.gold import GoldModel, assess_replies
+    from sim.population import User, UserState, UserTraits
+
+    world = recorded_world(run_dir)
+    if world is None:
+        raise ValueError(
+            f"run {run_dir} records no world (its experiments' config has no [world] "
+            "table), so its gold terms cannot be recomputed; fix: log traffic with "
+            "flywheel ab / flywheel run"
+        )
+    with RunStore(run_dir, read_only=True) as store:
+        users = store.read_users().drop_duplicates("user_id").set_index("user_id")
+    characters = select_characters(load_characters(world.characters_dir), world.characters)
+    gold = GoldModel(gold_config or world.gold)
+    wanted = sorted(set(range(len(turns)) if rows is None else (int(r) for r in rows)))
+    table = turns.reset_index(drop=True)
+    picked = table.iloc[wanted]
+    chars = [characters[c] for c in picked["character"]]
+    assessed = assess_replies(
+        chars,
+        list(picked["bot_reply"]),
+        [c.reply_context(m) for c, m in zip(chars, picked["user_message"], strict=True)],
+        [dict(f) for f in picked["features"]],
+        judge,
+    )
+    assessments = {position: a for position, (a, _) in zip(wanted, assessed, strict=True)}
+    trait_names = {f.name for f in dc_fields(UserTraits)}
+    group_keys = [k for k in ("experiment_id", "life", "user_id") if k in table.columns]
+    order = table.sort_values([*group_keys, "day", "hour", "session_id", "turn_index"])
+    out: dict[int, dict[str, float]] = {}
+    for _, history in order.groupby(group_keys, sort=False, dropna=False):
+        user_id = str(history["user_id"].iloc[0])
+        traits = {k: v for k, v in users.loc[user_id, "traits"].items() if k in trait_names}
+        traits["topic_interests"] = tuple(traits["topic_interests"])
+        user = User(user_id, str(users.loc[user_id, "segment"]), UserTraits(**traits), UserState())
+        session = None
+        for position, row in zip(history.index, history.itertuples(index=False), strict=True):
+            if row.session_id != session:
+                gold.start_session(user, int(row.day))
+                session = row.session_id
+            if position in assessments:
+                terms = gold.utility_terms(
+                    user, characters[row.character], assessments[position], float(row.novelty)
+                )
+                out[position] = terms | {TOTAL_TERM: float(sum(terms.values()))}
+            user.state.emoji_exposure += float(row.features["emoji"])
+    return pd.DataFrame.from_dict(out, orient="index").loc[wanted]
+
+
 def comparisons_path(run_dir: str | Path) -> Path:
     """Where a run keeps its annotators' comparisons."""
     return Path(run_dir) / "artifacts" / COMPARISONS_FILE
@@ -170,6 +458,7 @@ def train_and_evaluate(
     llm_config: LLMConfig | None = None,
     max_eval_rows: int | None = None,
     test_users: set[str] | None = None,
+    gold_terms: pd.DataFrame | None = None,
     verbose: bool = False,
 ) -> tuple[RewardModel, dict[str, Any]]:
     """Fit one reward model on the training users and report on the held-out users.
@@ -189,6 +478,9 @@ def train_and_evaluate(
             (a random sample; None = all). An LLM scores ~1 chat/s on a busy 2-core CPU.
         test_users: hold out exactly these users (``cross_validate``'s folds) instead of a
             random ``test_size`` share.
+        gold_terms: the gold terms of some logged turns (:func:`logged_gold_terms`, indexed
+            by position in ``turns``); given, the report gains ``leak_probe``: the model's
+            inputs on those turns against each term (:func:`leak_probe`, seeded by ``seed``).
         verbose: progress bars.
 
     Returns:
@@ -296,6 +588,10 @@ def train_and_evaluate(
         )
     if style_controlled:
         report["style_coefficients"] = model.style_coefficients()
+    if gold_terms is not None:
+        rows = gold_terms.index.to_numpy()
+        inputs = rm_inputs(model, table["context"].iloc[rows], table["reply"].iloc[rows])
+        report["leak_probe"] = leak_probe(inputs, gold_terms, seed=seed).to_dict()
     report["history"] = model.history
     report["eval_seconds"] = time.perf_counter() - started
     return model, report
@@ -387,13 +683,22 @@ def rm_train(
     minilm_config: MiniLMConfig | None = None,
     llm_config: LLMConfig | None = None,
     max_eval_rows: int | None = None,
+    probe_rows: int | None = PROBE_ROWS,
     verbose: bool = True,
 ) -> tuple[Path, dict[str, Any]]:
     """What ``flywheel rm train`` does: read the run, train, save the model and rm_eval.json.
 
-    Returns the model folder (``RUN_DIR/artifacts/rm/<name>`` unless ``out``) and the report.
+    ``probe_rows``: the leak probe's sample of logged turns (seeded by ``seed``; None = all,
+    0 = no probe). Returns the model folder (``RUN_DIR/artifacts/rm/<name>`` unless
+    ``out``) and the report.
     """
     turns, activity, comparisons = load_run_tables(run_dir, experiment_id)
+    gold_terms, skipped = None, None
+    if probe_rows != 0 and recorded_world(run_dir) is None:
+        skipped = "the run records no world to recompute its gold terms in"
+    elif probe_rows != 0:
+        sample = _sample(np.arange(len(turns)), probe_rows, np.random.default_rng(seed))
+        gold_terms = logged_gold_terms(run_dir, turns, rows=sample)
     model, report = train_and_evaluate(
         turns,
         comparisons,
@@ -407,11 +712,14 @@ def rm_train(
         minilm_config=minilm_config,
         llm_config=llm_config,
         max_eval_rows=max_eval_rows,
+        gold_terms=gold_terms,
         verbose=verbose,
     )
     folder = Path(out) if out is not None else Path(run_dir) / "artifacts" / RM_DIR / model.name
     model.save(folder)
     report["run_dir"] = str(run_dir)
+    if skipped is not None:
+        report["leak_probe"] = {"skipped": skipped}
     (folder / EVAL_FILE).write_text(json.dumps(report, indent=2, default=float))
     return folder, report
 
@@ -444,5 +752,17 @@ def summarize(report: dict[str, Any]) -> str:
     for target, cal in report.get("calibration", {}).items():
         lines.append(
             f"  {target}: AUC {cal['auc']:.3f}, ECE {cal['ece']:.4f}, Brier {cal['brier']:.4f}"
+        )
+    if "skipped" in report.get("leak_probe", {}):
+        lines.append(f"  leak probe skipped: {report['leak_probe']['skipped']}")
+    elif "leak_probe" in report:
+        probe = report["leak_probe"]
+        terms = ", ".join(
+            f"{k} {max(v['linear_r2'], v['nonlinear_r2']):.2f}" for k, v in probe["terms"].items()
+        )
+        verdict = f"LEAKS: {', '.join(probe['leaks'])}" if probe["leaks"] else "no leak"
+        lines.append(
+            f"  leak probe: R^2 of each gold term from the model's inputs (best of ridge / "
+            f"mlp, n={probe['n']}; {verdict} at >= {probe['threshold']}): {terms}"
         )
     return "\n".join(lines)
