@@ -20,7 +20,7 @@ users), fits one reward model and reports on the held-out users:
 - ``leak_probe`` (when the gold terms of the logged turns are given, as ``rm_train`` does):
   how well the reward model's own inputs predict each gold term (:func:`leak_probe`).
 
-The leak probe guards the second half of the oracle invariant (DESIGN.md): the gold must
+The leak probe guards the second half of the oracle invariant (``sim.judge``): the gold must
 not be readable from what a reward model reads. For each term of the gold utility
 (``sim.gold.GoldModel.utility_terms``, recomputed per logged turn by
 :func:`logged_gold_terms`) and for the total, it reports the out-of-fold R^2 (seeded

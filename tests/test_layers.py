@@ -1,4 +1,4 @@
-"""The packages' dependency direction (DESIGN.md, "Layout"), enforced on every import.
+"""The packages' dependency direction (README.md, "Layout"), enforced on every import.
 
 ``policies <- rewards <- sim / training <- flywheel <- dashboards``: reward and training
 code never imports the simulator (where the oracle lives) or the flywheel, and the model

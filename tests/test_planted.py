@@ -74,7 +74,10 @@ def test_unsafe_policy_writes_replies_the_real_safety_checker_blocks(tiny: Polic
     spoiled = [text != base for base, text in zip(plain, replies, strict=True)]
     assert 0.25 < sum(spoiled) / len(spoiled) < 0.75
     verdicts = SafetyChecker().check(replies)
-    assert [not v.safe for v in verdicts] == spoiled
+    # Unsafe exactly where spoiled, or where the random tiny model's own text already was.
+    already = [not v.safe for v in SafetyChecker().check(plain)]
+    assert [not v.safe for v in verdicts] == [s or a for s, a in zip(spoiled, already, strict=True)]
+    assert sum(already) < sum(spoiled) / 4
     assert {s for t in replies for s in UNSAFE_SNIPPETS if s in t} == set(UNSAFE_SNIPPETS)
     assert all(not v.safe for v in SafetyChecker().check(list(UNSAFE_SNIPPETS)))
     # seeded by the call's seed, so a resumed run spoils the same replies
