@@ -21,7 +21,7 @@ conversations with ONE ``Policy.generate`` call (that is where the throughput is
 - Optional planted PII (e-mails, phone numbers, street addresses from ``faker``) at
   ``pii_rate`` per message, so curation can prove it scrubs them.
 - The prompt conditions the text on the user's segment description (``User.profile``), their
-  mood (``UserState.mood``, the running satisfaction of this session, in words: ``mood_words``)
+  mood (``UserState.mood``, the running satisfaction within the chat, in words: ``mood_words``)
   and the character's last reply (the chat's last turn).
 - Users end chats themselves: a message that ``is_goodbye`` (a closing phrase such as "bye",
   "gotta go", "talk later", or the end marker ``END_MARKER`` that user models such as UserLM
