@@ -306,6 +306,10 @@ def shared_prefixes() -> Iterator[None]:
         _clear_all()
 
 
+def _call_key(chats: Sequence[Chat], params: SamplingParams) -> tuple:
+    return (tuple(tuple((m.get("role"), m.get("content")) for m in chat) for chat in chats), params)
+
+
 def _clear_all() -> None:
     for engine in list(_ENGINES):
         engine.cache.clear()
@@ -324,13 +328,51 @@ class EnginePolicy:
             self.stop_ids.add(self.model.generation_config.eos_token_id)
         self.pad_id = self.tokenizer.pad_token_id
         self.cache = PrefixCache(self.spec.prefix_cache_tokens)
+        self._ready: dict[tuple, list[list[Generation]]] = {}  # filled by together()
         _ENGINES.add(self)
 
-    @torch.inference_mode()
     def generate(self, chats: Sequence[Chat], params: SamplingParams) -> list[Generation]:
         """One reply per chat, in order; chat ``i`` is sampled with seed ``params.seed + i``."""
+        prepared = self._ready.get(_call_key(chats, params))
+        if prepared:
+            return prepared.pop(0)
+        return self._run([(chats, params)])[0]
+
+    @contextmanager
+    def together(self, calls: Sequence[tuple[Sequence[Chat], SamplingParams]]) -> Iterator[None]:
+        """Answer several calls in ONE continuous batch; inside the block, ``generate`` with
+        one of these (chats, params) returns its share of the joint run.
+
+        This is how two arms that wrap the same model (a planted or safety wrapper passes
+        its chats through unchanged) fill one batch instead of two half-full ones. Each
+        call keeps its seeds (its chat ``i`` draws with ``params.seed + i``), so a reply is
+        the one its own call would give up to the rounding the module docstring describes.
+        The calls must agree on every sampling setting but the seed; replies nobody asked
+        for by the end of the block are dropped.
+        """
+        shared = {(p.max_new_tokens, p.temperature, p.top_p) for _, p in calls}
+        if len(shared) > 1:
+            raise ValueError(
+                f"together() got calls with different sampling settings {sorted(shared)} "
+                "(max_new_tokens, temperature, top_p); answer them with separate generate calls"
+            )
+        for (chats, params), replies in zip(calls, self._run(calls), strict=True):
+            self._ready.setdefault(_call_key(chats, params), []).append(replies)
+        try:
+            yield
+        finally:
+            self._ready.clear()
+
+    @torch.inference_mode()
+    def _run(
+        self, calls: Sequence[tuple[Sequence[Chat], SamplingParams]]
+    ) -> list[list[Generation]]:
+        """The replies of every call, decoded in one continuous batch."""
+        chats = [chat for call_chats, _ in calls for chat in call_chats]
+        seeds = [params.seed + i for call_chats, params in calls for i in range(len(call_chats))]
         for i, chat in enumerate(chats):
             validate_chat(chat, i)
+        params = calls[0][1] if calls else SamplingParams()
         if not _shared_depth:
             self.cache.clear()
         prompts = [fit_prompt_ids(self.tokenizer, c, self.spec.max_prompt_tokens) for c in chats]
@@ -346,14 +388,18 @@ class EnginePolicy:
             active = len(batch.rows) if batch is not None else 0
             if waiting and slots - active >= max(1, slots // ADMIT_FRACTION):
                 group = [waiting.popleft() for _ in range(min(slots - active, len(waiting)))]
-                rows = [self._new_row(i, prompts[i], params.seed + i) for i in group]
+                rows = [self._new_row(i, prompts[i], seeds[i]) for i in group]
                 for part in self._prefill(rows, params):
                     batch = _merge(batch, part)
             else:
                 self._decode(batch, params)
             batch = self._retire(batch, params, results, bar)
         bar.close()
-        return [results[i] for i in range(len(chats))]
+        replies, start = [], 0
+        for call_chats, _ in calls:
+            replies.append([results[i] for i in range(start, start + len(call_chats))])
+            start += len(call_chats)
+        return replies
 
     def _new_row(self, index: int, ids: list[int], seed: int) -> _Row:
         return _Row(index, ids, 0, torch.Generator().manual_seed(seed))

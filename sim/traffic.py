@@ -70,7 +70,8 @@ import hashlib
 import math
 import pickle
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -528,6 +529,8 @@ class Batcher:
     normal event, so all requests of the instant are pending when ``handler(key, items)``
     answers them, in request order, with one backend call per key. ``gather=False`` answers
     every request with its own call instead: the one-conversation-at-a-time baseline.
+    ``around(batches)``, when given, is a context entered around the handler calls of one
+    flush, with every ``(key, items)`` of the instant (to answer several keys together).
     """
 
     def __init__(
@@ -537,11 +540,13 @@ class Batcher:
         priority: int,
         *,
         gather: bool = True,
+        around: Callable[[list[tuple[Any, list[Any]]]], AbstractContextManager[None]] | None = None,
     ) -> None:
         self.env = env
         self.handler = handler
         self.priority = priority
         self.gather = gather
+        self.around = around
         self._pending: dict[Any, list[tuple[Any, simpy.Event]]] = {}
 
     def request(self, key: Any, item: Any) -> simpy.Event:
@@ -559,8 +564,10 @@ class Batcher:
             for key, queued in pending.items()
             for group in ([queued] if self.gather else [[entry] for entry in queued])
         ]
-        for key, queued in batches:
-            results = self.handler(key, [item for item, _ in queued])
+        items = [(key, [item for item, _ in queued]) for key, queued in batches]
+        with self.around(items) if self.around else nullcontext():
+            answers = [self.handler(key, group) for key, group in items]
+        for (key, queued), results in zip(batches, answers, strict=True):
             if len(results) != len(queued):
                 raise RuntimeError(
                     f"batch handler returned {len(results)} results for {len(queued)} "
@@ -753,7 +760,9 @@ class TrafficSimulator:
             gather = self.batching
             self._open = Batcher(env, self._answer_open, _USER_FLUSH_PRIORITY, gather=gather)
             self._user = Batcher(env, self._answer_user, _USER_FLUSH_PRIORITY, gather=gather)
-            self._bot = Batcher(env, self._answer_bot, _BOT_FLUSH_PRIORITY, gather=gather)
+            self._bot = Batcher(
+                env, self._answer_bot, _BOT_FLUSH_PRIORITY, gather=gather, around=self._bot_round
+            )
             visits = [
                 (life, starts) for life in self.lives(day) if (starts := self._visit(day, life))
             ]
@@ -839,28 +848,47 @@ class TrafficSimulator:
             self.stats.user_tokens += self.user_counter.completion_tokens - before
         return [None] * len(sessions)
 
-    def _answer_bot(self, arm: str, items: list[tuple[Any, float]]) -> list[Any]:
-        """Answer every pending session of one arm's policy with ONE ``bot_turn`` call."""
-        sessions = [session for session, _ in items]
-        novelty = [offset for _, offset in items]
+    @contextmanager
+    def _bot_round(self, batches: list[tuple[str, list[tuple[Any, float]]]]) -> Iterator[None]:
+        """One instant's bot replies: a seed per arm's call, drawn in arm order, and one
+        engine run for all of them when every arm wraps the same engine (``together``)."""
+        self._round_params = {
+            arm: self.config.bot_sampling.params(self._seed()) for arm, _ in batches
+        }
+        engines = {
+            id(_engine_of(self.policies[arm])): _engine_of(self.policies[arm]) for arm, _ in batches
+        }
+        joint = len(batches) > 1 and len(engines) == 1
+        engine = next(iter(engines.values()))
+        calls = [
+            ([self.engine.bot_chat(session) for session, _ in items], self._round_params[arm])
+            for arm, items in batches
+        ]
         started = time.perf_counter()
-        records = self.engine.bot_turn(
-            sessions,
-            self.policies[arm],
-            self.config.bot_sampling.params(self._seed()),
-            novelty=novelty,
-        )
+        with engine.together(calls) if joint and hasattr(engine, "together") else nullcontext():
+            yield
         self.stats.bot_seconds += time.perf_counter() - started
-        self.stats.bot_calls += 1
-        self.stats.bot_batch_sizes.append(len(sessions))
-        self.stats.max_bot_batch = max(self.stats.max_bot_batch, len(sessions))
-        self.stats.bot_tokens += sum(int(r.completion_tokens) for r in records)
+        sizes = [len(items) for _, items in batches]
+        for size in [sum(sizes)] if joint else sizes:  # one entry per engine run
+            self.stats.bot_calls += 1
+            self.stats.bot_batch_sizes.append(size)
+            self.stats.max_bot_batch = max(self.stats.max_bot_batch, size)
         self._day_bar.set_postfix(
-            turns=len(self._day_turns) + sum(self.stats.bot_batch_sizes[-1:]),
-            batch=len(sessions),
+            turns=len(self._day_turns) + sum(sizes),
+            batch=sum(sizes),
             tok_s=f"{self.stats.bot_tokens / max(self.stats.bot_seconds, 1e-9):.0f}",
             refresh=False,
         )
+
+    def _answer_bot(self, arm: str, items: list[tuple[Any, float]]) -> list[Any]:
+        """Answer every pending session of one arm's policy with ONE ``bot_turn`` call."""
+        records = self.engine.bot_turn(
+            [session for session, _ in items],
+            self.policies[arm],
+            self._round_params[arm],
+            novelty=[offset for _, offset in items],
+        )
+        self.stats.bot_tokens += sum(int(r.completion_tokens) for r in records)
         return records
 
     def _seed(self) -> int:
@@ -1045,6 +1073,13 @@ def _user_days(
     frame["novelty"] = frame["novelty"].fillna(0.0).astype(float)
     frame["active"] = frame["sessions"] > 0
     return frame
+
+
+def _engine_of(policy: Policy) -> Any:
+    """The model under a policy's wrappers (each wrapper keeps what it wraps as ``base``)."""
+    while hasattr(policy, "base"):
+        policy = policy.base
+    return policy
 
 
 def _character_name(character: Any) -> str:

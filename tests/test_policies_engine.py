@@ -197,6 +197,37 @@ def test_spec_validates_engine_fields() -> None:
         PolicySpec(backend="engine")
 
 
+def test_calls_answered_together_keep_their_seeds_and_replies(
+    tiny: EnginePolicy, monkeypatch
+) -> None:
+    # Two arms wrapping one model share a batch; each call keeps its seeds, and greedy replies
+    # are exactly its own call's. (Sampled replies agree up to rounding: a draw on this random
+    # model's flat distribution can flip when another batch shape rounds the logits otherwise.)
+    greedy = [SamplingParams(max_new_tokens=12, temperature=0.0, seed=s) for s in (5, 90)]
+    calls = [(CHATS[:3], greedy[0]), (CHATS[1:], greedy[1])]
+    alone = [tiny.generate(chats, params) for chats, params in calls]
+    seeds: list[int] = []
+    new_row = tiny._new_row
+    monkeypatch.setattr(
+        tiny, "_new_row", lambda i, ids, seed: seeds.append(seed) or new_row(i, ids, seed)
+    )
+    with tiny.together(calls):
+        with monkeypatch.context() as patch:  # both must come from the joint run
+            patch.setattr(tiny, "_run", lambda calls: pytest.fail("generated again"))
+            joint = [tiny.generate(*calls[1]), tiny.generate(*calls[0])][::-1]
+    assert sorted(seeds) == [5, 6, 7, 90, 91, 92]
+    assert [[g.completion_ids for g in call] for call in joint] == [
+        [g.completion_ids for g in call] for call in alone
+    ]
+
+
+def test_calls_with_other_settings_are_not_joined(tiny: EnginePolicy) -> None:
+    short = SamplingParams(max_new_tokens=4)
+    with pytest.raises(ValueError, match="different sampling settings"):
+        with tiny.together([(CHATS, short), (CHATS, SamplingParams(max_new_tokens=8))]):
+            pass
+
+
 def test_malformed_chat_is_refused(tiny: EnginePolicy) -> None:
     with pytest.raises(ValueError, match="chat 1 is empty"):
         tiny.generate([CHATS[0], []], SamplingParams())
