@@ -1,0 +1,122 @@
+"""Multi-turn GRPO with the simulator's LLM-simulated users on the other side.
+
+``SimulatedUsers`` is ``training.multiturn.UserSide`` on the world's ``ConversationEngine``,
+the engine ``sim.env.ChatEnv`` and ``VectorChatEnv`` step, making the calls
+``VectorChatEnv.step`` makes: the policy's replies of every open conversation scored at
+once (``apply_replies``: features, checkers, the gold's reaction), then ONE user-LLM call
+for all conversations still open (``user_turn``). It does not go through the env classes
+themselves because a GRPO group needs what they do not offer: the same user opened G times
+with the same seed. The envs draw their own users and open sessions without seeds (one
+generator then both writes and draws signals, sim.conversation), and ``VectorChatEnv``
+restarts a finished conversation with a new user.
+
+Common random numbers: a row names a user of the pool and a seed; each of the G
+conversations of its group gets its own copy of that user (the gold model moves the user's
+latent state as the chat goes), opened with the row's seed, so the character, the opener,
+the fallback and PII draws and the user's like / report / continue uniforms at every turn
+are the same across the group. The user LLM's own sampling is not: one batched call writes
+every conversation's message and its draws depend on the batch (``policies.hf``).
+
+What crosses to training: the chats and the users' messages, and whether the user ended
+the chat (which the flywheel sees in its logs). The gold utility stays here.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from policies.base import Chat
+from sim.conversation import Session
+from sim.population import User, UserSampler
+from sim.world import World
+
+SESSION_HOUR = 12.0  # hour of day the training conversations happen at (the envs' choice)
+
+
+def draw_users(world: World, n: int, rng: np.random.Generator, prefix: str) -> list[User]:
+    """``n`` new users of ``world``'s population drawn with ``rng``, ids ``{prefix}000000``...
+    (a separate draw, and prefix, for the held-out users of an evaluation)."""
+    words = world.corpus.message_words("train")
+    return UserSampler(world.config.population, rng, words, id_prefix=prefix).sample(n)
+
+
+class SimulatedUsers:
+    """The world's simulated users as the other side of multi-turn GRPO.
+
+    Args:
+        world: the built world (characters, user LLM, gold model, embedder).
+        users: the pool rows draw from (``draw_users``); never mutated, each conversation
+            talks to a copy.
+        day: the simulated day the conversations happen on.
+    """
+
+    def __init__(self, world: World, users: Sequence[User], day: int = 0) -> None:
+        if not users:
+            raise ValueError("SimulatedUsers needs at least one user; fix: draw_users(world, n)")
+        self.world = world
+        self.users = list(users)
+        self.day = day
+        self._sessions: list[Session] = []
+        self._seeds: list[int] = []
+        self._turn = 0
+
+    def _open_sessions(self, user_index: Sequence[int], seeds: Sequence[int]) -> list[Session]:
+        for index in user_index:
+            if not 0 <= index < len(self.users):
+                raise ValueError(
+                    f"row names user {index} but the pool holds {len(self.users)}; fix: rows "
+                    "from this SimulatedUsers' rows()"
+                )
+        return self.world.engine.open_sessions(
+            [copy.deepcopy(self.users[i]) for i in user_index],
+            self.day,
+            SESSION_HOUR,
+            np.random.default_rng(0),  # unused: every session has its own seed
+            seeds=[[int(s)] for s in seeds],
+        )
+
+    def rows(self, rng: np.random.Generator) -> list[dict[str, Any]]:
+        """One GRPO dataset row per user of the pool: its opening (``prompt``, the
+        character the user chose), the user's index and a seed drawn with ``rng``."""
+        seeds = [int(s) for s in rng.integers(2**31 - 1, size=len(self.users))]
+        sessions = self._open_sessions(range(len(self.users)), seeds)
+        return [
+            {
+                "prompt": self.world.engine.bot_chat(s),
+                "character": s.character.name,
+                "user": i,
+                "seed": seed,
+            }
+            for i, (s, seed) in enumerate(zip(sessions, seeds, strict=True))
+        ]
+
+    def open(self, rows: Sequence[Mapping[str, Any]]) -> list[Chat]:
+        """Open one conversation per row with a copy of its user and its seed."""
+        self._seeds = [int(row["seed"]) for row in rows]
+        self._sessions = self._open_sessions([int(row["user"]) for row in rows], self._seeds)
+        self._turn = 0
+        return [self.world.engine.bot_chat(s) for s in self._sessions]
+
+    def reply(self, conversations: Sequence[int], replies: Sequence[str]) -> list[str | None]:
+        """Score the replies, draw the users' reactions, then write the next message of
+        every conversation the user stays in with one user-LLM call (None: the user left,
+        reported, said goodbye before this reply, or the world's turn cap was reached)."""
+        engine = self.world.engine
+        sessions = [self._sessions[i] for i in conversations]
+        engine.apply_replies(sessions, list(replies))
+        live = [s for s in sessions if not s.ended]
+        # One seed per batch and turn, from the rows' seeds: the same rows write alike.
+        entropy = np.random.SeedSequence([self._turn, *self._seeds]).generate_state(1)
+        engine.user_turn(live, self.world.user_params(int(entropy[0] >> 1)))
+        self._turn += 1
+        return [None if s.ended else s.messages[-1]["content"] for s in sessions]
+
+    @property
+    def sessions(self) -> list[Session]:
+        """The conversations of the latest ``open`` (for evaluation and tests; they hold
+        the oracle, which training never reads)."""
+        return list(self._sessions)
