@@ -45,7 +45,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,7 +54,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from flywheel.report import _atomic_write  # the run directory's one atomic writer
+from flywheel.persist import atomic_write, atomic_write_text, json_ready
 from rewards.checkers import words
 from rewards.features import is_unsafe
 from sim.chitchat import ChitchatCorpus, load_chitchat
@@ -101,8 +100,8 @@ class FidelityLine:
         """JSON-ready (NaN as None)."""
         return {
             "name": self.name,
-            "value": _finite(self.value),
-            "reference": _finite(self.reference),
+            "value": json_ready(self.value),
+            "reference": json_ready(self.reference),
             "target": self.target,
             "status": self.status,
             "n": self.n,
@@ -149,7 +148,7 @@ class FidelityCard:
             "lines": [line.to_dict() for line in self.lines],
             "passed": not self.misses,
             "misses": [line.name for line in self.misses],
-            "goodbye_share": _finite(self.goodbye_share),
+            "goodbye_share": json_ready(self.goodbye_share),
             "human_goodbye_share": self.human_goodbye_share,
             "assistant_speak_examples": list(self.assistant_speak_examples),
             "qq": {
@@ -600,8 +599,8 @@ def write_fidelity(card: FidelityCard, run_dir: str | Path) -> dict[str, Path]:
     """Write ``fidelity.json``, ``fidelity.md`` and the QQ plot into ``run_dir``, atomically."""
     root = Path(run_dir)
     paths = {"json": root / JSON_FILE, "markdown": root / MARKDOWN_FILE, "qq": root / QQ_FILE}
-    _atomic_write(paths["json"], json.dumps(card.to_dict(), indent=2, allow_nan=False) + "\n")
-    _atomic_write(paths["markdown"], card.summary())
+    atomic_write_text(paths["json"], json.dumps(card.to_dict(), indent=2, allow_nan=False) + "\n")
+    atomic_write_text(paths["markdown"], card.summary())
     qq_plot(card, paths["qq"])
     return paths
 
@@ -627,15 +626,9 @@ def qq_plot(card: FidelityCard, path: Path) -> Path:
     )
     ax.legend(loc="upper left")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
     plt.close(fig)
-    os.replace(tmp, path)
     return path
-
-
-def _finite(value: float | None) -> float | None:
-    return None if value is None or not math.isfinite(value) else float(value)
 
 
 def _fmt(value: float | None) -> str:

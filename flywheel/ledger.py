@@ -27,11 +27,11 @@ import hashlib
 import json
 import time
 from collections.abc import Callable, Mapping
-from datetime import UTC, datetime
 from typing import Any
 
 import pandas as pd
 
+from flywheel.persist import to_json, utc_now
 from flywheel.store import RunStore, fingerprint
 
 _SCHEMA = {
@@ -60,14 +60,6 @@ def derive_seed(seed: int, generation: int, step: str) -> int:
     return int(digest[:8], 16) & 0x7FFFFFFF
 
 
-def _now() -> datetime:
-    return datetime.now(UTC).replace(tzinfo=None)
-
-
-def _json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, default=str)
-
-
 class StepConflictError(RuntimeError):
     """A finished step was recorded with another configuration than the one asked for now."""
 
@@ -91,7 +83,7 @@ class Ledger:
         if row is None:
             self.con.execute(
                 "INSERT INTO run_meta VALUES ('scenario', ?)",
-                [_json({"fingerprint": wanted, "config": config})],
+                [to_json({"fingerprint": wanted, "config": config})],
             )
             return
         stored = json.loads(row[0])["fingerprint"]
@@ -142,15 +134,15 @@ class Ledger:
         self.con.execute("DELETE FROM steps WHERE generation = ? AND step = ?", [generation, step])
         self.con.execute(
             "INSERT INTO steps VALUES (?, ?, 'running', ?, ?, ?, ?, NULL, ?, NULL, NULL)",
-            [generation, step, seed, _json(config), key, _json(inputs), _now()],
+            [generation, step, seed, to_json(config), key, to_json(inputs), utc_now()],
         )
         outputs = dict(work())
         self.con.execute(
             "UPDATE steps SET status = 'done', outputs = ?, finished_at = ?, wall_s = ? "
             "WHERE generation = ? AND step = ?",
-            [_json(outputs), _now(), time.perf_counter() - started, generation, step],
+            [to_json(outputs), utc_now(), time.perf_counter() - started, generation, step],
         )
-        return json.loads(_json(outputs))
+        return json.loads(to_json(outputs))
 
     def steps(self) -> pd.DataFrame:
         """Every step row, in the order they started."""
@@ -161,7 +153,7 @@ class Ledger:
         """Store (replace) a generation's record."""
         self.con.execute("DELETE FROM generations WHERE generation = ?", [generation])
         self.con.execute(
-            "INSERT INTO generations VALUES (?, ?, ?)", [generation, _json(record), _now()]
+            "INSERT INTO generations VALUES (?, ?, ?)", [generation, to_json(record), utc_now()]
         )
 
     def generations(self) -> list[dict[str, Any]]:

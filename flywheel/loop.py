@@ -50,6 +50,7 @@ import pandas as pd
 from rich.console import Console
 
 from flywheel.ledger import Ledger, derive_seed
+from flywheel.persist import atomic_write_text, json_ready
 from flywheel.scenario import Scenario
 from flywheel.store import SCHEMA_VERSION, RunStore, fallback_totals
 from policies import Policy, PolicySpec, SamplingParams, load_policy
@@ -423,7 +424,7 @@ class FlywheelRun:
         paths = {}
         for split, frame in (("train", data.train), ("held_out", data.held_out)):
             path = folder / f"{split}.jsonl"
-            _atomic_write(path, frame.to_json(orient="records", lines=True, force_ascii=False))
+            atomic_write_text(path, frame.to_json(orient="records", lines=True, force_ascii=False))
             paths[split] = self.rel(path)
         self.console.print(data.summary())
         leaked = pii_audit([data.train, data.held_out], self.scenario.curation_config().locale)
@@ -567,13 +568,13 @@ class FlywheelRun:
         folder = self.gen_dir(generation) / "offline"
         folder.mkdir(parents=True, exist_ok=True)
         replies = folder / f"{recipe}_replies.jsonl"
-        _atomic_write(
+        atomic_write_text(
             replies, report.replies.to_json(orient="records", lines=True, force_ascii=False)
         )
         files = {"replies": self.rel(replies)}
         if report.ifbench is not None:
             ifbench = folder / f"{recipe}_ifbench.jsonl"
-            _atomic_write(
+            atomic_write_text(
                 ifbench, report.ifbench.to_json(orient="records", lines=True, force_ascii=False)
             )
             files["ifbench_replies"] = self.rel(ifbench)
@@ -582,8 +583,8 @@ class FlywheelRun:
             shown = "pass" if gate.passed else gate.verdict.upper()
             self.console.print(f"  gate {gate.name}: {shown}: {gate.reason}")
         return {
-            "offline": _json_ready(report.offline_dict()),
-            "gates": [_json_ready(g.to_dict()) for g in verdicts],
+            "offline": json_ready(report.offline_dict()),
+            "gates": [json_ready(g.to_dict()) for g in verdicts],
             "passed": all(g.passed for g in verdicts),
             **files,
         }
@@ -704,20 +705,6 @@ def pii_audit(frames: list[pd.DataFrame], locale: str) -> int:
             texts = [m["content"] for m in prompt if m["role"] != "system"] + [str(completion)]
             found += sum(len(list(scrubber.iter_filth(t))) for t in texts)
     return found
-
-
-def _json_ready(value: Any) -> Any:
-    """NaN / inf -> None and numpy scalars -> Python, recursively (strict JSON)."""
-    from flywheel.ab.analysis import json_ready
-
-    return json_ready(value)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _remove(path: Path) -> None:

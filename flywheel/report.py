@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from flywheel.persist import atomic_write_text
 from flywheel.store import fallback_text
 
 SCHEMA_VERSION = 1
@@ -171,12 +171,6 @@ def document(scenario: Any, records: Sequence[Mapping[str, Any]]) -> dict[str, A
     }
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_outputs(
     run_dir: str | Path, scenario: Any, records: Sequence[Mapping[str, Any]], *, plots: bool = False
 ) -> dict[str, Path]:
@@ -184,8 +178,8 @@ def write_outputs(
     run_dir = Path(run_dir)
     paths = {"json": run_dir / JSON_FILE, "markdown": run_dir / MARKDOWN_FILE}
     text = json.dumps(document(scenario, records), indent=2, allow_nan=False, default=float)
-    _atomic_write(paths["json"], text + "\n")
-    _atomic_write(paths["markdown"], markdown(scenario.name, records))
+    atomic_write_text(paths["json"], text + "\n")
+    atomic_write_text(paths["markdown"], markdown(scenario.name, records))
     if plots and records:
         paths.update(write_plots(records, run_dir / PLOTS_DIR))
     return paths

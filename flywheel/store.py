@@ -65,16 +65,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import duckdb
 import pandas as pd
+
+from flywheel.persist import to_json, utc_now
 
 if TYPE_CHECKING:
     from sim.traffic import DayLog
@@ -291,7 +291,7 @@ class RunStore:
                 "SELECT count(*) FROM meta WHERE key = 'schema_version'"
             ).fetchone()
             if present is not None and present[0] == 0:
-                now = json.dumps(_now().isoformat())
+                now = json.dumps(utc_now().isoformat())
                 self._con.execute(
                     "INSERT INTO meta VALUES ('schema_version', ?), ('created_at', ?)",
                     [json.dumps(SCHEMA_VERSION), now],
@@ -329,7 +329,7 @@ class RunStore:
             return
         rows = frame[expected].copy()
         for column in _JSON_COLUMNS.intersection(expected):
-            rows[column] = [_to_json(value) for value in rows[column]]
+            rows[column] = [to_json(value) for value in rows[column]]
         self._con.register("_rows", rows)
         try:
             self._con.execute(f"INSERT INTO {table} SELECT * FROM _rows")
@@ -376,7 +376,7 @@ class RunStore:
         with self._transaction():
             self._con.execute(
                 "INSERT INTO experiments VALUES (?, ?, ?, ?, NULL)",
-                [experiment_id, fingerprint(config), _to_json(config), _now()],
+                [experiment_id, fingerprint(config), to_json(config), utc_now()],
             )
             self._insert("users", users.assign(experiment_id=experiment_id))
             self._insert("assignments", assignments.assign(experiment_id=experiment_id))
@@ -403,7 +403,7 @@ class RunStore:
                 "period": log.period,
                 "weekday": log.weekday,
                 **{k: stats.get(k, 0) for k in TABLES["days"] if k not in _DAY_KEYS},
-                "committed_at": _now(),
+                "committed_at": utc_now(),
             }
             self._insert("days", pd.DataFrame([day_row]))
             self._put_checkpoint(experiment_id, log.day, checkpoint)
@@ -412,7 +412,7 @@ class RunStore:
         """Mark ``experiment_id`` finished (all days committed)."""
         self._con.execute(
             "UPDATE experiments SET finished_at = ? WHERE experiment_id = ?",
-            [_now(), experiment_id],
+            [utc_now(), experiment_id],
         )
 
     def _put_checkpoint(self, experiment_id: str, day: int, state: bytes) -> None:
@@ -455,7 +455,7 @@ class RunStore:
             )
             self._con.execute(
                 "INSERT INTO analyses VALUES (?, ?, ?, ?)",
-                [experiment_id, name, _now(), _to_json(result)],
+                [experiment_id, name, utc_now(), to_json(result)],
             )
 
     def read_analysis(self, experiment_id: str, name: str) -> dict[str, Any] | None:
@@ -589,19 +589,3 @@ _ORDER = {
     "users": "ORDER BY user_id",
     "assignments": "ORDER BY user_id",
 }
-
-
-def _now() -> datetime:
-    return datetime.now(UTC).replace(tzinfo=None)
-
-
-def _to_json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, default=_json_default)
-
-
-def _json_default(value: Any) -> Any:
-    # numpy scalars and similar: fall back to their Python value.
-    if hasattr(value, "item"):
-        item = value.item()
-        return None if isinstance(item, float) and math.isnan(item) else item
-    return str(value)

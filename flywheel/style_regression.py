@@ -67,6 +67,7 @@ from scipy import stats
 from scipy.special import expit
 
 from flywheel.gate_power import DEFAULT_MIN_POWER, mcnemar_greater, paired_power
+from flywheel.persist import json_ready
 from flywheel.scenario import StyleGateConfig
 from rewards.checkers import Catchphrase, EndsWithQuestion, StartsWith, emoji_list, words
 from rewards.features import style_features
@@ -92,7 +93,7 @@ class StyleCheck:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (NaN becomes None)."""
-        return {k: _finite(v) for k, v in asdict(self).items()}
+        return json_ready(asdict(self))
 
 
 @dataclass(frozen=True)
@@ -148,10 +149,10 @@ class StyleRegressionResult:
             "n": self.n,
             "power": self.power,
             "n_needed": self.n_needed,
-            "raw_win_rate": _finite(self.raw_win_rate),
-            "style_controlled_win_rate": _finite(self.style_controlled_win_rate),
-            "style_adjusted_win_rate": _finite(self.style_adjusted_win_rate),
-            "glm_coefficients": {k: _finite(v) for k, v in self.glm_coefficients.items()},
+            "raw_win_rate": json_ready(self.raw_win_rate),
+            "style_controlled_win_rate": json_ready(self.style_controlled_win_rate),
+            "style_adjusted_win_rate": json_ready(self.style_adjusted_win_rate),
+            "glm_coefficients": {k: json_ready(v) for k, v in self.glm_coefficients.items()},
             "checks": {c.name: c.to_dict() for c in self.checks},
         }
 
@@ -170,12 +171,6 @@ class StyleRegressionResult:
         )
         lines.append(f"  {self.reason}")
         return "\n".join(lines)
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def wilcoxon_p(candidate: np.ndarray, deployed: np.ndarray) -> float:

@@ -26,11 +26,11 @@ from flywheel.ab.analysis import (
     adjust_p_values,
     as_user_table,
     check_arms,
-    json_ready,
 )
 from flywheel.ab.delta import N_MOMENTS, compare_sums, moment_matrix
 from flywheel.metrics import UserTable
 from flywheel.metrics import user_metrics as build_metrics
+from flywheel.persist import json_ready
 
 CHUNK_CELLS = 2**24  # assignment-matrix entries per chunk (128 MiB of float64)
 CALIBRATION_ALPHA = 0.01  # level of the FPR and uniformity checks themselves

@@ -24,6 +24,7 @@ from statsmodels.stats.power import TTestIndPower
 from flywheel.ab.delta import LiftEstimates, compare
 from flywheel.metrics import DEFAULT_RETENTION_DAY, UserTable, aggregate_users
 from flywheel.metrics import user_metrics as build_metrics
+from flywheel.persist import json_ready
 
 Decision = Literal["ship", "hold", "inconclusive"]
 DEFAULT_MARGINS = MappingProxyType(
@@ -221,19 +222,6 @@ class ABResult:
         )
         lines.append(f"decision: {self.decision.upper()}: {self.reason}")
         return "\n".join(lines)
-
-
-def json_ready(value: Any) -> Any:
-    """Recursively turn numpy scalars into Python ones and non-finite floats into None."""
-    if isinstance(value, dict):
-        return {k: json_ready(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_ready(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def _mde(est: LiftEstimates, alpha: float, power: float) -> float:

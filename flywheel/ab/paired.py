@@ -73,10 +73,10 @@ from flywheel.ab.analysis import (
     adjust_p_values,
     analyze,
     decide,
-    json_ready,
     srm_test,
 )
 from flywheel.metrics import ARMS, UserMetric, UserTable, aggregate_users, user_metrics
+from flywheel.persist import json_ready
 
 LIFE = "life"  # the twin table's column: which policy served this user life
 TOKENS = "completion_tokens"  # generated tokens of a user-day, when the table logs them

@@ -62,7 +62,6 @@ from flywheel.ab.analysis import (
     MetricResult,
     SRMResult,
     decide,
-    json_ready,
     srm_test,
 )
 from flywheel.ab.delta import LiftEstimates, compare
@@ -77,6 +76,7 @@ from flywheel.ab.paired import (
     standard_view,
 )
 from flywheel.metrics import COUNT_COLUMNS, UserMetric, UserTable, aggregate_users, user_metrics
+from flywheel.persist import json_ready
 
 Design = Literal["standard", "twins"]
 SRM_CONCENTRATION = 100.0  # Dirichlet prior strength (x the designed shares), as in seqabpy
