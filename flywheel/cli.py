@@ -8,12 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import typer
-
-if TYPE_CHECKING:
-    import pandas as pd
 
 app = typer.Typer(
     help="Rehearse a character-chat LLM improvement flywheel in simulation.",
@@ -362,68 +359,6 @@ _train_command(
 )
 
 
-def _gold_scorer(run_dir: str, characters: dict[str, Any], world: Any, turns: pd.DataFrame) -> Any:
-    """Gold utility (ORACLE) of candidate replies for the users who wrote their contexts,
-    from the users' logged latent traits and the emoji exposure each had at that moment
-    (replayed from the logged replies before it, ``GoldModel.replay_exposure``), under
-    ``world.gold``. Candidates need user_id, session_id, turn_index and day columns."""
-    from dataclasses import fields as dc_fields
-
-    from flywheel.store import RunStore
-    from rewards.embeddings import get_embedder
-    from rewards.features import reply_features
-    from sim.gold import GoldModel, assess_replies
-    from sim.population import User, UserState, UserTraits
-
-    with RunStore(run_dir, read_only=True) as store:
-        users = store.read_users().drop_duplicates("user_id").set_index("user_id")
-    gold = GoldModel(world.gold)
-    embedder = get_embedder()
-    trait_names = {f.name for f in dc_fields(UserTraits)}
-    served = turns.assign(emoji=[f["emoji"] for f in turns["features"]]).sort_values(
-        ["day", "hour", "session_id", "turn_index"]
-    )
-    history = {
-        user_id: list(group[["day", "session_id", "turn_index", "emoji"]].itertuples(index=False))
-        for user_id, group in served.groupby("user_id")
-    }
-
-    def user_at(user_id: str, day: int, session_id: str, turn_index: int) -> Any:
-        traits = {k: v for k, v in users.loc[user_id, "traits"].items() if k in trait_names}
-        if "topic_interests" in traits:
-            traits["topic_interests"] = tuple(traits["topic_interests"])
-        user = User(user_id, users.loc[user_id, "segment"], UserTraits(**traits), UserState())
-        before = []
-        for row in history.get(user_id, []):
-            if row.session_id == session_id and row.turn_index >= turn_index:
-                break
-            before.append((row.day, row.session_id, row.emoji))
-        gold.replay_exposure(user, [*before, (day, session_id, 0.0)])
-        return user
-
-    def score(candidates: Any) -> Any:
-        import numpy as np
-
-        contexts = [
-            characters[c].reply_context(p[-1]["content"])
-            for p, c in zip(candidates["prompt"], candidates["character"], strict=True)
-        ]
-        replies = list(candidates["reply"])
-        feats = reply_features(embedder, replies, contexts)
-        chars = [characters[c] for c in candidates["character"]]
-        assessed = assess_replies(chars, replies, contexts, feats)
-        cache: dict[tuple[Any, ...], Any] = {}
-        out = []
-        for row, (assessment, _) in zip(candidates.itertuples(index=False), assessed, strict=True):
-            key = (row.user_id, int(row.day), row.session_id, int(row.turn_index))
-            if key not in cache:
-                cache[key] = user_at(*key)
-            out.append(gold.utility(cache[key], characters[row.character], assessment))
-        return np.asarray(out)
-
-    return score
-
-
 @app.command("bon")
 def bon(
     run_dir: str = typer.Argument(..., help="Run directory (run.duckdb + artifacts/)."),
@@ -445,9 +380,11 @@ def bon(
     import json
     from pathlib import Path
 
+    from flywheel.store import RunStore
     from policies import PolicySpec, SamplingParams, load_policy
     from rewards.rm.base import load_reward_model
     from sim.planted import planted_policy
+    from sim.replay import MOMENT_COLUMNS, GoldReplay
     from training.recipes import curated
     from training.rejection import run_best_of_n_sweep
 
@@ -460,15 +397,17 @@ def bon(
         held = data.held_out if not data.held_out.empty else data.train
         held = held.drop_duplicates("session_id").head(contexts)
         proxy = load_reward_model(rm)
+        with RunStore(run_dir, read_only=True) as store:
+            users = store.read_users()
         sweep, candidates = run_best_of_n_sweep(
             planted_policy(policy, lambda m: load_policy(PolicySpec(model=m, dtype="auto"))),
             list(held["prompt"]),
             list(held["character"]),
             ns,
             proxy=lambda c, r: proxy.score(c, r),
-            gold=_gold_scorer(run_dir, characters, world, turns),
+            gold=GoldReplay(users, turns, characters, world.gold),
             params=SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, seed=seed),
-            extra=held[["user_id", "session_id", "turn_index", "day"]],
+            extra=held[list(MOMENT_COLUMNS)],
         )
     folder = Path(out) if out else Path(run_dir) / "artifacts" / "bon"
     folder.mkdir(parents=True, exist_ok=True)

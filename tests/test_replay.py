@@ -1,0 +1,79 @@
+"""sim.replay.GoldReplay: a new reply is scored for the logged user as they were then."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pandas as pd
+import pytest
+
+from sim.characters import TOPICS, Character
+from sim.gold import GoldConfig
+from sim.population import UserTraits
+from sim.replay import MOMENT_COLUMNS, GoldReplay
+
+CHEF = Character(name="Chef", persona="A chef.", topics=("food",))
+TRAITS = UserTraits(
+    patience=0.5, ideal_words=12, emoji_affinity=0.5, emoji_fatigue=0.9,
+    question_affinity=0.0, persona_sensitivity=0.5, repetition_aversion=0.5,
+    safety_sensitivity=0.5, return_propensity=0.5,
+    topic_interests=tuple(1 / len(TOPICS) for _ in TOPICS),
+)  # fmt: skip
+# (day, session, emoji in each reply the user saw), oldest first.
+SERVED = {(1, "s1"): [3, 0, 2], (3, "s2"): [1, 4]}
+
+
+def logged() -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The users and turns tables as the run store returns them (traits parsed from JSON)."""
+    traits = {**dataclasses.asdict(TRAITS), "topic_interests": list(TRAITS.topic_interests)}
+    users = pd.DataFrame(
+        # The same user in two experiments, and a stored key that is no trait.
+        [{"user_id": "u1", "segment": "casual", "traits": {**traits, "cohort": 2}}] * 2
+    )
+    turns = pd.DataFrame(
+        {"user_id": "u1", "day": day, "hour": 10.0 + i, "session_id": session,
+         "turn_index": i, "features": {"emoji": float(n)}}
+        for (day, session), counts in SERVED.items()
+        for i, n in enumerate(counts)
+    )  # fmt: skip
+    return users, turns.sample(frac=1.0, random_state=0)  # replay must sort them itself
+
+
+@pytest.fixture(scope="module")
+def replay() -> GoldReplay:
+    users, turns = logged()
+    return GoldReplay(users, turns, {"Chef": CHEF}, GoldConfig())
+
+
+def test_the_user_has_the_exposure_of_the_replies_before_the_moment(replay: GoldReplay) -> None:
+    r = replay.gold.config.fatigue_recovery
+    expected = {
+        (1, "s1", 0): 0.0,  # nothing seen yet
+        (1, "s1", 2): 3.0,  # the first two replies of the session
+        (3, "s2", 1): 5 * r**2 + 1,  # day 1's five, decayed two days, then this session's 1
+        (6, "s3", 0): (5 * r**2 + 5) * r**3,  # everything, decayed to day 6
+    }
+    for (day, session, turn), exposure in expected.items():
+        user = replay.user_at("u1", day, session, turn)
+        assert user.state.emoji_exposure == pytest.approx(exposure), (day, session, turn)
+        assert user.traits == TRAITS and user.segment == "casual"
+
+
+def test_an_emoji_reply_scores_lower_where_the_user_had_seen_more_emoji(
+    replay: GoldReplay,
+) -> None:
+    moments = [(1, "s1", 0), (3, "s2", 1)]
+    candidates = pd.DataFrame(
+        {"prompt": [{"role": "user", "content": "What should I cook tonight?"}],
+         "character": "Chef", "reply": "A tomato risotto, slow and creamy! 🍅🍅",
+         "user_id": "u1", "day": day, "session_id": session, "turn_index": turn}
+        for day, session, turn in moments
+    )[["prompt", "character", "reply", *MOMENT_COLUMNS]]  # fmt: skip
+    fresh, tired = replay(candidates)
+    # Only the emoji-fatigue term differs: w_emoji_tire * emoji_fatigue * (phi(X) - phi(0)).
+    config = replay.gold.config
+    exposure = 5 * config.fatigue_recovery**2 + 1
+    phi = 1 - math.exp(-exposure / config.fatigue_scale)
+    assert fresh - tired == pytest.approx(config.w_emoji_tire * TRAITS.emoji_fatigue * phi)
+    assert tired < fresh
