@@ -25,14 +25,20 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping, Sequence
-from typing import Any
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pandas as pd
 
 from policies.base import Chat
 from sim.conversation import Session
 from sim.population import User, UserSampler
 from sim.world import World
+
+if TYPE_CHECKING:
+    from training.multiturn import MultiTurnSettings
 
 SESSION_HOUR = 12.0  # hour of day the training conversations happen at (the envs' choice)
 
@@ -120,3 +126,42 @@ class SimulatedUsers:
         """The conversations of the latest ``open`` (for evaluation and tests; they hold
         the oracle, which training never reads)."""
         return list(self._sessions)
+
+
+def run_grpo_multiturn(
+    turns: pd.DataFrame,
+    world: World,
+    model: str,
+    out: str | Path,
+    steps: int,
+    *,
+    users: int = 64,
+    settings: MultiTurnSettings | None = None,
+    scorer: Any | None = None,
+    seed: int = 0,
+    use_peft: bool = True,
+    overrides: Mapping[str, Any] | None = None,
+    hold_rates: Sequence[str] = (),
+    callbacks: Sequence[Any] = (),
+) -> Path:
+    """``flywheel train grpo --multiturn``: ``training.recipes.run_grpo``'s recipe
+    (``cli_recipe``; held rates counted, as a conversation has no per-reply token estimate)
+    calibrated on the logged ``turns``' curated train replies, trained in conversations with
+    ``users`` new simulated users of ``world``; returns the merged checkpoint folder."""
+    from training.models import model_config
+    from training.multiturn import train_multiturn
+    from training.recipes import build_grpo, cli_recipe, curated, logged_reference
+
+    recipe = replace(cli_recipe(steps, hold_rates, overrides), rate_estimate="count")
+    system_prompts = {name: c.system_prompt() for name, c in world.characters.items()}
+    data = curated(turns, system_prompts, seed)
+    rng = np.random.default_rng(seed)
+    reference = logged_reference(
+        None, list(data.train["prompt"]), list(data.train["completion"]),
+        list(data.train["character"]), recipe, rng,
+    )  # fmt: skip
+    checkers = {name: c.checkers for name, c in world.characters.items()}
+    build = build_grpo(recipe, checkers, reference, Path(out) / "trainer", seed, scorer)
+    side = SimulatedUsers(world, draw_users(world, users, rng, "train-"))
+    model_args = model_config(model, use_peft=use_peft)
+    return train_multiturn(build, side.rows(rng), side, model_args, out, settings, callbacks)

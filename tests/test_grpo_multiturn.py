@@ -283,3 +283,30 @@ def test_a_multiturn_run_is_seeded_and_reproducible(tiny_llama_dir, world, tmp_p
     assert metrics["multiturn/policy_turns"] >= 1 and "multiturn/user_tokens" in metrics
     base = load_file(str(Path(tiny_llama_dir) / "model.safetensors"))
     assert any(not torch.equal(base[k], first[k]) for k in base if k in first)
+
+
+def test_flywheel_trains_multiturn_grpo_calibrated_on_logged_turns(tiny_llama_dir, world, tmp_path):
+    """What ``flywheel train grpo --multiturn`` would run: the logged turns calibrate the
+    rewards, new simulated users hold the training conversations."""
+    import pandas as pd
+
+    from flywheel.multiturn import run_grpo_multiturn
+    from policies import SamplingParams
+
+    engine = world.engine
+    logged = draw_users(world, 6, np.random.default_rng(3), "logged-")
+    sessions = engine.open_sessions(logged, 0, 12.0, np.random.default_rng(4))
+    params = SamplingParams(max_new_tokens=8, seed=0)
+    records = engine.run_sessions(
+        sessions, load_policy(str(tiny_llama_dir)), params, world.user_params(0)
+    )
+    out = run_grpo_multiturn(
+        pd.DataFrame([r.to_row() for r in records]), world, str(tiny_llama_dir),
+        tmp_path / "model", steps=1, users=2, settings=MultiTurnSettings(max_bot_turns=2),
+        overrides={"per_device_train_batch_size": 4, "num_generations": GROUP,
+                   "max_completion_length": 8},
+    )  # fmt: skip
+    marker = json.loads((out / TRAINING_MARKER).read_text())
+    assert marker["recipe"] == "grpo_multiturn" and marker["metrics"]["global_step"] == 1
+    assert marker["metrics"]["max_bot_turns"] == 2
+    assert "steerability" in marker["metrics"]["reward_names"]
