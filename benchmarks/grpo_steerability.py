@@ -66,7 +66,8 @@ import copy
 import json
 import os
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,124 @@ TEMPERATURE = 0.8  # every reply the benchmark samples: reference and evaluation
 # THREADS_NOTE: on a CPU shared with other jobs, torch's default of one thread per core
 # collapses (threads spin at barriers while their partner is descheduled; figures in
 # benchmarks/README.md). Pass --threads 2 on an idle machine.
+
+
+def parse_tolerance(text: str) -> float | dict[str, float]:
+    """``"0.5"`` (every feature) or ``"words=0,emoji=1"`` (per feature, others 0.5)."""
+    if "=" not in text:
+        return float(text)
+    pairs = [item.split("=", 1) for item in text.split(",") if item.strip()]
+    return {name.strip(): float(value) for name, value in pairs}
+
+
+def parse_features(text: str) -> tuple[str, ...]:
+    """``"emoji,exclamations"`` -> the features (checked); ``"none"`` -> ()."""
+    from training.rewards import check_rate_feature
+
+    if text.strip() == "none":
+        return ()
+    try:
+        return tuple(check_rate_feature(f.strip()) for f in text.split(",") if f.strip())
+    except ValueError as err:  # argparse prints this message instead of a generic one
+        raise argparse.ArgumentTypeError(str(err)) from err
+
+
+def option(default: Any, help: str, **argparse_kwargs: Any) -> Any:
+    """A field of ``Args``: its default, its one help line, and what argparse needs besides
+    (``type`` where the default's type does not parse it, ``choices``)."""
+    return field(default=default, metadata={"help": help, **argparse_kwargs})
+
+
+@dataclass
+class Args:
+    """The benchmark's options, one ``--kebab-case`` flag per field (``build_parser``); each
+    GRPO one maps onto a ``training.recipes.GRPORecipe`` field (``recipe_from_args``)."""
+
+    scenario: str = option("scenarios/world_example.toml", "world TOML: characters, users, gold")
+    model: str = option("smollm2", "model GRPO starts from")
+    out: str = option("runs/grpo_smollm2", "folder of the checkpoint, evaluations and report")
+    minutes: float = option(25.0, "wall-time cap of training")
+    max_steps: int = option(200, "optimizer steps at the most")
+    train_prompts: int = option(400, "first-turn training prompts (chit-chat train openers)")
+    eval_prompts: int = option(300, "held-out prompts, each a new user's first turn")
+    eval_samples: int = option(4, "replies per held-out prompt and model")
+    max_new_tokens: int = option(48, "reply cap, in training and evaluation")
+    learning_rate: float = option(1e-4, "LoRA learning rate")
+    artifact_tolerance: float | Mapping[str, float] = option(
+        0.5,
+        "style drift (in reference sd) the artifact penalty forgives: one value, or per "
+        "feature as words=0,emoji=1 (others 0.5); 0 pulls a feature toward the base mean",
+        type=parse_tolerance,
+    )
+    beta: float = option(
+        0.2, "KL coefficient to the base model (TRL GRPOConfig.beta); 0 = no KL leash"
+    )
+    normalise: str = option(
+        "reference",
+        "reference: each reward over its spread on the base model's replies, then "
+        "summed (sum_then_normalize); group: each standardised within its group "
+        "(normalize_then_sum); see training.rewards",
+        choices=("reference", "group"),
+    )
+    reference_samples: int = option(
+        2,
+        "base-model replies per training prompt for the reference (style statistics, "
+        "reward scales, held rates); a 3%% emoji rate needs hundreds of replies",
+    )
+    hold_rate: tuple[str, ...] = option(
+        ("emoji",),
+        "features whose rate a RateConstraint holds at the base model's (comma list of "
+        "emoji, exclamations; 'none' for none); characters forbidding one are not held",
+        type=parse_features,
+    )
+    rate_lr: float = option(0.1, "RateConstraint multiplier step size")
+    rate_estimate: str = option(
+        "count",
+        "how a RateConstraint observes a reply: count: has the feature or not; tokens: "
+        "the policy's probability of it along the reply (training.rewards.RateConstraint)",
+        choices=("count", "tokens"),
+    )
+    top_p: float = option(
+        1.0,
+        "GRPO's sampling nucleus (TRL's default 1.0; 0.95 is the one the policy serves "
+        "and this benchmark evaluates with)",
+    )
+    anchor: tuple[str, ...] = option(
+        (),
+        "features whose token mass a TokenAnchor holds at the base model's at every "
+        "completion position (training.anchor; comma list of emoji, exclamations; 'none')",
+        type=parse_features,
+    )
+    anchor_coef: float = option(1.0, "weight of each TokenAnchor's loss")
+    mask_credit: tuple[str, ...] = option(
+        (),
+        "features whose start tokens get no advantage where no reward sees them "
+        "(training.anchor.CreditMask; comma list of emoji, exclamations; 'none')",
+        type=parse_features,
+    )
+    seed: int = option(0, "seeds prompts, users, sampling and training")
+    threads: int = option(1, "torch intra-op threads; 1 on a shared CPU (see THREADS_NOTE)")
+    rm: str | None = option(
+        None,
+        "reward model folder (flywheel rm train RUN_DIR ...) added as the reward_model "
+        "reward; without it GRPO optimises steerability and the artifact penalty only",
+    )
+    base_eval: str | None = option(
+        None, "reuse this eval_base.parquet of another run with the same prompts and seeds"
+    )
+    trained: str | None = option(None, "evaluate this GRPO checkpoint instead of training one")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``Args``: ``--max-steps`` for ``max_steps``; values parse with the
+    field's ``type``, else its default's type (text where the default is None)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    for f in fields(Args):
+        kwargs = dict(f.metadata)
+        if "type" not in kwargs and not isinstance(f.default, str | None):
+            kwargs["type"] = type(f.default)
+        parser.add_argument(f"--{f.name.replace('_', '-')}", default=f.default, **kwargs)
+    return parser
 
 
 def round_robin(names: list[str], n: int) -> list[str]:
@@ -294,134 +413,7 @@ def paired_tests(base: pd.DataFrame, trained: pd.DataFrame) -> dict[str, dict[st
     return tests
 
 
-def parse_tolerance(text: str) -> float | dict[str, float]:
-    """``"0.5"`` (every feature) or ``"words=0,emoji=1"`` (per feature, others 0.5)."""
-    if "=" not in text:
-        return float(text)
-    pairs = [item.split("=", 1) for item in text.split(",") if item.strip()]
-    return {name.strip(): float(value) for name, value in pairs}
-
-
-def parse_features(text: str) -> tuple[str, ...]:
-    """``"emoji,exclamations"`` -> the features (checked); ``"none"`` -> ()."""
-    from training.rewards import check_rate_feature
-
-    if text.strip() == "none":
-        return ()
-    try:
-        return tuple(check_rate_feature(f.strip()) for f in text.split(",") if f.strip())
-    except ValueError as err:  # argparse prints this message instead of a generic one
-        raise argparse.ArgumentTypeError(str(err)) from err
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The benchmark's options (each GRPO one maps onto a ``training.recipes.GRPORecipe``
-    field, ``recipe_from_args``)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--scenario", default="scenarios/world_example.toml")
-    parser.add_argument("--model", default="smollm2", help="model GRPO starts from")
-    parser.add_argument("--out", default="runs/grpo_smollm2")
-    parser.add_argument("--minutes", type=float, default=25.0, help="wall-time cap of training")
-    parser.add_argument("--max-steps", type=int, default=200)
-    parser.add_argument("--train-prompts", type=int, default=400)
-    parser.add_argument("--eval-prompts", type=int, default=300)
-    parser.add_argument("--eval-samples", type=int, default=4)
-    parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--learning-rate", type=float, default=1e-4, help="LoRA learning rate")
-    parser.add_argument(
-        "--artifact-tolerance",
-        type=parse_tolerance,
-        default=0.5,
-        help="style drift (in reference sd) the artifact penalty forgives: one value, or per "
-        "feature as words=0,emoji=1 (others 0.5); 0 pulls a feature toward the base mean",
-    )
-    parser.add_argument(
-        "--beta",
-        type=float,
-        default=0.2,
-        help="KL coefficient to the base model (TRL GRPOConfig.beta); 0 = no KL leash",
-    )
-    parser.add_argument(
-        "--normalise",
-        choices=("reference", "group"),
-        default="reference",
-        help="reference: each reward over its spread on the base model's replies, then "
-        "summed (sum_then_normalize); group: each standardised within its group "
-        "(normalize_then_sum); see training.rewards",
-    )
-    parser.add_argument(
-        "--reference-samples",
-        type=int,
-        default=2,
-        help="base-model replies per training prompt for the reference (style statistics, "
-        "reward scales, held rates); a 3%% emoji rate needs hundreds of replies",
-    )
-    parser.add_argument(
-        "--hold-rate",
-        type=parse_features,
-        default=("emoji",),
-        help="features whose rate a RateConstraint holds at the base model's (comma list of "
-        "emoji, exclamations; 'none' for none); characters forbidding one are not held",
-    )
-    parser.add_argument(
-        "--rate-lr", type=float, default=0.1, help="RateConstraint multiplier step size"
-    )
-    parser.add_argument(
-        "--rate-estimate",
-        choices=("count", "tokens"),
-        default="count",
-        help="how a RateConstraint observes a reply: count: has the feature or not; tokens: "
-        "the policy's probability of it along the reply (training.rewards.RateConstraint)",
-    )
-    parser.add_argument(
-        "--top-p",
-        type=float,
-        default=1.0,
-        help="GRPO's sampling nucleus (TRL's default 1.0; 0.95 is the one the policy serves "
-        "and this benchmark evaluates with)",
-    )
-    parser.add_argument(
-        "--anchor",
-        type=parse_features,
-        default=(),
-        help="features whose token mass a TokenAnchor holds at the base model's at every "
-        "completion position (training.anchor; comma list of emoji, exclamations; 'none')",
-    )
-    parser.add_argument(
-        "--anchor-coef", type=float, default=1.0, help="weight of each TokenAnchor's loss"
-    )
-    parser.add_argument(
-        "--mask-credit",
-        type=parse_features,
-        default=(),
-        help="features whose start tokens get no advantage where no reward sees them "
-        "(training.anchor.CreditMask; comma list of emoji, exclamations; 'none')",
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch intra-op threads; 1 on a shared CPU (see THREADS_NOTE)",
-    )
-    parser.add_argument(
-        "--rm",
-        default=None,
-        help="reward model folder (flywheel rm train RUN_DIR ...) added as the reward_model "
-        "reward; without it GRPO optimises steerability and the artifact penalty only",
-    )
-    parser.add_argument(
-        "--base-eval",
-        default=None,
-        help="reuse this eval_base.parquet of another run with the same prompts and seeds",
-    )
-    parser.add_argument(
-        "--trained", default=None, help="evaluate this GRPO checkpoint instead of training one"
-    )
-    return parser
-
-
-def recipe_from_args(args: argparse.Namespace) -> Any:
+def recipe_from_args(args: Args | argparse.Namespace) -> Any:
     """The ``training.recipes.GRPORecipe`` the options describe: the builder the loop and
     ``flywheel train grpo`` use turns it into rewards and a GRPOConfig."""
     from training.recipes import GRPORecipe
@@ -446,10 +438,8 @@ def recipe_from_args(args: argparse.Namespace) -> Any:
     )
 
 
-def main() -> None:
-    """Parse arguments, evaluate the base model, train, evaluate again, print."""
-    parser = build_parser()
-    args = parser.parse_args()
+def checked_recipe(parser: argparse.ArgumentParser, args: Args) -> Any:
+    """The recipe of ``args``, or the parser's usage error where its sampling cannot work."""
     from policies import SamplingParams
 
     try:
@@ -458,102 +448,133 @@ def main() -> None:
         recipe.check_sampling(TEMPERATURE, SamplingParams().top_p)
     except ValueError as err:
         parser.error(f"{err} (options --top-p, --rate-estimate)")
-    import torch
+    return recipe
 
-    torch.set_num_threads(args.threads)
 
-    from policies import load_policy
-    from training.grpo import grpo_records
-    from training.models import model_config, time_limit_callback
-    from training.recipes import build_grpo, sample_reference, train
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    prompts = build_prompts(args.scenario, args.seed, args.train_prompts, args.eval_prompts)
-    world, train_chats, train_characters = (
+def evaluate_held_out(args: Args, prompts: Prompts, policy: Any) -> pd.DataFrame:
+    """``evaluate`` on the held-out prompts with the settings every model is evaluated with."""
+    return evaluate(
         prompts.world,
-        prompts.train_chats,
-        prompts.train_characters,
+        policy,
+        prompts.eval_users,
+        prompts.eval_characters,
+        args.eval_samples,
+        args.seed + 2,
+        args.max_new_tokens,
     )
-    eval_users, eval_characters = prompts.eval_users, prompts.eval_characters
-    names = sorted(world.characters)
+
+
+def evaluate_base(args: Args, prompts: Prompts, recipe: Any, out: Path) -> tuple[pd.DataFrame, Any]:
+    """The base model's held-out evaluation (or ``--base-eval``'s), saved, and the reference:
+    its own replies to the training prompts (style statistics, reward scales, the rate a
+    RateConstraint holds)."""
+    from policies import load_policy
+    from training.recipes import sample_reference
 
     base_policy = load_policy(args.model)
     if args.base_eval is not None:
         base_turns = saved_base_evaluation(
-            args.base_eval, eval_users, eval_characters, args.eval_samples
+            args.base_eval, prompts.eval_users, prompts.eval_characters, args.eval_samples
         )
     else:
         t0 = time.monotonic()
-        base_turns = evaluate(
-            world,
-            base_policy,
-            eval_users,
-            eval_characters,
-            args.eval_samples,
-            args.seed + 2,
-            args.max_new_tokens,
-        )
+        base_turns = evaluate_held_out(args, prompts, base_policy)
         print(f"base evaluated in {time.monotonic() - t0:.0f}s", flush=True)
     base_turns.assign(model="base").to_parquet(out / "eval_base.parquet")
-    # The reference: the base model's own replies to the training prompts (style
-    # statistics, reward scales, the rate a RateConstraint holds).
-    reference = sample_reference(base_policy, train_chats, train_characters, recipe, args.seed)
-    del base_policy
+    reference = sample_reference(
+        base_policy, prompts.train_chats, prompts.train_characters, recipe, args.seed
+    )
+    return base_turns, reference
 
-    checkers = {name: world.characters[name].checkers for name in names}
+
+def build_rewards(args: Args, recipe: Any, world: Any, reference: Any, out: Path) -> Any:
+    """The builder's rewards, rate constraints, anchors and credit masks for ``recipe``
+    (``training.recipes.build_grpo``), each announced."""
+    from training.recipes import build_grpo
+
+    checkers = {name: world.characters[name].checkers for name in sorted(world.characters)}
     scorer = None
     if args.rm is not None:
         from rewards.rm.base import load_reward_model
 
         scorer = load_reward_model(args.rm)
     build = build_grpo(recipe, checkers, reference, out / "trainer", args.seed, scorer)
-    constraints, anchors, masks = build.constraints, build.anchors, build.credit_masks
     if build.scales is not None:
         print(f"reward scales (sd over the base model's replies): {build.scales}", flush=True)
-    for c in constraints:
+    for c in build.constraints:
         print(f"{c.__name__}: holding {c.target:.4f} for {sorted(c.characters)}", flush=True)
-    for a in anchors:
+    for a in build.anchors:
         print(f"anchor: {a.feature} token mass for {sorted(a.characters)}", flush=True)
-    for m in masks:
+    for m in build.credit_masks:
         print(f"credit mask: {m.feature} start tokens for {sorted(m.characters)}", flush=True)
-    t0 = time.monotonic()
+    return build
+
+
+@dataclass(frozen=True)
+class Training:
+    """The checkpoint to evaluate and what training it took."""
+
+    model_dir: Path
+    seconds: float
+    steps: int
+    constraints: list  # the RateConstraints it trained with (none for a --trained checkpoint)
+
+
+def train_or_load(args: Args, build: Any, prompts: Prompts, out: Path) -> Training:
+    """Train until ``--minutes`` or ``--max-steps``, or take the ``--trained`` checkpoint."""
+    from training.grpo import grpo_records
+    from training.models import model_config, time_limit_callback
+    from training.recipes import train
+
     if args.trained is None:
+        t0 = time.monotonic()
         model_dir = train(
             build,
-            grpo_records(train_chats, train_characters),
+            grpo_records(prompts.train_chats, prompts.train_characters),
             model_config(args.model),
             out / "model",
             callbacks=[time_limit_callback(args.minutes * 60)],
         )
-        train_s = time.monotonic() - t0
+        seconds = time.monotonic() - t0
     else:
         model_dir = Path(args.trained)
-    marker = json.loads((model_dir / "flywheel-training.json").read_text())
+    metrics = json.loads((model_dir / "flywheel-training.json").read_text())["metrics"]
     if args.trained is not None:
-        train_s = marker["metrics"]["train_runtime"]
-    print(f"trained: {marker['metrics']}", flush=True)
-    steps = int(marker["metrics"]["global_step"])
-
-    trained_turns = evaluate(
-        world,
-        load_policy(str(model_dir)),
-        eval_users,
-        eval_characters,
-        args.eval_samples,
-        args.seed + 2,
-        args.max_new_tokens,
-    )
-    before, after = summarise(base_turns), summarise(trained_turns)
+        seconds = metrics["train_runtime"]
+    print(f"trained: {metrics}", flush=True)
     # A --trained checkpoint was not trained with this process's constraints.
-    trained_with = constraints if args.trained is None else []
-    tests = paired_tests(base_turns, trained_turns)
-    report = {
+    constraints = build.constraints if args.trained is None else []
+    return Training(model_dir, seconds, int(metrics["global_step"]), constraints)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Base and trained model on the same held-out prompts: their replies, the means of
+    ``summarise`` and the ``paired_tests``."""
+
+    base: pd.DataFrame
+    trained: pd.DataFrame
+    before: dict[str, float]
+    after: dict[str, float]
+    tests: dict[str, dict[str, float]]
+
+    @classmethod
+    def of(cls, base: pd.DataFrame, trained: pd.DataFrame) -> Comparison:
+        """Compare two evaluations of the same prompts."""
+        return cls(base, trained, summarise(base), summarise(trained), paired_tests(base, trained))
+
+
+def before_after_report(
+    args: Args, build: Any, training: Training, comparison: Comparison
+) -> dict[str, Any]:
+    """``before_after.json``: the command, the training, the rewards' settings, the numbers."""
+    steps = max(training.steps, 1)
+    return {
         "command": "benchmarks/grpo_steerability.py "
         + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
-        "train_seconds": train_s,
-        "train_steps": steps,
-        "seconds_per_step": train_s / max(steps, 1),
+        "train_seconds": training.seconds,
+        "train_steps": training.steps,
+        "seconds_per_step": training.seconds / steps,
         "reward_scales": build.scales,
         "rate_constraints": {
             c.__name__: {
@@ -562,28 +583,33 @@ def main() -> None:
                 "trace": c.history,
                 "characters": sorted(c.characters),
             }
-            for c in trained_with
+            for c in training.constraints
         },
-        "anchors": {a.feature: sorted(a.characters) for a in anchors},
-        "credit_masks": {m.feature: sorted(m.characters) for m in masks},
-        "before": before,
-        "after": after,
-        "paired_tests": tests,
+        "anchors": {a.feature: sorted(a.characters) for a in build.anchors},
+        "credit_masks": {m.feature: sorted(m.characters) for m in build.credit_masks},
+        "before": comparison.before,
+        "after": comparison.after,
+        "paired_tests": comparison.tests,
         "per_character_following": {
-            "before": base_turns.groupby("character")["follows_all"].mean().to_dict(),
-            "after": trained_turns.groupby("character")["follows_all"].mean().to_dict(),
+            "before": comparison.base.groupby("character")["follows_all"].mean().to_dict(),
+            "after": comparison.trained.groupby("character")["follows_all"].mean().to_dict(),
         },
         "reference_style": build.style.to_dict(),
     }
-    (out / "before_after.json").write_text(json.dumps(report, indent=2))
-    trained_turns.assign(model="grpo").to_parquet(out / "eval_grpo.parquet")
 
+
+def print_summary(
+    args: Args, training: Training, comparison: Comparison, n_characters: int, out: Path
+) -> None:
+    """The before/after table, the equivalence tests of the held style, where the report is."""
+    before, after, tests = comparison.before, comparison.after, comparison.tests
+    train_s, steps = training.seconds, training.steps
     print(f"\nGRPO: {steps} steps in {train_s / 60:.1f} min ({train_s / max(steps, 1):.1f} s/step)")
-    for c in trained_with:
+    for c in training.constraints:
         print(f"{c.__name__}: target {c.target:.4f}, final multiplier {c.multiplier:+.2f}")
     print(
         f"held-out: {before['n_replies']} replies per model ({args.eval_prompts} prompts x "
-        f"{args.eval_samples} samples), {len(names)} characters; "
+        f"{args.eval_samples} samples), {n_characters} characters; "
         f"{before['n_replies_emoji_allowed']} replies by characters that may use emoji\n"
     )
     header = f"{'metric':<28}{'base':>9}{'GRPO':>9}{'GRPO/base':>11}  {'diff [95% CI]':<24}{'p':>8}"
@@ -600,6 +626,32 @@ def main() -> None:
         "\n(paired t-tests on per-prompt means, statsmodels); full report: "
         f"{out / 'before_after.json'}"
     )
+
+
+def main() -> None:
+    """Evaluate the base model, train GRPO on its reference, evaluate again, report."""
+    parser = build_parser()
+    args = Args(**vars(parser.parse_args()))
+    recipe = checked_recipe(parser, args)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from policies import load_policy
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    prompts = build_prompts(args.scenario, args.seed, args.train_prompts, args.eval_prompts)
+
+    base_turns, reference = evaluate_base(args, prompts, recipe, out)
+    build = build_rewards(args, recipe, prompts.world, reference, out)
+    training = train_or_load(args, build, prompts, out)
+    trained_turns = evaluate_held_out(args, prompts, load_policy(str(training.model_dir)))
+
+    comparison = Comparison.of(base_turns, trained_turns)
+    report = before_after_report(args, build, training, comparison)
+    (out / "before_after.json").write_text(json.dumps(report, indent=2))
+    trained_turns.assign(model="grpo").to_parquet(out / "eval_grpo.parquet")
+    print_summary(args, training, comparison, len(prompts.world.characters), out)
 
 
 if __name__ == "__main__":
