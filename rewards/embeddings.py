@@ -50,21 +50,37 @@ class Embedder:
         )
         self.dim = int(get_dim() or 0)
         self.batch_size = batch_size
+        self._recurring: dict[str, np.ndarray] = {}
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """Unit-norm embeddings, shape ``(len(texts), dim)``, float32, in input order."""
         distinct = list(dict.fromkeys(texts))
         if not distinct:
             return np.empty((0, self.dim), dtype=np.float32)
-        vectors = self.model.encode(
+        vectors = self._encode(distinct)
+        row = {text: i for i, text in enumerate(distinct)}
+        return vectors[[row[text] for text in texts]]
+
+    def encode_recurring(self, texts: Sequence[str]) -> np.ndarray:
+        """As :meth:`encode`, for the few texts that recur in call after call (a character's
+        persona and rules): each is encoded once, alone, and kept. Alone, its vector does not
+        depend on its batch neighbours or on which call met it first, so a resumed run sees
+        the vectors an uninterrupted one saw."""
+        for text in dict.fromkeys(texts):
+            if text not in self._recurring:
+                self._recurring[text] = self._encode([text])[0]
+        if not texts:
+            return np.empty((0, self.dim), dtype=np.float32)
+        return np.stack([self._recurring[text] for text in texts])
+
+    def _encode(self, distinct: list[str]) -> np.ndarray:
+        return self.model.encode(
             distinct,
             batch_size=self.batch_size,
             normalize_embeddings=True,
             convert_to_numpy=True,
             show_progress_bar=False,
         ).astype(np.float32)
-        row = {text: i for i, text in enumerate(distinct)}
-        return vectors[[row[text] for text in texts]]
 
 
 @functools.cache

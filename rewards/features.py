@@ -114,7 +114,8 @@ def semantic_features(
     rules_prompts: Sequence[str] | None = None,
 ) -> list[dict[str, float]]:
     """``relevance``, ``persona_consistency`` and ``prompt_leak`` for a batch, with ONE
-    encode call (``prompt_leak`` is 0.0 where the rules prompt is empty or not given)."""
+    encode call for the replies and user messages (``prompt_leak`` is 0.0 where the rules
+    prompt is empty or not given)."""
     rules = list(rules_prompts) if rules_prompts is not None else [""] * len(replies)
     if not len(replies) == len(user_messages) == len(personas) == len(rules):
         raise ValueError(
@@ -125,8 +126,11 @@ def semantic_features(
     n = len(replies)
     if n == 0:
         return []
-    vectors = embedder.encode([*replies, *user_messages, *personas, *rules])
-    reply_v, user_v, persona_v, rules_v = (vectors[k * n : (k + 1) * n] for k in range(4))
+    vectors = embedder.encode([*replies, *user_messages])
+    reply_v, user_v = vectors[:n], vectors[n:]
+    # A character's persona and rules recur in every call: encoded once each, alone.
+    recurring = embedder.encode_recurring([*personas, *rules])
+    persona_v, rules_v = recurring[:n], recurring[n:]
     relevance = cosine_rows(reply_v, user_v)
     persona = cosine_rows(reply_v, persona_v)
     leak = cosine_rows(reply_v, rules_v)

@@ -72,6 +72,17 @@ def test_embeddings_are_unit_norm_deterministic_and_order_preserving(embedder: E
     assert -1.0 <= sims[0] < 0.5
 
 
+def test_recurring_texts_get_their_vector_alone_whatever_the_call(embedder: Embedder) -> None:
+    persona, rules = "A cheerful pirate captain of the northern seas.", "- Never use emoji."
+    fresh = Embedder(embedder.model_path)  # an empty memo, as a resumed run starts with
+    late = fresh.encode_recurring([rules, "a much longer text " * 20, persona])
+    first = embedder.encode_recurring([persona, persona, rules])
+    np.testing.assert_array_equal(first[0], first[1])
+    np.testing.assert_array_equal(first[[0, 2]], late[[2, 0]])
+    np.testing.assert_array_equal(first[0], embedder.encode([persona])[0])
+    assert embedder.encode_recurring([]).shape == (0, embedder.dim)
+
+
 def test_relevance_and_persona_consistency_rank_the_obvious(embedder: Embedder) -> None:
     persona = "A retired sea captain who tells stories about storms, ships and far ports."
     user = "What is your favourite pasta recipe?"
