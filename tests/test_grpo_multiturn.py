@@ -69,7 +69,9 @@ def _build(world: World, work: Path, seed: int = 0, steps: int = 1):
     return build_grpo(recipe, checkers, reference, work, seed)
 
 
-def _trainer(tiny_llama_dir: Path, world: World, tmp_path: Path) -> MultiTurnGRPOTrainer:
+@pytest.fixture(scope="module")
+def trainer(tiny_llama_dir: Path, world: World, tmp_path_factory) -> MultiTurnGRPOTrainer:
+    """A multi-turn trainer on the tiny model with two users of the world (one group each)."""
     from datasets import Dataset
     from trl import get_peft_config
 
@@ -77,7 +79,7 @@ def _trainer(tiny_llama_dir: Path, world: World, tmp_path: Path) -> MultiTurnGRP
 
     users = _users(world)
     rows = users.rows(np.random.default_rng(1))
-    build = _build(world, tmp_path / "work")
+    build = _build(world, tmp_path_factory.mktemp("multiturn") / "work")
     seed_everything(0)
     model_args = model_config(str(tiny_llama_dir))
     model, tokenizer = load_model_and_tokenizer(model_args)
@@ -101,8 +103,7 @@ def _render(tokenizer, chat) -> str:
     return tokenizer.apply_chat_template(chat, tokenize=False)
 
 
-def test_masks_cover_exactly_the_policys_sampled_tokens(tiny_llama_dir, world, tmp_path):
-    trainer = _trainer(tiny_llama_dir, world, tmp_path)
+def test_masks_cover_exactly_the_policys_sampled_tokens(trainer, monkeypatch):
     tokenizer = trainer.processing_class
     sampled: list[list[list[int]]] = []  # per policy turn, the ids of each live conversation
     generate = trainer._generate_single_turn
@@ -112,7 +113,7 @@ def test_masks_cover_exactly_the_policys_sampled_tokens(tiny_llama_dir, world, t
         sampled.append([list(ids) for ids in out[0]])
         return out
 
-    trainer._generate_single_turn = recording
+    monkeypatch.setattr(trainer, "_generate_single_turn", recording)
     rows = _batch(trainer)
     out = roll_out(rows, trainer, trainer.users, TURNS)
     turns = out["turns"]
@@ -149,11 +150,10 @@ def test_masks_cover_exactly_the_policys_sampled_tokens(tiny_llama_dir, world, t
     assert users_tokens.sum() > 0
 
 
-def test_a_step_trains_only_the_lora_weights_on_the_policys_tokens(tiny_llama_dir, world, tmp_path):
+def test_a_step_trains_only_the_lora_weights_on_the_policys_tokens(trainer, monkeypatch):
     """The gradient of GRPO's loss with respect to each completion token's log-probability
     is exactly 0 at the users' tokens and not at the policy's; without TRL's env mask it
     would not be. Only LoRA weights receive gradients."""
-    trainer = _trainer(tiny_llama_dir, world, tmp_path)
     trainer.model.train()
     batch = trainer._generate_and_score_completions(_batch(trainer))
     rows = batch["completion_ids"].size(0)
@@ -167,7 +167,7 @@ def test_a_step_trains_only_the_lora_weights_on_the_policys_tokens(tiny_llama_di
         captured["logps"] = logps
         return logps, entropies, aux
 
-    trainer._get_per_token_logps_and_entropies = keeping_grad
+    monkeypatch.setattr(trainer, "_get_per_token_logps_and_entropies", keeping_grad)
 
     def grad_of_logps(inputs: dict) -> torch.Tensor:
         trainer.model.zero_grad()
@@ -250,8 +250,7 @@ def test_multiturn_refuses_what_it_cannot_train(tiny_llama_dir, world):
         _users(world).open([{"user": 5, "seed": 0}])
 
 
-def test_rollout_refuses_rows_the_other_side_opens_differently(tiny_llama_dir, world, tmp_path):
-    trainer = _trainer(tiny_llama_dir, world, tmp_path)
+def test_rollout_refuses_rows_the_other_side_opens_differently(trainer):
     rows = _batch(trainer)
     rows[1] = {**rows[1], "seed": rows[1]["seed"] + 1}  # not the seed the opening was drawn with
     with pytest.raises(ValueError, match="row 1: the other side opened"):
@@ -267,7 +266,7 @@ def test_a_multiturn_run_is_seeded_and_reproducible(tiny_llama_dir, world, tmp_p
         build = _build(world, tmp_path / name / "work", steps=2)
         out = train_multiturn(
             build, rows, users, model_config(str(tiny_llama_dir)), tmp_path / name,
-            MultiTurnSettings(max_bot_turns=TURNS),
+            MultiTurnSettings(max_bot_turns=2),
         )  # fmt: skip
         metrics = json.loads((out / TRAINING_MARKER).read_text())["metrics"]
         return load_file(str(out / "model.safetensors")), metrics
@@ -294,7 +293,7 @@ def test_flywheel_trains_multiturn_grpo_calibrated_on_logged_turns(tiny_llama_di
     from policies import SamplingParams
 
     engine = world.engine
-    logged = draw_users(world, 6, np.random.default_rng(3), "logged-")
+    logged = draw_users(world, 4, np.random.default_rng(3), "logged-")
     sessions = engine.open_sessions(logged, 0, 12.0, np.random.default_rng(4))
     params = SamplingParams(max_new_tokens=8, seed=0)
     records = engine.run_sessions(
