@@ -106,7 +106,7 @@ def converse(world, policy, users, seed: int, max_new_tokens: int) -> pd.DataFra
     return pd.DataFrame(rows)
 
 
-def logged_turns(world, policy, users, seed: int, max_new_tokens: int, recipe) -> tuple:
+def logged_turns(world, policy, users, seed: int, max_new_tokens: int, recipe) -> Any:
     """The base model's conversations with the training users, cut into turns: the
     single-turn prompts and the ``ReferenceReplies`` (each turn's context and reply)."""
     from policies import SamplingParams
@@ -192,21 +192,26 @@ def step_times(model_dir: Path, policy_tokens: float) -> dict[str, float]:
 def build_parser() -> argparse.ArgumentParser:
     """The benchmark's options."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--scenario", default="scenarios/world_example.toml")
-    parser.add_argument("--model", default="smollm2", help="model both arms start from")
-    parser.add_argument("--user-model", default=None, help="user LLM (default: the world's)")
-    parser.add_argument("--out", default="runs/grpo_multiturn")
-    parser.add_argument("--minutes", type=float, default=30.0, help="wall-time cap of each arm")
-    parser.add_argument("--max-steps", type=int, default=500)
-    parser.add_argument("--train-users", type=int, default=64)
-    parser.add_argument("--eval-users", type=int, default=96)
-    parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--max-bot-turns", type=int, default=3, help="multi-turn arm")
-    parser.add_argument("--group", type=int, default=4, help="conversations per group (G)")
-    parser.add_argument("--groups-per-step", type=int, default=2)
-    parser.add_argument("--learning-rate", type=float, default=5e-4)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    options: list[tuple[str, Any, str]] = [
+        ("--scenario", "scenarios/world_example.toml", "world TOML: characters, users, gold"),
+        ("--model", "smollm2", "model both arms start from"),
+        ("--user-model", None, "LLM writing the users' messages (default: the world's)"),
+        ("--out", "runs/grpo_multiturn", "folder of the checkpoints and report"),
+        ("--minutes", 30.0, "wall-time cap of each arm's training"),
+        ("--max-steps", 500, "optimizer steps of each arm at the most"),
+        ("--train-users", 64, "simulated users the arms train with"),
+        ("--eval-users", 96, "held-out users, one full conversation per model each"),
+        ("--max-new-tokens", 48, "reply cap, in training and evaluation"),
+        ("--max-bot-turns", 3, "multi-turn arm: most policy replies per training chat"),
+        ("--group", 4, "GRPO group size: replies (single) or chats (multi) per prompt"),
+        ("--groups-per-step", 2, "groups per optimizer step"),
+        ("--learning-rate", 5e-4, "LoRA learning rate"),
+        ("--seed", 0, "seeds users, sampling and training"),
+        ("--threads", 2, "torch intra-op threads (1 on a CPU shared with other jobs)"),
+    ]
+    for flag, default, text in options:
+        kind = str if default is None else type(default)
+        parser.add_argument(flag, default=default, type=kind, help=text)
     return parser
 
 
