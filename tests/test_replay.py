@@ -5,21 +5,19 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 
-from sim.characters import TOPICS, Character
+from sim.characters import Character
 from sim.gold import GoldConfig
-from sim.population import UserTraits
+from sim.population import PopulationConfig, UserSampler
 from sim.replay import MOMENT_COLUMNS, GoldReplay
 
 CHEF = Character(name="Chef", persona="A chef.", topics=("food",))
-TRAITS = UserTraits(
-    patience=0.5, ideal_words=12, emoji_affinity=0.5, emoji_fatigue=0.9,
-    question_affinity=0.0, persona_sensitivity=0.5, repetition_aversion=0.5,
-    safety_sensitivity=0.5, return_propensity=0.5,
-    topic_interests=tuple(1 / len(TOPICS) for _ in TOPICS),
-)  # fmt: skip
+# A user the population draws, with emoji fatigue that a replayed exposure visibly costs.
+DRAWN = UserSampler(PopulationConfig(), np.random.default_rng(0)).sample(1)[0]
+TRAITS = dataclasses.replace(DRAWN.traits, emoji_fatigue=0.9)
 # (day, session, emoji in each reply the user saw), oldest first.
 SERVED = {(1, "s1"): [3, 0, 2], (3, "s2"): [1, 4]}
 
@@ -29,14 +27,20 @@ def logged() -> tuple[pd.DataFrame, pd.DataFrame]:
     traits = {**dataclasses.asdict(TRAITS), "topic_interests": list(TRAITS.topic_interests)}
     users = pd.DataFrame(
         # The same user in two experiments, and a stored key that is no trait.
-        [{"user_id": "u1", "segment": "casual", "traits": {**traits, "cohort": 2}}] * 2
+        [{"user_id": "u1", "segment": DRAWN.segment, "traits": {**traits, "cohort": 2}}] * 2
     )
     turns = pd.DataFrame(
-        {"user_id": "u1", "day": day, "hour": 10.0 + i, "session_id": session,
-         "turn_index": i, "features": {"emoji": float(n)}}
+        {
+            "user_id": "u1",
+            "day": day,
+            "hour": 10.0 + i,
+            "session_id": session,
+            "turn_index": i,
+            "features": {"emoji": float(n)},
+        }
         for (day, session), counts in SERVED.items()
         for i, n in enumerate(counts)
-    )  # fmt: skip
+    )
     return users, turns.sample(frac=1.0, random_state=0)  # replay must sort them itself
 
 
@@ -57,7 +61,7 @@ def test_the_user_has_the_exposure_of_the_replies_before_the_moment(replay: Gold
     for (day, session, turn), exposure in expected.items():
         user = replay.user_at("u1", day, session, turn)
         assert user.state.emoji_exposure == pytest.approx(exposure), (day, session, turn)
-        assert user.traits == TRAITS and user.segment == "casual"
+        assert user.traits == TRAITS and user.segment == DRAWN.segment
 
 
 def test_an_emoji_reply_scores_lower_where_the_user_had_seen_more_emoji(
@@ -65,11 +69,17 @@ def test_an_emoji_reply_scores_lower_where_the_user_had_seen_more_emoji(
 ) -> None:
     moments = [(1, "s1", 0), (3, "s2", 1)]
     candidates = pd.DataFrame(
-        {"prompt": [{"role": "user", "content": "What should I cook tonight?"}],
-         "character": "Chef", "reply": "A tomato risotto, slow and creamy! 🍅🍅",
-         "user_id": "u1", "day": day, "session_id": session, "turn_index": turn}
+        {
+            "prompt": [{"role": "user", "content": "What should I cook tonight?"}],
+            "character": "Chef",
+            "reply": "A tomato risotto, slow and creamy! 🍅🍅",
+            "user_id": "u1",
+            "day": day,
+            "session_id": session,
+            "turn_index": turn,
+        }
         for day, session, turn in moments
-    )[["prompt", "character", "reply", *MOMENT_COLUMNS]]  # fmt: skip
+    )[["prompt", "character", "reply", *MOMENT_COLUMNS]]
     fresh, tired = replay(candidates)
     # Only the emoji-fatigue term differs: w_emoji_tire * emoji_fatigue * (phi(X) - phi(0)).
     config = replay.gold.config
