@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -244,9 +245,10 @@ def test_decision_rule(
 
 
 def test_guardrail_with_no_control_events_holds_a_worse_treatment_under_cuped() -> None:
-    """Control wrote no unsafe reply in the test, some in the pre-period: CUPED shifts its
-    mean of 0 below 0, and the relative lift (here below -100%) loses its sign. The
-    treatment, unsafe on half its replies, must still be held, not read as an improvement."""
+    """Control wrote no unsafe reply in the test, some in the pre-period. CUPED must not
+    shift its mean of 0 (the centring's rounding, ~1e-18, or a shift below 0 would make a
+    relative lift of any size and sign); the lift over no events is undefined, and the
+    treatment, unsafe on half its replies, must still be held."""
     rows = []
     for user in range(200):
         treated = user >= 100
@@ -259,11 +261,15 @@ def test_guardrail_with_no_control_events_holds_a_worse_treatment_under_cuped() 
                          "reports": 0, "violations": 0, "unsafe_replies": unsafe})  # fmt: skip
     result = ab.analyze(pd.DataFrame(rows))
     unsafe = next(m for m in result.metrics if m.name == "unsafe_rate")
-    assert unsafe.cuped_theta != 0 and unsafe.lift < -1  # the degenerate case
-    assert unsafe.control == pytest.approx(0, abs=1e-9)
+    assert unsafe.control == 0 and unsafe.cuped_theta == 0
+    assert unsafe.lift == math.inf
     assert unsafe.treatment == pytest.approx(0.525)
     assert unsafe.significant and not unsafe.improved
-    assert result.decision == "hold" and "unsafe_rate" in result.reason
+    assert (
+        result.decision == "hold" and "unsafe_rate 0 -> 0.525 (no control events)" in result.reason
+    )
+    row = next(line for line in result.summary().splitlines() if line.startswith("unsafe_rate"))
+    assert "no control events" in row and "n/a" in row
 
 
 def test_multiple_comparison_correction_is_holm_within_families() -> None:

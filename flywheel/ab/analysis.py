@@ -203,16 +203,19 @@ class ABResult:
     def summary(self) -> str:
         """A plain-text table of the metrics followed by the SRM check and the decision."""
         header = (
-            f"{'metric':<16}{'role':<10}{'control':>10}{'treatment':>11}{'lift':>9}"
+            f"{'metric':<16}{'role':<10}{'control':>10}{'treatment':>11}{'lift':>10}"
             f"{'95% CI':>20}{'p':>9}{'p adj':>9}{'CUPED':>7}{'MDE':>8}"
         )
         lines = [f"A/B analysis: {self.n_users} users, {self.n_test_days} test days", header]
         for m in self.metrics:
-            ci = f"[{m.ci_low:+.1%}, {m.ci_high:+.1%}]"
+            # A relative lift over a control arm without events is undefined.
+            ci = f"[{m.ci_low:+.1%}, {m.ci_high:+.1%}]" if m.control else "no control events"
+            lift = f"{m.lift:+.2%}" if m.control else "n/a"
+            mde = f"{m.mde:.1%}" if math.isfinite(m.mde) else "n/a"
             lines.append(
-                f"{m.name:<16}{m.role:<10}{m.control:>10.4g}{m.treatment:>11.4g}{m.lift:>+9.2%}"
+                f"{m.name:<16}{m.role:<10}{m.control:>10.4g}{m.treatment:>11.4g}{lift:>10}"
                 f"{ci:>20}{m.p_value:>9.2g}{m.p_value_adjusted:>9.2g}"
-                f"{m.cuped_variance_reduction:>7.0%}{m.mde:>8.1%}"
+                f"{m.cuped_variance_reduction:>7.0%}{mde:>8}"
             )
         srm = self.srm
         lines.append(
@@ -255,6 +258,11 @@ def adjust_p_values(p_values: list[float], alpha: float, method: str) -> list[fl
 
 
 def _percent(m: MetricResult) -> str:
+    if not m.control:  # no relative lift over an arm without events: say what each arm had
+        return (
+            f"{m.name} {m.control:.4g} -> {m.treatment:.4g} (no control events), "
+            f"adj. p = {m.p_value_adjusted:.2g}"
+        )
     ci = f"[{m.ci_low:+.1%}, {m.ci_high:+.1%}]"
     return f"{m.name} {m.lift:+.1%} {ci}, adj. p = {m.p_value_adjusted:.2g}"
 

@@ -48,6 +48,8 @@ from flywheel.metrics import UserMetric
 # Per-user moment columns: the count, the four centred values, their ten pairwise products.
 _PAIRS = tuple((i, j) for i in range(4) for j in range(i, 4))
 N_MOMENTS = 1 + 4 + len(_PAIRS)
+# Relative to the pooled mean: an arm mean this small is the centring's rounding of zero.
+ZERO_TOLERANCE = 1e-12
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,10 @@ def _delta_moments(sums: np.ndarray, center: np.ndarray) -> dict[str, np.ndarray
     n = sums[..., 0]
     first = sums[..., 1:5]
     mu = center + first / n[..., None]
+    # An arm without a single event sums its centred values to -n * center, and adding the
+    # center back leaves rounding (~1e-18) instead of 0, which a ratio then blows up into
+    # a lift of thousands of percent: such a mean is exactly zero.
+    mu = np.where(np.abs(mu) <= ZERO_TOLERANCE * np.abs(center), 0.0, mu)
     cov = {}
     for k, (i, j) in enumerate(_PAIRS):
         cov[i, j] = (sums[..., 5 + k] - first[..., i] * first[..., j] / n) / (n - 1)
@@ -148,6 +154,9 @@ def compare_sums(
         theta = pooled["cov_mp"] / pooled["var_p"] if cuped else np.zeros_like(pooled["m"])
         # No usable covariate (no pre-period, or a constant one): CUPED must change nothing.
         theta = np.broadcast_to(np.where(np.isfinite(theta), theta, 0.0), t["m"].shape)
+        # An arm without events stays at zero: shifting it would invent events (or negative
+        # ones), and a control arm's ~0 would turn into a lift of any size.
+        theta = np.where((t["m"] == 0) | (c["m"] == 0), 0.0, theta)
 
         def adjusted(arm: dict[str, np.ndarray], th: np.ndarray) -> tuple[np.ndarray, ...]:
             shift = np.where(th != 0, th * (arm["p"] - pooled["p"]), 0.0)
