@@ -31,9 +31,17 @@ PLOTS_DIR = "plots"
 LIFT_METRICS = ("breadth", "depth")
 # The terminal table drops the style columns and the deployed model (the Markdown has all).
 TERMINAL_COLUMNS = (
-    "gen", "candidate", "recipe", "RM win (raw / SC)", "instr. following", "violations",
-    "gates", "breadth lift [95% CI]", "depth lift [95% CI]", "decision",
-)  # fmt: skip
+    "gen",
+    "candidate",
+    "recipe",
+    "RM win (raw / SC)",
+    "instr. following",
+    "violations",
+    "gates",
+    "breadth lift [95% CI]",
+    "depth lift [95% CI]",
+    "decision",
+)
 
 
 def _num(value: Any, spec: str = ".2f") -> str:
@@ -57,30 +65,36 @@ def table_rows(records: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
     rows = []
     for r in records:
         off = r.get("offline") or {}
-        style = off.get("style") or {}
-        parent_style = off.get("parent_style") or {}
-        rows.append({
-            "gen": str(r["generation"]),
-            "candidate": r["candidate"],
-            "recipe": r["recipe"],
-            "RM win (raw / SC)": f"{_num(off.get('rm_win_rate'))} / "
-                                 f"{_num(off.get('rm_win_rate_style_controlled'))}",
-            "instr. following": f"{_num(off.get('parent_instruction_following'), '.1%')} -> "
-                                f"{_num(off.get('instruction_following'), '.1%')}",
-            "violations": f"{_num(off.get('parent_violation_rate'), '.1%')} -> "
-                          f"{_num(off.get('violation_rate'), '.1%')}",
-            "words": f"{_num(parent_style.get('mean_words'), '.0f')} -> "
-                     f"{_num(style.get('mean_words'), '.0f')}",
-            "emoji": f"{_num(parent_style.get('emoji_rate'), '.0%')} -> "
-                     f"{_num(style.get('emoji_rate'), '.0%')}",
-            "gates": "pass" if all(g["passed"] for g in r.get("gates", [])) else
-                     ", ".join(_gate_short(g) for g in r.get("gates", []) if not g["passed"]),
-            "breadth lift [95% CI]": _lift(r.get("ab"), "breadth"),
-            "depth lift [95% CI]": _lift(r.get("ab"), "depth"),
-            "decision": r["decision"],
-            "deployed after": r["deployed_after"],
-        })  # fmt: skip
+        # The deployed model's offline metrics are the candidate's keys prefixed parent_.
+        parent = {k.removeprefix("parent_"): v for k, v in off.items() if k.startswith("parent_")}
+        style, parent_style = off.get("style") or {}, parent.get("style") or {}
+        gates = r.get("gates", [])
+        rows.append(
+            {
+                "gen": str(r["generation"]),
+                "candidate": r["candidate"],
+                "recipe": r["recipe"],
+                "RM win (raw / SC)": f"{_num(off.get('rm_win_rate'))} / "
+                f"{_num(off.get('rm_win_rate_style_controlled'))}",
+                "instr. following": _change(parent, off, "instruction_following", ".1%"),
+                "violations": _change(parent, off, "violation_rate", ".1%"),
+                "words": _change(parent_style, style, "mean_words", ".0f"),
+                "emoji": _change(parent_style, style, "emoji_rate", ".0%"),
+                "gates": "pass"
+                if all(g["passed"] for g in gates)
+                else ", ".join(_gate_short(g) for g in gates if not g["passed"]),
+                "breadth lift [95% CI]": _lift(r.get("ab"), "breadth"),
+                "depth lift [95% CI]": _lift(r.get("ab"), "depth"),
+                "decision": r["decision"],
+                "deployed after": r["deployed_after"],
+            }
+        )
     return rows
+
+
+def _change(deployed: Mapping[str, Any], candidate: Mapping[str, Any], key: str, spec: str) -> str:
+    """'deployed -> candidate' of one metric, each formatted with ``spec``."""
+    return f"{_num(deployed.get(key), spec)} -> {_num(candidate.get(key), spec)}"
 
 
 def _verdict(gate: Mapping[str, Any]) -> str:
@@ -201,11 +215,23 @@ def write_plots(records: Sequence[Mapping[str, Any]], folder: Path) -> dict[str,
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     folder.mkdir(parents=True, exist_ok=True)
-    gens = [r["generation"] for r in records]
-    paths: dict[str, Path] = {}
+    return {
+        "lift_plot": _save(_lift_figure(records), folder / "lift.png"),
+        "steerability_plot": _save(_steerability_figure(records), folder / "steerability.png"),
+        "style_plot": _save(_style_figure(records), folder / "style.png"),
+        "win_rate_plot": _save(_win_rate_figure(records), folder / "rm_win_rate.png"),
+    }
+
+
+def _offline(record: Mapping[str, Any], key: str) -> Any:
+    """A value of a record's offline block (None where the block or the value is missing)."""
+    return (record.get("offline") or {}).get(key)
+
+
+def _lift_figure(records: Sequence[Mapping[str, Any]]) -> Any:
+    """A/B lift of breadth and depth per generation, with the CI as error bars."""
+    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for offset, metric in zip((-0.1, 0.1), LIFT_METRICS, strict=True):
@@ -214,73 +240,91 @@ def write_plots(records: Sequence[Mapping[str, Any]], folder: Path) -> dict[str,
             m = (r.get("ab") or {}).get("metrics", {}).get(metric)
             if not m or m.get("lift") is None:
                 continue
+            # A missing CI bound draws no bar on that side.
+            low = m["lift"] if m.get("ci_low") is None else m["ci_low"]
+            high = m["lift"] if m.get("ci_high") is None else m["ci_high"]
             xs.append(r["generation"] + offset)
             ys.append(100 * m["lift"])
-            lo.append(
-                100 * (m["lift"] - (m.get("ci_low") if m.get("ci_low") is not None else m["lift"]))
-            )
-            hi.append(
-                100
-                * ((m.get("ci_high") if m.get("ci_high") is not None else m["lift"]) - m["lift"])
-            )
+            lo.append(100 * (m["lift"] - low))
+            hi.append(100 * (high - m["lift"]))
         ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o", capsize=4, label=f"{metric} lift")
     ax.axhline(0, color="grey", lw=0.8)
     for r in records:
-        ax.annotate(r["decision"], (r["generation"], 0), textcoords="offset points", xytext=(0, -14),
-                    ha="center", fontsize=8, color="grey")  # fmt: skip
-    ax.set_xticks(gens)
+        ax.annotate(
+            r["decision"],
+            (r["generation"], 0),
+            textcoords="offset points",
+            xytext=(0, -14),
+            ha="center",
+            fontsize=8,
+            color="grey",
+        )
+    ax.set_xticks([r["generation"] for r in records])
     ax.set_xlabel("generation")
     ax.set_ylabel("A/B lift, % (95% CI)")
     ax.set_title("Engagement lift per generation")
     ax.legend()
-    paths["lift_plot"] = _save(fig, folder / "lift.png")
+    return fig
 
+
+def _steerability_figure(records: Sequence[Mapping[str, Any]]) -> Any:
+    """Held-out instruction following and violation rate, deployed vs candidate."""
+    import matplotlib.pyplot as plt
+
+    gens = [r["generation"] for r in records]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for key, label in (
         ("instruction_following", "instruction following"),
         ("violation_rate", "violation rate"),
     ):
-        ax.plot(gens, [(r.get("offline") or {}).get(f"parent_{key}") for r in records], "o--",
-                label=f"{label} (deployed)")  # fmt: skip
-        ax.plot(
-            gens,
-            [(r.get("offline") or {}).get(key) for r in records],
-            "o-",
-            label=f"{label} (candidate)",
-        )
+        deployed = [_offline(r, f"parent_{key}") for r in records]
+        ax.plot(gens, deployed, "o--", label=f"{label} (deployed)")
+        ax.plot(gens, [_offline(r, key) for r in records], "o-", label=f"{label} (candidate)")
     ax.set_xticks(gens)
     ax.set_ylim(0, 1)
     ax.set_xlabel("generation")
     ax.set_title("Steerability on held-out characters")
     ax.legend(fontsize=7)
-    paths["steerability_plot"] = _save(fig, folder / "steerability.png")
+    return fig
 
+
+def _style_figure(records: Sequence[Mapping[str, Any]]) -> Any:
+    """Words, emoji rate and question rate of the deployed and the candidate model."""
+    import matplotlib.pyplot as plt
+
+    gens = [r["generation"] for r in records]
     fig, axes = plt.subplots(1, 3, figsize=(9, 3))
     for ax, key in zip(axes, ("mean_words", "emoji_rate", "question_rate"), strict=True):
-        ax.plot(gens, [((r.get("offline") or {}).get("parent_style") or {}).get(key) for r in records],
-                "o--", label="deployed")  # fmt: skip
-        ax.plot(gens, [((r.get("offline") or {}).get("style") or {}).get(key) for r in records],
-                "o-", label="candidate")  # fmt: skip
+        deployed = [(_offline(r, "parent_style") or {}).get(key) for r in records]
+        candidate = [(_offline(r, "style") or {}).get(key) for r in records]
+        ax.plot(gens, deployed, "o--", label="deployed")
+        ax.plot(gens, candidate, "o-", label="candidate")
         ax.set_title(key.replace("_", " "))
         ax.set_xticks(gens)
     axes[0].legend(fontsize=7)
     fig.suptitle("Style drift (held-out logged contexts)")
-    paths["style_plot"] = _save(fig, folder / "style.png")
+    return fig
 
+
+def _win_rate_figure(records: Sequence[Mapping[str, Any]]) -> Any:
+    """The reward models' win rate of the candidate over the deployed model, raw and
+    style-controlled."""
+    import matplotlib.pyplot as plt
+
+    gens = [r["generation"] for r in records]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for key, label in (
         ("rm_win_rate", "raw (naive RM)"),
         ("rm_win_rate_style_controlled", "style-controlled RM"),
     ):
-        ax.plot(gens, [(r.get("offline") or {}).get(key) for r in records], "o-", label=label)
+        ax.plot(gens, [_offline(r, key) for r in records], "o-", label=label)
     ax.axhline(0.5, color="grey", lw=0.8)
     ax.set_xticks(gens)
     ax.set_ylim(0, 1)
     ax.set_xlabel("generation")
     ax.set_title("Reward-model win rate vs deployed")
     ax.legend()
-    paths["win_rate_plot"] = _save(fig, folder / "rm_win_rate.png")
-    return paths
+    return fig
 
 
 def _save(fig: Any, path: Path) -> Path:
