@@ -88,9 +88,12 @@ def analyze(
 
     with user_errors():
         config = AnalysisConfig(
-            alpha=alpha, treatment_share=treatment_share, correction=correction,
-            retention_day=retention_day, cuped=cuped,
-        )  # fmt: skip
+            alpha=alpha,
+            treatment_share=treatment_share,
+            correction=correction,
+            retention_day=retention_day,
+            cuped=cuped,
+        )
         loaded = load_table(table)
         paired = analyze_paired(loaded, config) if is_twin_table(loaded) else None
         frame = standard_view(loaded)
@@ -163,10 +166,18 @@ def rm_train(
     with user_errors():
         llm_config = LLMConfig(model=llm_model, max_pairs=max_pairs, epochs=epochs)
         folder, report = run_rm_train(
-            run_dir, kind, backbone, style_controlled=style_controlled, target=target, out=out,
-            experiment_id=experiment, seed=seed, test_size=test_size, llm_config=llm_config,
+            run_dir,
+            kind,
+            backbone,
+            style_controlled=style_controlled,
+            target=target,
+            out=out,
+            experiment_id=experiment,
+            seed=seed,
+            test_size=test_size,
+            llm_config=llm_config,
             max_eval_rows=eval_rows,
-        )  # fmt: skip
+        )
     typer.echo(summarize(report))
     typer.echo(f"wrote {folder} and {folder / EVAL_FILE}")
 
@@ -189,10 +200,12 @@ def chat(
     from policies import PolicySpec, SamplingParams
 
     with user_errors():
+        params = SamplingParams(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=0.95, seed=seed
+        )
         run = run_chat(
-            scenario, users, seed=seed, bot=PolicySpec(model=bot_model),
-            bot_params=SamplingParams(max_new_tokens, temperature, 0.95, seed),
-        )  # fmt: skip
+            scenario, users, seed=seed, bot=PolicySpec(model=bot_model), bot_params=params
+        )
     print_run(run, show, echo=typer.echo)
 
 
@@ -269,6 +282,7 @@ def _run_world(run_dir: str, experiment: str | None) -> tuple[Any, Any, Any]:
 
 def _train(
     recipe: str,
+    *,
     run_dir: str,
     from_model: str,
     out: str,
@@ -341,9 +355,18 @@ def _train_command(recipe: str, summary: str) -> None:
     ) -> None:
         with user_errors():
             _train(
-                recipe, run_dir, from_model, out, steps, rm, experiment, seed, full, config,
-                [f.strip() for f in hold_rate.split(",") if f.strip()],
-            )  # fmt: skip
+                recipe,
+                run_dir=run_dir,
+                from_model=from_model,
+                out=out,
+                steps=steps,
+                rm=rm,
+                experiment=experiment,
+                seed=seed,
+                full=full,
+                config=config,
+                hold_rates=[f.strip() for f in hold_rate.split(",") if f.strip()],
+            )
 
 
 _train_command("sft", "Supervised fine-tuning on RUN_DIR's curated replies (train users only).")
@@ -493,8 +516,9 @@ def plan(
         if pilot is None:
             control = control or default_control
             run_dir = Path(out or Path("runs") / "plan" / ab_scenario.name)
-            run_pilot(ab_scenario, control, treatment or control, run_dir,
-                      users=users, progress=progress)  # fmt: skip
+            run_pilot(
+                ab_scenario, control, treatment or control, run_dir, users=users, progress=progress
+            )
         else:
             run_dir = Path(pilot)
         measured = read_pilot(run_dir, experiment)
@@ -566,12 +590,15 @@ def dashboard(
         # Not an error: the dashboard can be opened before the run starts and says so.
         typer.echo(f"note: {run_dir} holds no run.duckdb yet; the dashboard will say so")
     typer.echo(f"CharacterFlywheel dashboard for {run_dir}: http://127.0.0.1:{port}")
-    command = [
-        sys.executable, "-m", "streamlit", "run", str(APP_PATH),
-        "--server.address", "127.0.0.1", "--server.port", str(port),
-        "--server.headless", "true", "--browser.gatherUsageStats", "false",
-        "--", "--run-dir", str(Path(run_dir).resolve()),
-    ]  # fmt: skip
+    options = {
+        "--server.address": "127.0.0.1",
+        "--server.port": str(port),
+        "--server.headless": "true",
+        "--browser.gatherUsageStats": "false",
+    }
+    command = [sys.executable, "-m", "streamlit", "run", str(APP_PATH)]
+    command += [part for option in options.items() for part in option]
+    command += ["--", "--run-dir", str(Path(run_dir).resolve())]
     raise typer.Exit(code=subprocess.call(command))
 
 
