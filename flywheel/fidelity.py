@@ -472,19 +472,7 @@ def fidelity_card(
     logs = read_logs(run_dir, experiment_id)
     ids = sorted(logs.turns["experiment_id"].unique())
     worlds = {eid: experiment_world(logs.configs[eid]) for eid in ids}
-    caps = {world.turn_cap for world, _ in worlds.values()}
-    splits = {(w.chitchat.heldout_fraction, w.chitchat.split_seed) for w, _ in worlds.values()}
-    if len(caps) > 1 or len(splits) > 1:
-        raise ValueError(
-            f"experiments {ids} differ in turn cap {sorted(caps)} or chit-chat split "
-            f"{sorted(splits)}; fix: pass --experiment to read one"
-        )
-    if any(w.chitchat.opener_split == "heldout" for w, _ in worlds.values()):
-        raise ValueError(
-            "the run drew openers from the held-out chit-chat split, so it has no held-out "
-            "human chat to be measured against; fix: use world.chitchat.opener_split = 'train'"
-        )
-    fraction, split_seed = splits.pop()
+    cap, fraction, split_seed = _pooled_world(worlds)
     corpus = corpus or load_chitchat(fraction, split_seed)
     rng = np.random.default_rng(seed)
 
@@ -494,7 +482,6 @@ def fidelity_card(
     human_replies = corpus.replies("heldout")
     sim_words = np.array([len(words(m)) for m in written["user_message"]], dtype=int)
     human_words = np.array([len(words(m)) for m in human_replies], dtype=int)
-    cap = caps.pop()
     human_sessions = np.minimum(corpus.opener_messages_per_conversation("heldout"), cap)
     flags = [assistant_speak(m) for m in written["user_message"]]
     flagged = [m for m, f in zip(written["user_message"], flags, strict=True) if f]
@@ -537,6 +524,27 @@ def fidelity_card(
         sim_words=sim_words,
         human_words=human_words,
     )
+
+
+def _pooled_world(
+    worlds: Mapping[str, tuple[WorldConfig, TrafficConfig]],
+) -> tuple[int, float, int]:
+    """(turn cap, held-out fraction, split seed) the experiments share: pooled, they are
+    compared with one held-out human split, which must be one their openers never came from."""
+    caps = {world.turn_cap for world, _ in worlds.values()}
+    splits = {(w.chitchat.heldout_fraction, w.chitchat.split_seed) for w, _ in worlds.values()}
+    if len(caps) > 1 or len(splits) > 1:
+        raise ValueError(
+            f"experiments {sorted(worlds)} differ in turn cap {sorted(caps)} or chit-chat split "
+            f"{sorted(splits)}; fix: pass --experiment to read one"
+        )
+    if any(w.chitchat.opener_split == "heldout" for w, _ in worlds.values()):
+        raise ValueError(
+            "the run drew openers from the held-out chit-chat split, so it has no held-out "
+            "human chat to be measured against; fix: use world.chitchat.opener_split = 'train'"
+        )
+    fraction, split_seed = splits.pop()
+    return caps.pop(), fraction, split_seed
 
 
 def _rate_lines(
