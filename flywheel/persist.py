@@ -1,10 +1,10 @@
-"""How the flywheel's files and tables are written: atomically, in strict JSON, in UTC.
+"""How the flywheel writes its files and JSON columns: atomically, as JSON, in UTC.
 
 A run can be interrupted at any moment and resumed (``flywheel run`` reads its own outputs
-back), so a file is either the old one or the new one, never half of each: every writer
-goes through :func:`atomic_write`. Records carry numpy scalars, NaN metrics, dataclasses
-and paths; :func:`json_ready` turns them into values strict JSON (and DuckDB's JSON type)
-accepts, so a missing metric reads ``null`` rather than the non-standard ``NaN``.
+back), so a file it reads back must be the old one or the new one, never half of each:
+those go through :func:`atomic_write`. Records carry numpy scalars, NaN metrics,
+dataclasses and paths: :func:`json_ready` turns them into values strict JSON accepts (a
+missing metric reads ``null``), :func:`to_json` writes the run store's JSON columns.
 """
 
 from __future__ import annotations
