@@ -42,6 +42,7 @@ from __future__ import annotations
 import os
 import signal
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,7 @@ from rich.console import Console
 
 from flywheel.ledger import Ledger, derive_seed
 from flywheel.persist import atomic_write_text, json_ready
-from flywheel.scenario import Scenario
+from flywheel.scenario import RecipeConfig, Scenario
 from flywheel.store import SCHEMA_VERSION, RunStore, fallback_totals
 from policies import Policy, PolicySpec, SamplingParams, load_policy
 
@@ -101,6 +102,25 @@ class PolicyPool:
         """Drop every loaded model not among ``specs`` (frees memory between generations)."""
         keep = {s.model_copy(update={"name": None}) for s in specs}
         self._loaded = {k: v for k, v in self._loaded.items() if k in keep}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One recipe's candidate of a generation: what the A/B choice and the decision read."""
+
+    recipe: RecipeConfig
+    trained: dict[str, Any]  # outputs of its candidate step (model_path, ...)
+    offline: dict[str, Any]  # outputs of its offline step (passed, gates, offline metrics)
+
+    @property
+    def passed(self) -> bool:
+        """Whether it passed every offline gate."""
+        return self.offline["passed"]
+
+    @property
+    def style_controlled_win(self) -> float:
+        """Its win rate over the deployed model under the style-controlled RM."""
+        return self.offline["offline"]["rm_win_rate_style_controlled"]
 
 
 class FlywheelRun:
@@ -198,7 +218,7 @@ class FlywheelRun:
     def run_generation(self, generation: int, deployed: PolicySpec) -> dict[str, Any]:
         """Every step of one generation (skipping finished ones); returns its record."""
         scenario = self.scenario
-        traffic_id, ab_id = experiment_ids(generation)
+        traffic_id, _ = experiment_ids(generation)
         collect_traffic = scenario.collect_traffic(generation)
         self.console.rule(f"generation {generation}: deployed {deployed.label}")
 
@@ -224,61 +244,23 @@ class FlywheelRun:
             work=lambda seed: self.train_reward_models(generation, traffic_id, seed),
         )
 
-        candidates = []
-        for recipe in scenario.recipes:
-            trained = self._step(
-                generation,
-                f"candidate:{recipe.name}",
-                config=recipe.model_dump(mode="json"),
-                inputs={"deployed": deployed.label, "data": curate["train"], "reward_models": rms},
-                work=lambda seed, r=recipe: self.make_candidate(
-                    generation, r, deployed, curate, rms, traffic_id, seed
-                ),
-            )
-            offline = self._step(
-                generation,
-                f"offline:{recipe.name}",
-                config=scenario.gates.model_dump(mode="json"),
-                inputs={"candidate": trained["model_path"], "deployed": deployed.label},
-                work=lambda seed, r=recipe: self.evaluate(
-                    generation, r.name, deployed, curate, rms, seed
-                ),
-            )
-            candidates.append({"recipe": recipe, "trained": trained, "offline": offline})
+        candidates = [
+            self._candidate(generation, recipe, deployed, curate, rms, traffic_id)
+            for recipe in scenario.recipes
+        ]
 
         # The A/B test goes to the candidate the honest (style-controlled) RM likes most.
-        def sc_win(c: dict[str, Any]) -> float:
-            return c["offline"]["offline"]["rm_win_rate_style_controlled"]
+        def by_win(candidate: Candidate) -> float:
+            return candidate.style_controlled_win
 
-        passed = [c for c in candidates if c["offline"]["passed"]]
-        best = max(passed, key=sc_win, default=None)
-        if best is None:
-            ab = self._step(
-                generation, "ab", config={"skipped": True}, inputs={},
-                work=lambda seed: {"skipped": True},
-            )  # fmt: skip
-        else:
-            treatment = self.candidate_spec(generation, best["recipe"].name)
-            ab = self._step(
-                generation,
-                "ab",
-                config={
-                    "traffic": scenario.ab_traffic(generation).model_dump(mode="json"),
-                    "analysis": scenario.analysis,
-                },
-                inputs={
-                    "experiment_id": ab_id,
-                    "control": deployed.label,
-                    "treatment": treatment.label,
-                },
-                work=lambda seed: self.ab_test(generation, deployed, treatment, seed),
-            )
-        shown = best or max(candidates, key=sc_win)
+        best = max((c for c in candidates if c.passed), key=by_win, default=None)
+        ab = self._ab(generation, deployed, best)
+        shown = best or max(candidates, key=by_win)
         record = self._step(
             generation,
             "decide",
             config={},
-            inputs={"ab": ab, "candidate": candidate_name(generation, shown["recipe"].name)},
+            inputs={"ab": ab, "candidate": candidate_name(generation, shown.recipe.name)},
             work=lambda seed: self.decide(
                 generation, deployed, collect, rms, candidates, shown, ab
             ),
@@ -288,6 +270,63 @@ class FlywheelRun:
         verdict = record["decision"].upper()
         self.console.print(f"[bold]generation {generation}: {verdict}[/bold] {record['reason']}")
         return record
+
+    def _candidate(
+        self,
+        generation: int,
+        recipe: RecipeConfig,
+        deployed: PolicySpec,
+        curate: dict[str, Any],
+        rms: dict[str, Any],
+        traffic_id: str,
+    ) -> Candidate:
+        """Train ``recipe``'s candidate, then evaluate it offline (two steps)."""
+        scenario = self.scenario
+        trained = self._step(
+            generation,
+            f"candidate:{recipe.name}",
+            config=recipe.model_dump(mode="json"),
+            inputs={"deployed": deployed.label, "data": curate["train"], "reward_models": rms},
+            work=lambda seed: self.make_candidate(
+                generation, recipe, deployed, curate, rms, traffic_id, seed
+            ),
+        )
+        offline = self._step(
+            generation,
+            f"offline:{recipe.name}",
+            config=scenario.gates.model_dump(mode="json"),
+            inputs={"candidate": trained["model_path"], "deployed": deployed.label},
+            work=lambda seed: self.evaluate(generation, recipe.name, deployed, curate, rms, seed),
+        )
+        return Candidate(recipe, trained, offline)
+
+    def _ab(self, generation: int, deployed: PolicySpec, best: Candidate | None) -> dict[str, Any]:
+        """The A/B step: ``best`` against the deployed model, skipped when no candidate passed
+        its gates."""
+        if best is None:
+            return self._step(
+                generation,
+                "ab",
+                config={"skipped": True},
+                inputs={},
+                work=lambda seed: {"skipped": True},
+            )
+        _, ab_id = experiment_ids(generation)
+        treatment = self.candidate_spec(generation, best.recipe.name)
+        return self._step(
+            generation,
+            "ab",
+            config={
+                "traffic": self.scenario.ab_traffic(generation).model_dump(mode="json"),
+                "analysis": self.scenario.analysis,
+            },
+            inputs={
+                "experiment_id": ab_id,
+                "control": deployed.label,
+                "treatment": treatment.label,
+            },
+            work=lambda seed: self.ab_test(generation, deployed, treatment, seed),
+        )
 
     def _step(
         self,
@@ -465,11 +504,19 @@ class FlywheelRun:
         out: dict[str, Any] = {}
         for label, controlled in (("naive", False), ("style_controlled", True)):
             model, report = train_and_evaluate(
-                turns, None, config.kind, config.backbone, style_controlled=controlled,
-                target=config.target, activity=activity, seed=seed, test_size=config.test_size,
-                minilm_config=config.minilm_config(), llm_config=config.llm_config(),
+                turns,
+                comparisons=None,
+                kind=config.kind,
+                backbone=config.backbone,
+                style_controlled=controlled,
+                target=config.target,
+                activity=activity,
+                seed=seed,
+                test_size=config.test_size,
+                minilm_config=config.minilm_config(),
+                llm_config=config.llm_config(),
                 verbose=self.progress,
-            )  # fmt: skip
+            )
             folder = self.gen_dir(generation) / "rm" / model.name
             staging = folder.parent / f".{folder.name}.partial"
             _remove(staging)
@@ -554,16 +601,25 @@ class FlywheelRun:
         )
         sampling = self.scenario.traffic.bot_sampling
         params = SamplingParams(
-            max_new_tokens=gates.max_new_tokens, temperature=sampling.temperature,
-            top_p=sampling.top_p, seed=seed,
-        )  # fmt: skip
+            max_new_tokens=gates.max_new_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            seed=seed,
+        )
         serving = self.scenario.serving
         report = evaluate_offline(
-            self.pool.get(self.candidate_spec(generation, recipe)), self.pool.get(deployed),
-            logged, bench, self.characters(), self.heldout_characters(),
-            self.reward_model(rms, "naive"), self.reward_model(rms, "style_controlled"),
-            SafetyChecker(serving.categories, serving.offensive_threshold), params, gates,
-        )  # fmt: skip
+            candidate=self.pool.get(self.candidate_spec(generation, recipe)),
+            deployed=self.pool.get(deployed),
+            logged=logged,
+            benchmark=bench,
+            world_characters=self.characters(),
+            heldout_characters=self.heldout_characters(),
+            naive_rm=self.reward_model(rms, "naive"),
+            style_rm=self.reward_model(rms, "style_controlled"),
+            safety_checker=SafetyChecker(serving.categories, serving.offensive_threshold),
+            params=params,
+            config=gates,
+        )
         verdicts = apply_gates(report, gates)
         folder = self.gen_dir(generation) / "offline"
         folder.mkdir(parents=True, exist_ok=True)
@@ -631,20 +687,20 @@ class FlywheelRun:
         deployed: PolicySpec,
         collect: dict[str, Any],
         rms: dict[str, Any],
-        candidates: list[dict[str, Any]],
-        shown: dict[str, Any],
+        candidates: list[Candidate],
+        shown: Candidate,
         ab: dict[str, Any],
     ) -> dict[str, Any]:
         """The generation record (one entry of ``generations.json``)."""
         from flywheel.gates import Gate, failed_reason
 
-        name = shown["recipe"].name
+        name = shown.recipe.name
         candidate = candidate_name(generation, name)
         if ab.get("skipped"):
             decision = "gated"
             reasons = [
-                f"{candidate_name(generation, c['recipe'].name)}: "
-                + failed_reason([Gate(**g) for g in c["offline"]["gates"]])
+                f"{candidate_name(generation, c.recipe.name)}: "
+                + failed_reason([Gate(**g) for g in c.offline["gates"]])
                 for c in candidates
             ]
             reason = "no candidate passed the offline gates; " + " | ".join(reasons)
@@ -660,28 +716,26 @@ class FlywheelRun:
             "generation": generation,
             "parent": deployed.label,
             "candidate": candidate,
-            "recipe": shown["recipe"].kind,
+            "recipe": shown.recipe.kind,
             "recipe_name": name,
-            "model_path": shown["trained"]["model_path"],
+            "model_path": shown.trained["model_path"],
             "traffic_experiment_id": traffic_id,
             "ab_experiment_id": None if ab_block is None else ab_id,
-            "offline": shown["offline"]["offline"],
-            "gates": shown["offline"]["gates"],
+            "offline": shown.offline["offline"],
+            "gates": shown.offline["gates"],
             "ab": ab_block,
             "decision": decision,
             "reason": reason,
             "deployed_after": candidate if decision == "ship" else deployed.label,
             "candidates": [
                 {
-                    "candidate": candidate_name(generation, c["recipe"].name),
-                    "recipe": c["recipe"].kind,
-                    "model_path": c["trained"]["model_path"],
-                    "passed_gates": c["offline"]["passed"],
-                    "gates": c["offline"]["gates"],
-                    "rm_win_rate": c["offline"]["offline"]["rm_win_rate"],
-                    "rm_win_rate_style_controlled": c["offline"]["offline"][
-                        "rm_win_rate_style_controlled"
-                    ],
+                    "candidate": candidate_name(generation, c.recipe.name),
+                    "recipe": c.recipe.kind,
+                    "model_path": c.trained["model_path"],
+                    "passed_gates": c.passed,
+                    "gates": c.offline["gates"],
+                    "rm_win_rate": c.offline["offline"]["rm_win_rate"],
+                    "rm_win_rate_style_controlled": c.style_controlled_win,
                 }
                 for c in candidates
             ],
