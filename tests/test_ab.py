@@ -272,6 +272,25 @@ def test_guardrail_with_no_control_events_holds_a_worse_treatment_under_cuped() 
     assert "no control events" in row and "n/a" in row
 
 
+def test_guardrail_with_no_treatment_events_has_no_interval_and_is_not_worse() -> None:
+    """Treatment wrote no unsafe reply: its per-user variance is 0, and the delta method
+    would call the lift of -100% exact. No interval is claimed; an arm without events
+    cannot be worse than its control, so the guardrail holds nothing back."""
+    rows = [
+        {"user_id": user, "arm": "treatment" if user >= 100 else "control", "day": 0,
+         "active": 1, "messages": 3, "bot_replies": 2, "reports": 0, "violations": 0,
+         "unsafe_replies": int(user < 100 and user % 10 == 0)}
+        for user in range(200)
+    ]  # fmt: skip
+    result = ab.analyze(pd.DataFrame(rows))
+    unsafe = next(m for m in result.metrics if m.name == "unsafe_rate")
+    assert unsafe.treatment == 0 and unsafe.lift == -1
+    assert math.isnan(unsafe.ci_low) and math.isnan(unsafe.ci_high)
+    assert unsafe.noninferior and unsafe.improved
+    row = next(line for line in result.summary().splitlines() if line.startswith("unsafe_rate"))
+    assert "no treatment events" in row
+
+
 def test_multiple_comparison_correction_is_holm_within_families() -> None:
     result = ab.analyze(synthetic_user_days(3000, np.random.default_rng(10)))
     for role in ("success", "guardrail"):

@@ -209,7 +209,11 @@ class ABResult:
         lines = [f"A/B analysis: {self.n_users} users, {self.n_test_days} test days", header]
         for m in self.metrics:
             # A relative lift over a control arm without events is undefined.
-            ci = f"[{m.ci_low:+.1%}, {m.ci_high:+.1%}]" if m.control else "no control events"
+            ci = (
+                f"[{m.ci_low:+.1%}, {m.ci_high:+.1%}]"
+                if m.control and m.treatment
+                else _no_events(m)
+            )
             lift = f"{m.lift:+.2%}" if m.control else "n/a"
             mde = f"{m.mde:.1%}" if math.isfinite(m.mde) else "n/a"
             lines.append(
@@ -257,10 +261,14 @@ def adjust_p_values(p_values: list[float], alpha: float, method: str) -> list[fl
     return out.tolist()
 
 
+def _no_events(m: MetricResult) -> str:
+    return f"no {'control' if not m.control else 'treatment'} events"
+
+
 def _percent(m: MetricResult) -> str:
-    if not m.control:  # no relative lift over an arm without events: say what each arm had
+    if not (m.control and m.treatment):  # no interval beside an arm without events
         return (
-            f"{m.name} {m.control:.4g} -> {m.treatment:.4g} (no control events), "
+            f"{m.name} {m.control:.4g} -> {m.treatment:.4g} ({_no_events(m)}), "
             f"adj. p = {m.p_value_adjusted:.2g}"
         )
     ci = f"[{m.ci_low:+.1%}, {m.ci_high:+.1%}]"
@@ -353,8 +361,8 @@ def analyze(table: pd.DataFrame | UserTable, config: AnalysisConfig | None = Non
         margin, noninferior = None, None
         if metric.role == "guardrail":
             margin = config.noninferiority_margins.get(metric.name, DEFAULT_MARGINS[metric.name])
-            no_events = est.control[0] == 0 and est.treatment[0] == 0
-            noninferior = bool(no_events or est.ci_high[0] < margin)
+            # A treatment arm without events cannot be worse than its control.
+            noninferior = bool(est.treatment[0] == 0 or est.ci_high[0] < margin)
         results.append(
             MetricResult(
                 name=metric.name,

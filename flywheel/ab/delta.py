@@ -134,6 +134,9 @@ def _lift_test(
         ).pvalue
     else:
         p_value = 2 * stats.norm.sf(np.abs(mt - mc) / np.sqrt(var_t + var_c))
+    # An arm without events has a per-user variance of 0, and the delta method would call
+    # its lift exact (a CI of [-100%, -100%]): no interval where either arm has no events.
+    se = np.where((mt == 0) | (mc == 0), np.nan, se)
     return lift, lift - z * se, lift + z * se, se, np.asarray(p_value, dtype=float)
 
 
