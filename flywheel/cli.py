@@ -293,14 +293,20 @@ def _train(
     full: bool,
     config: str | None,
     hold_rates: list[str],
+    multiturn: int,
+    users: int,
 ) -> None:
     if hold_rates and recipe != "grpo":
         raise ValueError(f"--hold-rate needs online sampling; fix: use it with grpo, not {recipe}")
+    if multiturn and recipe != "grpo":
+        raise ValueError(
+            f"--multiturn rolls out conversations; fix: use it with grpo, not {recipe}"
+        )
     from rewards.rm.base import load_reward_model
     from training import recipes
     from training.grpo import load_config_overrides
 
-    turns, characters, _ = _run_world(run_dir, experiment)
+    turns, characters, world = _run_world(run_dir, experiment)
     prompts = {name: c.system_prompt() for name, c in characters.items()}
     checkers = {name: c.checkers for name, c in characters.items()}
     scorer = load_reward_model(rm) if rm else None
@@ -317,6 +323,16 @@ def _train(
         folder = recipes.run_sft(turns, prompts, **common)
     elif recipe == "dpo":
         folder = recipes.run_dpo(turns, prompts, checkers, scorer=scorer, **common)
+    elif multiturn:
+        from flywheel.multiturn import run_grpo_multiturn
+        from sim.world import World
+        from training.multiturn import MultiTurnSettings
+
+        common["world"] = World.build(world, seed=seed)
+        settings = MultiTurnSettings(max_bot_turns=multiturn)
+        folder = run_grpo_multiturn(
+            turns, **common, users=users, settings=settings, scorer=scorer, hold_rates=hold_rates
+        )
     else:
         folder = recipes.run_grpo(
             turns, prompts, checkers, scorer=scorer, hold_rates=hold_rates, **common
@@ -352,6 +368,16 @@ def _train_command(recipe: str, summary: str) -> None:
             help="GRPO: features whose rate is held at the logged replies' rate, comma "
             "separated (emoji, exclamations).",
         ),
+        multiturn: int = typer.Option(
+            0,
+            "--multiturn",
+            min=0,
+            help="GRPO: roll out whole conversations of up to N bot replies with new "
+            "simulated users of the run's world (0: single replies to logged contexts).",
+        ),
+        users: int = typer.Option(
+            64, "--users", min=1, help="GRPO --multiturn: simulated users to train with."
+        ),
     ) -> None:
         with user_errors():
             _train(
@@ -366,6 +392,8 @@ def _train_command(recipe: str, summary: str) -> None:
                 full=full,
                 config=config,
                 hold_rates=[f.strip() for f in hold_rate.split(",") if f.strip()],
+                multiturn=multiturn,
+                users=users,
             )
 
 

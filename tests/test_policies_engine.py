@@ -211,10 +211,9 @@ def test_calls_answered_together_keep_their_seeds_and_replies(
     monkeypatch.setattr(
         tiny, "_new_row", lambda i, ids, seed: seeds.append(seed) or new_row(i, ids, seed)
     )
-    with tiny.together(calls):
-        with monkeypatch.context() as patch:  # both must come from the joint run
-            patch.setattr(tiny, "_run", lambda calls: pytest.fail("generated again"))
-            joint = [tiny.generate(*calls[1]), tiny.generate(*calls[0])][::-1]
+    with tiny.together(calls), monkeypatch.context() as patch:  # both from the joint run
+        patch.setattr(tiny, "_run", lambda calls: pytest.fail("generated again"))
+        joint = [tiny.generate(*calls[1]), tiny.generate(*calls[0])][::-1]
     assert sorted(seeds) == [5, 6, 7, 90, 91, 92]
     assert [[g.completion_ids for g in call] for call in joint] == [
         [g.completion_ids for g in call] for call in alone
@@ -223,9 +222,12 @@ def test_calls_answered_together_keep_their_seeds_and_replies(
 
 def test_calls_with_other_settings_are_not_joined(tiny: EnginePolicy) -> None:
     short = SamplingParams(max_new_tokens=4)
-    with pytest.raises(ValueError, match="different sampling settings"):
-        with tiny.together([(CHATS, short), (CHATS, SamplingParams(max_new_tokens=8))]):
-            pass
+    other = SamplingParams(max_new_tokens=8)
+    with (
+        pytest.raises(ValueError, match="different sampling settings"),
+        tiny.together([(CHATS, short), (CHATS, other)]),
+    ):
+        pass
 
 
 def test_malformed_chat_is_refused(tiny: EnginePolicy) -> None:

@@ -515,6 +515,35 @@ def test_flywheel_train_command_end_to_end(recipe, tiny_llama_dir, tmp_path):
     _assert_serves(out)
 
 
+def test_flywheel_train_grpo_multiturn_command(tiny_llama_dir, tmp_path):
+    # Whole conversations with new simulated users of the run's world (its user LLM: the
+    # packaged SmolLM2); --multiturn belongs to grpo alone.
+    import subprocess
+    import sys
+
+    _logged_run(tmp_path / "run")
+    config = tmp_path / "small.yaml"
+    config.write_text(
+        "per_device_train_batch_size: 4\nnum_generations: 4\nmax_completion_length: 6\n"
+    )
+    base = [sys.executable, "-m", "flywheel.cli", "train"]
+    args = [str(tmp_path / "run"), "--from", str(tiny_llama_dir), "--steps", "1"]
+    refused = subprocess.run(
+        [*base, "sft", *args, "--out", str(tmp_path / "sft"), "--multiturn", "2"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert refused.returncode == 2 and "use it with grpo, not sft" in refused.stderr
+    out = tmp_path / "multiturn"
+    done = subprocess.run(
+        [*base, "grpo", *args, "--out", str(out), "--config", str(config),
+         "--multiturn", "2", "--users", "2"],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = json.loads((out / TRAINING_MARKER).read_text())["metrics"]
+    assert metrics["global_step"] == 1 and metrics["max_bot_turns"] == 2
+
+
 # ----------------------------------------------------------------------------- one recipe
 BENCHMARK_BEST = [
     "--learning-rate", "5e-4", "--artifact-tolerance", "words=0,exclamations=0,emoji=1",
