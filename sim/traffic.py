@@ -858,14 +858,17 @@ class TrafficSimulator:
         engines = {
             id(_engine_of(self.policies[arm])): _engine_of(self.policies[arm]) for arm, _ in batches
         }
-        joint = len(batches) > 1 and len(engines) == 1
         engine = next(iter(engines.values()))
-        calls = [
-            ([self.engine.bot_chat(session) for session, _ in items], self._round_params[arm])
-            for arm, items in batches
-        ]
+        joint = len(batches) > 1 and len(engines) == 1 and hasattr(engine, "together")
         started = time.perf_counter()
-        with engine.together(calls) if joint and hasattr(engine, "together") else nullcontext():
+        if joint:
+            calls = [
+                ([self.engine.bot_chat(session) for session, _ in items], self._round_params[arm])
+                for arm, items in batches
+            ]
+            with engine.together(calls):
+                yield
+        else:
             yield
         self.stats.bot_seconds += time.perf_counter() - started
         sizes = [len(items) for _, items in batches]
