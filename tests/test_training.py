@@ -406,6 +406,10 @@ def test_sweep_shows_proxy_rising_and_gold_falling_when_they_disagree(tmp_path):
     png = sweep.plot(tmp_path / "bon.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "sqrt KL" in sweep.summary()
+    # a proxy on another scale (an untrained reward model's thousands) keeps its columns apart
+    wide = pd.DataFrame(rows).assign(proxy=lambda f: 1e3 * f["proxy"])
+    last = best_of_n_sweep(wide, [1, 16], "proxy", "gold").summary().splitlines()[-1]
+    assert len(last.split()) == 7
 
 
 def test_rejection_sampling_keeps_best_and_pairs_best_with_worst(tiny_llama_dir):

@@ -171,12 +171,12 @@ class SweepResult:
         lines = [
             f"best-of-n over {self.n_contexts} contexts (sd at n=1: proxy {self.proxy_sd:.3f}, "
             f"gold {self.gold_sd:.3f})",
-            f"{'n':>4}{'KL':>8}{'sqrt KL':>9}{'proxy':>10}{'± se':>8}{'gold':>10}{'± se':>8}",
+            f"{'n':>4}{'KL':>8}{'sqrt KL':>9}{'proxy':>11}{'± se':>10}{'gold':>11}{'± se':>10}",
         ]
-        for row in self.table.itertuples(index=False):
+        for row in self.table.itertuples(index=False):  # scores of any scale stay apart
             lines.append(
-                f"{row.n:>4}{row.kl:>8.3f}{row.sqrt_kl:>9.3f}{row.proxy:>10.4f}"
-                f"{row.proxy_se:>8.4f}{row.gold:>10.4f}{row.gold_se:>8.4f}"
+                f"{row.n:>4}{row.kl:>8.3f}{row.sqrt_kl:>9.3f}{row.proxy:>11.4g}"
+                f"{row.proxy_se:>10.3g}{row.gold:>11.4g}{row.gold_se:>10.3g}"
             )
         return "\n".join(lines)
 
