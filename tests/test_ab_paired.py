@@ -140,6 +140,13 @@ def test_variance_ratio_is_the_token_weighted_variance_ratio() -> None:
         )
         assert result[name].variance_ratio == pytest.approx(expected)
         assert ab.variance_ratio(table, name) == pytest.approx(expected)
+    # Lives that never disagreed have no twin variance (only the rounding of a zero).
+    values = ["active", "messages", "bot_replies", "reports", "violations"]
+    test = table[table["day"] >= 0]
+    control_life = test[test["life"] == "control"][["user_id", "day", *values]]
+    mirrored = test.drop(columns=values).merge(control_life, on=["user_id", "day"])
+    same = pd.concat([table[table["day"] < 0], mirrored[table.columns]], ignore_index=True)
+    assert np.isnan(ab.analyze_paired(same)["breadth"].variance_ratio)
     # Without a token column the designs are priced in simulated user-days.
     no_tokens = ab.analyze_paired(table.drop(columns="completion_tokens"))
     assert no_tokens.cost_unit == "user-days"

@@ -75,6 +75,7 @@ from flywheel.ab.analysis import (
     decide,
     srm_test,
 )
+from flywheel.ab.delta import ZERO_TOLERANCE
 from flywheel.metrics import ARMS, UserMetric, UserTable, aggregate_users, user_metrics
 from flywheel.persist import json_ready
 
@@ -464,8 +465,10 @@ def analyze_paired(table: pd.DataFrame, config: AnalysisConfig | None = None) ->
         s = standard[metric.name]
         standard_se = (s.ci_high - s.ci_low) / (2 * z)
         twin_variance = float(est.lift_se[0]) ** 2 * cost_twin
-        # lives that never disagreed leave no twin variance to compare with: NaN
-        ratio = standard_se**2 * cost_standard / twin_variance if twin_variance else math.nan
+        # lives that never disagreed leave no twin variance to compare with (only the
+        # rounding of a zero, ~1e-18): NaN
+        disagreed = float(est.lift_se[0]) > ZERO_TOLERANCE * standard_se
+        ratio = standard_se**2 * cost_standard / twin_variance if disagreed else math.nan
         ate_halfwidth, lift_halfwidth = est.halfwidths(config.alpha)
         results.append(
             paired_metric_result(
