@@ -855,9 +855,8 @@ class TrafficSimulator:
         self._round_params = {
             arm: self.config.bot_sampling.params(self._seed()) for arm, _ in batches
         }
-        engines = {
-            id(_engine_of(self.policies[arm])): _engine_of(self.policies[arm]) for arm, _ in batches
-        }
+        models = [_engine_of(self.policies[arm]) for arm, _ in batches]
+        engines = {id(model): model for model in models}
         engine = next(iter(engines.values()))
         joint = len(batches) > 1 and len(engines) == 1 and hasattr(engine, "together")
         started = time.perf_counter()
