@@ -288,7 +288,8 @@ def main() -> None:
     arms = train_arms(args, world, train_users, recipe, out)
     world.engine.user_simulator = UserSimulator(
         world.user_simulator.policy, world.corpus, pii_rate=world.config.pii_rate,
-        length_cap_factor=world.config.user_llm.length_cap_factor, split="heldout",
+        max_message_words=world.config.user_llm.max_message_words,
+        length_user_share=world.config.user_llm.length_user_share, split="heldout",
     )  # fmt: skip
     models = {"base": args.model} | {arm: str(arms[arm]["model"]) for arm in ("single", "multi")}
     frames = []

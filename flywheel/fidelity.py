@@ -17,8 +17,10 @@ opener distinct-2         distinct-2 of the sessions' first messages vs     >= 5
                           held-out openers at the same count                the human bootstrap
 message distinct-2        distinct-2 of the user LLM's messages vs          >= 5th percentile of
                           held-out follow-ups at the same count             the human bootstrap
-assistant-speak share     user-LLM messages that ``sim.user_llm.            <= 2%
-                          assistant_speak`` flags
+assistant-speak share     user-LLM messages as sent (after their redraft,   <= 2%
+                          ``sim.user_llm``) that ``assistant_speak`` flags;
+                          the detail and ``redraft_share`` say how many
+                          drafts were redrafted (the ``days`` table)
 fallback share            user-LLM messages replaced by human text          <= 5%
                           (the ``days`` table's counters)
 like / continue /         observed rate per segment vs the rate the         |z| <= 2.576 (99%)
@@ -115,8 +117,10 @@ class FidelityCard:
 
     ``goodbye_share`` is the share of sessions the user LLM closed with a goodbye and
     ``human_goodbye_share`` the share of held-out conversations whose last message is one
-    (context, not a target). ``sim_words`` / ``human_words`` are the two samples of the
-    message-words line (for the QQ plot).
+    (context, not a target). ``redraft_share`` is the share of user-LLM messages whose
+    first draft sounded like an assistant and was sampled again (None for a run stored
+    before redrafts were counted). ``sim_words`` / ``human_words`` are the two samples of
+    the message-words line (for the QQ plot).
     """
 
     run_dir: str
@@ -125,6 +129,7 @@ class FidelityCard:
     goodbye_share: float | None
     human_goodbye_share: float
     assistant_speak_examples: tuple[str, ...]
+    redraft_share: float | None
     sim_words: np.ndarray = field(repr=False)
     human_words: np.ndarray = field(repr=False)
 
@@ -151,6 +156,7 @@ class FidelityCard:
             "goodbye_share": json_ready(self.goodbye_share),
             "human_goodbye_share": self.human_goodbye_share,
             "assistant_speak_examples": list(self.assistant_speak_examples),
+            "redraft_share": json_ready(self.redraft_share),
             "qq": {
                 "probabilities": QQ_PROBABILITIES.round(2).tolist(),
                 "simulated": _quantiles(self.sim_words),
@@ -175,6 +181,8 @@ class FidelityCard:
             f"- sessions the user LLM closed with a goodbye: {goodbye} (held-out human "
             f"conversations ending with one: {self.human_goodbye_share:.1%})"
         )
+        redrafted = "n/a" if self.redraft_share is None else f"{self.redraft_share:.1%}"
+        notes.append(f"- user-LLM drafts redrafted for sounding like an assistant: {redrafted}")
         notes.extend(
             f"- assistant-speak example: {text!r}" for text in self.assistant_speak_examples
         )
@@ -485,7 +493,7 @@ def fidelity_card(
     human_sessions = np.minimum(corpus.opener_messages_per_conversation("heldout"), cap)
     flags = [assistant_speak(m) for m in written["user_message"]]
     flagged = [m for m, f in zip(written["user_message"], flags, strict=True) if f]
-    fallback = _fallback_totals(logs.days)
+    totals = user_llm_totals(logs.days)
     lines = [
         ks_line("message words KS", sim_words, human_words, MESSAGE_WORDS_KS_MAX),
         ks_line(
@@ -501,14 +509,14 @@ def fidelity_card(
             len(flagged),
             len(written),
             ASSISTANT_SPEAK_MAX,
-            _pattern_counts(flags),
+            f"as sent: {_pattern_counts(flags)}; {redraft_text(totals)}",
         ),
         share_line(
             "fallback share",
-            fallback[1],
-            fallback[0],
+            totals.fallbacks,
+            totals.messages,
             FALLBACK_SHARE_MAX,
-            f"{fallback[1]} of {fallback[0]} user-LLM messages were human text",
+            f"{totals.fallbacks} of {totals.messages} user-LLM messages were human text",
         ),
         *_rate_lines(logs, worlds),
     ]
@@ -521,6 +529,7 @@ def fidelity_card(
             np.mean([is_goodbye(c[-1]) for c in corpus.conversations("heldout") if c])
         ),
         assistant_speak_examples=tuple(flagged[:EXAMPLES]),
+        redraft_share=totals.redraft_share,
         sim_words=sim_words,
         human_words=human_words,
     )
@@ -581,9 +590,39 @@ def _rate_lines(
     return lines
 
 
-def _fallback_totals(days: pd.DataFrame) -> tuple[int, int]:
-    """(user-LLM messages, of them fallbacks) summed over the days table."""
-    return int(days["user_messages"].sum()), int(days["user_fallbacks"].sum())
+@dataclass(frozen=True)
+class UserLLMTotals:
+    """The days table's user-LLM counters summed: messages asked for, of them fallbacks
+    (human text sent instead) and redrafts (None: stored before redrafts were counted)."""
+
+    messages: int
+    fallbacks: int
+    redrafts: int | None
+
+    @property
+    def redraft_share(self) -> float | None:
+        """Redrafts per message asked for (None when unknown or nothing was asked for)."""
+        if self.redrafts is None or self.messages == 0:
+            return None
+        return self.redrafts / self.messages
+
+
+def user_llm_totals(days: pd.DataFrame) -> UserLLMTotals:
+    """The user-LLM counters of the days table ``days`` summed (a run stored before
+    redrafts were counted has no ``user_redrafts`` column: its redrafts are None)."""
+    redrafts = int(days["user_redrafts"].sum()) if "user_redrafts" in days else None
+    return UserLLMTotals(
+        int(days["user_messages"].sum()), int(days["user_fallbacks"].sum()), redrafts
+    )
+
+
+def redraft_text(totals: UserLLMTotals) -> str:
+    """The redrafts in words: '10 of 100 drafts were redrafted (10.0%)'."""
+    if totals.redraft_share is None:
+        return "redrafts not recorded"
+    return (
+        f"{totals.redrafts} of {totals.messages} drafts were redrafted ({totals.redraft_share:.1%})"
+    )
 
 
 def _goodbye_share(turns: pd.DataFrame) -> float | None:

@@ -52,7 +52,8 @@ Tables (schema version ``SCHEMA_VERSION``; column types in ``TABLES``):
                   active_users, sessions, turns, bot_calls, user_calls, bot_tokens,
                   user_tokens, user_messages (messages the user LLM was asked to write),
                   user_fallbacks (of those, how many were unusable and replaced by a real
-                  human message, see ``sim.user_llm``), max_bot_batch, bot_seconds (wall
+                  human message, see ``sim.user_llm``), user_redrafts (drafts that sounded
+                  like an assistant and were sampled again), max_bot_batch, bot_seconds (wall
                   time inside bot turns: generation and scoring), wall_s, committed_at.
                   ``RunStore.user_fallbacks`` totals them per experiment.
 ``checkpoints``   experiment_id, day (last finished day; -1 = before the first day), state
@@ -185,6 +186,7 @@ TABLES: dict[str, dict[str, str]] = {
         "user_tokens": "BIGINT",
         "user_messages": "INTEGER",
         "user_fallbacks": "INTEGER",
+        "user_redrafts": "INTEGER",
         "max_bot_batch": "INTEGER",
         "bot_seconds": "DOUBLE",
         "wall_s": "DOUBLE",

@@ -18,17 +18,37 @@ A segment in a scenario file (``[[world.population.segments]]``)::
 Each trait is drawn from a normal distribution (``mean``, ``sd``) and clipped to its bounds
 (``TRAIT_BOUNDS``); topic interests are drawn from a Dirichlet whose base measure is the
 segment's ``topic_weights`` (unlisted topics weigh 1) times ``topic_concentration``.
+
+Message lengths (``MessageLengths``): the sampler draws each user a human message length
+(``UserTraits.message_words``) that places the user among people, and every message the
+user writes gets its own length target. The targets follow a Gaussian copula: a message's
+normal score ``z = sqrt(rho) z_user + sqrt(1 - rho) e`` (``z_user`` the normal score of the
+user's drawn length, its mid-rank among human messages; ``e`` standard normal) is mapped
+through the empirical quantile function of human follow-up messages. ``z`` is standard
+normal over users, so the targets of a population have the human length distribution
+whatever its skew and ties. ``rho`` (``user_share``) is the share of the normal-score
+variance that lies between people, fitted on the corpus by ``fit_user_share``: the one-way
+ANOVA intra-class correlation of a speaker's messages within one chit-chat conversation
+(about 0.2: people differ in how much they write, but one person's messages vary far more).
+The corpus knows no speaker across conversations, so a user's sessions on different days
+share their length score as one speaker's messages within a conversation do.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from scipy.special import ndtr, ndtri
 
+from rewards.checkers import words
 from sim.characters import TOPICS
 
+# A normal score is computed from a mid-rank clipped into [EDGE, 1 - EDGE] (finite scores).
+EDGE = 1e-6
 # How far the segments' shares may sum from 1 (float rounding of shares like 1/3).
 SHARE_TOLERANCE = 1e-6
 # (low, high) for every scalar trait; draws are clipped into these.
@@ -170,7 +190,9 @@ class UserTraits:
     safety_sensitivity: float
     return_propensity: float
     topic_interests: tuple[float, ...]  # aligned with sim.characters.TOPICS, sums to 1
-    message_words: int = 12  # typical length of the user's own messages, in words
+    # A human message length (words) drawn for the user: its rank sets how long the user's
+    # own messages run (``MessageLengths`` draws each message's length target from it).
+    message_words: int = 12
 
     def interest(self, topics: tuple[str, ...] | list[str]) -> float:
         """Total interest in ``topics`` (0..1)."""
@@ -180,6 +202,111 @@ class UserTraits:
         """The ``k`` topics this user cares most about."""
         order = np.argsort(self.topic_interests)[::-1][:k]
         return [TOPICS[i] for i in order]
+
+
+def speaker_message_words(conversations: Sequence[Sequence[str]]) -> list[list[int]]:
+    """Word counts of each speaker's follow-up messages, per conversation and speaker.
+
+    Speakers alternate (a message is one speaker's consecutive utterances), so speaker A
+    wrote the even-indexed messages and B the odd ones; the opener is left out (it is not
+    what the simulated users' LLM writes) and so are messages without a word.
+    """
+    groups = []
+    for conv in conversations:
+        for speaker in (0, 1):
+            counts = [len(words(m)) for i, m in enumerate(conv) if i % 2 == speaker and i > 0]
+            groups.append([c for c in counts if c > 0])
+    return [g for g in groups if g]
+
+
+def mid_ranks(sorted_sample: np.ndarray, values: np.ndarray | int) -> np.ndarray:
+    """Mid-rank of ``values`` in ``sorted_sample``, in (0, 1): the share below plus half
+    the share tied, so a tied value sits in the middle of its ties' quantile range."""
+    below = np.searchsorted(sorted_sample, values, side="left")
+    upto = np.searchsorted(sorted_sample, values, side="right")
+    share = (below + upto) / (2 * len(sorted_sample))
+    return np.clip(share, EDGE, 1 - EDGE)
+
+
+def fit_user_share(groups: Sequence[Sequence[int]]) -> float:
+    """Intra-class correlation of normal scores of message lengths within speakers.
+
+    Each length becomes ``ndtri(mid-rank)`` over all the lengths; the one-way random-effects
+    ANOVA estimator ``(MSB - MSW) / (MSB + (k0 - 1) MSW)`` (``k0`` the unbalanced design's
+    effective group size) gives the share of that variance between speakers. Groups need
+    at least two messages to say anything about within-speaker spread; the estimate is
+    clipped into [0, 1].
+    """
+    kept = [np.asarray(g, dtype=float) for g in groups if len(g) >= 2]
+    if len(kept) < 2:
+        raise ValueError(
+            f"fit_user_share needs at least 2 speakers with 2+ messages, got {len(kept)}"
+        )
+    pooled = np.sort(np.concatenate(kept))
+    scores = [ndtri(mid_ranks(pooled, g)) for g in kept]
+    sizes = np.array([len(g) for g in scores], dtype=float)
+    n, k = sizes.sum(), len(scores)
+    grand = np.concatenate(scores).mean()
+    ss_within = sum(float(((g - g.mean()) ** 2).sum()) for g in scores)
+    ss_between = float(sum(len(g) * (g.mean() - grand) ** 2 for g in scores))
+    ms_within, ms_between = ss_within / (n - k), ss_between / (k - 1)
+    k0 = (n - float((sizes**2).sum()) / n) / (k - 1)
+    icc = (ms_between - ms_within) / (ms_between + (k0 - 1) * ms_within)
+    return float(np.clip(icc, 0.0, 1.0))
+
+
+@dataclass(frozen=True)
+class MessageLengths:
+    """Per-message length targets of simulated users (the module docstring's copula).
+
+    Args:
+        lengths: word counts of human follow-up messages (the targets' distribution).
+        user_share: ``rho``, the share of the normal-score variance between users
+            (0 = every message drawn afresh, 1 = a user always writes their typical length).
+        max_words: targets are capped here (the user LLM's token budget bounds a draft).
+    """
+
+    lengths: np.ndarray
+    user_share: float
+    max_words: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.user_share <= 1:
+            raise ValueError(f"user_share must be in [0, 1], got {self.user_share}")
+        if self.max_words < 1:
+            raise ValueError(f"max_words must be >= 1, got {self.max_words}")
+        lengths = np.sort(np.asarray(self.lengths, dtype=int))
+        if lengths.size == 0 or lengths[0] < 1:
+            raise ValueError("MessageLengths needs a non-empty sample of lengths >= 1 word")
+        object.__setattr__(self, "lengths", lengths)
+
+    @classmethod
+    def from_conversations(
+        cls,
+        conversations: Sequence[Sequence[str]],
+        max_words: int,
+        user_share: float | None = None,
+    ) -> MessageLengths:
+        """The follow-up messages' lengths of ``conversations``; ``user_share`` fitted on
+        them (``fit_user_share``) unless given."""
+        groups = speaker_message_words(conversations)
+        share = fit_user_share(groups) if user_share is None else user_share
+        return cls(np.concatenate([np.asarray(g) for g in groups]), share, max_words)
+
+    def user_score(self, typical_words: int) -> float:
+        """``sqrt(rho) z_user``: the user's part of every message's normal score."""
+        return math.sqrt(self.user_share) * float(ndtri(mid_ranks(self.lengths, typical_words)))
+
+    def quantile(self, z: np.ndarray | float) -> np.ndarray:
+        """Empirical quantile of the lengths at normal score ``z``, capped at ``max_words``
+        (a standard normal ``z`` draws the lengths exactly as sampled)."""
+        index = np.minimum((ndtr(z) * len(self.lengths)).astype(int), len(self.lengths) - 1)
+        return np.minimum(self.lengths[index], self.max_words)
+
+    def target(self, typical_words: int, rng: np.random.Generator) -> int:
+        """One message's length target for a user of ``typical_words``: one normal draw."""
+        z = self.user_score(typical_words) + math.sqrt(1 - self.user_share) * rng.normal()
+        return int(self.quantile(np.asarray(z)))
 
 
 @dataclass

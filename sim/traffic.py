@@ -405,7 +405,8 @@ class DayLog:
     ``sessions``, ``turns`` and ``user_days`` have the columns of the run-store tables of the
     same names (see ``flywheel/store.py``) without ``experiment_id``; ``stats`` holds the
     day's counters (active_users, sessions, turns, bot_calls, user_calls, bot_tokens,
-    user_tokens, user_messages, user_fallbacks, max_bot_batch, bot_seconds, wall_s).
+    user_tokens, user_messages, user_fallbacks, user_redrafts, max_bot_batch, bot_seconds,
+    wall_s).
     """
 
     day: int
@@ -461,6 +462,7 @@ class BatchStats:
     user_tokens: int = 0
     user_messages: int = 0
     user_fallbacks: int = 0
+    user_redrafts: int = 0
     max_bot_batch: int = 0
     bot_seconds: float = 0.0  # wall time inside bot_turn: generation and scoring
     bot_batch_sizes: list[int] = field(default_factory=list)
@@ -475,6 +477,7 @@ class BatchStats:
             "user_tokens": self.user_tokens,
             "user_messages": self.user_messages,
             "user_fallbacks": self.user_fallbacks,
+            "user_redrafts": self.user_redrafts,
             "max_bot_batch": self.max_bot_batch,
         }
 
@@ -840,10 +843,11 @@ class TrafficSimulator:
         self.stats.user_calls += 1
         before = self.user_counter.completion_tokens if self.user_counter else 0
         writer = self.engine.user_simulator
-        messages, fallbacks = writer.messages, writer.fallbacks
+        messages, fallbacks, redrafts = writer.messages, writer.fallbacks, writer.redrafts
         self.engine.user_turn(sessions, self.user_params(self._seed()))
         self.stats.user_messages += writer.messages - messages
         self.stats.user_fallbacks += writer.fallbacks - fallbacks
+        self.stats.user_redrafts += writer.redrafts - redrafts
         if self.user_counter is not None:
             self.stats.user_tokens += self.user_counter.completion_tokens - before
         return [None] * len(sessions)

@@ -6,9 +6,17 @@ conversations with ONE ``Policy.generate`` call (that is where the throughput is
 
 - Openers are real first messages from ``chitchat-dataset`` (train split; the held-out
   split is kept for evaluation), so conversations start the way people start them.
-- Length calibration: each user has a typical message length (``UserTraits.message_words``,
-  drawn from the dataset's message lengths by the sampler); the prompt asks for about that
-  many words and ``clean_message`` cuts the LLM's text to ``length_cap_factor`` times it.
+- Message lengths follow people's: every message gets a length target drawn from the
+  user's own length distribution (``sim.population.MessageLengths``: a Gaussian copula over
+  the train split's human follow-up messages, the user's share of the spread
+  fitted on the corpus), seeded by the conversation's generator. The prompt asks for about
+  that many words and ``cut_words`` cuts the LLM's draft at the target, at the clause end
+  nearest to it (within ``CUT_SLACK`` of it) or else between words. A draft shorter than its
+  target is kept whole, so the token budget (``[world.user_llm] max_new_tokens``) must let
+  most drafts run past their targets: SmolLM2 spends about 1.2 tokens a word, so the default
+  of 96 tokens covers the cap of ``max_message_words`` (60, above 96% of human messages).
+  The cost is user-LLM tokens: a chatty model spends up to the budget on every message, and
+  the words past the target are thrown away.
 - The chat sent to the LLM is the conversation seen from the user's side: the user's own
   messages become ``assistant`` turns and the character's replies ``user`` turns, after a
   system prompt describing who the user is.
@@ -32,11 +40,18 @@ conversations with ONE ``Policy.generate`` call (that is where the throughput is
   same satisfaction as the latent leave hazard.
 - ``assistant_speak`` flags messages that sound like an assistant rather than a person
   ("how can I help you", "I hope this helps", "as an AI", ...; ``ASSISTANT_SPEAK_PATTERNS``).
-  ``flywheel fidelity`` counts them in a run's stored user messages.
+  A draft it flags (after cleaning and cutting) gets ONE redraft: the flagged chats of a
+  call are sampled again in one more policy call, seeded ``params.seed + len(chats)`` so the
+  redraft's seeds never repeat the first draft's; a redraft that is flagged too is replaced
+  by a real human follow-up message and counted as a fallback. ``UserSimulator.redrafts``
+  counts the redrafts (the traffic model stores them per day next to the fallbacks), and
+  ``flywheel fidelity`` counts assistant-speak in what the users finally sent.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -47,12 +62,18 @@ import numpy as np
 from policies.base import Chat, Message, Policy, SamplingParams
 from rewards.checkers import WORD_RE
 from sim.chitchat import ChitchatCorpus
+from sim.population import MessageLengths
 
 if TYPE_CHECKING:
     from sim.characters import Character
     from sim.population import User
 
 END_MARKER = "<|endconversation|>"  # UserLM's end-of-conversation token
+MAX_MESSAGE_WORDS = 60  # length targets are capped here (96.5% of human follow-ups are shorter)
+# A cut may land this share of its target away from it (either way) to end at a clause end
+# instead of mid-clause; the window is symmetric so the cut lengths stay centred on targets.
+CUT_SLACK = 0.25
+CLAUSE_END_RE = re.compile(r"[.!?…,;:]")
 # Closing phrases of a person leaving a chat (matched case-insensitively, as whole words).
 # Phrases that also occur mid-chat are pinned down: "see you" needs "later / soon ...",
 # "have to go" must end its clause ("I have to go to work" is no exit), "take care" must not
@@ -137,6 +158,41 @@ def truncate_words(text: str, max_words: int) -> str:
     return kept
 
 
+def cut_words(text: str, target: int) -> str:
+    """``text`` cut to about ``target`` ``\\w+`` words (unchanged when it has no more).
+
+    A cut falls between whitespace-separated tokens ("don't" stays whole). It ends at the
+    clause end (a token ending in ``.!?…,;:``, or the text's end) whose word count is
+    nearest to ``target`` within ``CUT_SLACK * target`` words either side; without one, at
+    the token boundary nearest to ``target`` (ties: the shorter cut). A trailing comma,
+    semicolon or colon is dropped.
+    """
+    matches = list(WORD_RE.finditer(text))
+    if len(matches) <= target:
+        return text
+    ends = {}  # word count -> where a cut after that many words ends (a token boundary)
+    for count, match in enumerate(matches, start=1):
+        end = _glued_end(text, match.end())
+        if end == len(text) or text[end].isspace():
+            ends[count] = end
+    slack = int(CUT_SLACK * target)
+    clause_ends = [
+        count
+        for count, end in ends.items()
+        if abs(count - target) <= slack
+        and (end == len(text) or CLAUSE_END_RE.search(text[matches[count - 1].end() : end]))
+    ]
+    count = min(clause_ends or ends, key=lambda c: (abs(c - target), c))
+    return text[: ends[count]].rstrip(",;:")
+
+
+def _glued_end(text: str, end: int) -> int:
+    """Where the punctuation glued to a word ending at ``end`` stops ("great!" stays whole)."""
+    while end < len(text) and not text[end].isspace() and not WORD_RE.match(text[end]):
+        end += 1
+    return end
+
+
 def is_goodbye(text: str) -> bool:
     """True when ``text`` closes the chat: a closing phrase (``GOODBYE_RE``) or ``END_MARKER``."""
     return END_MARKER in text or GOODBYE_RE.search(text) is not None
@@ -165,8 +221,9 @@ def mood_words(mood: float) -> str:
     return "You are in a so-so mood about this chat."
 
 
-def clean_message(text: str, speaker_names: Sequence[str], max_words: int) -> str:
-    """Strip role prefixes, later speaker turns, wrapping quotes; cap at ``max_words`` words."""
+def clean_message(text: str, speaker_names: Sequence[str], target_words: int) -> str:
+    """Strip role prefixes, later speaker turns, wrapping quotes; cut at ``target_words``
+    words (``cut_words``)."""
     names = [*GENERIC_SPEAKERS, *speaker_names]
     prefix = _speaker_prefix_re(names)
     previous = None
@@ -180,7 +237,7 @@ def clean_message(text: str, speaker_names: Sequence[str], max_words: int) -> st
     text = " ".join(text.split())
     if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
         text = text[1:-1].strip()
-    return truncate_words(text, max_words).strip()
+    return cut_words(text, target_words).strip()
 
 
 @dataclass(frozen=True)
@@ -193,15 +250,25 @@ class UserMessage:
     goodbye: bool = False
 
 
+@functools.cache
+def _corpus_lengths(
+    corpus: ChitchatCorpus, max_words: int, user_share: float | None
+) -> MessageLengths:
+    """The train split's length model (fitted once per corpus and settings: worlds are built
+    often, and the fit reads every message)."""
+    return MessageLengths.from_conversations(corpus.conversations("train"), max_words, user_share)
+
+
 class UserSimulator:
     """Writes simulated users' messages with an LLM, batched across conversations.
 
     Args:
         policy: the user LLM (any ``policies`` backend).
-        corpus: the chit-chat corpus (openers, fallback messages).
+        corpus: the chit-chat corpus (openers, fallback messages, message lengths).
         pii_rate: probability that a user message gets a planted PII sentence.
-        length_cap_factor: messages are cut to this many times the user's typical length.
-        min_words_cap: the cap is never below this many words.
+        max_message_words: length targets (and openers, fallbacks) are capped at this.
+        length_user_share: the share of message-length spread between users
+            (``MessageLengths.user_share``); None fits it on the corpus's train split.
         split: which corpus split openers come from ("train"; "heldout" for evaluation).
     """
 
@@ -210,19 +277,16 @@ class UserSimulator:
         policy: Policy,
         corpus: ChitchatCorpus,
         pii_rate: float = 0.0,
-        length_cap_factor: float = 2.0,
-        min_words_cap: int = 12,
+        max_message_words: int = MAX_MESSAGE_WORDS,
+        length_user_share: float | None = None,
         split: str = "train",
     ) -> None:
         if not 0 <= pii_rate <= 1:
             raise ValueError(f"pii_rate must be in [0, 1], got {pii_rate}")
-        if length_cap_factor <= 0:
-            raise ValueError(f"length_cap_factor must be > 0, got {length_cap_factor}")
         self.policy = policy
         self.corpus = corpus
         self.pii_rate = pii_rate
-        self.length_cap_factor = length_cap_factor
-        self.min_words_cap = min_words_cap
+        self.lengths = _corpus_lengths(corpus, max_message_words, length_user_share)
         self._openers = corpus.openers(split)  # type: ignore[arg-type]
         self._replies = corpus.replies(split)  # type: ignore[arg-type]
         self._closings: list[str] | None = None  # human goodbyes, gathered on first need
@@ -230,6 +294,7 @@ class UserSimulator:
             raise ValueError(f"the chit-chat corpus has no openers in split {split!r}")
         self.messages = 0
         self.fallbacks = 0
+        self.redrafts = 0
         self._faker = None
 
     def closings(self) -> list[str]:
@@ -238,31 +303,40 @@ class UserSimulator:
             self._closings = [r for r in self._replies if is_goodbye(r)]
         return self._closings
 
-    def word_cap(self, user: User) -> int:
-        """Most words a message of ``user`` may have."""
-        return max(self.min_words_cap, round(self.length_cap_factor * user.traits.message_words))
+    def target_words(self, user: User, rng: np.random.Generator) -> int:
+        """The length target of ``user``'s next message (one normal draw from ``rng``)."""
+        return self.lengths.target(user.traits.message_words, rng)
 
     def opener(self, user: User, rng: np.random.Generator) -> str:
-        """A real human first message, capped to the user's length."""
+        """A real human first message (capped at ``max_message_words``)."""
         text = self._openers[int(rng.integers(len(self._openers)))]
-        return truncate_words(text, self.word_cap(user))
+        return truncate_words(text, self.lengths.max_words)
 
-    def system_prompt(self, user: User, character: Character) -> str:
-        """Who the LLM plays: the user, chatting with ``character``."""
+    def system_prompt(self, user: User, character: Character, target_words: int) -> str:
+        """Who the LLM plays: the user, chatting with ``character``, writing about
+        ``target_words`` words."""
         return (
             f"{user.profile} You are chatting with {character.name} in a chat app. "
             f"{character.name}: {character.persona}\n"
             "You are the human user, not an assistant: never offer help. React to what "
             f"{character.name} just said, share something about yourself or ask a question. "
-            f"Write one casual message of about {user.traits.message_words} words. "
+            f"Write one casual message of about {target_words} words. "
             "Never say you are an AI. "
             f"{mood_words(user.state.mood)} When you want to end the chat, say bye."
         )
 
-    def user_chat(self, user: User, character: Character, messages: Sequence[Message]) -> Chat:
+    def user_chat(
+        self,
+        user: User,
+        character: Character,
+        messages: Sequence[Message],
+        target_words: int,
+    ) -> Chat:
         """The conversation from the user's side (roles swapped), system prompt first."""
         swap = {"user": "assistant", "assistant": "user"}
-        chat: Chat = [{"role": "system", "content": self.system_prompt(user, character)}]
+        chat: Chat = [
+            {"role": "system", "content": self.system_prompt(user, character, target_words)}
+        ]
         chat.extend({"role": swap[m["role"]], "content": m["content"]} for m in messages)
         return chat
 
@@ -293,12 +367,13 @@ class UserSimulator:
         params: SamplingParams,
         rngs: Sequence[np.random.Generator],
     ) -> list[UserMessage]:
-        """The next message of every conversation with ONE policy call.
+        """The next message of every conversation: ONE policy call, plus one for the
+        redrafts of the drafts that sound like an assistant (when any do).
 
-        ``rngs`` (one per conversation) drive fallbacks and PII planting, so results do not
-        depend on batch composition beyond what the LLM's own sampling does. A message is a
-        goodbye when the LLM's text closes the chat (``is_goodbye``), checked before PII is
-        planted.
+        ``rngs`` (one per conversation) draw the length target first, then fallbacks and
+        PII planting, so results do not depend on batch composition beyond what the LLM's
+        own sampling does. A message is a goodbye when the LLM's text closes the chat
+        (``is_goodbye``), checked before PII is planted.
         """
         if not len(users) == len(characters) == len(conversations) == len(rngs):
             raise ValueError(
@@ -307,26 +382,54 @@ class UserSimulator:
             )
         if not users:
             return []
-        triples = zip(users, characters, conversations, strict=True)
-        chats = [self.user_chat(u, c, m) for u, c, m in triples]
-        generations = self.policy.generate(chats, params)
+        targets = [self.target_words(user, rng) for user, rng in zip(users, rngs, strict=True)]
+        chats = [
+            self.user_chat(*parts)
+            for parts in zip(users, characters, conversations, targets, strict=True)
+        ]
+        raws = [gen.text for gen in self.policy.generate(chats, params)]
+        flagged = [
+            i
+            for i, (raw, character, target) in enumerate(
+                zip(raws, characters, targets, strict=True)
+            )
+            if assistant_speak(self.draft_text(raw, character, target))
+        ]
+        if flagged:
+            # Seeds from seed + len(chats) on: the first call used seed .. seed + len - 1.
+            again = dataclasses.replace(params, seed=params.seed + len(chats))
+            redrafted = self.policy.generate([chats[i] for i in flagged], again)
+            for i, gen in zip(flagged, redrafted, strict=True):
+                raws[i] = gen.text
+            self.redrafts += len(flagged)
         return [
-            self.read_generation(gen.text, user, character, rng)
-            for user, character, gen, rng in zip(users, characters, generations, rngs, strict=True)
+            self.read_generation(*parts)
+            for parts in zip(raws, users, characters, rngs, targets, strict=True)
         ]
 
+    @staticmethod
+    def draft_text(raw: str, character: Character, target_words: int) -> str:
+        """What the user would send of the LLM's raw text: cleaned and cut, no marker."""
+        return clean_message(raw.split(END_MARKER, 1)[0], [character.name], target_words)
+
     def read_generation(
-        self, raw: str, user: User, character: Character, rng: np.random.Generator
+        self,
+        raw: str,
+        user: User,
+        character: Character,
+        rng: np.random.Generator,
+        target_words: int,
     ) -> UserMessage:
-        """The user's message from the LLM's raw text: cleaned, replaced by a human message
-        when unusable (counted), marked as a goodbye, PII planted (see the module docstring)."""
+        """The user's message from the LLM's raw text: cleaned and cut, replaced by a human
+        message when unusable or when it sounds like an assistant (counted), marked as a
+        goodbye, PII planted (see the module docstring)."""
         marked = END_MARKER in raw
-        text = clean_message(raw.split(END_MARKER, 1)[0], [character.name], self.word_cap(user))
+        text = self.draft_text(raw, character, target_words)
         self.messages += 1
-        if not WORD_RE.search(text):
+        if not WORD_RE.search(text) or assistant_speak(text):
             self.fallbacks += 1
             pool = self.closings() if marked else self._replies
-            text = truncate_words(pool[int(rng.integers(len(pool)))], self.word_cap(user))
+            text = truncate_words(pool[int(rng.integers(len(pool)))], self.lengths.max_words)
         goodbye = marked or is_goodbye(text)
         text, pii = self.maybe_plant_pii(text, rng)
         return UserMessage(text, pii, goodbye)

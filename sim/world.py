@@ -10,7 +10,7 @@ into characters, a user sampler, the gold model, the LLM-simulated user and the
     pii_rate = 0.02
 
     [world.user_llm]
-    max_new_tokens = 40
+    max_new_tokens = 96
     [world.user_llm.policy]            # policies.PolicySpec
     model = "smollm2"
 
@@ -43,7 +43,7 @@ from sim.chitchat import ChitchatCorpus, load_chitchat
 from sim.conversation import ConversationEngine
 from sim.gold import GoldConfig, GoldModel
 from sim.population import PopulationConfig, UserSampler
-from sim.user_llm import UserSimulator
+from sim.user_llm import MAX_MESSAGE_WORDS, UserSimulator
 
 # The repository's shipped characters: the default cast.
 DEFAULT_CHARACTERS_DIR = Path(__file__).resolve().parents[1] / "scenarios" / "characters"
@@ -58,11 +58,25 @@ class UserLLMConfig(BaseModel):
         default_factory=PolicySpec,
         description="Backend and model for the simulated user (default: packaged SmolLM2).",
     )
-    max_new_tokens: int = Field(default=40, ge=1, description="Token cap per user message.")
+    max_new_tokens: int = Field(
+        default=96,
+        ge=1,
+        description="Token cap per user message draft; drafts are cut at their length "
+        "target, so it must let most run past max_message_words (about 1.2 tokens a word).",
+    )
     temperature: float = Field(default=0.9, ge=0, description="Sampling temperature.")
     top_p: float = Field(default=0.95, gt=0, le=1, description="Nucleus sampling mass.")
-    length_cap_factor: float = Field(
-        default=2.0, gt=0, description="Messages are cut to this x the user's typical length."
+    max_message_words: int = Field(
+        default=MAX_MESSAGE_WORDS,
+        ge=1,
+        description="Cap on the per-message length targets drawn from human messages.",
+    )
+    length_user_share: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="Share of message-length spread between users (sim.population."
+        "MessageLengths); default: fitted on the chit-chat train split (about 0.2).",
     )
 
     def params(self, seed: int) -> SamplingParams:
@@ -204,7 +218,8 @@ class World:
             user_policy,
             corpus,
             pii_rate=config.pii_rate,
-            length_cap_factor=config.user_llm.length_cap_factor,
+            max_message_words=config.user_llm.max_message_words,
+            length_user_share=config.user_llm.length_user_share,
             split=config.chitchat.opener_split,
         )
         engine = ConversationEngine(

@@ -28,8 +28,10 @@ from flywheel.fidelity import (
     fidelity_card,
     implied_rate_z,
     rate_line,
+    redraft_text,
     replay_response_model,
     share_line,
+    user_llm_totals,
     write_fidelity,
 )
 from flywheel.store import RunStore
@@ -162,7 +164,10 @@ def test_card_of_a_tiny_run_misses_the_message_length_target(tiny_run: tuple) ->
     share = card.line("fallback share")
     assert share.value == pytest.approx(fallbacks["fallback_share"])
     assert share.passed == (fallbacks["fallback_share"] <= FALLBACK_SHARE_MAX)
-    assert card.line("assistant-speak share").status == "PASS"  # random tokens do not offer help
+    speak = card.line("assistant-speak share")
+    assert speak.status == "PASS"  # random tokens do not offer help
+    assert f"0 of {len(written)} drafts were redrafted (0.0%)" in speak.detail
+    assert card.redraft_share == 0.0
     names = [x.name for x in card.lines]
     for kind in ("like", "continue", "return"):
         assert any(n.startswith(f"{kind} rate (") for n in names)
@@ -229,6 +234,18 @@ def test_share_lines_pass_at_the_target_and_miss_above() -> None:
     assert share_line("assistant-speak share", 3, 100, ASSISTANT_SPEAK_MAX, "").status == "MISS"
     assert share_line("fallback share", 6, 100, FALLBACK_SHARE_MAX, "").status == "MISS"
     assert share_line("fallback share", 0, 0, FALLBACK_SHARE_MAX, "").status == "MISS"
+
+
+def testuser_llm_totals_read_redrafts_where_the_run_stored_them() -> None:
+    days = pd.DataFrame(
+        {"user_messages": [40, 60], "user_fallbacks": [1, 2], "user_redrafts": [4, 6]}
+    )
+    totals = user_llm_totals(days)
+    assert (totals.messages, totals.fallbacks, totals.redrafts) == (100, 3, 10)
+    assert totals.redraft_share == pytest.approx(0.1)
+    assert redraft_text(totals) == "10 of 100 drafts were redrafted (10.0%)"
+    older = user_llm_totals(days.drop(columns="user_redrafts"))  # stored before the count
+    assert older.redraft_share is None and redraft_text(older) == "redrafts not recorded"
 
 
 def test_implied_rate_z_is_standard_normal_when_draws_follow_the_model() -> None:

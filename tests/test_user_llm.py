@@ -1,5 +1,6 @@
-"""LLM-simulated users: chit-chat corpus, output cleaning, PII planting, batched writing,
-goodbyes that end a chat, and the assistant-speak checker."""
+"""LLM-simulated users: chit-chat corpus, output cleaning, message length targets and
+cuts, PII planting, batched writing, goodbyes that end a chat, the assistant-speak checker
+and the redraft of drafts it flags."""
 
 from __future__ import annotations
 
@@ -10,19 +11,29 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy import stats
 
 from policies import Policy, SamplingParams, load_policy
 from policies.base import Chat, Generation
 from sim.characters import Character
 from sim.chitchat import load_chitchat
 from sim.conversation import END_GOODBYE
-from sim.population import PopulationConfig, UserSampler
+from sim.population import (
+    MessageLengths,
+    PopulationConfig,
+    UserSampler,
+    fit_user_share,
+    speaker_message_words,
+)
 from sim.user_llm import (
+    CUT_SLACK,
     END_MARKER,
+    MAX_MESSAGE_WORDS,
     UserMessage,
     UserSimulator,
     assistant_speak,
     clean_message,
+    cut_words,
     is_assistant_speak,
     is_goodbye,
     mood_words,
@@ -85,7 +96,7 @@ def test_chitchat_split_is_seeded_disjoint_and_complete() -> None:
     ],
 )
 def test_clean_message(raw: str, clean: str) -> None:
-    assert clean_message(raw, ["Captain Mara"], max_words=4 if "six" in raw else 50) == clean
+    assert clean_message(raw, ["Captain Mara"], target_words=4 if "six" in raw else 50) == clean
 
 
 def test_truncate_words_keeps_trailing_punctuation() -> None:
@@ -102,9 +113,11 @@ def test_user_chat_swaps_roles(tiny_policy: CountingPolicy) -> None:
         user,
         CHARACTER,
         [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Ahoy!"}],
+        target_words=7,
     )
     assert [m["role"] for m in chat] == ["system", "assistant", "user"]
     assert "Captain Mara" in chat[0]["content"] and user.profile in chat[0]["content"]
+    assert "about 7 words" in chat[0]["content"]
 
 
 def test_pii_is_planted_at_the_configured_rate(tiny_policy: CountingPolicy) -> None:
@@ -143,11 +156,15 @@ def test_next_messages_is_one_batched_call_and_seeded(tiny_policy: CountingPolic
         users, [CHARACTER] * 3, convs, params, [np.random.default_rng(i) for i in range(3)]
     )
     assert first == second
-    for message, user in zip(first, users, strict=True):
+    # The length target is each conversation's first draw: the prompt asks for it and
+    # the message is cut near it.
+    targets = [sim.target_words(x, np.random.default_rng(i)) for i, x in enumerate(users)]
+    for message, target, chat in zip(first, targets, tiny_policy.calls[-1], strict=True):
         assert isinstance(message, UserMessage)
         assert re.search(r"\w", message.text) and not message.pii
         assert message.goodbye == is_goodbye(message.text)
-        assert len(re.findall(r"\w+", message.text)) <= sim.word_cap(user)
+        assert f"about {target} words" in chat[0]["content"]
+        assert len(re.findall(r"\w+", message.text)) <= target + int(CUT_SLACK * target) + 1
     with pytest.raises(ValueError, match="one user, character"):
         sim.next_messages(users, [CHARACTER], convs, params, [np.random.default_rng(0)])
 
@@ -211,14 +228,14 @@ def test_unusable_output_falls_back_and_is_counted(mute_llama_dir: Path) -> None
     written = sim.next_messages(
         users, [CHARACTER] * 3, convs, params, [np.random.default_rng(i) for i in range(3)]
     )
-    chat = sim.user_chat(users[0], CHARACTER, convs[0])
+    chat = sim.user_chat(users[0], CHARACTER, convs[0], target_words=5)
     assert sim.policy.generate([chat], params)[0].text == ""  # the LLM wrote nothing
     replies = corpus.replies("train")
-    for message, user in zip(written, users, strict=True):
+    for message in written:
         text = message.text
         assert text and any(r.startswith(text) for r in replies)  # a real human message
-        assert len(re.findall(r"\w+", text)) <= sim.word_cap(user)
-    assert (sim.messages, sim.fallbacks) == (3, 3)
+        assert len(re.findall(r"\w+", text)) <= MAX_MESSAGE_WORDS
+    assert (sim.messages, sim.fallbacks, sim.redrafts) == (3, 3, 0)
 
 
 def test_a_run_reports_its_fallback_share(
@@ -361,7 +378,7 @@ def test_system_prompt_carries_segment_mood_and_the_way_out(tiny_policy: Countin
     prompts = {}
     for mood in (-1.0, 0.0, 1.0):
         user.state.mood = mood
-        prompts[mood] = sim.system_prompt(user, CHARACTER)
+        prompts[mood] = sim.system_prompt(user, CHARACTER, 12)
         assert user.profile in prompts[mood] and mood_words(mood) in prompts[mood]
         assert "say bye" in prompts[mood]
     assert len(set(prompts.values())) == 3
@@ -439,11 +456,224 @@ def test_an_end_marker_alone_becomes_a_human_goodbye(tiny_policy: CountingPolicy
     closings = sim.closings()
     assert closings and all(is_goodbye(c) for c in closings)
     for seed in range(3):
-        message = sim.read_generation(END_MARKER, user, CHARACTER, np.random.default_rng(seed))
+        message = sim.read_generation(
+            END_MARKER, user, CHARACTER, np.random.default_rng(seed), target_words=10
+        )
         assert message.goodbye and END_MARKER not in message.text
         assert any(c.startswith(message.text) for c in closings)
     kept = sim.read_generation(
-        f"ok {END_MARKER} trailing", user, CHARACTER, np.random.default_rng(0)
+        f"ok {END_MARKER} trailing", user, CHARACTER, np.random.default_rng(0), target_words=10
     )
     assert kept == UserMessage("ok", False, True)
     assert (sim.messages, sim.fallbacks) == (4, 3)
+
+
+# ---------------------------------------------------------------------------- message lengths
+@pytest.mark.parametrize(
+    ("text", "target", "cut"),
+    [
+        # the clause end nearest to the target, within CUT_SLACK of it, either side
+        ("I really love that song, it reminds me of summer. Do you like it?", 10,
+         "I really love that song, it reminds me of summer."),
+        ("I really love that song, it reminds me of summer. Do you like it?", 4,
+         "I really love that song"),  # 5 words: the comma is 1 away, the slack of 4 is 1
+        ("one two three four five six", 4, "one two three four"),  # no clause end: the word
+        ("I don't know what you mean", 3, "I don't"),  # a cut never splits a token
+        ("short one", 3, "short one"),
+        ("Wow, that is great!", 1, "Wow"),  # the trailing comma goes
+    ],
+)  # fmt: skip
+def test_cut_words(text: str, target: int, cut: str) -> None:
+    assert cut_words(text, target) == cut
+
+
+@pytest.fixture(scope="module")
+def lengths() -> MessageLengths:
+    return MessageLengths.from_conversations(load_chitchat().conversations("train"), 60)
+
+
+def test_user_share_estimator_recovers_a_simulated_intra_class_correlation() -> None:
+    """Simulation as the reference: speakers with a normal random effect of variance 0.3
+    and noise of variance 0.7 (ICC 0.3), 3-12 messages each, lengths exp(3 + z) rounded:
+    the rank-based estimate lands within 0.03 of 0.3, and 0.0 without a speaker effect."""
+    rng = np.random.default_rng(0)
+
+    def groups(icc: float) -> list[np.ndarray]:
+        out = []
+        for _ in range(3000):
+            z = np.sqrt(icc) * rng.normal() + np.sqrt(1 - icc) * rng.normal(
+                size=rng.integers(3, 13)
+            )
+            out.append(np.maximum(1, np.round(np.exp(1 + z))).astype(int))
+        return out
+
+    assert fit_user_share(groups(0.3)) == pytest.approx(0.3, abs=0.03)
+    assert fit_user_share(groups(0.0)) == pytest.approx(0.0, abs=0.02)
+    with pytest.raises(ValueError, match="at least 2 speakers"):
+        fit_user_share([[3, 4]])
+
+
+def test_length_targets_follow_people_across_and_within_users(lengths: MessageLengths) -> None:
+    """Targets of 400 sampled users x 8 messages: their pooled distribution is the held-out
+    human one (KS < 0.04; the cap at 60 words alone moves the CDF by 0.035), and how much
+    of their spread lies between users is the corpus's own share (about 0.2)."""
+    corpus = load_chitchat()
+    assert lengths.user_share == pytest.approx(
+        fit_user_share(speaker_message_words(corpus.conversations("train")))
+    )
+    assert 0.1 < lengths.user_share < 0.3
+    users = UserSampler(
+        PopulationConfig(), np.random.default_rng(0), corpus.message_words("train")
+    ).sample(400)
+    rng = np.random.default_rng(1)
+    targets = [[lengths.target(u.traits.message_words, rng) for _ in range(8)] for u in users]
+    pooled = np.concatenate(targets)
+    human = np.array([len(re.findall(r"\w+", m)) for m in corpus.replies("heldout")])
+    assert stats.ks_2samp(pooled, human).statistic < 0.04
+    assert pooled.max() <= 60 and pooled.min() >= 1
+    assert fit_user_share(targets) == pytest.approx(lengths.user_share, abs=0.05)
+    # A user's rank among people carries over: long-drawn users write longer messages.
+    by_user = {u.traits.message_words: np.median(t) for u, t in zip(users, targets, strict=True)}
+    short = [v for k, v in by_user.items() if k <= 5]
+    long = [v for k, v in by_user.items() if k >= 30]
+    assert np.mean(long) > np.mean(short) + 5
+
+
+def test_cut_lengths_follow_their_targets_and_people(lengths: MessageLengths) -> None:
+    """Long real drafts (train messages of 70+ words) cut at 3,000 drawn targets: every cut
+    but a handful lands within the clause slack of its target (one more word where a token
+    holds two), centred on it, and the cut lengths match held-out human messages (KS < 0.04)."""
+    corpus = load_chitchat()
+    drafts = [m for m in corpus.replies("train") if len(re.findall(r"\w+", m)) >= 70]
+    rng = np.random.default_rng(2)
+    typical = corpus.message_words("train")
+    targets = [lengths.target(int(rng.choice(typical)), rng) for _ in range(3000)]
+    cuts = np.array(
+        [
+            len(re.findall(r"\w+", cut_words(drafts[i % len(drafts)], t)))
+            for i, t in enumerate(targets)
+        ]
+    )
+    targets_arr = np.array(targets)
+    within = np.abs(cuts - targets_arr) <= np.floor(CUT_SLACK * targets_arr) + 1
+    assert np.mean(within) > 0.99  # the rest: tokens like "...well..." that hold many words
+    assert abs(np.mean(cuts - targets_arr)) < 0.25
+    assert np.mean(cuts == targets_arr) > 0.5
+    human = np.array([len(re.findall(r"\w+", m)) for m in corpus.replies("heldout")])
+    assert stats.ks_2samp(cuts, human).statistic < 0.04
+
+
+# ---------------------------------------------------------------------------- redrafts
+ASSISTANT_DRAFT = "How can I help?"
+HUMAN_DRAFT = "haha same, I was out surfing all day"
+
+
+class SeedScriptedPolicy:
+    """A user LLM whose draft is a function of its seed: chat ``i`` of a call sampled with
+    seed ``s`` writes assistant-speak when ``(s + i) % 3 == 0`` (the seeding contract of
+    ``policies``: chat ``i`` draws with ``params.seed + i``). Records every call."""
+
+    name = "seed-scripted"
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[list[Chat], SamplingParams]] = []
+
+    @staticmethod
+    def text(seed: int) -> str:
+        return ASSISTANT_DRAFT if seed % 3 == 0 else HUMAN_DRAFT
+
+    def generate(self, chats: Sequence[Chat], params: SamplingParams) -> list[Generation]:
+        self.calls.append((list(chats), params))
+        return [Generation(self.text(params.seed + i), 10, 10) for i in range(len(chats))]
+
+
+def test_assistant_speak_drafts_are_redrafted_once_then_replaced() -> None:
+    """Seven conversations at seed 0: drafts 0, 3 and 6 sound like an assistant and are
+    sampled again, in ONE more call, at seeds 7, 8, 9 (never a first draft's seed); 9 is
+    assistant-speak again, so that message becomes a real human message (a fallback)."""
+    policy = SeedScriptedPolicy()
+    corpus = load_chitchat()
+    sim = UserSimulator(policy, corpus)  # type: ignore[arg-type]
+    users = UserSampler(PopulationConfig(), np.random.default_rng(0)).sample(7)
+    convs = [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Ahoy!"}]] * 7
+    targets = [sim.target_words(u, np.random.default_rng(i)) for i, u in enumerate(users)]
+    assert min(targets) >= 4  # every cut keeps the whole assistant phrase
+    rngs = [np.random.default_rng(i) for i in range(7)]
+    written = sim.next_messages(
+        users, [CHARACTER] * 7, convs, SamplingParams(max_new_tokens=96, seed=0), rngs
+    )
+    (first, params), (second, again) = policy.calls
+    assert len(first) == 7 and (params.seed, again.seed) == (0, 7)
+    assert second == [first[0], first[3], first[6]]  # the flagged chats, re-asked as they were
+    assert again.max_new_tokens == params.max_new_tokens
+    assert (sim.messages, sim.redrafts, sim.fallbacks) == (7, 3, 1)
+    texts = [m.text for m in written]
+    for i in range(6):  # first drafts 1, 2, 4, 5 and redrafts 0, 3: the human draft, cut
+        assert HUMAN_DRAFT.startswith(texts[i]) and texts[i]
+    assert texts[6] != ASSISTANT_DRAFT and any(
+        r.startswith(texts[6]) for r in corpus.replies("train")
+    )
+    assert not any(assistant_speak(t) for t in texts)
+
+
+def test_a_run_stores_its_redrafts_and_the_card_counts_what_was_sent(
+    tmp_path: Path, tiny_llama_dir: Path
+) -> None:
+    """Traffic with the seed-scripted user LLM (a third of its drafts offer help): the days
+    table's user_redrafts are the chats of the redraft calls and user_fallbacks the redrafts
+    that offered help again; no message the users sent offers help, and the fidelity card's
+    assistant-speak line counts those sent messages and reports the redraft share."""
+    from flywheel.fidelity import fidelity_card
+    from flywheel.store import RunStore
+    from sim.traffic import CountingPolicy, TrafficConfig, TrafficSimulator, drifted_population
+
+    scripted = SeedScriptedPolicy()
+    bot = load_policy(str(tiny_llama_dir))
+    world_config = parse_world(
+        {
+            "characters_dir": str(REPO / "scenarios" / "characters"),
+            "turn_cap": 3,
+            "gold": {"bias": 6.0},
+        },
+        source="test",
+    )
+    world = World.build(world_config, seed=2, user_policy=CountingPolicy(scripted))  # type: ignore[arg-type]
+    traffic = TrafficConfig(
+        n_users=12, pre_days=1, test_days=1, treatment_share=0.5, bot_sampling={"max_new_tokens": 4}
+    )
+    population = drifted_population(world.sampler, traffic, 2)
+    simulator = TrafficSimulator(
+        world.engine, population.users, {"control": bot, "treatment": bot}, traffic,
+        seed=2, user_params=world.user_params, progress=False,
+    )  # fmt: skip
+    config = {
+        "world": world_config.model_dump(mode="json"),
+        "traffic": traffic.model_dump(mode="json"),
+    }
+    run_dir = tmp_path / "run"
+    with RunStore(run_dir) as store:
+        simulator.run(store.open_sink("ab", config))
+    with RunStore(run_dir, read_only=True) as store:
+        days = store.read_days("ab")
+        turns = store.read_turns("ab")
+    # A redraft call follows the first-draft call it redrafts, seeded past its chats.
+    pairs = list(zip(scripted.calls, scripted.calls[1:], strict=False))
+    redraft_calls = [(b, a) for a, b in pairs if b[1].seed == a[1].seed + len(a[0])]
+    redrafted = sum(len(chats) for (chats, _), _ in redraft_calls)
+    again = sum(
+        SeedScriptedPolicy.text(p.seed + i) == ASSISTANT_DRAFT
+        for (chats, p), _ in redraft_calls
+        for i in range(len(chats))
+    )
+    assert redrafted > 0 and again > 0
+    assert int(days["user_redrafts"].sum()) == redrafted
+    assert int(days["user_fallbacks"].sum()) == again
+    written = turns.loc[turns["turn_index"] >= 1, "user_message"]
+    assert int(days["user_messages"].sum()) == len(written)
+    assert not any(assistant_speak(m) for m in written)
+    card = fidelity_card(run_dir)
+    line = card.line("assistant-speak share")
+    assert (line.value, line.n, line.status) == (0.0, len(written), "PASS")
+    assert f"{redrafted} of {len(written)} drafts were redrafted" in line.detail
+    assert card.redraft_share == pytest.approx(redrafted / len(written))
+    assert "drafts redrafted for sounding like an assistant" in card.summary()
