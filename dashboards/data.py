@@ -746,7 +746,8 @@ def _num(value: Any) -> float:
 
 
 def generation_table(data: dict[str, Any]) -> pd.DataFrame:
-    """One row per generation: candidate, recipe, offline metrics, lifts, decision."""
+    """One row per generation: candidate, recipe, offline metrics, the oracle's gold
+    utility vs the parent, lifts, decision."""
     rows = []
     for gen in data.get("generations", []):
         offline = gen.get("offline") or {}
@@ -768,6 +769,9 @@ def generation_table(data: dict[str, Any]) -> pd.DataFrame:
                 if (verdict := gate_verdict(g)) != "pass"
             ),
         }
+        gold = (gen.get("oracle") or {}).get("gold") or {}
+        for key in ("diff", "ci_low", "ci_high"):
+            row[f"gold_{key}"] = _num(gold.get(key))
         for metric in SUCCESS_METRICS:
             values = metrics.get(metric) or {}
             row[f"{metric}_lift"] = _num(values.get("lift"))
@@ -783,6 +787,10 @@ def generation_table(data: dict[str, Any]) -> pd.DataFrame:
 
 def _pct(value: float) -> str:
     return f"{value:+.1%}" if np.isfinite(value) else "n/a"
+
+
+def _signed(value: float) -> str:
+    return f"{value:+.2f}" if np.isfinite(value) else "n/a"
 
 
 def _rate(value: float, digits: int = 3) -> str:
@@ -806,6 +814,12 @@ def generation_display(table: pd.DataFrame) -> pd.DataFrame:
             "violations": [_rate(v) for v in table["violation_rate"]],
         }
     )
+    out["gold vs parent (oracle)"] = [
+        "n/a" if not np.isfinite(d) else f"{d:+.2f} [{_signed(low)}, {_signed(high)}]"
+        for d, low, high in zip(
+            table["gold_diff"], table["gold_ci_low"], table["gold_ci_high"], strict=True
+        )
+    ]
     for metric in SUCCESS_METRICS:
         out[f"{metric} lift [95% CI]"] = [
             "n/a" if not np.isfinite(lift) else f"{_pct(lift)} [{_pct(low)}, {_pct(high)}]"

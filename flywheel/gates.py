@@ -82,11 +82,13 @@ from rewards.steerability import steerability
 @dataclass(frozen=True)
 class EvalSet:
     """Prompts both models answer: chats (system prompt first), their characters and the
-    user message each reply answers (the reward models' context)."""
+    user message each reply answers (the reward models' context); for logged contexts, also
+    where each was logged (``moments``: ``sim.replay.MOMENT_COLUMNS``, for the oracle's view)."""
 
     chats: list[Chat]
     characters: list[str]
     contexts: list[str]
+    moments: pd.DataFrame | None = None
 
     def __len__(self) -> int:
         return len(self.chats)
@@ -99,10 +101,14 @@ def logged_eval_set(held_out: pd.DataFrame, n: int, rng: np.random.Generator) ->
             "curation left no held-out users to evaluate on; raise collect.days or "
             "traffic.n_users, or curation.held_out_share"
         )
+    from sim.replay import MOMENT_COLUMNS
+
     rows = held_out.iloc[np.sort(rng.permutation(len(held_out))[: min(n, len(held_out))])]
     chats = [[dict(m) for m in prompt] for prompt in rows["prompt"]]
     contexts = [next(m["content"] for m in reversed(c) if m["role"] == "user") for c in chats]
-    return EvalSet(chats, [str(c) for c in rows["character"]], contexts)
+    logged_where = set(MOMENT_COLUMNS) <= set(rows.columns)
+    moments = rows[list(MOMENT_COLUMNS)].reset_index(drop=True) if logged_where else None
+    return EvalSet(chats, [str(c) for c in rows["character"]], contexts, moments)
 
 
 def steerability_eval_set(
@@ -247,6 +253,7 @@ class OfflineReport:
 
 
 def evaluate_offline(
+    *,
     candidate: Policy,
     deployed: Policy,
     logged: EvalSet,

@@ -42,9 +42,9 @@ from __future__ import annotations
 import os
 import signal
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -55,6 +55,10 @@ from flywheel.persist import atomic_write_text, json_ready
 from flywheel.scenario import RecipeConfig, Scenario
 from flywheel.store import SCHEMA_VERSION, RunStore, fallback_totals
 from policies import Policy, PolicySpec, SamplingParams, load_policy
+
+if TYPE_CHECKING:
+    from flywheel.gates import EvalSet
+    from sim.replay import GoldComparison
 
 GEN0 = "gen0-base"
 FAULT_ENV = "FLYWHEEL_FAULT"
@@ -621,6 +625,7 @@ class FlywheelRun:
             config=gates,
         )
         verdicts = apply_gates(report, gates)
+        oracle = self.gold_vs_parent(generation, logged, report.replies)
         folder = self.gen_dir(generation) / "offline"
         folder.mkdir(parents=True, exist_ok=True)
         replies = folder / f"{recipe}_replies.jsonl"
@@ -640,10 +645,34 @@ class FlywheelRun:
             self.console.print(f"  gate {gate.name}: {shown}: {gate.reason}")
         return {
             "offline": json_ready(report.offline_dict()),
+            "oracle": None if oracle is None else {"gold": json_ready(asdict(oracle))},
             "gates": [json_ready(g.to_dict()) for g in verdicts],
             "passed": all(g.passed for g in verdicts),
             **files,
         }
+
+    def gold_vs_parent(
+        self, generation: int, logged: EvalSet, replies: pd.DataFrame
+    ) -> GoldComparison | None:
+        """The ORACLE's view of the offline evaluation (shown, never decided on): gold
+        utility of the candidate's and the deployed model's replies to the held-out logged
+        contexts, for the users who wrote them (``sim.replay.compare_gold``)."""
+        from sim.replay import GoldReplay, compare_gold
+
+        if logged.moments is None:
+            return None
+        traffic_id, _ = experiment_ids(generation)
+        replay = GoldReplay(
+            self.store.read_users(),
+            self.store.read_turns(traffic_id),
+            self.characters(),
+            self.scenario.world.gold,
+        )
+        contexts = logged.moments.assign(prompt=logged.chats, character=logged.characters)
+        on_logged = replies[replies["set"] == "logged"]
+        return compare_gold(
+            replay, contexts, list(on_logged["candidate"]), list(on_logged["deployed"])
+        )
 
     # ------------------------------------------------------------------ A/B and decision
     def ab_test(
@@ -722,6 +751,7 @@ class FlywheelRun:
             "traffic_experiment_id": traffic_id,
             "ab_experiment_id": None if ab_block is None else ab_id,
             "offline": shown.offline["offline"],
+            "oracle": shown.offline.get("oracle"),
             "gates": shown.offline["gates"],
             "ab": ab_block,
             "decision": decision,

@@ -2,7 +2,7 @@
 
 One row per generation: the candidate and its recipe, offline metrics (reward-model win
 rate raw and style-controlled, held-out instruction following and violation rate, style),
-the A/B lifts of engagement breadth and depth with their confidence intervals, and the
+the oracle's view (gold utility of the candidate vs its parent on held-out users), the A/B lifts of engagement breadth and depth with their confidence intervals, and the
 decision (ship / hold / gated). Written as
 
 - ``RUN_DIR/generations.json`` (built by ``document``, rewritten atomically),
@@ -38,6 +38,7 @@ TERMINAL_COLUMNS = (
     "instr. following",
     "violations",
     "gates",
+    "gold vs parent [95% CI]",
     "breadth lift [95% CI]",
     "depth lift [95% CI]",
     "decision",
@@ -58,6 +59,15 @@ def _lift(ab: Mapping[str, Any] | None, metric: str) -> str:
     if m.get("lift") is None:
         return "-"
     return f"{m['lift']:+.1%} [{_num(m.get('ci_low'), '+.1%')}, {_num(m.get('ci_high'), '+.1%')}]"
+
+
+def _gold(oracle: Mapping[str, Any] | None) -> str:
+    """'+0.12 [+0.03, +0.21]': the candidate's mean gold utility minus its parent's on the
+    held-out logged contexts (ORACLE), '-' where the run did not measure it."""
+    gold = (oracle or {}).get("gold")
+    if not gold or gold.get("diff") is None:
+        return "-"
+    return f"{gold['diff']:+.2f} [{_num(gold.get('ci_low'), '+.2f')}, {_num(gold.get('ci_high'), '+.2f')}]"
 
 
 def table_rows(records: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
@@ -83,6 +93,7 @@ def table_rows(records: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
                 "gates": "pass"
                 if all(g["passed"] for g in gates)
                 else ", ".join(_gate_short(g) for g in gates if not g["passed"]),
+                "gold vs parent [95% CI]": _gold(r.get("oracle")),
                 "breadth lift [95% CI]": _lift(r.get("ab"), "breadth"),
                 "depth lift [95% CI]": _lift(r.get("ab"), "depth"),
                 "decision": r["decision"],
@@ -122,7 +133,10 @@ def markdown(scenario: str, records: Sequence[Mapping[str, Any]]) -> str:
         "RM win: share of held-out logged contexts where the naive / style-controlled reward "
         "model prefers the candidate's reply to the deployed model's. Instruction following "
         "and violations: held-out characters with instructions training never saw (deployed "
-        "-> candidate). Lifts: relative A/B lift (CUPED-adjusted) with 95% CI."
+        "-> candidate). Gold vs parent: the ORACLE's mean gold utility of the candidate's "
+        "replies minus the deployed model's on the same held-out logged contexts, for the users "
+        "who wrote them (paired t interval; shown, never decided on). Lifts: relative A/B lift "
+        "with 95% CI (CUPED-adjusted; the twin estimate in a twin test)."
     )
     for r in records:
         lines += ["", f"## Generation {r['generation']}: {r['candidate']} ({r['decision']})", ""]

@@ -6,12 +6,16 @@ felt at that moment: that user's latent traits (logged in the run store's ``user
 and the emoji exposure they had then, rebuilt from the replies logged before it
 (``GoldModel.replay_exposure``). Emoji fatigue is the only latent state the utility reads,
 so traits plus replayed exposure reproduce the user exactly.
+
+``compare_gold`` is the oracle's view of an offline evaluation: the gold utility of a
+candidate's and its parent's replies to the same held-out contexts, paired. The flywheel
+shows it beside the proxies and never decides on it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import fields
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -107,3 +111,48 @@ class GoldReplay:
                 users[key] = self.user_at(*key)
             out.append(self.gold.utility(users[key], character, assessment))
         return np.asarray(out)
+
+
+@dataclass(frozen=True)
+class GoldComparison:
+    """Mean gold utility (ORACLE) of a candidate's and its parent's replies to the same
+    logged contexts, and their paired difference with its t interval and two-sided p."""
+
+    candidate: float
+    parent: float
+    diff: float
+    ci_low: float
+    ci_high: float
+    p_value: float
+    n: int
+
+
+def compare_gold(
+    replay: GoldReplay,
+    contexts: pd.DataFrame,
+    candidate: Sequence[str],
+    parent: Sequence[str],
+    alpha: float = 0.05,
+) -> GoldComparison:
+    """Gold utility of ``candidate`` vs ``parent`` replies to ``contexts`` (``prompt``,
+    ``character`` and ``MOMENT_COLUMNS``), paired per context (statsmodels' t-test)."""
+    from statsmodels.stats.weightstats import DescrStatsW
+
+    ours = replay(contexts.assign(reply=list(candidate)))
+    theirs = replay(contexts.assign(reply=list(parent)))
+    diff = ours - theirs
+    if len(diff) > 1 and np.ptp(diff) > 0:
+        stats = DescrStatsW(diff)
+        p_value = float(stats.ttest_mean()[1])
+        low, high = stats.tconfint_mean(alpha)
+    else:  # one context, or the same utility everywhere: nothing to test
+        p_value, low, high = float("nan"), float("nan"), float("nan")
+    return GoldComparison(
+        candidate=float(ours.mean()),
+        parent=float(theirs.mean()),
+        diff=float(diff.mean()),
+        ci_low=float(low),
+        ci_high=float(high),
+        p_value=p_value,
+        n=len(diff),
+    )

@@ -93,6 +93,12 @@ def test_overview_shows_the_generation_table(run_dir: Path, generations: dict) -
             else (f"{breadth['lift']:+.1%} [{breadth['ci_low']:+.1%}, {breadth['ci_high']:+.1%}]")
         )
         assert row["violations"] == f"{gen['offline']['violation_rate']:.3f}"
+        gold = (gen.get("oracle") or {}).get("gold")
+        assert row["gold vs parent (oracle)"] == (
+            "n/a"
+            if gold is None
+            else f"{gold['diff']:+.2f} [{gold['ci_low']:+.2f}, {gold['ci_high']:+.2f}]"
+        )
         not_passed = [g["name"] for g in gen["gates"] if verdict_of(g) != "pass"]
         assert [n.split(" (")[0] for n in filter(None, row["failed gates"].split(", "))] == (
             not_passed

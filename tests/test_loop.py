@@ -215,6 +215,10 @@ def test_run_writes_the_generation_table(runs: dict[str, Any]) -> None:
             "rm_win_rate", "steerability", "style_artifacts", "safety", "ifbench",
         }  # fmt: skip
         assert (runs["clean"] / record["model_path"] / "config.json").is_file()
+        # The oracle's view: the same held-out logged contexts, both models' replies.
+        gold = record["oracle"]["gold"]
+        assert gold["n"] >= 1 and math.isfinite(gold["parent"])
+        assert gold["diff"] == pytest.approx(gold["candidate"] - gold["parent"])
         if record["decision"] == "gated":
             assert record["ab"] is None
         else:
@@ -223,6 +227,7 @@ def test_run_writes_the_generation_table(runs: dict[str, Any]) -> None:
     first, second = doc["generations"]
     assert second["parent"] == first["deployed_after"]
     assert "| gen |" in (runs["clean"] / "generations.md").read_text()
+    assert "gold vs parent [95% CI]" in (runs["clean"] / "generations.md").read_text()
     assert {p.name for p in (runs["clean"] / "plots").glob("*.png")} >= {
         "lift.png",
         "steerability.png",

@@ -12,7 +12,7 @@ import pytest
 from sim.characters import Character
 from sim.gold import GoldConfig
 from sim.population import PopulationConfig, UserSampler
-from sim.replay import MOMENT_COLUMNS, GoldReplay
+from sim.replay import MOMENT_COLUMNS, GoldReplay, compare_gold
 
 CHEF = Character(name="Chef", persona="A chef.", topics=("food",))
 # A user the population draws, with emoji fatigue that a replayed exposure visibly costs.
@@ -87,3 +87,48 @@ def test_an_emoji_reply_scores_lower_where_the_user_had_seen_more_emoji(
     phi = 1 - math.exp(-exposure / config.fatigue_scale)
     assert fresh - tired == pytest.approx(config.w_emoji_tire * TRAITS.emoji_fatigue * phi)
     assert tired < fresh
+
+
+def contexts(moments: list[tuple[int, str, int]]) -> pd.DataFrame:
+    """Logged contexts of u1 at ``moments`` (day, session, turn), all asking the chef."""
+    return pd.DataFrame(
+        {
+            "prompt": [{"role": "user", "content": "What should I cook tonight?"}],
+            "character": "Chef",
+            "user_id": "u1",
+            "day": day,
+            "session_id": session,
+            "turn_index": turn,
+        }
+        for day, session, turn in moments
+    )
+
+
+def test_gold_comparison_is_the_paired_t_test_of_the_replayed_utilities(
+    replay: GoldReplay,
+) -> None:
+    from scipy import stats
+
+    where = contexts([(1, "s1", 0), (1, "s1", 2), (3, "s2", 1), (6, "s3", 0)])
+    candidate = ["Risotto!", "A slow tomato risotto tonight.", "Soup 🍲", "Pasta with garlic?"]
+    parent = ["I am a chef. I am a chef.", "Food.", "Try a salad 🥗🥗🥗", "Pasta."]
+    result = compare_gold(replay, where, candidate, parent)
+
+    ours = replay(where.assign(reply=candidate))
+    theirs = replay(where.assign(reply=parent))
+    reference = stats.ttest_rel(ours, theirs)
+    low, high = reference.confidence_interval(0.95)
+    assert result.n == 4
+    assert result.candidate == pytest.approx(ours.mean())
+    assert result.parent == pytest.approx(theirs.mean())
+    assert result.diff == pytest.approx((ours - theirs).mean())
+    assert result.p_value == pytest.approx(reference.pvalue)
+    assert (result.ci_low, result.ci_high) == pytest.approx((low, high))
+
+
+def test_gold_comparison_of_identical_replies_has_nothing_to_test(replay: GoldReplay) -> None:
+    where = contexts([(1, "s1", 0), (3, "s2", 1)])
+    replies = ["Risotto!", "Soup 🍲"]
+    result = compare_gold(replay, where, replies, replies)
+    assert result.diff == 0.0 and result.n == 2
+    assert math.isnan(result.p_value) and math.isnan(result.ci_low)
