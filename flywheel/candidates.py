@@ -17,6 +17,11 @@ it per context (``training.rewards`` says why).
   ``training.recipes.build_grpo`` like ``flywheel train grpo`` and the GRPO benchmark
   (``grpo_recipe``: the benchmark's recipe with the scenario's settings), calibrated on the
   deployed model's logged replies and sampling as it serves.
+- ``grpo_multiturn``: the grpo recipe (held rates counted) trained in whole conversations of
+  up to ``max_bot_turns`` replies with ``users`` new simulated users of the world
+  (``flywheel.multiturn.train_in_conversations``, as ``flywheel train grpo --multiturn``):
+  the users' openings are its prompts, only the policy's tokens are trained, and each reward
+  is averaged over the policy's turns (``training.multiturn``).
 
 The checkpoint is written into a staging folder and renamed into place when complete, so a
 killed run never leaves a half-written model where a finished one is expected.
@@ -29,7 +34,7 @@ import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -37,20 +42,28 @@ import pandas as pd
 from flywheel.scenario import RecipeConfig, trainer_file_fields
 from policies.base import SamplingParams
 
+if TYPE_CHECKING:
+    from sim.world import World
+
 # Logged replies of the deployed model over which each reward's spread is measured
 # (recipes with reward_normalisation = "reference").
 SCALE_REPLIES = 128
+
+
+def require_examples(train: pd.DataFrame) -> None:
+    """ValueError saying what to change when curation kept nothing to train on."""
+    if train.empty:
+        raise ValueError(
+            "curation kept no training examples; log more traffic (collect.days, "
+            "traffic.n_users) or relax [curation]"
+        )
 
 
 def training_contexts(
     train: pd.DataFrame, n: int, rng: np.random.Generator
 ) -> tuple[list[list[dict[str, str]]], list[str]]:
     """Up to ``n`` curated train contexts (prompt chats) and their characters."""
-    if train.empty:
-        raise ValueError(
-            "curation kept no training examples; log more traffic (collect.days, "
-            "traffic.n_users) or relax [curation]"
-        )
+    require_examples(train)
     rows = train.iloc[np.sort(rng.permutation(len(train))[: min(n, len(train))])]
     return [[dict(m) for m in p] for p in rows["prompt"]], [str(c) for c in rows["character"]]
 
@@ -105,16 +118,21 @@ _SCENARIO_GRPO_FIELDS = {
     "reward_normalisation": "normalise",
     "artifact_tolerance": "artifact_tolerance",
     "hold_rates": "hold_rates",
+    "rate_estimate": "rate_estimate",
 }
+# What a kind changes in the benchmark's settings before the scenario's fields apply: a
+# conversation is no single reply to read a rate's token probabilities along.
+_KIND_GRPO_SETTINGS: dict[str, dict[str, Any]] = {"grpo_multiturn": {"rate_estimate": "count"}}
 
 
 def grpo_recipe(recipe: RecipeConfig, sampling: SamplingParams) -> Any:
-    """The ``training.recipes.GRPORecipe`` of a scenario's grpo recipe: the benchmark's
-    settings, overridden by the fields the scenario sets (``max_steps``,
-    ``reward_normalisation``, ``artifact_tolerance``, ``hold_rates``; ``trainer`` and
-    ``trainer_file`` as GRPOConfig fields, the recipe's own among them lifted into it), its
-    reward weights and reply length, sampling at the serving ``sampling`` (the logged
-    replies' distribution) unless the trainer fields say otherwise."""
+    """The ``training.recipes.GRPORecipe`` of a scenario's grpo (or grpo_multiturn) recipe:
+    the benchmark's settings (grpo_multiturn: held rates counted), overridden by the fields
+    the scenario sets (``max_steps``, ``reward_normalisation``, ``artifact_tolerance``,
+    ``hold_rates``, ``rate_estimate``; ``trainer`` and ``trainer_file`` as GRPOConfig fields,
+    the recipe's own among them lifted into it), its reward weights and reply length,
+    sampling at the serving ``sampling`` (the logged replies' distribution) unless the
+    trainer fields say otherwise."""
     from training.recipes import GRPORecipe, split_trainer_fields
 
     chosen = {
@@ -129,6 +147,7 @@ def grpo_recipe(recipe: RecipeConfig, sampling: SamplingParams) -> Any:
         "max_new_tokens": recipe.max_new_tokens,
         "temperature": sampling.temperature,
         "top_p": sampling.top_p,
+        **_KIND_GRPO_SETTINGS.get(recipe.kind, {}),
         **chosen,
         **named,
     }
@@ -146,6 +165,8 @@ def train_candidate(
     out_dir: Path,
     seed: int,
     sampling: SamplingParams,
+    *,
+    world: World | None = None,
 ) -> dict[str, Any]:
     """Run ``recipe`` from ``base_model`` (the deployed checkpoint) into ``out_dir``.
 
@@ -162,14 +183,21 @@ def train_candidate(
         seed: seeds context choice, sampling and the trainer.
         sampling: how the deployed model serves: rs+sft / dpo sample replies with it (its
             seed replaced by ``seed``), grpo trains at its temperature and nucleus.
+        world: the ``sim.world.World`` whose simulated users a grpo_multiturn recipe talks
+            to (other kinds: unused).
 
     Returns:
         ``{"examples": n, "reward_names": [...], "trainer_metrics": {...}}``.
     """
     from training.models import TRAINING_MARKER, model_config, seed_everything
 
+    if recipe.kind == "grpo_multiturn" and world is None:
+        raise ValueError(
+            f"recipe {recipe.name!r} (kind 'grpo_multiturn') trains in conversations with the "
+            "world's simulated users and got world=None; fix: pass world=sim.world.World.build"
+            "(...) (the loop passes its own)"
+        )
     rng = np.random.default_rng(seed)
-    prompts, characters = training_contexts(train, recipe.prompts, rng)
     model_args = model_config(
         base_model, use_peft=recipe.use_peft, lora_r=recipe.lora_r, lora_alpha=recipe.lora_alpha
     )
@@ -177,11 +205,26 @@ def train_candidate(
     shutil.rmtree(staging, ignore_errors=True)
     work = staging / "trainer"
     seed_everything(seed)
-    if recipe.kind == "grpo":
+    if recipe.kind == "grpo_multiturn":
+        from flywheel.multiturn import train_in_conversations
+        from training.multiturn import MultiTurnSettings
+
+        require_examples(train)
+        settings = grpo_recipe(recipe, sampling)
+        build, _ = train_in_conversations(
+            settings, train, world, model_args, staging, checkers=checkers,
+            users=recipe.users, seed=seed, rng=rng, scorer=reward_model,
+            settings=MultiTurnSettings(max_bot_turns=recipe.max_bot_turns),
+        )  # fmt: skip
+        funcs, weights, examples = build.rewards, build.weights, recipe.users
+        conversations = {"max_bot_turns": recipe.max_bot_turns, "users": recipe.users}
+        resolved = {"grpo": {**_resolved(settings, build), "multiturn": conversations}}
+    elif recipe.kind == "grpo":
         from training.grpo import grpo_records
         from training.recipes import build_grpo, logged_reference, transformers_policy
         from training.recipes import train as train_build
 
+        prompts, characters = training_contexts(train, recipe.prompts, rng)
         settings = grpo_recipe(recipe, sampling)
         estimator = transformers_policy(deployed, base_model) if settings.estimates_rates else None
         logged = logged_reference(
@@ -193,9 +236,7 @@ def train_candidate(
         records = grpo_records(prompts, characters)
         train_build(build, records, model_args, staging)
         funcs, weights, examples = build.rewards, build.weights, len(records)
-        # What the recipe resolved to (the scenario's recipe record shows only what it set).
-        built = {k: v for k, v in build.describe().items() if k != "trainer"}
-        resolved = {"grpo": {"recipe": asdict(settings), **built}}
+        resolved = {"grpo": _resolved(settings, build)}
     else:
         from training.rejection import (
             best_replies,
@@ -205,6 +246,7 @@ def train_candidate(
         )
 
         resolved = {}
+        prompts, characters = training_contexts(train, recipe.prompts, rng)
         funcs, weights = reward_functions(recipe, checkers, reference, reward_model)
         if recipe.reward_normalisation == "reference":
             funcs = scaled_by_logged_replies(funcs, train, rng)
@@ -250,3 +292,10 @@ def train_candidate(
         "trainer_metrics": record.get("metrics", {}),
         **resolved,
     }
+
+
+def _resolved(settings: Any, build: Any) -> dict[str, Any]:
+    """What a grpo recipe resolved to (the scenario's recipe record shows only what it set):
+    its ``GRPORecipe`` and what its build made of it, less the trainer config."""
+    built = {k: v for k, v in build.describe().items() if k != "trainer"}
+    return {"recipe": asdict(settings), **built}

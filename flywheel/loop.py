@@ -573,6 +573,7 @@ class FlywheelRun:
             recipe, deployed.model, self.pool.get(deployed), self.read_split(curate, "train"),
             reference, {n: c.checkers for n, c in self.characters().items()}, reward_model,
             out_dir, seed, self.scenario.traffic.bot_sampling.params(seed),
+            world=self.world()[0] if recipe.kind == "grpo_multiturn" else None,
         )  # fmt: skip
         return {"model_path": self.rel(out_dir), **result}
 

@@ -39,6 +39,7 @@ from sim.world import World
 
 if TYPE_CHECKING:
     from training.multiturn import MultiTurnSettings
+    from training.recipes import GRPOBuild, GRPORecipe
 
 SESSION_HOUR = 12.0  # hour of day the training conversations happen at (the envs' choice)
 
@@ -128,6 +129,42 @@ class SimulatedUsers:
         return list(self._sessions)
 
 
+def train_in_conversations(
+    recipe: GRPORecipe,
+    train: pd.DataFrame,
+    world: World,
+    model_args: Any,
+    out: str | Path,
+    *,
+    checkers: Mapping[str, Sequence[Any]],
+    users: int,
+    seed: int,
+    rng: np.random.Generator,
+    settings: MultiTurnSettings | None = None,
+    scorer: Any | None = None,
+    callbacks: Sequence[Any] = (),
+) -> tuple[GRPOBuild, Path]:
+    """Multi-turn GRPO of ``recipe`` from ``model_args``: its rewards calibrated on the
+    curated ``train`` split's logged replies, its conversations held with ``users`` new
+    simulated users of ``world``, all drawn with ``rng`` in that order (the reference
+    replies, the users, the rows' seeds). The trainer works in ``out/trainer``.
+
+    Returns the build (rewards, weights, what ``describe`` records) and the merged
+    checkpoint folder ``out``. ``flywheel train grpo --multiturn`` and a scenario's
+    ``kind = "grpo_multiturn"`` recipe both train through here.
+    """
+    from training.multiturn import train_multiturn
+    from training.recipes import build_grpo, logged_reference
+
+    reference = logged_reference(
+        None, list(train["prompt"]), list(train["completion"]),
+        list(train["character"]), recipe, rng,
+    )  # fmt: skip
+    build = build_grpo(recipe, checkers, reference, Path(out) / "trainer", seed, scorer)
+    side = SimulatedUsers(world, draw_users(world, users, rng, "train-"))
+    return build, train_multiturn(build, side.rows(rng), side, model_args, out, settings, callbacks)
+
+
 def run_grpo_multiturn(
     turns: pd.DataFrame,
     world: World,
@@ -149,19 +186,15 @@ def run_grpo_multiturn(
     calibrated on the logged ``turns``' curated train replies, trained in conversations with
     ``users`` new simulated users of ``world``; returns the merged checkpoint folder."""
     from training.models import model_config
-    from training.multiturn import train_multiturn
-    from training.recipes import build_grpo, cli_recipe, curated, logged_reference
+    from training.recipes import cli_recipe, curated
 
     recipe = replace(cli_recipe(steps, hold_rates, overrides), rate_estimate="count")
     system_prompts = {name: c.system_prompt() for name, c in world.characters.items()}
     data = curated(turns, system_prompts, seed)
-    rng = np.random.default_rng(seed)
-    reference = logged_reference(
-        None, list(data.train["prompt"]), list(data.train["completion"]),
-        list(data.train["character"]), recipe, rng,
+    _, checkpoint = train_in_conversations(
+        recipe, data.train, world, model_config(model, use_peft=use_peft), out,
+        checkers={name: c.checkers for name, c in world.characters.items()},
+        users=users, seed=seed, rng=np.random.default_rng(seed), settings=settings,
+        scorer=scorer, callbacks=callbacks,
     )  # fmt: skip
-    checkers = {name: c.checkers for name, c in world.characters.items()}
-    build = build_grpo(recipe, checkers, reference, Path(out) / "trainer", seed, scorer)
-    side = SimulatedUsers(world, draw_users(world, users, rng, "train-"))
-    model_args = model_config(model, use_peft=use_peft)
-    return train_multiturn(build, side.rows(rng), side, model_args, out, settings, callbacks)
+    return checkpoint

@@ -12,12 +12,13 @@ are errors, every field documented below with ``description=``)::
     [serving]          the safety check on every served reply (sim.serving)
     [curation]         training.curation.CurationConfig settings
     [reward_models]    which reward models are (re)trained each generation
-    [[recipes]]        one or more candidate recipes: rs+sft, dpo, grpo
+    [[recipes]]        one or more candidate recipes: rs+sft, dpo, grpo, grpo_multiturn
     [gates]            offline gates a candidate must pass before its A/B test
 
 ``load_scenario(path)`` reads and validates a file; a bad field raises ``ScenarioError``
 with one line per problem: the field path, the value seen, what is wrong and the fix
-(``scenario.recipes.0.kind = 'ppo': Input should be 'rs+sft', 'dpo' or 'grpo'; fix: ...``).
+(``scenario.recipes.0.kind = 'ppo': Input should be 'rs+sft', 'dpo', 'grpo' or
+'grpo_multiturn'; fix: ...``).
 Relative paths are resolved against the scenario file's folder.
 """
 
@@ -30,7 +31,16 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from flywheel.ifbench import IFBenchGateConfig
 from policies.spec import PolicySpec
@@ -40,7 +50,10 @@ from sim.world import WorldConfig
 
 SCENARIOS_DIR = Path(__file__).resolve().parents[1] / "scenarios"
 HELDOUT_CHARACTERS_DIR = SCENARIOS_DIR / "heldout_characters"
-RECIPE_KINDS = ("rs+sft", "dpo", "grpo")
+RECIPE_KINDS = ("rs+sft", "dpo", "grpo", "grpo_multiturn")
+GRPO_KINDS = ("grpo", "grpo_multiturn")  # online sampling: held rates, a GRPOConfig
+# RecipeConfig fields of grpo_multiturn alone (a multi-turn rollout's shape).
+MULTITURN_FIELDS = ("max_bot_turns", "users")
 
 
 class ScenarioError(ValueError):
@@ -146,8 +159,12 @@ class RecipeConfig(BaseModel):
 
     A grpo recipe is the GRPO benchmark's (``training.recipes.GRPORecipe``: KL leash, rewards
     scaled by the reference, emoji rate held, emoji credit masked, its step count); of the
-    fields below it takes ``max_steps``, ``reward_normalisation``, ``artifact_tolerance`` and
-    ``hold_rates`` only where the scenario sets them (``flywheel.candidates.grpo_recipe``).
+    fields below it takes ``max_steps``, ``reward_normalisation``, ``artifact_tolerance``,
+    ``hold_rates`` and ``rate_estimate`` only where the scenario sets them
+    (``flywheel.candidates.grpo_recipe``). A grpo_multiturn recipe is the same recipe trained
+    in whole conversations with new simulated users of the world (``training.multiturn``):
+    its prompts are those users' openings (``users`` of them, not ``prompts``) and its held
+    rates are counted, since a conversation has no per-reply token estimate.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -157,10 +174,13 @@ class RecipeConfig(BaseModel):
         pattern=r"^[a-z0-9][a-z0-9_+-]*$",
         description="Short id (lowercase, digits, _ + -); the candidate is 'gen{K}-{name}'.",
     )
-    kind: Literal["rs+sft", "dpo", "grpo"] = Field(
+    kind: Literal["rs+sft", "dpo", "grpo", "grpo_multiturn"] = Field(
         ...,
         description="rs+sft: best-of-n replies under the rewards, then SFT on them; dpo: "
-        "best vs worst of n as preference pairs; grpo: online RL with the rewards.",
+        "best vs worst of n as preference pairs; grpo: online RL with the rewards; "
+        "grpo_multiturn: grpo in whole conversations of up to max_bot_turns replies with "
+        "`users` new simulated users of the world, each reward averaged over the policy's "
+        "turns and only the policy's tokens trained.",
     )
     reward_model: Literal["style_controlled", "naive", "none"] = Field(
         "style_controlled",
@@ -197,8 +217,30 @@ class RecipeConfig(BaseModel):
         "(training.rewards.RateConstraint), e.g. ['emoji']; characters forbidding one are "
         "not held.",
     )
+    rate_estimate: Literal["tokens", "count"] | None = Field(
+        None,
+        description="grpo kinds: how a held rate is measured on GRPO's replies: 'tokens' (the "
+        "policy's probability of the feature along each reply) or 'count' (share of replies "
+        "that have it); unset: 'tokens' for grpo (the benchmark's), 'count' for "
+        "grpo_multiturn, which takes no other (a conversation is not one reply).",
+    )
     prompts: int = Field(
-        32, ge=1, description="Training contexts drawn from the curated train split."
+        32,
+        ge=1,
+        description="Training contexts drawn from the curated train split (not grpo_multiturn: "
+        "its contexts are its users' openings).",
+    )
+    max_bot_turns: int = Field(
+        3,
+        ge=1,
+        description="grpo_multiturn only: most policy replies in one training conversation "
+        "(the simulated user may end it sooner), each up to max_new_tokens.",
+    )
+    users: int = Field(
+        32,
+        ge=1,
+        description="grpo_multiturn only: new simulated users of the world drawn to train with "
+        "(ids 'train-...'); each opens one GRPO group of conversations.",
     )
     samples: int = Field(
         4, ge=2, description="Replies sampled per context (rs+sft best-of-n, dpo pairs)."
@@ -270,10 +312,10 @@ class RecipeConfig(BaseModel):
                 f"recipe {self.name!r}: trainer setting(s) {unknown} are not "
                 f"{config_cls.__name__} fields; fix: use trl.{config_cls.__name__} field names"
             )
-        if self.hold_rates and self.kind != "grpo":
+        if self.hold_rates and self.kind not in GRPO_KINDS:
             raise ValueError(
                 f"recipe {self.name!r}: hold_rates needs online sampling; fix: use it with "
-                f"kind = 'grpo' or remove it (kind is {self.kind!r})"
+                f"kind = 'grpo' or 'grpo_multiturn', or remove it (kind is {self.kind!r})"
             )
         if self.reward_model == "none" and self.steerability_weight == 0:
             raise ValueError(
@@ -281,6 +323,48 @@ class RecipeConfig(BaseModel):
                 f"steerability_weight = 0); fix: enable one of them"
             )
         return self
+
+    @model_validator(mode="after")
+    def _check_multiturn(self) -> RecipeConfig:
+        """Fields that only one kind reads are errors elsewhere, not silently ignored."""
+        where = f"recipe {self.name!r} (kind {self.kind!r})"
+        if self.kind != "grpo_multiturn":
+            for name in MULTITURN_FIELDS:
+                if name in self.model_fields_set:
+                    raise ValueError(
+                        f"{where}: {name} = {getattr(self, name)!r} shapes multi-turn "
+                        f"conversations; fix: remove it or set kind = 'grpo_multiturn'"
+                    )
+        if self.rate_estimate is not None and self.kind not in GRPO_KINDS:
+            raise ValueError(
+                f"{where}: rate_estimate = {self.rate_estimate!r} measures a rate GRPO holds; "
+                f"fix: remove it or use kind = 'grpo' or 'grpo_multiturn'"
+            )
+        if self.kind != "grpo_multiturn":
+            return self
+        if "prompts" in self.model_fields_set:
+            raise ValueError(
+                f"{where}: prompts = {self.prompts} is not read, its contexts are the openings "
+                f"of its simulated users; fix: set users = {self.prompts} instead"
+            )
+        if self.rate_estimate == "tokens":
+            raise ValueError(
+                f"{where}: rate_estimate = 'tokens' reads a held rate from token "
+                "probabilities along one reply, which a multi-turn completion (replies and "
+                "user turns) is not; fix: rate_estimate = 'count' (or leave it unset)"
+            )
+        return self
+
+    @model_serializer(mode="wrap")
+    def _drop_unread(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """The record without the fields its kind does not read (the multi-turn ones, or a
+        grpo_multiturn recipe's ``prompts``) and without an unset ``rate_estimate``: a recipe
+        written before they existed keeps its record, so the run it is in (scenario and step
+        fingerprints) still resumes, and a record validates again as the same recipe."""
+        data = handler(self)
+        unread = ("prompts",) if self.kind == "grpo_multiturn" else MULTITURN_FIELDS
+        unset = ("rate_estimate",) if self.rate_estimate is None else ()
+        return {k: v for k, v in data.items() if k not in (*unread, *unset)}
 
     def weights(self) -> dict[str, float]:
         """Reward name -> weight, for ``training.rewards`` functions."""
@@ -294,7 +378,12 @@ class RecipeConfig(BaseModel):
 def _trl_config_class(kind: str) -> type:
     from trl import DPOConfig, GRPOConfig, SFTConfig
 
-    return {"rs+sft": SFTConfig, "dpo": DPOConfig, "grpo": GRPOConfig}[kind]
+    return {
+        "rs+sft": SFTConfig,
+        "dpo": DPOConfig,
+        "grpo": GRPOConfig,
+        "grpo_multiturn": GRPOConfig,
+    }[kind]
 
 
 class SteerabilityGateConfig(BaseModel):

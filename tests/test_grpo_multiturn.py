@@ -1,19 +1,25 @@
 """Multi-turn GRPO on the tiny random Llama, with tiny-LLM simulated users on the other side:
 the loss sees exactly the policy's tokens, groups share their user's random numbers, a run
-is reproducible and a step moves only the LoRA weights."""
+is reproducible and a step moves only the LoRA weights; a scenario's grpo_multiturn recipe
+trains the loop's candidate that way, and its config refuses what it cannot train."""
 
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
+from flywheel.candidates import grpo_recipe, train_candidate
 from flywheel.multiturn import SimulatedUsers, draw_users
-from policies import load_policy
+from flywheel.scenario import RecipeConfig, ScenarioError, load_scenario
+from policies import SamplingParams, load_policy
 from rewards.checkers import build_checkers
 from sim.world import World, load_world_config
 from training.models import TRAINING_MARKER, model_config
@@ -45,6 +51,19 @@ def world(tiny_llama_dir: Path) -> World:
         }
     )
     return World.build(config, seed=0, user_policy=load_policy(str(tiny_llama_dir)))
+
+
+@pytest.fixture(scope="module")
+def logged_turns(tiny_llama_dir: Path, world: World) -> pd.DataFrame:
+    """Turns the tiny model logged with four users of ``world`` (what curation reads)."""
+    engine = world.engine
+    logged = draw_users(world, 4, np.random.default_rng(3), "logged-")
+    sessions = engine.open_sessions(logged, 0, 12.0, np.random.default_rng(4))
+    params = SamplingParams(max_new_tokens=8, seed=0)
+    records = engine.run_sessions(
+        sessions, load_policy(str(tiny_llama_dir)), params, world.user_params(0)
+    )
+    return pd.DataFrame([r.to_row() for r in records])
 
 
 def _users(world: World, n: int = 2) -> SimulatedUsers:
@@ -284,24 +303,16 @@ def test_a_multiturn_run_is_seeded_and_reproducible(tiny_llama_dir, world, tmp_p
     assert any(not torch.equal(base[k], first[k]) for k in base if k in first)
 
 
-def test_flywheel_trains_multiturn_grpo_calibrated_on_logged_turns(tiny_llama_dir, world, tmp_path):
+def test_flywheel_trains_multiturn_grpo_calibrated_on_logged_turns(
+    tiny_llama_dir, world, logged_turns, tmp_path
+):
     """What ``flywheel train grpo --multiturn`` would run: the logged turns calibrate the
     rewards, new simulated users hold the training conversations."""
-    import pandas as pd
-
     from flywheel.multiturn import run_grpo_multiturn
-    from policies import SamplingParams
 
-    engine = world.engine
-    logged = draw_users(world, 4, np.random.default_rng(3), "logged-")
-    sessions = engine.open_sessions(logged, 0, 12.0, np.random.default_rng(4))
-    params = SamplingParams(max_new_tokens=8, seed=0)
-    records = engine.run_sessions(
-        sessions, load_policy(str(tiny_llama_dir)), params, world.user_params(0)
-    )
     out = run_grpo_multiturn(
-        pd.DataFrame([r.to_row() for r in records]), world, str(tiny_llama_dir),
-        tmp_path / "model", steps=1, users=2, settings=MultiTurnSettings(max_bot_turns=2),
+        logged_turns, world, str(tiny_llama_dir), tmp_path / "model", steps=1, users=2,
+        settings=MultiTurnSettings(max_bot_turns=2),
         overrides={"per_device_train_batch_size": 4, "num_generations": GROUP,
                    "max_completion_length": 8},
     )  # fmt: skip
@@ -309,3 +320,169 @@ def test_flywheel_trains_multiturn_grpo_calibrated_on_logged_turns(tiny_llama_di
     assert marker["recipe"] == "grpo_multiturn" and marker["metrics"]["global_step"] == 1
     assert marker["metrics"]["max_bot_turns"] == 2
     assert "steerability" in marker["metrics"]["reward_names"]
+
+
+def _tiny_scenario(path: Path, model: Path) -> Path:
+    """One generation of a tiny world whose only recipe is a grpo_multiturn one sized for
+    the tiny model: 2 users, groups of GROUP conversations, 2 policy turns, 1 step."""
+    path.write_text(
+        f"""
+name = "tiny-talk"
+seed = 3
+generations = 1
+
+[policy]
+model = "{model}"
+dtype = "float32"
+
+[world]
+characters_dir = "{SCENARIOS / "characters"}"
+characters = ["Captain Mara", "Pixel"]
+turn_cap = 3
+pii_rate = 0.0
+
+[world.gold]
+continue_bias = 6.0
+
+[world.user_llm]
+max_new_tokens = 8
+[world.user_llm.policy]
+model = "{model}"
+dtype = "float32"
+
+[collect]
+days = 1
+
+[traffic]
+n_users = 16
+treatment_share = 0.5
+slot_minutes = 720
+[traffic.bot_sampling]
+max_new_tokens = 8
+
+[curation]
+require_continued = false
+held_out_share = 0.3
+
+[[recipes]]
+name = "talk"
+kind = "grpo_multiturn"
+reward_model = "none"
+users = 2
+max_bot_turns = 2
+max_steps = 1
+max_new_tokens = 8
+trainer = {{ per_device_train_batch_size = {2 * GROUP}, num_generations = {GROUP} }}
+""",
+        encoding="utf-8",
+    )
+    return path
+
+
+def test_the_loops_candidate_step_trains_a_grpo_multiturn_recipe(tiny_llama_dir, tmp_path):
+    """A scenario's grpo_multiturn recipe through the loop's candidate step on its logged
+    traffic: the loop hands over its world, the checkpoint's record says multi-turn, a held
+    rate would be counted, and the same seed makes the same candidate."""
+    from safetensors.torch import load_file
+
+    from flywheel.ledger import Ledger
+    from flywheel.loop import FlywheelRun, experiment_ids
+    from flywheel.store import RunStore
+
+    scenario = load_scenario(_tiny_scenario(tmp_path / "tiny.toml", tiny_llama_dir))
+    recipe = scenario.recipes[0]
+    run = FlywheelRun(scenario, tmp_path / "run", progress=False)
+    traffic_id, _ = experiment_ids(1)
+    deployed = run.base_spec()
+    with RunStore(run.run_dir) as store:
+        run.store, run.ledger = store, Ledger(store)  # what FlywheelRun.run opens
+        run.simulate(traffic_id, scenario.collect_traffic(1), deployed, deployed, seed=1)
+        curate = run.curate(1, traffic_id, seed=2)
+        first, again = (
+            run.make_candidate(generation, recipe, deployed, curate, {}, traffic_id, seed=5)
+            for generation in (1, 2)
+        )
+    marker = json.loads((run.run_dir / first["model_path"] / TRAINING_MARKER).read_text())
+    assert marker["recipe"] == "grpo_multiturn" and marker["metrics"]["max_bot_turns"] == 2
+    assert marker["metrics"]["global_step"] == 1
+    assert marker["metrics"]["multiturn/policy_turns"] >= 1
+    assert first["examples"] == 2 and first["grpo"]["multiturn"] == {
+        "max_bot_turns": 2, "users": 2,
+    }  # fmt: skip
+    assert first["grpo"]["recipe"]["rate_estimate"] == "count"
+    assert first["reward_names"][:2] == ["steerability", "artifact_penalty"]
+    weights = [
+        load_file(str(run.run_dir / c["model_path"] / "model.safetensors")) for c in (first, again)
+    ]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_a_multiturn_candidate_needs_the_world(tmp_path):
+    with pytest.raises(ValueError, match=re.escape("got world=None; fix: pass world=")):
+        train_candidate(
+            RecipeConfig(name="talk", kind="grpo_multiturn"), "unused", None, pd.DataFrame(), None, {}, None, tmp_path / "m",
+            0, SamplingParams(),
+        )  # fmt: skip
+
+
+def test_a_multiturn_recipe_is_the_grpo_recipe_with_held_rates_counted():
+    serving = SamplingParams(temperature=0.7, top_p=0.9)
+    single = asdict(grpo_recipe(RecipeConfig(name="g", kind="grpo"), serving))
+    multi = asdict(grpo_recipe(RecipeConfig(name="t", kind="grpo_multiturn"), serving))
+    assert single["rate_estimate"] == "tokens" and multi["rate_estimate"] == "count"
+    assert {**single, "rate_estimate": "count"} == multi
+    counted = RecipeConfig(name="g", kind="grpo", rate_estimate="count")
+    assert grpo_recipe(counted, serving).rate_estimate == "count"
+    held = RecipeConfig(
+        name="t", kind="grpo_multiturn", hold_rates=["emoji"], rate_estimate="count"
+    )
+    assert grpo_recipe(held, serving).hold_rates == ("emoji",)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"kind": "grpo", "users": 8}, "users = 8 shapes multi-turn conversations; fix: remove "
+         "it or set kind = 'grpo_multiturn'"),
+        ({"kind": "dpo", "max_bot_turns": 2}, "max_bot_turns = 2 shapes multi-turn"),
+        ({"kind": "rs+sft", "rate_estimate": "count"}, "rate_estimate = 'count' measures a rate"),
+        ({"kind": "grpo_multiturn", "prompts": 8}, "prompts = 8 is not read, its contexts are "
+         "the openings of its simulated users; fix: set users = 8 instead"),
+        ({"kind": "grpo_multiturn", "rate_estimate": "tokens"}, "rate_estimate = 'tokens' "
+         "reads a held rate from token probabilities along one reply"),
+    ],
+)  # fmt: skip
+def test_a_recipe_refuses_fields_its_kind_does_not_train_with(fields, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        RecipeConfig(name="r", **fields)
+
+
+def test_a_scenario_names_the_recipe_field_that_asks_for_token_estimates(tmp_path):
+    text = '[[recipes]]\nname = "t"\nkind = "grpo_multiturn"\nrate_estimate = "tokens"\n'
+    path = tmp_path / "s.toml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ScenarioError) as error:
+        load_scenario(path)
+    line = next(m for m in str(error.value).splitlines() if "rate_estimate" in m)
+    assert "scenario.recipes.0" in line and "fix: rate_estimate = 'count'" in line
+    path.write_text(text.replace('"tokens"', '"count"') + "users = 4\n", encoding="utf-8")
+    assert load_scenario(path).recipes[0].users == 4
+
+
+def test_a_recipe_record_leaves_out_the_fields_its_kind_does_not_read():
+    """A recipe of another kind keeps the record it had before the multi-turn fields
+    existed, so a run it is in keeps its scenario and step fingerprints and resumes; a
+    record validates again as the same recipe."""
+    new = {"max_bot_turns", "users", "rate_estimate"}
+    for kind in ("grpo", "dpo", "rs+sft"):
+        record = RecipeConfig(name="r", kind=kind).model_dump(mode="json")
+        assert set(record) == set(RecipeConfig.model_fields) - new
+    talk = RecipeConfig(name="t", kind="grpo_multiturn", users=4)
+    record = talk.model_dump(mode="json")
+    assert (record["users"], record["max_bot_turns"]) == (4, 3)
+    assert not {"prompts", "rate_estimate"} & set(record)
+    counted = RecipeConfig(name="g", kind="grpo", rate_estimate="count")
+    assert counted.model_dump()["rate_estimate"] == "count"
+    for recipe in (talk, counted):
+        assert RecipeConfig.model_validate(recipe.model_dump(mode="json")) == recipe
