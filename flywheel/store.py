@@ -14,7 +14,8 @@ Writers: one process at a time (DuckDB's file lock). Readers (dashboards, reward
 open the store with ``read_only=True`` once the writer is done and use the ``read_*`` helpers,
 which return pandas DataFrames.
 
-Tables (schema version ``SCHEMA_VERSION``; column types in ``TABLES``):
+Tables (schema version ``SCHEMA_VERSION``; column types in ``TABLES``, those of the
+simulator's day tables in ``sim.tables``):
 
 ``meta``          key, value (JSON). Holds ``schema_version`` and ``created_at``.
 ``experiments``   experiment_id, fingerprint (sha256 of the canonical config JSON; a resume
@@ -76,6 +77,7 @@ import duckdb
 import pandas as pd
 
 from flywheel.persist import to_json, utc_now
+from sim import tables
 
 if TYPE_CHECKING:
     from sim.traffic import DayLog
@@ -107,71 +109,9 @@ TABLES: dict[str, dict[str, str]] = {
         "bucket": "DOUBLE",
         "salt": "VARCHAR",
     },
-    "sessions": {
-        "experiment_id": "VARCHAR",
-        "day": "INTEGER",
-        "period": "VARCHAR",
-        "arm": "VARCHAR",
-        "life": "VARCHAR",
-        "policy": "VARCHAR",
-        "session_id": "VARCHAR",
-        "user_id": "VARCHAR",
-        "character": "VARCHAR",
-        "start_hour": "DOUBLE",
-        "end_hour": "DOUBLE",
-        "n_user_messages": "INTEGER",
-        "n_bot_turns": "INTEGER",
-        "likes": "INTEGER",
-        "reported": "BOOLEAN",
-        "ended_by_user": "BOOLEAN",
-    },
-    "turns": {
-        "experiment_id": "VARCHAR",
-        "day": "INTEGER",
-        "period": "VARCHAR",
-        "arm": "VARCHAR",
-        "life": "VARCHAR",
-        "policy": "VARCHAR",
-        "session_id": "VARCHAR",
-        "user_id": "VARCHAR",
-        "character": "VARCHAR",
-        "turn_index": "INTEGER",
-        "hour": "DOUBLE",
-        "user_message": "VARCHAR",
-        "bot_reply": "VARCHAR",
-        "completion_tokens": "INTEGER",
-        "features": "JSON",
-        "checks": "JSON",
-        "follows_all": "BOOLEAN",
-        "violates_any": "BOOLEAN",
-        "unsafe": "BOOLEAN",
-        "gold_satisfaction": "DOUBLE",
-        "novelty": "DOUBLE",
-        "continued": "BOOLEAN",
-        "liked": "BOOLEAN",
-        "reported": "BOOLEAN",
-    },
-    "user_days": {
-        "experiment_id": "VARCHAR",
-        "user_id": "VARCHAR",
-        "arm": "VARCHAR",
-        "life": "VARCHAR",
-        "day": "INTEGER",
-        "period": "VARCHAR",
-        "weekday": "INTEGER",
-        "active": "BOOLEAN",
-        "sessions": "INTEGER",
-        "messages": "INTEGER",
-        "bot_replies": "INTEGER",
-        "likes": "INTEGER",
-        "reports": "INTEGER",
-        "violations": "INTEGER",
-        "follows": "INTEGER",
-        "unsafe_replies": "INTEGER",
-        "completion_tokens": "INTEGER",
-        "gold_satisfaction": "DOUBLE",
-        "novelty": "DOUBLE",
-    },
+    "sessions": {"experiment_id": "VARCHAR", **tables.SESSIONS},
+    "turns": {"experiment_id": "VARCHAR", **tables.TURNS},
+    "user_days": {"experiment_id": "VARCHAR", **tables.USER_DAYS},
     "days": {
         "experiment_id": "VARCHAR",
         "day": "INTEGER",

@@ -82,6 +82,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from policies.base import Chat, Generation, Policy, SamplingParams
 from policies.engine import shared_prefixes
+from sim import tables
 from sim.population import User, UserSampler
 
 HOURS_PER_DAY = 24.0  # hours
@@ -997,8 +998,8 @@ class TrafficSimulator:
 
     def _day_log(self, day: int, active_lives: int, wall_s: float) -> DayLog:
         cfg = self.config
-        turns = pd.DataFrame(self._day_turns, columns=list(_TURN_COLUMNS))
-        sessions = pd.DataFrame(self._day_sessions, columns=list(_SESSION_COLUMNS))
+        turns = pd.DataFrame(self._day_turns, columns=list(tables.TURNS))
+        sessions = pd.DataFrame(self._day_sessions, columns=list(tables.SESSIONS))
         ids = [u.user_id for u in self.state.users]
         twin_day = cfg.design == "twins" and cfg.period(day) == TEST
         period, weekday = cfg.period(day), cfg.weekday(day)
@@ -1019,19 +1020,6 @@ class TrafficSimulator:
             **self.stats.as_row(),
         }
         return DayLog(day, cfg.period(day), cfg.weekday(day), sessions, turns, user_days, stats)
-
-
-_TURN_COLUMNS = (
-    "day", "period", "arm", "life", "policy", "session_id", "user_id", "character",
-    "turn_index", "hour", "user_message", "bot_reply", "completion_tokens", "features",
-    "checks", "follows_all", "violates_any", "unsafe", "gold_satisfaction", "novelty",
-    "continued", "liked", "reported",
-)  # fmt: skip
-_SESSION_COLUMNS = (
-    "day", "period", "arm", "life", "policy", "session_id", "user_id", "character",
-    "start_hour", "end_hour", "n_user_messages", "n_bot_turns", "likes", "reported",
-    "ended_by_user",
-)  # fmt: skip
 
 
 def _user_days(
