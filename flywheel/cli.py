@@ -275,7 +275,7 @@ def _run_world(run_dir: str, experiment: str | None) -> tuple[Any, Any, Any]:
     )
     # `flywheel run` records the world beside the scenario's name; `flywheel ab` records
     # the whole scenario.
-    world = WorldConfig.model_validate(config.get("world") or config["scenario"]["world"])
+    world = WorldConfig.from_stored(config.get("world") or config["scenario"]["world"])
     characters = select_characters(load_characters(world.characters_dir), world.characters)
     return turns, characters, world
 

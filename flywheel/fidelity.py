@@ -457,9 +457,7 @@ def experiment_world(config: Mapping[str, Any]) -> tuple[WorldConfig, TrafficCon
             "the experiment's stored config records no [world] / [traffic]; fix: rerun it with "
             "this version's `flywheel ab` or `flywheel run`"
         )
-    return WorldConfig.model_validate(holder["world"]), TrafficConfig.model_validate(
-        holder["traffic"]
-    )
+    return WorldConfig.from_stored(holder["world"]), TrafficConfig.model_validate(holder["traffic"])
 
 
 def fidelity_card(

@@ -312,7 +312,7 @@ def recorded_world(run_dir: str | Path) -> Any:
     config = experiments["config"].iloc[0]
     # `flywheel run` records the world beside the scenario's name; `flywheel ab` the scenario.
     world = config.get("world") or (config.get("scenario") or {}).get("world")
-    return None if world is None else WorldConfig.model_validate(world)
+    return None if world is None else WorldConfig.from_stored(world)
 
 
 def logged_gold_terms(

@@ -28,9 +28,10 @@ is a world where emoji and long replies earn likes today and cost satisfaction l
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -103,6 +104,11 @@ class ChitchatConfig(BaseModel):
     )
 
 
+# [world] keys that runs stored by earlier versions may hold: ``length_cap_factor`` capped a
+# user's messages at a multiple of their typical length, before per-message length targets.
+RETIRED_KEYS = {"user_llm": ("length_cap_factor",)}
+
+
 class WorldConfig(BaseModel):
     """The simulated world of a scenario (its ``[world]`` table). Unknown keys are errors."""
 
@@ -137,6 +143,18 @@ class WorldConfig(BaseModel):
     stickiness: float = Field(
         default=0.7, ge=0, le=1, description="Chance a returning user keeps their last character."
     )
+
+    @classmethod
+    def from_stored(cls, data: Mapping[str, Any]) -> WorldConfig:
+        """The world a run stored with its experiment. Keys a later version retired
+        (``RETIRED_KEYS``) are dropped, so older runs stay readable; a scenario file that
+        still sets one is refused as usual."""
+        user_llm = {
+            k: v
+            for k, v in dict(data.get("user_llm") or {}).items()
+            if k not in RETIRED_KEYS["user_llm"]
+        }
+        return cls.model_validate({**data, "user_llm": user_llm} if user_llm else dict(data))
 
     def resolved(self, base_dir: Path) -> WorldConfig:
         """A copy with a relative ``characters_dir`` made relative to ``base_dir``."""

@@ -263,3 +263,13 @@ def test_the_breadth_floor_is_statsmodels_minimum_detectable_effect() -> None:
     # statsmodels' effect is in sd units of the per-user variance within / days
     expected = effect * (within / 3) ** 0.5 / p
     assert breadth_mde_floor(world, traffic, 0.05, 0.8) == pytest.approx(expected, rel=1e-3)
+
+
+def test_a_stored_world_with_a_retired_key_still_reads_but_a_scenario_file_may_not_set_it() -> None:
+    from sim.world import WorldConfig, parse_world
+
+    stored = {"turn_cap": 3, "user_llm": {"max_new_tokens": 24, "length_cap_factor": 2.0}}
+    world = WorldConfig.from_stored(stored)
+    assert world.turn_cap == 3 and world.user_llm.max_new_tokens == 24
+    with pytest.raises(ValueError, match="length_cap_factor"):
+        parse_world(stored)
