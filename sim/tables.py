@@ -7,7 +7,9 @@ column added here reaches both. What each column means is documented with the ru
 
 from __future__ import annotations
 
-SESSIONS = {
+# When, in which arm and life, by which policy, which user and character: the leading
+# columns of every session and turn.
+_SERVED = {
     "day": "INTEGER",
     "period": "VARCHAR",
     "arm": "VARCHAR",
@@ -16,6 +18,9 @@ SESSIONS = {
     "session_id": "VARCHAR",
     "user_id": "VARCHAR",
     "character": "VARCHAR",
+}
+SESSIONS = {
+    **_SERVED,
     "start_hour": "DOUBLE",
     "end_hour": "DOUBLE",
     "n_user_messages": "INTEGER",
@@ -25,14 +30,7 @@ SESSIONS = {
     "ended_by_user": "BOOLEAN",
 }
 TURNS = {
-    "day": "INTEGER",
-    "period": "VARCHAR",
-    "arm": "VARCHAR",
-    "life": "VARCHAR",
-    "policy": "VARCHAR",
-    "session_id": "VARCHAR",
-    "user_id": "VARCHAR",
-    "character": "VARCHAR",
+    **_SERVED,
     "turn_index": "INTEGER",
     "hour": "DOUBLE",
     "user_message": "VARCHAR",
