@@ -278,11 +278,28 @@ def evaluate(world, policy, users, characters, samples: int, seed: int, max_new_
         )
         completions = [g.completion_ids for g in generations]
         count, present = expected_feature(policy, chats, completions, params, emoji_ids)
+        checked = checker_gold(world, sessions, records)
         rows.extend(
-            r.to_row() | {"sample": k, "expected_emoji": c, "expected_has_emoji": h}
-            for r, c, h in zip(records, count, present, strict=True)
+            r.to_row()
+            | {"sample": k, "expected_emoji": c, "expected_has_emoji": h, "gold_checker_terms": g}
+            for r, c, h, g in zip(records, count, present, checked, strict=True)
         )
     return pd.DataFrame(rows)
+
+
+def checker_gold(world, sessions, records) -> list[float]:
+    """Per reply, the gold utility's checker-decided terms (``GoldModel.checker_terms``:
+    instructions and violation), so the gain on the part no checker sees is ``gold - this``."""
+    from sim.gold import share_followed
+
+    return [
+        sum(
+            world.engine.gold.checker_terms(
+                s.user, share_followed(r.checks), r.violates_any
+            ).values()
+        )
+        for s, r in zip(sessions, records, strict=True)
+    ]
 
 
 def expected_feature(
@@ -351,6 +368,13 @@ def per_reply_metrics(turns: pd.DataFrame) -> pd.DataFrame:
             "instruction_following_rate": turns["follows_all"].astype(float),
             "violation_rate": turns["violates_any"].astype(float),
             "gold_utility": turns["gold_satisfaction"].astype(float),
+            # The gold without the terms the instruction checkers decide (NaN: an older
+            # evaluation file that did not record them).
+            "gold_utility_unchecked": (
+                turns["gold_satisfaction"] - turns["gold_checker_terms"]
+                if "gold_checker_terms" in turns
+                else np.nan
+            ),
             **emoji_metrics,
             "mean_words": turns["feature_words"].astype(float),
             # Diagnostics: what the reply talks about (MiniLM cosines, sim.gold's inputs).

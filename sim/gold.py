@@ -65,7 +65,7 @@ Next-day return::
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -195,6 +195,11 @@ class ReplyAssessment:
     judged: JudgeScores
 
 
+def share_followed(checks: Mapping[str, bool]) -> float:
+    """Share of a reply's instruction checks it passes (1 for a character without any)."""
+    return float(np.mean(list(checks.values()))) if checks else 1.0
+
+
 def assess_replies(
     characters: Sequence[Character],
     replies: Sequence[str],
@@ -219,7 +224,7 @@ def assess_replies(
     out = []
     for character, reply, f, j in zip(characters, replies, features, judged, strict=True):
         checked = character.check(reply)
-        share = float(np.mean(list(checked.checks.values()))) if checked.checks else 1.0
+        share = share_followed(checked.checks)
         assessment = ReplyAssessment(f, share, checked.violates_any, is_unsafe(f["offensive"]), j)
         out.append((assessment, checked))
     return out
@@ -284,14 +289,25 @@ class GoldModel:
             "persona": c.w_persona
             * t.persona_sensitivity
             * (j.persona_consistency - c.persona_center),
-            "instructions": -c.w_instructions * t.persona_sensitivity * (1 - reply.share_followed),
-            "violation": -c.w_violation * t.persona_sensitivity * float(reply.violates_any),
+            **self.checker_terms(user, reply.share_followed, reply.violates_any),
             "repetition": -c.w_repetition * t.repetition_aversion * f["repetition"],
             "echo": -c.w_echo * t.repetition_aversion * f["echo"],
             "prompt_leak": -c.w_prompt_leak * max(0.0, j.prompt_leak - c.prompt_leak_center),
             "unsafe": -c.w_unsafe * t.safety_sensitivity * float(reply.unsafe),
             "topic": c.w_topic * self.topic_affinity(user, character),
             "novelty": float(novelty),
+        }
+
+    def checker_terms(
+        self, user: User, share_followed: float, violates_any: bool
+    ) -> dict[str, float]:
+        """The terms of U_t that the character's instruction checkers decide: the part of the
+        gold that the steerability reward and gate read too (a gain elsewhere is one no
+        checker sees)."""
+        c, sensitivity = self.config, user.traits.persona_sensitivity
+        return {
+            "instructions": -c.w_instructions * sensitivity * (1 - share_followed),
+            "violation": -c.w_violation * sensitivity * float(violates_any),
         }
 
     def utility(

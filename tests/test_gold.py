@@ -431,3 +431,24 @@ def test_moment_match_keeps_each_terms_mean_and_spread() -> None:
     assert after.std() == pytest.approx(before.std(), rel=1e-9)
     with pytest.raises(ValueError, match="varying"):
         moment_match([1.0, 1.0, 1.0], [0.1, 0.2, 0.3], 0.0, 1.0)
+
+
+def test_checker_terms_are_the_utility_the_instruction_checkers_decide(gold: GoldModel) -> None:
+    user = make_user(persona_sensitivity=0.8)
+    assessed = reply(share_followed=0.25, violates=True, relevance=0.6)
+    terms = gold.utility_terms(user, CHARACTER, assessed)
+    checked = gold.checker_terms(user, 0.25, True)
+    assert checked == {k: terms[k] for k in ("instructions", "violation")}
+    assert checked["instructions"] == pytest.approx(-gold.config.w_instructions * 0.8 * 0.75)
+    assert checked["violation"] == pytest.approx(-gold.config.w_violation * 0.8)
+    # What no checker sees is unchanged by following or breaking the rules.
+    followed = reply(share_followed=1.0, violates=False, relevance=0.6)
+    unchecked = u(gold, user, assessed) - sum(checked.values())
+    assert unchecked == pytest.approx(u(gold, user, followed))
+
+
+def test_share_followed_counts_passed_checks() -> None:
+    from sim.gold import share_followed
+
+    assert share_followed({"a": True, "b": False, "c": True, "d": True}) == 0.75
+    assert share_followed({}) == 1.0

@@ -743,3 +743,5 @@ def test_grpo_benchmark_runs_through_the_builder_on_a_tiny_budget(tiny_llama_dir
     }  # fmt: skip
     assert set(report["credit_masks"]) == {"emoji"}
     assert report["paired_tests"]["instruction_following_rate"]["n_prompts"] == 2
+    # The gold's part no checker decides is reported beside the whole gold.
+    assert report["paired_tests"]["gold_utility_unchecked"]["n_prompts"] == 2
