@@ -2,8 +2,9 @@
 
 One row per generation: the candidate and its recipe, offline metrics (reward-model win
 rate raw and style-controlled, held-out instruction following and violation rate, style),
-the oracle's view (gold utility of the candidate vs its parent on held-out users), the A/B lifts of engagement breadth and depth with their confidence intervals, and the
-decision (ship / hold / gated). Written as
+the oracle's view (gold utility of the candidate vs its parent on held-out users), the A/B
+lifts of engagement breadth and depth with their confidence intervals, and the decision
+(ship / hold / gated). Written as
 
 - ``RUN_DIR/generations.json`` (built by ``document``, rewritten atomically),
 - ``RUN_DIR/generations.md`` (the Markdown table, then each generation's reason and gates),
