@@ -68,7 +68,8 @@ def _gold(oracle: Mapping[str, Any] | None) -> str:
     gold = (oracle or {}).get("gold")
     if not gold or gold.get("diff") is None:
         return "-"
-    return f"{gold['diff']:+.2f} [{_num(gold.get('ci_low'), '+.2f')}, {_num(gold.get('ci_high'), '+.2f')}]"
+    low, high = _num(gold.get("ci_low"), "+.2f"), _num(gold.get("ci_high"), "+.2f")
+    return f"{gold['diff']:+.2f} [{low}, {high}]"
 
 
 def table_rows(records: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
