@@ -138,8 +138,13 @@ def compare_gold(
     ``character`` and ``MOMENT_COLUMNS``), paired per context (statsmodels' t-test)."""
     from statsmodels.stats.weightstats import DescrStatsW
 
-    ours = replay(contexts.assign(reply=list(candidate)))
-    theirs = replay(contexts.assign(reply=list(parent)))
+    # Both reply sets in one replay: one judge call, and each user rebuilt once.
+    both = pd.concat(
+        [contexts.assign(reply=list(candidate)), contexts.assign(reply=list(parent))],
+        ignore_index=True,
+    )
+    utility = replay(both)
+    ours, theirs = utility[: len(contexts)], utility[len(contexts) :]
     diff = ours - theirs
     if len(diff) > 1 and np.ptp(diff) > 0:
         stats = DescrStatsW(diff)
