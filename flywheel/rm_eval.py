@@ -443,6 +443,223 @@ def _sample(rows: np.ndarray, limit: int | None, rng: np.random.Generator) -> np
     return np.sort(rng.choice(rows, size=limit, replace=False))
 
 
+@dataclass(frozen=True)
+class _ModelSpec:
+    """Which reward model ``train_and_evaluate`` fits (``rewards.rm``); checked on creation."""
+
+    kind: str
+    backbone: str
+    style_controlled: bool
+    target: str | None  # pointwise only: the logged signal fitted instead of ``engaged``
+
+    def __post_init__(self) -> None:
+        resolve_targets(self.kind, self.target)
+        check_backbone(self.backbone)
+
+    def fit(
+        self,
+        table: pd.DataFrame,
+        *,
+        seed: int,
+        minilm_config: MiniLMConfig | None,
+        llm_config: LLMConfig | None,
+        verbose: bool,
+    ) -> RewardModel:
+        """Train on ``table`` with the backbone's config, its seed replaced by ``seed``."""
+        if self.backbone == "minilm":
+            from rewards.rm import train_minilm
+
+            config = MiniLMConfig(**{**asdict(minilm_config or MiniLMConfig()), "seed": seed})
+            return train_minilm(
+                self.kind,
+                table,
+                style_controlled=self.style_controlled,
+                config=config,
+                target=self.target,
+                verbose=verbose,
+            )
+        from rewards.rm import train_llm
+
+        llm = LLMConfig(**{**asdict(llm_config or LLMConfig()), "seed": seed})
+        return train_llm(
+            self.kind,
+            table,
+            style_controlled=self.style_controlled,
+            config=llm,
+            target=self.target,
+            verbose=verbose,
+        )
+
+    def describe(self, model: RewardModel) -> dict[str, Any]:
+        """The report's first keys: the fitted model's name and targets, and this spec."""
+        return {
+            "model": model.name,
+            "kind": self.kind,
+            "backbone": self.backbone,
+            "style_controlled": self.style_controlled,
+            "targets": list(model.targets),
+        }
+
+
+@dataclass(frozen=True)
+class _UserSplit:
+    """One split of a run's tables by user: the training rows and the held-out rows scored."""
+
+    examples: pd.DataFrame  # pointwise examples of every logged turn (oracle columns dropped)
+    test_users: set[str]
+    max_eval_rows: int | None  # the cap on each held-out sample (None = all)
+    turns_train: pd.DataFrame  # pointwise examples of the training users
+    turns_test: pd.DataFrame  # the held-out sample of pointwise examples
+    gold_test: np.ndarray  # gold_satisfaction of ``turns_test``
+    pairs_train: pd.DataFrame | None  # pairwise examples of the training users (None: none)
+    pairs_test: pd.DataFrame | None  # the held-out sample of pairwise examples
+    comparisons_test: pd.DataFrame | None  # the comparisons behind ``pairs_test`` (gold kept)
+
+    def sizes(self) -> dict[str, Any]:
+        """The report's held-out sample sizes."""
+        return {
+            "n_test_users": len(self.test_users),
+            "n_test_turns": len(self.turns_test),
+            "max_eval_rows": self.max_eval_rows,
+            "n_test_pairs": 0 if self.pairs_test is None else len(self.pairs_test),
+        }
+
+
+@dataclass(frozen=True)
+class _HoldOut:
+    """How ``train_and_evaluate`` holds users out; checked on creation."""
+
+    seed: int
+    test_size: float  # share of users held out when ``test_users`` is None
+    max_eval_rows: int | None  # score at most this many held-out turns and pairs
+    test_users: set[str] | None  # hold out exactly these users
+
+    def __post_init__(self) -> None:
+        if not 0 < self.test_size < 1:
+            raise ValueError(f"test_size must be in (0, 1), got {self.test_size}")
+        if self.max_eval_rows is not None and self.max_eval_rows < 3:
+            raise ValueError(f"max_eval_rows must be >= 3 or None, got {self.max_eval_rows}")
+
+    def split(
+        self,
+        turns: pd.DataFrame,
+        comparisons: pd.DataFrame | None,
+        activity: pd.DataFrame | None,
+    ) -> _UserSplit:
+        """Hold the same users out of every table.
+
+        One generator seeded by ``seed`` draws, in this order, the users (unless given), the
+        held-out turns sample and the held-out pairs sample: a seed gives one split.
+        """
+        rng = np.random.default_rng(self.seed)
+        users = list(turns["user_id"].astype(str))
+        if comparisons is not None:
+            users += list(comparisons["user_id"].astype(str))
+        test_users = self.test_users
+        if test_users is None:
+            test_users = _split_users(users, rng, self.test_size)
+
+        examples = pointwise_examples(drop_oracle_columns(turns), activity)
+        gold = turns["gold_satisfaction"].to_numpy(dtype=float)
+        is_test = examples["user_id"].isin(test_users).to_numpy()
+        keep = _sample(np.flatnonzero(is_test), self.max_eval_rows, rng)
+        pairs_train = pairs_test = comparisons_test = None
+        if comparisons is not None and not comparisons.empty:
+            cmp_is_test = comparisons["user_id"].astype(str).isin(test_users).to_numpy()
+            pairs = pairwise_examples(drop_oracle_columns(comparisons))
+            keep_pairs = _sample(np.flatnonzero(cmp_is_test), self.max_eval_rows, rng)
+            pairs_train, pairs_test = pairs[~cmp_is_test], pairs.iloc[keep_pairs]
+            comparisons_test = comparisons.iloc[keep_pairs]
+        return _UserSplit(
+            examples=examples,
+            test_users=test_users,
+            max_eval_rows=self.max_eval_rows,
+            turns_train=examples[~is_test],
+            turns_test=examples.iloc[keep],
+            gold_test=gold[keep],
+            pairs_train=pairs_train,
+            pairs_test=pairs_test,
+            comparisons_test=comparisons_test,
+        )
+
+
+def _require_comparisons(kind: str, comparisons: pd.DataFrame | None) -> None:
+    """A pairwise model learns from the annotators' comparisons only."""
+    if kind == "pairwise" and (comparisons is None or comparisons.empty):
+        raise ValueError(
+            "kind 'pairwise' needs annotator comparisons and the run has none; label pairs "
+            "with sim.annotators and flywheel.rm_eval.write_comparisons first"
+        )
+
+
+def _training_table(kind: str, split: _UserSplit) -> pd.DataFrame:
+    """The rows the model fits: pairs for ``pairwise``, else turns; never an oracle column."""
+    table = split.pairs_train if kind == "pairwise" else split.turns_train
+    if table is None or table.empty:
+        raise ValueError(f"no training rows for kind {kind!r} after holding out test users")
+    leaked = [c for c in table.columns if c.startswith(ORACLE_PREFIX)]
+    if leaked:  # the invariant: no reward model fits the oracle
+        raise RuntimeError(f"oracle columns {leaked} reached reward-model training")
+    return table
+
+
+def _turn_metrics(model: RewardModel, kind: str, split: _UserSplit) -> dict[str, Any]:
+    """Gold and style correlations, style sensitivity and (not pairwise) calibration of the
+    model's reward on the held-out turns."""
+    contexts, replies = as_lists(split.turns_test["context"]), as_lists(split.turns_test["reply"])
+    scores = model.score(contexts, replies)
+    correlations = style_correlations(scores, replies)
+    sensitivity = style_sensitivity(model, contexts, replies)
+    metrics: dict[str, Any] = {
+        "gold_correlation": {"turns": gold_correlation(scores, split.gold_test).to_dict()},
+        "style_correlations": {k: v.to_dict() for k, v in correlations.items()},
+        "max_abs_style_r": max_abs_style_correlation(correlations),
+        "style_sensitivity": {k: v.to_dict() for k, v in sensitivity.items()},
+    }
+    if kind != "pairwise":
+        probabilities = model.predict_proba(contexts, replies)
+        metrics["calibration"] = {
+            name: calibration(p, split.turns_test[name].astype(float).to_numpy()).to_dict()
+            for name, p in probabilities.items()
+        }
+    return metrics
+
+
+def _pairs_gold_agreement(model: RewardModel, comparisons: pd.DataFrame) -> float:
+    """Share of held-out pairs the reward orders as the pair's annotator's gold utility does."""
+    n = len(comparisons)
+    both = model.score(
+        as_lists(comparisons["context"]) * 2,
+        as_lists(comparisons["reply_a"]) + as_lists(comparisons["reply_b"]),
+    )
+    return pairwise_gold_agreement(
+        both[:n],
+        both[n:],
+        comparisons["gold_utility_a"].to_numpy(),
+        comparisons["gold_utility_b"].to_numpy(),
+    )
+
+
+def _held_out_metrics(model: RewardModel, kind: str, split: _UserSplit) -> dict[str, Any]:
+    """Everything the report measures on the held-out users (module docstring)."""
+    metrics = _turn_metrics(model, kind, split)
+    if split.pairs_test is not None and not split.pairs_test.empty:
+        metrics["pairwise_accuracy"] = evaluate_pairwise(model, split.pairs_test).to_dict()
+        metrics["gold_correlation"]["pairs_agreement"] = _pairs_gold_agreement(
+            model, split.comparisons_test
+        )
+    return metrics
+
+
+def _leak_probe_report(
+    model: RewardModel, split: _UserSplit, gold_terms: pd.DataFrame, *, seed: int
+) -> dict[str, Any]:
+    """:func:`leak_probe` of the model's inputs on the turns ``gold_terms`` holds (by position)."""
+    rows = gold_terms.index.to_numpy()
+    contexts, replies = split.examples["context"].iloc[rows], split.examples["reply"].iloc[rows]
+    return leak_probe(rm_inputs(model, contexts, replies), gold_terms, seed=seed).to_dict()
+
+
 def train_and_evaluate(
     turns: pd.DataFrame,
     comparisons: pd.DataFrame | None,
@@ -486,112 +703,30 @@ def train_and_evaluate(
     Returns:
         The model and the report dict written to ``rm_eval.json``.
     """
-    resolve_targets(kind, target)
-    check_backbone(backbone)
-    if not 0 < test_size < 1:
-        raise ValueError(f"test_size must be in (0, 1), got {test_size}")
-    if max_eval_rows is not None and max_eval_rows < 3:
-        raise ValueError(f"max_eval_rows must be >= 3 or None, got {max_eval_rows}")
-    if kind == "pairwise" and (comparisons is None or comparisons.empty):
-        raise ValueError(
-            "kind 'pairwise' needs annotator comparisons and the run has none; label pairs "
-            "with sim.annotators and flywheel.rm_eval.write_comparisons first"
-        )
-    rng = np.random.default_rng(seed)
-    users = list(turns["user_id"].astype(str))
-    if comparisons is not None:
-        users += list(comparisons["user_id"].astype(str))
-    if test_users is None:
-        test_users = _split_users(users, rng, test_size)
-
-    table = pointwise_examples(drop_oracle_columns(turns), activity)
-    gold = turns["gold_satisfaction"].to_numpy(dtype=float)
-    is_test = table["user_id"].isin(test_users).to_numpy()
-    pw_train = table[~is_test]
-    keep = _sample(np.flatnonzero(is_test), max_eval_rows, rng)
-    pw_test, gold_test = table.iloc[keep], gold[keep]
-    pairs_train = pairs_test = cmp_test = None
-    if comparisons is not None and not comparisons.empty:
-        cmp_is_test = comparisons["user_id"].astype(str).isin(test_users).to_numpy()
-        pairs = pairwise_examples(drop_oracle_columns(comparisons))
-        keep = _sample(np.flatnonzero(cmp_is_test), max_eval_rows, rng)
-        pairs_train, pairs_test = pairs[~cmp_is_test], pairs.iloc[keep]
-        cmp_test = comparisons.iloc[keep]
-
-    train_table = pairs_train if kind == "pairwise" else pw_train
-    if train_table is None or train_table.empty:
-        raise ValueError(f"no training rows for kind {kind!r} after holding out test users")
-    leaked = [c for c in train_table.columns if c.startswith(ORACLE_PREFIX)]
-    if leaked:  # the invariant: no reward model fits the oracle
-        raise RuntimeError(f"oracle columns {leaked} reached reward-model training")
+    spec = _ModelSpec(kind, backbone, style_controlled, target)
+    holdout = _HoldOut(
+        seed=seed, test_size=test_size, max_eval_rows=max_eval_rows, test_users=test_users
+    )
+    _require_comparisons(kind, comparisons)
+    split = holdout.split(turns, comparisons, activity)
+    train_table = _training_table(kind, split)
     started = time.perf_counter()
-    if backbone == "minilm":
-        from rewards.rm import train_minilm
-
-        config = MiniLMConfig(**{**asdict(minilm_config or MiniLMConfig()), "seed": seed})
-        model = train_minilm(
-            kind, train_table, style_controlled=style_controlled, config=config, target=target,
-            verbose=verbose,
-        )  # fmt: skip
-    else:
-        from rewards.rm import train_llm
-
-        llm = LLMConfig(**{**asdict(llm_config or LLMConfig()), "seed": seed})
-        model = train_llm(
-            kind, train_table, style_controlled=style_controlled, config=llm, target=target,
-            verbose=verbose,
-        )  # fmt: skip
-    train_seconds = time.perf_counter() - started
-
+    model = spec.fit(
+        train_table, seed=seed, minilm_config=minilm_config, llm_config=llm_config, verbose=verbose
+    )
     report: dict[str, Any] = {
-        "model": model.name,
-        "kind": kind,
-        "backbone": backbone,
-        "style_controlled": style_controlled,
-        "targets": list(model.targets),
+        **spec.describe(model),
         "seed": seed,
-        "train_seconds": train_seconds,
+        "train_seconds": time.perf_counter() - started,
         "n_train_rows": len(train_table),
-        "n_test_users": len(test_users),
-        "n_test_turns": len(pw_test),
-        "max_eval_rows": max_eval_rows,
-        "n_test_pairs": 0 if pairs_test is None else len(pairs_test),
+        **split.sizes(),
     }
     started = time.perf_counter()
-    scores = model.score(as_lists(pw_test["context"]), as_lists(pw_test["reply"]))
-    report["gold_correlation"] = {"turns": gold_correlation(scores, gold_test).to_dict()}
-    correlations = style_correlations(scores, as_lists(pw_test["reply"]))
-    report["style_correlations"] = {k: v.to_dict() for k, v in correlations.items()}
-    report["max_abs_style_r"] = max_abs_style_correlation(correlations)
-    sensitivity = style_sensitivity(model, as_lists(pw_test["context"]), as_lists(pw_test["reply"]))
-    report["style_sensitivity"] = {k: v.to_dict() for k, v in sensitivity.items()}
-    if kind != "pairwise":
-        probabilities = model.predict_proba(
-            as_lists(pw_test["context"]), as_lists(pw_test["reply"])
-        )
-        report["calibration"] = {
-            name: calibration(p, pw_test[name].astype(float).to_numpy()).to_dict()
-            for name, p in probabilities.items()
-        }
-    if pairs_test is not None and not pairs_test.empty:
-        report["pairwise_accuracy"] = evaluate_pairwise(model, pairs_test).to_dict()
-        contexts = as_lists(cmp_test["context"])
-        n = len(cmp_test)
-        both = model.score(
-            contexts * 2, as_lists(cmp_test["reply_a"]) + as_lists(cmp_test["reply_b"])
-        )
-        report["gold_correlation"]["pairs_agreement"] = pairwise_gold_agreement(
-            both[:n],
-            both[n:],
-            cmp_test["gold_utility_a"].to_numpy(),
-            cmp_test["gold_utility_b"].to_numpy(),
-        )
+    report.update(_held_out_metrics(model, kind, split))
     if style_controlled:
         report["style_coefficients"] = model.style_coefficients()
     if gold_terms is not None:
-        rows = gold_terms.index.to_numpy()
-        inputs = rm_inputs(model, table["context"].iloc[rows], table["reply"].iloc[rows])
-        report["leak_probe"] = leak_probe(inputs, gold_terms, seed=seed).to_dict()
+        report["leak_probe"] = _leak_probe_report(model, split, gold_terms, seed=seed)
     report["history"] = model.history
     report["eval_seconds"] = time.perf_counter() - started
     return model, report
