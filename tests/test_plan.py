@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import tiny_scenario_toml
 from typer.testing import CliRunner
 
 from flywheel.cli import app
@@ -15,35 +16,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def scenario(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> Path:
-    path = tmp_path_factory.mktemp("plan") / "tiny.toml"
-    path.write_text(
-        f"""
-name = "tiny_plan"
-seed = 3
-
-[world]
-characters_dir = "{REPO / "scenarios" / "characters"}"
-turn_cap = 2
-
-[world.user_llm]
-max_new_tokens = 4
-
-[world.user_llm.policy]
-model = "{tiny_llama_dir}"
-dtype = "float32"
-
-[traffic]
-n_users = 40
-pre_days = 1
-test_days = 2
-treatment_share = 0.5
-max_sessions_per_day = 1
-
-[traffic.bot_sampling]
-max_new_tokens = 4
-"""
+    return tiny_scenario_toml(
+        tmp_path_factory.mktemp("plan") / "tiny.toml",
+        user_model=tiny_llama_dir,
+        name="tiny_plan",
+        traffic={"n_users": 40, "slot_minutes": None, "max_sessions_per_day": 1},
     )
-    return path
 
 
 def test_a_loop_scenario_pilots_its_deployed_policy() -> None:
