@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import tiny_scenario_toml
 
 from flywheel.rm_eval import (
     LEAK_THRESHOLD,
@@ -28,8 +29,6 @@ from sim.characters import load_characters
 from sim.chitchat import load_chitchat
 from sim.judge import judge_replies
 from sim.world import DEFAULT_CHARACTERS_DIR
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_the_probe_reads_a_planted_term_and_nothing_from_noise() -> None:
@@ -136,36 +135,17 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> 
     from flywheel.experiment import run_ab
 
     folder = tmp_path_factory.mktemp("leak")
-    scenario = folder / "tiny.toml"
-    scenario.write_text(
-        f"""
-name = "tiny"
-seed = 5
-
-[world]
-characters_dir = "{REPO / "scenarios" / "characters"}"
-turn_cap = 3
-
-[world.user_llm]
-max_new_tokens = 5
-temperature = 0.0
-
-[world.user_llm.policy]
-model = "{tiny_llama_dir}"
-dtype = "float32"
-
-[traffic]
-n_users = 24
-pre_days = 1
-test_days = 2
-treatment_share = 0.5
-slot_minutes = 720
-max_sessions_per_day = 2
-
-[traffic.bot_sampling]
-max_new_tokens = 12
-temperature = 1.0
-"""
+    scenario = tiny_scenario_toml(
+        folder / "tiny.toml",
+        user_model=tiny_llama_dir,
+        seed=5,
+        max_new_tokens=5,
+        world={"turn_cap": 3, "user_llm": {"temperature": 0.0}},
+        traffic={
+            "n_users": 24,
+            "max_sessions_per_day": 2,
+            "bot_sampling": {"max_new_tokens": 12, "temperature": 1.0},
+        },
     )
     out = folder / "run"
     run_ab(scenario, str(tiny_llama_dir), f"stylevar@0.5,0.3:{tiny_llama_dir}", out, progress=False)

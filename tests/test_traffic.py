@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import simpy
+from conftest import tiny_scenario_toml
 from pydantic import ValidationError
 from scipy import stats
 
@@ -209,40 +210,18 @@ class FailAfter:
 
 @pytest.fixture(scope="module")
 def tiny_scenario(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> Path:
-    path = tmp_path_factory.mktemp("scenario") / "tiny.toml"
-    path.write_text(
-        f"""
-name = "tiny"
-seed = 11
-
-[world]
-characters_dir = "{REPO / "scenarios" / "characters"}"
-turn_cap = 2
-
-[world.user_llm]
-max_new_tokens = 5
-temperature = 0.0
-
-[world.user_llm.policy]
-model = "{tiny_llama_dir}"
-dtype = "float32"
-
-[traffic]
-n_users = 16
-pre_days = 1
-test_days = 2
-treatment_share = 0.5
-slot_minutes = 720
-max_sessions_per_day = 1
-novelty_amplitude = 0.3
-hourly_weights = {EVENING_ONLY}
-
-[traffic.bot_sampling]
-max_new_tokens = 5
-temperature = 0.0
-"""
+    return tiny_scenario_toml(
+        tmp_path_factory.mktemp("scenario") / "tiny.toml",
+        user_model=tiny_llama_dir,
+        seed=11,
+        max_new_tokens=5,
+        temperature=0.0,
+        traffic={
+            "max_sessions_per_day": 1,
+            "novelty_amplitude": 0.3,
+            "hourly_weights": EVENING_ONLY,
+        },
     )
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+from conftest import tiny_scenario_toml
 from typer.testing import CliRunner
 
 from flywheel.cli import app
@@ -19,45 +20,24 @@ from rewards.safety import SafetyChecker
 from sim.planted import UNSAFE_SNIPPETS
 from sim.serving import BLOCKED, CHECKER_ERROR, FALLBACK_REPLY
 
-REPO = Path(__file__).resolve().parents[1]
 EVENING_ONLY = [0.0] * 20 + [1.0, 0.0, 0.0, 0.0]  # every session arrives at 20:00
 
 
 @pytest.fixture(scope="module")
 def tiny_scenario(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> Path:
-    path = tmp_path_factory.mktemp("scenario") / "tiny_unsafe.toml"
-    path.write_text(
-        f"""
-name = "tiny_unsafe"
-seed = 5
-
-[world]
-characters_dir = "{REPO / "scenarios" / "characters"}"
-turn_cap = 2
-
-[world.user_llm]
-max_new_tokens = 4
-temperature = 0.0
-
-[world.user_llm.policy]
-model = "{tiny_llama_dir}"
-dtype = "float32"
-
-[traffic]
-n_users = 80
-pre_days = 0
-test_days = 2
-treatment_share = 0.5
-slot_minutes = 720
-max_sessions_per_day = 1
-hourly_weights = {EVENING_ONLY}
-
-[traffic.bot_sampling]
-max_new_tokens = 4
-temperature = 0.0
-"""
+    return tiny_scenario_toml(
+        tmp_path_factory.mktemp("scenario") / "tiny_unsafe.toml",
+        user_model=tiny_llama_dir,
+        name="tiny_unsafe",
+        seed=5,
+        temperature=0.0,
+        traffic={
+            "n_users": 80,
+            "pre_days": 0,
+            "max_sessions_per_day": 1,
+            "hourly_weights": EVENING_ONLY,
+        },
     )
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import tiny_scenario_toml
 from scipy import stats
 
 from policies import Policy, SamplingParams, load_policy
@@ -247,32 +248,13 @@ def test_a_run_reports_its_fallback_share(
     from flywheel.experiment import run_ab
     from flywheel.store import RunStore, fallback_text
 
-    scenario = tmp_path / "mute_users.toml"
-    scenario.write_text(
-        f"""
-name = "mute_users"
-seed = 5
-[world]
-characters_dir = "{Path(__file__).resolve().parents[1] / "scenarios" / "characters"}"
-turn_cap = 3
-[world.gold]
-continue_bias = 6.0
-[world.user_llm]
-max_new_tokens = 4
-[world.user_llm.policy]
-model = "{mute_llama_dir}"
-dtype = "float32"
-[traffic]
-n_users = 12
-pre_days = 1
-test_days = 1
-treatment_share = 0.5
-slot_minutes = 720
-max_sessions_per_day = 1
-[traffic.bot_sampling]
-max_new_tokens = 4
-""",
-        encoding="utf-8",
+    scenario = tiny_scenario_toml(
+        tmp_path / "mute_users.toml",
+        user_model=mute_llama_dir,
+        name="mute_users",
+        seed=5,
+        world={"turn_cap": 3, "gold": {"continue_bias": 6.0}},
+        traffic={"n_users": 12, "test_days": 1, "max_sessions_per_day": 1},
     )
     out = tmp_path / "run"
     outcome = run_ab(scenario, str(tiny_llama_dir), str(tiny_llama_dir), out, progress=False)
