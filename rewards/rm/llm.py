@@ -402,6 +402,187 @@ def _fit_intercept(scores: np.ndarray, labels: np.ndarray) -> float:
     return float(result.params[0])
 
 
+@dataclass(frozen=True)
+class _TrainingSetup:
+    """What the training of every target shares: settings, tokenizer, scaler, trainer classes."""
+
+    config: LLMConfig
+    model_path: str  # the backbone folder (``LLMConfig.model_path``)
+    tokenizer: Any
+    scaler: StyleScaler  # fitted on every training reply, so all targets share one
+    style_controlled: bool
+    verbose: bool
+    style_trainer: type  # ``StyleControlledRewardTrainer`` (``_style_trainer_class``)
+    style_collator: type
+
+
+@dataclass(frozen=True)
+class _FittedTarget:
+    """One target's trained classifier and what its training recorded."""
+
+    model: Any  # in eval mode
+    history: dict[str, Any]
+    style_coefficients: dict[str, list[float]] | None  # style-controlled only
+
+
+def _training_setup(
+    kind: str,
+    train: pd.DataFrame,
+    targets: Sequence[str],
+    *,
+    config: LLMConfig,
+    style_controlled: bool,
+    verbose: bool,
+) -> _TrainingSetup:
+    """Load the tokenizer, check ``train``'s columns and fit the style scaler on its replies."""
+    from transformers import AutoTokenizer
+
+    model_path = config.model_path()
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if kind == "pairwise":
+        require_columns(train, ("context", "chosen", "rejected"), "pairwise")
+        replies = as_lists(train["chosen"]) + as_lists(train["rejected"])
+    else:
+        require_columns(train, ("context", "reply", *targets), kind)
+        replies = as_lists(train["reply"])
+    scaler = StyleScaler.fit(style_counts(replies))
+    trainer_cls, collator_cls = _style_trainer_class()
+    return _TrainingSetup(
+        config=config,
+        model_path=model_path,
+        tokenizer=tokenizer,
+        scaler=scaler,
+        style_controlled=style_controlled,
+        verbose=verbose,
+        style_trainer=trainer_cls,
+        style_collator=collator_cls,
+    )
+
+
+def _target_pairs(
+    kind: str,
+    train: pd.DataFrame,
+    target: str,
+    *,
+    rng: np.random.Generator,
+    max_pairs: int | None,
+) -> pd.DataFrame:
+    """The (chosen, rejected) pairs one target trains on, at most ``max_pairs`` (seeded)."""
+    if kind != "pairwise":
+        return case_control_pairs(train, target, rng, max_pairs=max_pairs)
+    if max_pairs is not None and len(train) > max_pairs:
+        return train.iloc[np.sort(rng.choice(len(train), max_pairs, replace=False))]
+    return train
+
+
+def _reward_config(config: LLMConfig, *, output_dir: str, n_pairs: int, verbose: bool) -> Any:
+    """TRL's ``RewardConfig`` for one target's training run."""
+    from trl import RewardConfig
+
+    return RewardConfig(
+        output_dir=output_dir,
+        per_device_train_batch_size=config.batch_size,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        learning_rate=config.lr,
+        max_length=config.max_length,
+        bf16=config.bf16,
+        use_cpu=not torch.cuda.is_available(),  # transformers refuses CPU bf16 without it
+        activation_checkpointing=False,  # a 135M model fits; recomputation only costs time
+        dataloader_pin_memory=torch.cuda.is_available(),
+        logging_steps=max(1, n_pairs // config.batch_size // 10),
+        save_strategy="no",
+        report_to="none",
+        seed=config.seed,
+        disable_tqdm=not verbose,
+        remove_unused_columns=True,
+    )
+
+
+def _lora_config(config: LLMConfig) -> Any:
+    """peft's LoRA settings, or None for full fine-tuning (``lora_r`` 0)."""
+    if not config.lora_r:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(
+        task_type="SEQ_CLS",
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        target_modules="all-linear",
+    )
+
+
+def _train_target(
+    setup: _TrainingSetup, pairs: pd.DataFrame, *, shared_prompt: bool, target: str
+) -> _FittedTarget:
+    """Fit one fresh classifier on ``pairs`` with ``RewardTrainer`` (or its style-controlled
+    subclass); the trainer's scratch folder is removed afterwards."""
+    from trl import RewardTrainer
+
+    config = setup.config
+    dataset = _pairs_dataset(
+        pairs, setup.scaler, shared_prompt=shared_prompt, style_controlled=setup.style_controlled
+    )
+    output_dir = tempfile.mkdtemp(prefix=f"rm-{target}-")
+    args = _reward_config(config, output_dir=output_dir, n_pairs=len(pairs), verbose=setup.verbose)
+    peft_config = _lora_config(config)
+    common = dict(
+        model=_load_classifier(setup.model_path),
+        args=args,
+        train_dataset=dataset,
+        processing_class=setup.tokenizer,
+        peft_config=peft_config,
+    )
+    if setup.style_controlled:
+        trainer = setup.style_trainer(
+            **common,
+            data_collator=setup.style_collator(pad_token_id=setup.tokenizer.pad_token_id),
+            decorrelation=config.decorrelation,
+            style_lr=config.style_lr,
+        )
+    else:
+        trainer = RewardTrainer(**common)
+    started = time.perf_counter()
+    result = trainer.train()
+    history = {
+        "train_seconds": time.perf_counter() - started,
+        "steps": int(result.global_step),
+        "train_loss": float(result.training_loss),
+        "pairs": len(dataset),
+        "log": [e for e in trainer.state.log_history if "loss" in e],
+    }
+    fitted = _FittedTarget(
+        model=trainer.model.eval(),
+        history=history,
+        style_coefficients=trainer.style_term.coefficients() if setup.style_controlled else None,
+    )
+    shutil.rmtree(output_dir, ignore_errors=True)
+    return fitted
+
+
+def _fit_intercepts(
+    model: LLMRewardModel,
+    train: pd.DataFrame,
+    targets: Sequence[str],
+    *,
+    rng: np.random.Generator,
+    max_rows: int,
+) -> dict[str, float]:
+    """Each target's intercept (:func:`_fit_intercept`) on at most ``max_rows`` labelled
+    training rows (a seeded sample)."""
+    intercepts = {}
+    for target in targets:
+        rows = train[train[target].notna()]
+        if len(rows) > max_rows:
+            rows = rows.iloc[np.sort(rng.choice(len(rows), max_rows, replace=False))]
+        scores = model._raw(target, as_lists(rows["context"]), as_lists(rows["reply"]))
+        intercepts[target] = _fit_intercept(scores, rows[target].astype(bool).to_numpy())
+    return intercepts
+
+
 def train_llm(
     kind: str,
     train: pd.DataFrame,
@@ -415,108 +596,34 @@ def train_llm(
 
     ``train`` is the pairwise table for ``pairwise`` and the pointwise table for
     ``pointwise`` / ``signals`` (``rewards.datasets``); ``target`` picks the signal a
-    pointwise model fits (default ``engaged``).
+    pointwise model fits (default ``engaged``). One generator seeded by ``config.seed``
+    draws each target's training pairs, then the rows each intercept is fitted on.
     """
     targets = resolve_targets(kind, target)
     config = config or LLMConfig()
-    from transformers import AutoTokenizer
-    from trl import RewardConfig, RewardTrainer
-
-    model_path = config.model_path()
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    setup = _training_setup(
+        kind, train, targets, config=config, style_controlled=style_controlled, verbose=verbose
+    )
     rng = np.random.default_rng(config.seed)
-    if kind == "pairwise":
-        require_columns(train, ("context", "chosen", "rejected"), "pairwise")
-        replies = as_lists(train["chosen"]) + as_lists(train["rejected"])
-    else:
-        require_columns(train, ("context", "reply", *targets), kind)
-        replies = as_lists(train["reply"])
-    scaler = StyleScaler.fit(style_counts(replies))
-    trainer_cls, collator_cls = _style_trainer_class()
-
-    models, intercepts, betas, history = {}, {}, {}, {}
-    for target in targets:
-        if kind == "pairwise":
-            pairs = train
-            if config.max_pairs is not None and len(pairs) > config.max_pairs:
-                pairs = pairs.iloc[np.sort(rng.choice(len(pairs), config.max_pairs, replace=False))]
-        else:
-            pairs = case_control_pairs(train, target, rng, max_pairs=config.max_pairs)
-        dataset = _pairs_dataset(
-            pairs, scaler, shared_prompt=kind == "pairwise", style_controlled=style_controlled
-        )
-        output_dir = tempfile.mkdtemp(prefix=f"rm-{target}-")
-        args = RewardConfig(
-            output_dir=output_dir,
-            per_device_train_batch_size=config.batch_size,
-            num_train_epochs=config.epochs,
-            max_steps=config.max_steps,
-            learning_rate=config.lr,
-            max_length=config.max_length,
-            bf16=config.bf16,
-            use_cpu=not torch.cuda.is_available(),  # transformers refuses CPU bf16 without it
-            activation_checkpointing=False,  # a 135M model fits; recomputation only costs time
-            dataloader_pin_memory=torch.cuda.is_available(),
-            logging_steps=max(1, len(pairs) // config.batch_size // 10),
-            save_strategy="no",
-            report_to="none",
-            seed=config.seed,
-            disable_tqdm=not verbose,
-            remove_unused_columns=True,
-        )
-        peft_config = None
-        if config.lora_r:
-            from peft import LoraConfig
-
-            peft_config = LoraConfig(
-                task_type="SEQ_CLS",
-                r=config.lora_r,
-                lora_alpha=config.lora_alpha,
-                target_modules="all-linear",
-            )
-        common = dict(
-            model=_load_classifier(model_path),
-            args=args,
-            train_dataset=dataset,
-            processing_class=tokenizer,
-            peft_config=peft_config,
-        )
-        if style_controlled:
-            trainer = trainer_cls(
-                **common,
-                data_collator=collator_cls(pad_token_id=tokenizer.pad_token_id),
-                decorrelation=config.decorrelation,
-                style_lr=config.style_lr,
-            )
-        else:
-            trainer = RewardTrainer(**common)
-        started = time.perf_counter()
-        result = trainer.train()
-        history[target] = {
-            "train_seconds": time.perf_counter() - started,
-            "steps": int(result.global_step),
-            "train_loss": float(result.training_loss),
-            "pairs": len(dataset),
-            "log": [e for e in trainer.state.log_history if "loss" in e],
-        }
-        models[target] = trainer.model.eval()
-        if style_controlled:
-            betas[target] = trainer.style_term.coefficients()
-        shutil.rmtree(output_dir, ignore_errors=True)
-
+    fitted: dict[str, _FittedTarget] = {}
+    for name in targets:
+        pairs = _target_pairs(kind, train, name, rng=rng, max_pairs=config.max_pairs)
+        fitted[name] = _train_target(setup, pairs, shared_prompt=kind == "pairwise", target=name)
     model = LLMRewardModel(
-        kind, style_controlled, config, scaler, models, tokenizer, {}, betas, history
+        kind=kind,
+        style_controlled=style_controlled,
+        config=config,
+        scaler=setup.scaler,
+        models={t: f.model for t, f in fitted.items()},
+        tokenizer=setup.tokenizer,
+        intercepts={},
+        style_coefficients={
+            t: f.style_coefficients for t, f in fitted.items() if f.style_coefficients is not None
+        },
+        history={t: f.history for t, f in fitted.items()},
     )
     if kind != "pairwise":
-        for target in targets:
-            rows = train[train[target].notna()]
-            if len(rows) > config.calibration_rows:
-                rows = rows.iloc[
-                    np.sort(rng.choice(len(rows), config.calibration_rows, replace=False))
-                ]
-            scores = model._raw(target, as_lists(rows["context"]), as_lists(rows["reply"]))
-            intercepts[target] = _fit_intercept(scores, rows[target].astype(bool).to_numpy())
-        model.intercepts = intercepts
+        model.intercepts = _fit_intercepts(
+            model, train, targets, rng=rng, max_rows=config.calibration_rows
+        )
     return model
