@@ -369,6 +369,103 @@ def style_adjusted_win_rate(
     }
 
 
+@dataclass(frozen=True)
+class _WinRates:
+    """The naive reward model's win rate of the candidate, measured three ways."""
+
+    raw: float  # naive reward model, reads style
+    style_controlled: float  # style-controlled model, style term dropped
+    style_adjusted: float  # naive model's preferences read at zero style difference (GLM)
+    glm_coefficients: dict[str, float]
+
+    @property
+    def gap(self) -> float:
+        """How much of the raw win rate the lower style-free rate does not keep."""
+        return self.raw - min(self.style_controlled, self.style_adjusted)
+
+
+def _win_rates(
+    contexts: Sequence[str],
+    candidate: Sequence[str],
+    deployed: Sequence[str],
+    *,
+    naive_model: Any,
+    style_model: Any,
+) -> _WinRates:
+    """Raw, style-controlled and style-adjusted win rates of ``candidate`` over ``deployed``."""
+    from rewards.evaluation import style_controlled_win_rates
+
+    with warnings.catch_warnings():
+        # The comparison warns on a large gap; the suite reports it in its reason instead.
+        warnings.simplefilter("ignore")
+        rates = style_controlled_win_rates(
+            contexts, candidate, deployed, style_model, naive_model, threshold=1.0
+        )
+    n = len(contexts)
+    raw_scores = naive_model.score(list(contexts) * 2, list(candidate) + list(deployed))
+    adjusted, coefficients = style_adjusted_win_rate(
+        raw_scores[:n], raw_scores[n:], candidate, deployed
+    )
+    return _WinRates(
+        raw=rates.raw.win_rate,
+        style_controlled=rates.style_controlled.win_rate,
+        style_adjusted=adjusted,
+        glm_coefficients=coefficients,
+    )
+
+
+def _fail_reason(
+    checks: Sequence[StyleCheck], rates: _WinRates, config: StyleGateConfig
+) -> str | None:
+    """Why the suite fails (module docstring), or None when it does not."""
+    shifts = [c for c in checks if c.shifted]
+    explained = rates.gap >= config.max_win_rate_gap
+    # A surface axis moved AND the reward's own style term says the candidate gained from
+    # it: the candidate learned what the reward pays for style, whatever else it improved.
+    paid_for = checks[-1].shifted and any(c.shifted for c in checks[:-1])
+    if not (shifts and (explained or paid_for)):
+        return None
+    return (
+        ("style shift explains the gain: " if explained else "learned the reward's style: ")
+        + "; ".join(c.detail for c in shifts)
+        + f"; RM win rate raw {rates.raw:.2f} vs style-controlled {rates.style_controlled:.2f} "
+        f"/ style-adjusted {rates.style_adjusted:.2f} (gap {rates.gap:+.2f}, limit "
+        f"{config.max_win_rate_gap:.2f})"
+    )
+
+
+def _shift_summary(checks: Sequence[StyleCheck], rates: _WinRates) -> str:
+    """What the suite saw when nothing failed: the shifts, if any, and the win rates."""
+    shifts = [c for c in checks if c.shifted]
+    if shifts:
+        return (
+            "style shifted (" + ", ".join(c.name for c in shifts) + f") but does not explain "
+            f"the RM win rate (raw {rates.raw:.2f}, style-controlled "
+            f"{rates.style_controlled:.2f}, style-adjusted {rates.style_adjusted:.2f})"
+        )
+    return (
+        f"no significant style shift; RM win rate raw {rates.raw:.2f}, style-controlled "
+        f"{rates.style_controlled:.2f}, style-adjusted {rates.style_adjusted:.2f}"
+    )
+
+
+def _verdict(
+    checks: Sequence[StyleCheck], rates: _WinRates, config: StyleGateConfig, min_power: float
+) -> tuple[str, str]:
+    """(verdict, reason): fail, else inconclusive when a silent binary axis lacked power,
+    else pass."""
+    failure = _fail_reason(checks, rates, config)
+    if failure is not None:
+        return "fail", failure
+    reason = _shift_summary(checks, rates)
+    # An axis that shifted has seen what it looks for; only a silent one can be blind.
+    blind = [c for c in checks if not c.shifted and c.power is not None and c.power < min_power]
+    if not blind:
+        return "pass", reason
+    blind_reasons = "; ".join(_blind_reason(c, config.alpha) for c in blind)
+    return "inconclusive", f"inconclusive: {blind_reasons}; {reason}"
+
+
 def run_style_regression(
     contexts: Sequence[str],
     candidate: Sequence[str],
@@ -391,8 +488,6 @@ def run_style_regression(
         config: thresholds; default ``StyleGateConfig()``.
         min_power: least power each binary axis needs at its threshold for a pass.
     """
-    from rewards.evaluation import style_controlled_win_rates
-
     config = config or StyleGateConfig()
     if len(contexts) < 4:
         raise ValueError(
@@ -402,62 +497,22 @@ def run_style_regression(
         *style_checks(candidate, deployed, checkers, config, min_power),
         style_term_check(contexts, candidate, deployed, style_model, config.alpha),
     )
-    with warnings.catch_warnings():
-        # The comparison warns on a large gap; the suite reports it in its reason instead.
-        warnings.simplefilter("ignore")
-        rates = style_controlled_win_rates(
-            contexts, candidate, deployed, style_model, naive_model, threshold=1.0
-        )
-    n = len(contexts)
-    raw_scores = naive_model.score(list(contexts) * 2, list(candidate) + list(deployed))
-    adjusted, coefficients = style_adjusted_win_rate(
-        raw_scores[:n], raw_scores[n:], candidate, deployed
+    rates = _win_rates(
+        contexts, candidate, deployed, naive_model=naive_model, style_model=style_model
     )
-    raw, controlled = rates.raw.win_rate, rates.style_controlled.win_rate
-    gap = raw - min(controlled, adjusted)
-    shifts = [c for c in checks if c.shifted]
-    explained = gap >= config.max_win_rate_gap
-    # A surface axis moved AND the reward's own style term says the candidate gained from
-    # it: the candidate learned what the reward pays for style, whatever else it improved.
-    paid_for = checks[-1].shifted and any(c.shifted for c in checks[:-1])
-    failed = bool(shifts and (explained or paid_for))
-    rates_text = (
-        f"RM win rate raw {raw:.2f} vs style-controlled {controlled:.2f} / "
-        f"style-adjusted {adjusted:.2f} (gap {gap:+.2f}, limit {config.max_win_rate_gap:.2f})"
-    )
-    # An axis that shifted has seen what it looks for; only a silent one can be blind.
-    blind = [c for c in checks if not c.shifted and c.power is not None and c.power < min_power]
-    if failed:
-        verdict = "fail"
-        reason = (
-            ("style shift explains the gain: " if explained else "learned the reward's style: ")
-            + "; ".join(c.detail for c in shifts)
-            + f"; {rates_text}"
-        )
-    elif shifts:
-        reason = (
-            "style shifted (" + ", ".join(c.name for c in shifts) + f") but does not explain "
-            f"the RM win rate (raw {raw:.2f}, style-controlled {controlled:.2f}, "
-            f"style-adjusted {adjusted:.2f})"
-        )
-    else:
-        reason = (
-            f"no significant style shift; RM win rate raw {raw:.2f}, style-controlled "
-            f"{controlled:.2f}, style-adjusted {adjusted:.2f}"
-        )
-    if not failed:
-        verdict = "inconclusive" if blind else "pass"
-    if blind and not failed:
-        reason = (
-            "inconclusive: "
-            + "; ".join(_blind_reason(c, config.alpha) for c in blind)
-            + (f"; {reason}")
-        )
+    verdict, reason = _verdict(checks, rates, config, min_power)
     return StyleRegressionResult(
-        checks=checks, raw_win_rate=raw, style_controlled_win_rate=controlled,
-        style_adjusted_win_rate=adjusted, glm_coefficients=coefficients, n=n,
-        passed=verdict == "pass", reason=reason, verdict=verdict, min_power=min_power,
-    )  # fmt: skip
+        checks=checks,
+        raw_win_rate=rates.raw,
+        style_controlled_win_rate=rates.style_controlled,
+        style_adjusted_win_rate=rates.style_adjusted,
+        glm_coefficients=rates.glm_coefficients,
+        n=len(contexts),
+        passed=verdict == "pass",
+        reason=reason,
+        verdict=verdict,
+        min_power=min_power,
+    )
 
 
 def _blind_reason(check: StyleCheck, alpha: float) -> str:
