@@ -91,6 +91,34 @@ def test_sft_trains_and_saves_a_servable_merged_checkpoint(tiny_llama_dir, tmp_p
     _assert_serves(out)
 
 
+def test_sft_tokens_match_trl_and_a_reply_cut_by_the_cap_gets_no_end_of_turn(
+    tiny_llama_dir, tmp_path
+):
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    from training.models import load_model_and_tokenizer
+    from training.sft import sft_config, token_records
+
+    record = {"prompt": PROMPTS[0], "completion": [{"role": "assistant", "content": "Ahoy! What"}]}
+    model, tokenizer = load_model_and_tokenizer(model_config(str(tiny_llama_dir)))
+    trl = SFTTrainer(
+        model=model,
+        args=sft_config(tmp_path),
+        train_dataset=Dataset.from_list([record]),
+        processing_class=tokenizer,
+    ).train_dataset[0]
+    whole, cut = token_records([record, {**record, "cut": True}], tokenizer)
+    # The reference: TRL's own rendering of the same conversational record.
+    assert whole["input_ids"] == trl["input_ids"]
+    assert whole["labels"] == trl["labels"]
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert whole["input_ids"].count(end_of_turn) == cut["input_ids"].count(end_of_turn) + 1
+    assert cut["input_ids"] == whole["input_ids"][: len(cut["input_ids"])]
+    trained = [t for t in cut["labels"] if t != -100]
+    assert tokenizer.decode(trained) == "Ahoy! What"
+
+
 def test_dpo_trains_on_pairs_and_saves_a_servable_checkpoint(tiny_llama_dir, tmp_path):
     from training.dpo import dpo_config, train_dpo
 
