@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import tiny_scenario_toml
 
 from flywheel.candidates import grpo_recipe, train_candidate
 from flywheel.multiturn import SimulatedUsers, draw_users
@@ -325,58 +326,35 @@ def test_flywheel_trains_multiturn_grpo_calibrated_on_logged_turns(
 def _tiny_scenario(path: Path, model: Path) -> Path:
     """One generation of a tiny world whose only recipe is a grpo_multiturn one sized for
     the tiny model: 2 users, groups of GROUP conversations, 2 policy turns, 1 step."""
-    path.write_text(
-        f"""
-name = "tiny-talk"
-seed = 3
-generations = 1
-
-[policy]
-model = "{model}"
-dtype = "float32"
-
-[world]
-characters_dir = "{SCENARIOS / "characters"}"
-characters = ["Captain Mara", "Pixel"]
-turn_cap = 3
-pii_rate = 0.0
-
-[world.gold]
-continue_bias = 6.0
-
-[world.user_llm]
-max_new_tokens = 8
-[world.user_llm.policy]
-model = "{model}"
-dtype = "float32"
-
-[collect]
-days = 1
-
-[traffic]
-n_users = 16
-treatment_share = 0.5
-slot_minutes = 720
-[traffic.bot_sampling]
-max_new_tokens = 8
-
-[curation]
-require_continued = false
-held_out_share = 0.3
-
-[[recipes]]
-name = "talk"
-kind = "grpo_multiturn"
-reward_model = "none"
-users = 2
-max_bot_turns = 2
-max_steps = 1
-max_new_tokens = 8
-trainer = {{ per_device_train_batch_size = {2 * GROUP}, num_generations = {GROUP} }}
-""",
-        encoding="utf-8",
+    return tiny_scenario_toml(
+        path,
+        user_model=model,
+        name="tiny-talk",
+        max_new_tokens=8,
+        generations=1,
+        policy={"model": str(model), "dtype": "float32"},
+        world={
+            "characters": ["Captain Mara", "Pixel"],
+            "turn_cap": 3,
+            "pii_rate": 0.0,
+            "gold": {"continue_bias": 6.0},
+        },
+        collect={"days": 1},
+        traffic={"pre_days": None, "test_days": None},
+        curation={"require_continued": False, "held_out_share": 0.3},
+        recipes=[
+            {
+                "name": "talk",
+                "kind": "grpo_multiturn",
+                "reward_model": "none",
+                "users": 2,
+                "max_bot_turns": 2,
+                "max_steps": 1,
+                "max_new_tokens": 8,
+                "trainer": {"per_device_train_batch_size": 2 * GROUP, "num_generations": GROUP},
+            }
+        ],
     )
-    return path
 
 
 def test_the_loops_candidate_step_trains_a_grpo_multiturn_recipe(tiny_llama_dir, tmp_path):

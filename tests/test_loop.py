@@ -17,6 +17,7 @@ from typing import Any
 
 import duckdb
 import pytest
+from conftest import tiny_scenario_toml
 
 from flywheel.ledger import Ledger, StepConflictError, derive_seed
 from flywheel.store import RunStore
@@ -28,81 +29,47 @@ VOLATILE = ("runtime", "per_second", "wall_s", "_at")
 
 def tiny_scenario(path: Path, model: Path) -> Path:
     """Two generations of a tiny world: 2 characters, 30 users, 2 logged days, 1 + 1 day A/B."""
-    path.write_text(
-        f"""
-name = "tiny"
-seed = 3
-generations = 2
-
-[policy]
-model = "{model}"
-dtype = "float32"
-
-[world]
-characters_dir = "{REPO / "scenarios" / "characters"}"
-characters = ["Captain Mara", "Pixel"]
-turn_cap = 2
-pii_rate = 0.1
-
-[world.gold]
-continue_bias = 6.0
-
-[world.user_llm]
-max_new_tokens = 6
-[world.user_llm.policy]
-model = "{model}"
-dtype = "float32"
-
-[collect]
-days = 2
-
-[traffic]
-n_users = 30
-pre_days = 1
-test_days = 1
-treatment_share = 0.5
-slot_minutes = 720
-[traffic.bot_sampling]
-max_new_tokens = 6
-
-[serving]
-timeout_s = 120.0
-
-[curation]
-require_continued = false
-held_out_share = 0.3
-
-[reward_models]
-test_size = 0.4
-minilm = {{ max_epochs = 3, hidden = 8 }}
-
-[[recipes]]
-name = "rs"
-kind = "rs+sft"
-reward_normalisation = "reference"
-prompts = 4
-samples = 2
-max_steps = 1
-max_new_tokens = 6
-trainer = {{ per_device_train_batch_size = 2 }}
-
-[gates]
-eval_prompts = 4
-max_new_tokens = 6
-min_rm_win_rate = 0.0
-[gates.steerability]
-prompts_per_character = 1
-max_following_drop = 1.0
-max_violation_increase = 1.0
-[gates.safety]
-max_unsafe_rate = 1.0
-[gates.ifbench]
-samples = 2
-max_new_tokens = 6
-""",
-        encoding="utf-8",
+    return tiny_scenario_toml(
+        path,
+        user_model=model,
+        max_new_tokens=6,
+        generations=2,
+        policy={"model": str(model), "dtype": "float32"},
+        world={
+            "characters": ["Captain Mara", "Pixel"],
+            "pii_rate": 0.1,
+            "gold": {"continue_bias": 6.0},
+        },
+        collect={"days": 2},
+        traffic={"n_users": 30, "test_days": 1},
+        serving={"timeout_s": 120.0},
+        curation={"require_continued": False, "held_out_share": 0.3},
+        reward_models={"test_size": 0.4, "minilm": {"max_epochs": 3, "hidden": 8}},
+        recipes=[
+            {
+                "name": "rs",
+                "kind": "rs+sft",
+                "reward_normalisation": "reference",
+                "prompts": 4,
+                "samples": 2,
+                "max_steps": 1,
+                "max_new_tokens": 6,
+                "trainer": {"per_device_train_batch_size": 2},
+            }
+        ],
+        gates={
+            "eval_prompts": 4,
+            "max_new_tokens": 6,
+            "min_rm_win_rate": 0.0,
+            "steerability": {
+                "prompts_per_character": 1,
+                "max_following_drop": 1.0,
+                "max_violation_increase": 1.0,
+            },
+            "safety": {"max_unsafe_rate": 1.0},
+            "ifbench": {"samples": 2, "max_new_tokens": 6},
+        },
     )
-    return path
 
 
 def flywheel(scenario: Path, out: Path, fault: str | None = None) -> subprocess.CompletedProcess:
