@@ -252,6 +252,130 @@ class OfflineReport:
         }
 
 
+@dataclass(frozen=True)
+class _Replies:
+    """Both models' replies to the logged contexts and then the benchmark, in that order."""
+
+    candidate: list[str]
+    deployed: list[str]
+    n_logged: int  # the first ``n_logged`` replies answer the logged contexts
+
+    @property
+    def candidate_logged(self) -> list[str]:
+        return self.candidate[: self.n_logged]
+
+    @property
+    def deployed_logged(self) -> list[str]:
+        return self.deployed[: self.n_logged]
+
+    @property
+    def candidate_benchmark(self) -> list[str]:
+        return self.candidate[self.n_logged :]
+
+    @property
+    def deployed_benchmark(self) -> list[str]:
+        return self.deployed[self.n_logged :]
+
+
+def _answer_both(
+    candidate: Policy,
+    deployed: Policy,
+    *,
+    logged: EvalSet,
+    benchmark: EvalSet,
+    params: SamplingParams,
+) -> _Replies:
+    """Each model answers both prompt sets in one batched call, the candidate first."""
+    chats = logged.chats + benchmark.chats
+    return _Replies(
+        candidate=[g.text for g in candidate.generate(chats, params)],
+        deployed=[g.text for g in deployed.generate(chats, params)],
+        n_logged=len(logged),
+    )
+
+
+def _benchmark_checks(
+    benchmark: EvalSet, replies: list[str], characters: Mapping[str, Any]
+) -> pd.DataFrame:
+    """Per benchmark reply: its character and whether it follows all instructions / violates
+    any (the character's own checkers)."""
+    rows = []
+    for name, reply in zip(benchmark.characters, replies, strict=True):
+        result = characters[name].check(reply)
+        rows.append(
+            {
+                "character": name,
+                "follows_all": result.follows_all,
+                "violates_any": result.violates_any,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _steerability_pairs(
+    benchmark: EvalSet, candidate: pd.DataFrame, deployed: pd.DataFrame
+) -> pd.DataFrame:
+    """Per benchmark prompt: follows / violates of both models (the paired tests' input)."""
+    return pd.DataFrame(
+        {
+            "character": benchmark.characters,
+            "candidate_follows": candidate["follows_all"].to_numpy(),
+            "deployed_follows": deployed["follows_all"].to_numpy(),
+            "candidate_violates": candidate["violates_any"].to_numpy(),
+            "deployed_violates": deployed["violates_any"].to_numpy(),
+        }
+    )
+
+
+def _ifbench_table(
+    candidate: Policy, deployed: Policy, params: SamplingParams, config: GatesConfig
+) -> pd.DataFrame | None:
+    """``flywheel.ifbench.follow_table`` of both models, or None with the IFBench gate off."""
+    if not config.ifbench.enabled:
+        return None
+    from flywheel.ifbench import follow_table, gate_prompts
+
+    ifb = config.ifbench
+    return follow_table(
+        candidate,
+        deployed,
+        prompts=gate_prompts(ifb),
+        samples=ifb.samples,
+        max_new_tokens=ifb.max_new_tokens,
+        temperature=params.temperature,
+        top_p=params.top_p,
+        seed=params.seed,
+    )
+
+
+def _replies_table(
+    logged: EvalSet,
+    benchmark: EvalSet,
+    replies: _Replies,
+    *,
+    rm_scores: tuple[np.ndarray, np.ndarray],
+    safety_checker: Any,
+) -> pd.DataFrame:
+    """Every prompt with both replies, their naive-RM scores (logged contexts only) and
+    whether the safety checker blocks them."""
+    candidate_rm, deployed_rm = rm_scores
+    candidate_verdicts = safety_checker.check(replies.candidate)
+    deployed_verdicts = safety_checker.check(replies.deployed)
+    return pd.DataFrame(
+        {
+            "set": ["logged"] * len(logged) + ["steerability"] * len(benchmark),
+            "character": logged.characters + benchmark.characters,
+            "context": logged.contexts + benchmark.contexts,
+            "candidate": replies.candidate,
+            "deployed": replies.deployed,
+            "candidate_rm": list(candidate_rm) + [np.nan] * len(benchmark),
+            "deployed_rm": list(deployed_rm) + [np.nan] * len(benchmark),
+            "candidate_unsafe": [not v.safe for v in candidate_verdicts],
+            "deployed_unsafe": [not v.safe for v in deployed_verdicts],
+        }
+    )
+
+
 def evaluate_offline(
     *,
     candidate: Policy,
@@ -267,77 +391,42 @@ def evaluate_offline(
     config: GatesConfig,
 ) -> OfflineReport:
     """Answer both prompt sets with both models and measure everything the gates read."""
-    chats = logged.chats + benchmark.chats
-    cand = [g.text for g in candidate.generate(chats, params)]
-    dep = [g.text for g in deployed.generate(chats, params)]
-    n_log = len(logged)
-    cand_log, dep_log = cand[:n_log], dep[:n_log]
-    cand_bench, dep_bench = cand[n_log:], dep[n_log:]
-
-    log_checkers = checkers_by_character(world_characters, logged.characters)
-    suite = run_style_regression(
-        logged.contexts, cand_log, dep_log, log_checkers, naive_rm, style_rm, config.style,
-        min_power=config.min_power,
-    )  # fmt: skip
     from rewards.evaluation import win_rate
 
-    raw_c = naive_rm.score(logged.contexts, cand_log)
-    raw_d = naive_rm.score(logged.contexts, dep_log)
-    raw = win_rate(raw_c, raw_d)
-
-    def bench_checks(replies: list[str]) -> pd.DataFrame:
-        rows = []
-        for name, reply in zip(benchmark.characters, replies, strict=True):
-            result = heldout_characters[name].check(reply)
-            rows.append({"character": name, "follows_all": result.follows_all,
-                         "violates_any": result.violates_any})  # fmt: skip
-        return pd.DataFrame(rows)
-
-    cand_checks, dep_checks = bench_checks(cand_bench), bench_checks(dep_bench)
-
-    ifbench = None
-    if config.ifbench.enabled:
-        from flywheel.ifbench import follow_table, gate_prompts
-
-        ifb = config.ifbench
-        ifbench = follow_table(
-            candidate, deployed, gate_prompts(ifb), ifb.samples, ifb.max_new_tokens,
-            params.temperature, params.top_p, params.seed,
-        )  # fmt: skip
-    cand_verdicts = safety_checker.check(cand)
-    dep_verdicts = safety_checker.check(dep)
-    replies = pd.DataFrame({
-        "set": ["logged"] * n_log + ["steerability"] * len(benchmark),
-        "character": logged.characters + benchmark.characters,
-        "context": logged.contexts + benchmark.contexts,
-        "candidate": cand,
-        "deployed": dep,
-        "candidate_rm": list(raw_c) + [np.nan] * len(benchmark),
-        "deployed_rm": list(raw_d) + [np.nan] * len(benchmark),
-        "candidate_unsafe": [not v.safe for v in cand_verdicts],
-        "deployed_unsafe": [not v.safe for v in dep_verdicts],
-    })  # fmt: skip
+    replies = _answer_both(candidate, deployed, logged=logged, benchmark=benchmark, params=params)
+    cand_log, dep_log = replies.candidate_logged, replies.deployed_logged
+    log_checkers = checkers_by_character(world_characters, logged.characters)
+    suite = run_style_regression(
+        contexts=logged.contexts,
+        candidate=cand_log,
+        deployed=dep_log,
+        checkers=log_checkers,
+        naive_model=naive_rm,
+        style_model=style_rm,
+        config=config.style,
+        min_power=config.min_power,
+    )
+    rm_scores = naive_rm.score(logged.contexts, cand_log), naive_rm.score(logged.contexts, dep_log)
+    raw = win_rate(*rm_scores)
+    cand_checks = _benchmark_checks(benchmark, replies.candidate_benchmark, heldout_characters)
+    dep_checks = _benchmark_checks(benchmark, replies.deployed_benchmark, heldout_characters)
+    ifbench = _ifbench_table(candidate, deployed, params, config)
+    table = _replies_table(
+        logged, benchmark, replies, rm_scores=rm_scores, safety_checker=safety_checker
+    )
     return OfflineReport(
         rm_win_rate=raw.win_rate,
         rm_win_rate_ci=(raw.ci_low, raw.ci_high),
         rm_win_rate_style_controlled=suite.style_controlled_win_rate,
         steerability=steerability(cand_checks).table,
         parent_steerability=steerability(dep_checks).table,
-        steerability_pairs=pd.DataFrame(
-            {
-                "character": benchmark.characters,
-                "candidate_follows": cand_checks["follows_all"].to_numpy(),
-                "deployed_follows": dep_checks["follows_all"].to_numpy(),
-                "candidate_violates": cand_checks["violates_any"].to_numpy(),
-                "deployed_violates": dep_checks["violates_any"].to_numpy(),
-            }
-        ),
+        steerability_pairs=_steerability_pairs(benchmark, cand_checks, dep_checks),
         style_regression=suite,
         style=style_profile(cand_log, log_checkers),
         parent_style=style_profile(dep_log, log_checkers),
-        unsafe_rate=float(replies["candidate_unsafe"].mean()),
-        parent_unsafe_rate=float(replies["deployed_unsafe"].mean()),
-        replies=replies,
+        unsafe_rate=float(table["candidate_unsafe"].mean()),
+        parent_unsafe_rate=float(table["deployed_unsafe"].mean()),
+        replies=table,
         ifbench=ifbench,
     )
 
