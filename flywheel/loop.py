@@ -52,6 +52,13 @@ from rich.console import Console
 
 from flywheel.ledger import Ledger, derive_seed
 from flywheel.persist import atomic_write_text, json_ready
+from flywheel.records import (
+    ABSummary,
+    CandidateSummary,
+    GenerationRecord,
+    OracleSummary,
+    TrafficSummary,
+)
 from flywheel.scenario import RecipeConfig, Scenario
 from flywheel.store import SCHEMA_VERSION, RunStore, fallback_totals
 from policies import Policy, PolicySpec, SamplingParams, load_policy
@@ -721,11 +728,11 @@ class FlywheelRun:
         shown: Candidate,
         ab: dict[str, Any],
     ) -> dict[str, Any]:
-        """The generation record (one entry of ``generations.json``)."""
+        """The generation record (one entry of ``generations.json``), as the ledger stores
+        it: ``GenerationRecord.to_dict()``."""
         from flywheel.gates import Gate, failed_reason
 
-        name = shown.recipe.name
-        candidate = candidate_name(generation, name)
+        candidate = candidate_name(generation, shown.recipe.name)
         if ab.get("skipped"):
             decision = "gated"
             reasons = [
@@ -734,46 +741,54 @@ class FlywheelRun:
                 for c in candidates
             ]
             reason = "no candidate passed the offline gates; " + " | ".join(reasons)
-            ab_block = None
+            ab_summary = None
         else:
             decision = "ship" if ab["decision"] == "ship" else "hold"
             reason = f"A/B {ab['decision']}: {ab['reason']}"
-            ab_block = {k: ab[k] for k in ("metrics", "srm_p_value", "decision", "reason")}
-            ab_block["user_fallbacks"] = ab["simulation"]["user_fallbacks"]
-        _, ab_id = experiment_ids(generation)
-        traffic_id, _ = experiment_ids(generation)
-        return {
-            "generation": generation,
-            "parent": deployed.label,
-            "candidate": candidate,
-            "recipe": shown.recipe.kind,
-            "recipe_name": name,
-            "model_path": shown.trained["model_path"],
-            "traffic_experiment_id": traffic_id,
-            "ab_experiment_id": None if ab_block is None else ab_id,
-            "offline": shown.offline["offline"],
-            "oracle": shown.offline.get("oracle"),
-            "gates": shown.offline["gates"],
-            "ab": ab_block,
-            "decision": decision,
-            "reason": reason,
-            "deployed_after": candidate if decision == "ship" else deployed.label,
-            "candidates": [
-                {
-                    "candidate": candidate_name(generation, c.recipe.name),
-                    "recipe": c.recipe.kind,
-                    "model_path": c.trained["model_path"],
-                    "passed_gates": c.passed,
-                    "gates": c.offline["gates"],
-                    "rm_win_rate": c.offline["offline"]["rm_win_rate"],
-                    "rm_win_rate_style_controlled": c.style_controlled_win,
-                }
+            ab_summary = ABSummary(
+                metrics=ab["metrics"],
+                srm_p_value=ab["srm_p_value"],
+                decision=ab["decision"],
+                reason=ab["reason"],
+                user_fallbacks=ab["simulation"]["user_fallbacks"],
+            )
+        traffic_id, ab_id = experiment_ids(generation)
+        oracle = shown.offline.get("oracle")
+        record = GenerationRecord(
+            generation=generation,
+            parent=deployed.label,
+            candidate=candidate,
+            recipe=shown.recipe.kind,
+            recipe_name=shown.recipe.name,
+            model_path=shown.trained["model_path"],
+            traffic_experiment_id=traffic_id,
+            ab_experiment_id=None if ab_summary is None else ab_id,
+            offline=shown.offline["offline"],
+            oracle=None if oracle is None else OracleSummary.from_dict(oracle),
+            gates=tuple(shown.offline["gates"]),
+            ab=ab_summary,
+            decision=decision,
+            reason=reason,
+            deployed_after=candidate if decision == "ship" else deployed.label,
+            candidates=tuple(
+                CandidateSummary(
+                    candidate=candidate_name(generation, c.recipe.name),
+                    recipe=c.recipe.kind,
+                    model_path=c.trained["model_path"],
+                    passed_gates=c.passed,
+                    gates=tuple(c.offline["gates"]),
+                    rm_win_rate=c.offline["offline"]["rm_win_rate"],
+                    rm_win_rate_style_controlled=c.style_controlled_win,
+                )
                 for c in candidates
-            ],
-            "reward_models": rms,
+            ),
+            reward_models=rms,
             # Wall times are left out so a resumed run's record equals an uninterrupted one's.
-            "traffic": {k: v for k, v in collect.items() if k != "simulated_wall_s"},
-        }
+            traffic=TrafficSummary.from_dict(
+                {k: v for k, v in collect.items() if k != "simulated_wall_s"}
+            ),
+        )
+        return record.to_dict()
 
 
 def pii_audit(frames: list[pd.DataFrame], locale: str) -> int:
