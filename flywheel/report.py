@@ -23,13 +23,23 @@ from pathlib import Path
 from typing import Any
 
 from flywheel.persist import atomic_write_text
+from flywheel.records import (
+    RECORD_VERSION,
+    ABSummary,
+    GenerationRecord,
+    Interval,
+    gate_verdict,
+    read_records,
+)
 from flywheel.store import fallback_text
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = RECORD_VERSION
 JSON_FILE = "generations.json"
 MARKDOWN_FILE = "generations.md"
 PLOTS_DIR = "plots"
 LIFT_METRICS = ("breadth", "depth")
+# What the readers below take: records as the ledger and generations.json hold them, or typed.
+Records = Sequence[Mapping[str, Any] | GenerationRecord]
 # The terminal table drops the style columns and the deployed model (the Markdown has all).
 TERMINAL_COLUMNS = (
     "gen",
@@ -52,40 +62,32 @@ def _num(value: Any, spec: str = ".2f") -> str:
     return format(value, spec)
 
 
-def _lift(ab: Mapping[str, Any] | None, metric: str) -> str:
-    """'+3.1% [-1.0, +7.2]' for a metric of an A/B block, '-' without one."""
-    if not ab or metric not in ab.get("metrics", {}):
+def _interval(interval: Interval | None, spec: str) -> str:
+    """'+3.1% [-1.0%, +7.2%]' with every number formatted by ``spec``, '-' without one."""
+    if interval is None:
         return "-"
-    m = ab["metrics"][metric]
-    if m.get("lift") is None:
-        return "-"
-    return f"{m['lift']:+.1%} [{_num(m.get('ci_low'), '+.1%')}, {_num(m.get('ci_high'), '+.1%')}]"
+    low, high = _num(interval.ci_low, spec), _num(interval.ci_high, spec)
+    return f"{interval.estimate:{spec}} [{low}, {high}]"
 
 
-def _gold(oracle: Mapping[str, Any] | None) -> str:
-    """'+0.12 [+0.03, +0.21]': the candidate's mean gold utility minus its parent's on the
-    held-out logged contexts (ORACLE), '-' where the run did not measure it."""
-    gold = (oracle or {}).get("gold")
-    if not gold or gold.get("diff") is None:
-        return "-"
-    low, high = _num(gold.get("ci_low"), "+.2f"), _num(gold.get("ci_high"), "+.2f")
-    return f"{gold['diff']:+.2f} [{low}, {high}]"
+def _lift(ab: ABSummary | None, metric: str) -> str:
+    """'+3.1% [-1.0%, +7.2%]' for a metric of a generation's A/B test, '-' without one."""
+    return _interval(None if ab is None else ab.lift(metric), "+.1%")
 
 
-def table_rows(records: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
+def table_rows(records: Records) -> list[dict[str, str]]:
     """One display row per generation record (strings, ready for any table renderer)."""
     rows = []
-    for r in records:
-        off = r.get("offline") or {}
+    for r in read_records(records):
+        off = r.offline
         # The deployed model's offline metrics are the candidate's keys prefixed parent_.
         parent = {k.removeprefix("parent_"): v for k, v in off.items() if k.startswith("parent_")}
         style, parent_style = off.get("style") or {}, parent.get("style") or {}
-        gates = r.get("gates", [])
         rows.append(
             {
-                "gen": str(r["generation"]),
-                "candidate": r["candidate"],
-                "recipe": r["recipe"],
+                "gen": str(r.generation),
+                "candidate": r.candidate,
+                "recipe": r.recipe,
                 "RM win (raw / SC)": f"{_num(off.get('rm_win_rate'))} / "
                 f"{_num(off.get('rm_win_rate_style_controlled'))}",
                 "instr. following": _change(parent, off, "instruction_following", ".1%"),
@@ -93,13 +95,13 @@ def table_rows(records: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
                 "words": _change(parent_style, style, "mean_words", ".0f"),
                 "emoji": _change(parent_style, style, "emoji_rate", ".0%"),
                 "gates": "pass"
-                if all(g["passed"] for g in gates)
-                else ", ".join(_gate_short(g) for g in gates if not g["passed"]),
-                "gold vs parent [95% CI]": _gold(r.get("oracle")),
-                "breadth lift [95% CI]": _lift(r.get("ab"), "breadth"),
-                "depth lift [95% CI]": _lift(r.get("ab"), "depth"),
-                "decision": r["decision"],
-                "deployed after": r["deployed_after"],
+                if r.passed_gates
+                else ", ".join(_gate_short(g) for g in r.gates if not g["passed"]),
+                "gold vs parent [95% CI]": _interval(r.gold_vs_parent, "+.2f"),
+                "breadth lift [95% CI]": _lift(r.ab, "breadth"),
+                "depth lift [95% CI]": _lift(r.ab, "depth"),
+                "decision": r.decision,
+                "deployed after": r.deployed_after,
             }
         )
     return rows
@@ -110,18 +112,14 @@ def _change(deployed: Mapping[str, Any], candidate: Mapping[str, Any], key: str,
     return f"{_num(deployed.get(key), spec)} -> {_num(candidate.get(key), spec)}"
 
 
-def _verdict(gate: Mapping[str, Any]) -> str:
-    """A gate record's verdict; records written before verdicts existed say only passed."""
-    return gate.get("verdict") or ("pass" if gate["passed"] else "fail")
-
-
 def _gate_short(gate: Mapping[str, Any]) -> str:
     """A gate that did not pass, in the table: its name, '?' when it could not tell."""
-    return f"{gate['name']}?" if _verdict(gate) == "inconclusive" else gate["name"]
+    return f"{gate['name']}?" if gate_verdict(gate) == "inconclusive" else gate["name"]
 
 
-def markdown(scenario: str, records: Sequence[Mapping[str, Any]]) -> str:
+def markdown(scenario: str, records: Records) -> str:
     """The Markdown report: the table, then each generation's reason and gates."""
+    records = read_records(records)
     rows = table_rows(records)
     lines = [f"# Flywheel run: {scenario}", ""]
     if not rows:
@@ -141,29 +139,31 @@ def markdown(scenario: str, records: Sequence[Mapping[str, Any]]) -> str:
         "with 95% CI (CUPED-adjusted; the twin estimate in a twin test)."
     )
     for r in records:
-        lines += ["", f"## Generation {r['generation']}: {r['candidate']} ({r['decision']})", ""]
-        lines.append(f"{r['reason']}")
+        lines += ["", f"## Generation {r.generation}: {r.candidate} ({r.decision})", ""]
+        lines.append(r.reason)
         lines.append("")
-        for gate in r.get("gates", []):
-            mark = "pass" if gate["passed"] else f"**{_verdict(gate).upper()}**"
+        for gate in r.gates:
+            mark = "pass" if gate["passed"] else f"**{gate_verdict(gate).upper()}**"
             lines.append(f"- gate `{gate['name']}`: {mark}: {gate['reason']}")
         lines.extend(_fallback_lines(r))
-        others = [c for c in r.get("candidates", []) if c["candidate"] != r["candidate"]]
-        for c in others:
-            verdict = "passed gates" if c["passed_gates"] else "failed gates"
+        for c in r.candidates:
+            if c.candidate == r.candidate:
+                continue
+            verdict = "passed gates" if c.passed_gates else "failed gates"
             lines.append(
-                f"- other candidate `{c['candidate']}` ({c['recipe']}): {verdict}, "
-                f"RM win {_num(c['rm_win_rate'])} / {_num(c['rm_win_rate_style_controlled'])}"
+                f"- other candidate `{c.candidate}` ({c.recipe}): {verdict}, "
+                f"RM win {_num(c.rm_win_rate)} / {_num(c.rm_win_rate_style_controlled)}"
             )
     return "\n".join(lines) + "\n"
 
 
-def _fallback_lines(record: Mapping[str, Any]) -> list[str]:
+def _fallback_lines(record: GenerationRecord) -> list[str]:
     """How often the generation's simulated users fell back to canned human messages."""
+    blocks = (("traffic", record.traffic), ("A/B", record.ab))
     shares = [
-        f"{label} {fallback_text(block['user_fallbacks'])}"
-        for label, block in (("traffic", record.get("traffic")), ("A/B", record.get("ab")))
-        if block and block.get("user_fallbacks")
+        f"{label} {fallback_text(block.user_fallbacks)}"
+        for label, block in blocks
+        if block is not None and block.user_fallbacks
     ]
     if not shares:
         return []
@@ -173,7 +173,7 @@ def _fallback_lines(record: Mapping[str, Any]) -> list[str]:
     ]
 
 
-def text_table(records: Sequence[Mapping[str, Any]]) -> str:
+def text_table(records: Records) -> str:
     """The table rendered by rich for a terminal (plain text, no colour codes, 170 wide)."""
     from rich.console import Console
     from rich.table import Table
@@ -226,11 +226,12 @@ def read_document(run_dir: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def write_plots(records: Sequence[Mapping[str, Any]], folder: Path) -> dict[str, Path]:
+def write_plots(records: Records, folder: Path) -> dict[str, Path]:
     """PNG plots of a run: lifts with CIs, steerability, style drift, RM win rates."""
     import matplotlib
 
     matplotlib.use("Agg")
+    records = read_records(records)
     folder.mkdir(parents=True, exist_ok=True)
     return {
         "lift_plot": _save(_lift_figure(records), folder / "lift.png"),
@@ -240,12 +241,7 @@ def write_plots(records: Sequence[Mapping[str, Any]], folder: Path) -> dict[str,
     }
 
 
-def _offline(record: Mapping[str, Any], key: str) -> Any:
-    """A value of a record's offline block (None where the block or the value is missing)."""
-    return (record.get("offline") or {}).get(key)
-
-
-def _lift_figure(records: Sequence[Mapping[str, Any]]) -> Any:
+def _lift_figure(records: Sequence[GenerationRecord]) -> Any:
     """A/B lift of breadth and depth per generation, with the CI as error bars."""
     import matplotlib.pyplot as plt
 
@@ -253,29 +249,29 @@ def _lift_figure(records: Sequence[Mapping[str, Any]]) -> Any:
     for offset, metric in zip((-0.1, 0.1), LIFT_METRICS, strict=True):
         xs, ys, lo, hi = [], [], [], []
         for r in records:
-            m = (r.get("ab") or {}).get("metrics", {}).get(metric)
-            if not m or m.get("lift") is None:
+            lift = None if r.ab is None else r.ab.lift(metric)
+            if lift is None:
                 continue
             # A missing CI bound draws no bar on that side.
-            low = m["lift"] if m.get("ci_low") is None else m["ci_low"]
-            high = m["lift"] if m.get("ci_high") is None else m["ci_high"]
-            xs.append(r["generation"] + offset)
-            ys.append(100 * m["lift"])
-            lo.append(100 * (m["lift"] - low))
-            hi.append(100 * (high - m["lift"]))
+            low = lift.estimate if lift.ci_low is None else lift.ci_low
+            high = lift.estimate if lift.ci_high is None else lift.ci_high
+            xs.append(r.generation + offset)
+            ys.append(100 * lift.estimate)
+            lo.append(100 * (lift.estimate - low))
+            hi.append(100 * (high - lift.estimate))
         ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o", capsize=4, label=f"{metric} lift")
     ax.axhline(0, color="grey", lw=0.8)
     for r in records:
         ax.annotate(
-            r["decision"],
-            (r["generation"], 0),
+            r.decision,
+            (r.generation, 0),
             textcoords="offset points",
             xytext=(0, -14),
             ha="center",
             fontsize=8,
             color="grey",
         )
-    ax.set_xticks([r["generation"] for r in records])
+    ax.set_xticks([r.generation for r in records])
     ax.set_xlabel("generation")
     ax.set_ylabel("A/B lift, % (95% CI)")
     ax.set_title("Engagement lift per generation")
@@ -283,19 +279,19 @@ def _lift_figure(records: Sequence[Mapping[str, Any]]) -> Any:
     return fig
 
 
-def _steerability_figure(records: Sequence[Mapping[str, Any]]) -> Any:
+def _steerability_figure(records: Sequence[GenerationRecord]) -> Any:
     """Held-out instruction following and violation rate, deployed vs candidate."""
     import matplotlib.pyplot as plt
 
-    gens = [r["generation"] for r in records]
+    gens = [r.generation for r in records]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for key, label in (
         ("instruction_following", "instruction following"),
         ("violation_rate", "violation rate"),
     ):
-        deployed = [_offline(r, f"parent_{key}") for r in records]
+        deployed = [r.offline.get(f"parent_{key}") for r in records]
         ax.plot(gens, deployed, "o--", label=f"{label} (deployed)")
-        ax.plot(gens, [_offline(r, key) for r in records], "o-", label=f"{label} (candidate)")
+        ax.plot(gens, [r.offline.get(key) for r in records], "o-", label=f"{label} (candidate)")
     ax.set_xticks(gens)
     ax.set_ylim(0, 1)
     ax.set_xlabel("generation")
@@ -304,15 +300,15 @@ def _steerability_figure(records: Sequence[Mapping[str, Any]]) -> Any:
     return fig
 
 
-def _style_figure(records: Sequence[Mapping[str, Any]]) -> Any:
+def _style_figure(records: Sequence[GenerationRecord]) -> Any:
     """Words, emoji rate and question rate of the deployed and the candidate model."""
     import matplotlib.pyplot as plt
 
-    gens = [r["generation"] for r in records]
+    gens = [r.generation for r in records]
     fig, axes = plt.subplots(1, 3, figsize=(9, 3))
     for ax, key in zip(axes, ("mean_words", "emoji_rate", "question_rate"), strict=True):
-        deployed = [(_offline(r, "parent_style") or {}).get(key) for r in records]
-        candidate = [(_offline(r, "style") or {}).get(key) for r in records]
+        deployed = [(r.offline.get("parent_style") or {}).get(key) for r in records]
+        candidate = [(r.offline.get("style") or {}).get(key) for r in records]
         ax.plot(gens, deployed, "o--", label="deployed")
         ax.plot(gens, candidate, "o-", label="candidate")
         ax.set_title(key.replace("_", " "))
@@ -322,18 +318,18 @@ def _style_figure(records: Sequence[Mapping[str, Any]]) -> Any:
     return fig
 
 
-def _win_rate_figure(records: Sequence[Mapping[str, Any]]) -> Any:
+def _win_rate_figure(records: Sequence[GenerationRecord]) -> Any:
     """The reward models' win rate of the candidate over the deployed model, raw and
     style-controlled."""
     import matplotlib.pyplot as plt
 
-    gens = [r["generation"] for r in records]
+    gens = [r.generation for r in records]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for key, label in (
         ("rm_win_rate", "raw (naive RM)"),
         ("rm_win_rate_style_controlled", "style-controlled RM"),
     ):
-        ax.plot(gens, [_offline(r, key) for r in records], "o-", label=label)
+        ax.plot(gens, [r.offline.get(key) for r in records], "o-", label=label)
     ax.axhline(0.5, color="grey", lw=0.8)
     ax.set_xticks(gens)
     ax.set_ylim(0, 1)
