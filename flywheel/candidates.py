@@ -268,7 +268,11 @@ def train_candidate(
             # A reply the token cap stopped is trained without an end of turn (training.sft).
             cut = best["completion_tokens"] >= recipe.max_new_tokens
             records = [
-                {"prompt": list(p), "completion": [{"role": "assistant", "content": r}], "cut": bool(c)}
+                {
+                    "prompt": list(p),
+                    "completion": [{"role": "assistant", "content": r}],
+                    "cut": bool(c),
+                }
                 for p, r, c in zip(best["prompt"], best["reply"], cut, strict=True)
             ]
             args = sft_config(work, max_steps=recipe.max_steps, seed=seed, **overrides)
