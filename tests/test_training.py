@@ -773,3 +773,36 @@ def test_grpo_benchmark_runs_through_the_builder_on_a_tiny_budget(tiny_llama_dir
     assert report["paired_tests"]["instruction_following_rate"]["n_prompts"] == 2
     # The gold's part no checker decides is reported beside the whole gold.
     assert report["paired_tests"]["gold_utility_unchecked"]["n_prompts"] == 2
+
+
+def test_proxy_headroom_is_the_gold_of_the_proxy_best_minus_the_context_mean():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    from scipy import stats
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "proxy_headroom.py"
+    spec = importlib.util.spec_from_file_location("proxy_headroom", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+
+    rng = np.random.default_rng(0)
+    samples = pd.DataFrame(
+        {"context_id": np.repeat(np.arange(30), 4), "gold": rng.normal(size=120)}
+    )
+    samples["proxy"] = samples["gold"] + rng.normal(size=120)
+    row = module.headroom(samples, "proxy", 4)
+    # Reference: with n = all samples, best-of-n is the argmax of the proxy in each context.
+    groups = samples.groupby("context_id")
+    gains = (
+        samples.loc[groups["proxy"].idxmax()].set_index("context_id")["gold"]
+        - groups["gold"].mean()
+    )
+    low, high = stats.t.interval(0.95, len(gains) - 1, gains.mean(), stats.sem(gains))
+    assert row["gold_gain"] == pytest.approx(gains.mean())
+    assert (row["ci_low"], row["ci_high"]) == pytest.approx((low, high))
+    assert row["contexts"] == 30 and row["gold_gain"] > 0
+    samples["proxy"] = -samples["gold"]
+    assert module.headroom(samples, "proxy", 4)["gold_gain"] < 0
