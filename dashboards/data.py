@@ -36,6 +36,14 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
+from flywheel.records import (
+    RECORD_VERSION,
+    GenerationRecord,
+    Interval,
+    RecordError,
+    gate_verdict,
+    read_records,
+)
 from flywheel.store import ARTIFACTS_DIR, DB_FILE, SCHEMA_VERSION, RunStore
 
 if TYPE_CHECKING:
@@ -44,7 +52,7 @@ if TYPE_CHECKING:
 RUN_DIR_ENV = "FLYWHEEL_RUN_DIR"
 RUN_DIR_KEY = "run_dir"  # st.session_state key of the run directory
 GENERATIONS_FILE = "generations.json"
-GENERATIONS_SCHEMA_VERSION = 1
+GENERATIONS_SCHEMA_VERSION = RECORD_VERSION
 RM_EVAL_FILE = "rm_eval.json"
 RM_META_FILE = "reward_model.json"
 BON_FILES = ("bon.json", "sweep.json")  # contract name, and what `flywheel bon` writes
@@ -707,8 +715,18 @@ def sequential_view(run_dir: str, experiment_id: str, design: str) -> Sequential
 
 
 # ---------------------------------------------------------------------------- generations
+@dataclass(frozen=True)
+class RunGenerations:
+    """``generations.json`` as the pages read it: its scenario and seed, and the typed
+    generation records (``flywheel.records``) in generation order."""
+
+    scenario: str  # "?" where the file names none (as seed)
+    seed: int | str
+    records: tuple[GenerationRecord, ...]
+
+
 @st.cache_data(show_spinner=False)
-def _generations(run_dir: str, version: str) -> dict[str, Any] | None:
+def _generations(run_dir: str, version: str) -> RunGenerations | None:
     path = Path(run_dir) / GENERATIONS_FILE
     if not path.is_file():
         return None
@@ -727,14 +745,21 @@ def _generations(run_dir: str, version: str) -> dict[str, Any] | None:
             f"`{path}` has schema_version {version_seen!r}; this dashboard reads version "
             f"{GENERATIONS_SCHEMA_VERSION}. Open the run with the release that wrote it.",
         )
-    return data
+    try:
+        records = read_records(data.get("generations", []))
+    except RecordError as err:
+        raise RunUnavailable(
+            "generations.json holds a malformed generation record", f"`{path}`: {err}"
+        ) from err
+    return RunGenerations(data.get("scenario", "?"), data.get("seed", "?"), tuple(records))
 
 
-def generations(run_dir: str) -> dict[str, Any] | None:
+def generations(run_dir: str) -> RunGenerations | None:
     """``generations.json`` (None when the loop has not written one).
 
     Raises:
-        RunUnavailable: the file is damaged or from another schema version.
+        RunUnavailable: the file is damaged, from another schema version, or holds a
+            record ``GenerationRecord.from_dict`` cannot read.
     """
     return _generations(run_dir, run_version(run_dir))
 
@@ -745,42 +770,44 @@ def _num(value: Any) -> float:
     )
 
 
-def generation_table(data: dict[str, Any]) -> pd.DataFrame:
+def _interval_columns(prefix: str, interval: Interval | None, estimate: str) -> dict[str, float]:
+    """``{prefix}{estimate}``, ``{prefix}ci_low``, ``{prefix}ci_high`` (NaN where not measured)."""
+    values = (
+        (None,) * 3 if interval is None else (interval.estimate, interval.ci_low, interval.ci_high)
+    )
+    names = (estimate, "ci_low", "ci_high")
+    return {f"{prefix}{name}": _num(v) for name, v in zip(names, values, strict=True)}
+
+
+def generation_table(data: RunGenerations) -> pd.DataFrame:
     """One row per generation: candidate, recipe, offline metrics, the oracle's gold
     utility vs the parent, lifts, decision."""
     rows = []
-    for gen in data.get("generations", []):
-        offline = gen.get("offline") or {}
-        ab = gen.get("ab") or {}
-        metrics = ab.get("metrics") or {}
-        gates = gen.get("gates") or []
+    for gen in data.records:
+        offline = gen.offline
         row = {
-            "generation": gen.get("generation"),
-            "candidate": gen.get("candidate"),
-            "recipe": gen.get("recipe"),
-            "parent": gen.get("parent"),
+            "generation": gen.generation,
+            "candidate": gen.candidate,
+            "recipe": gen.recipe,
+            "parent": gen.parent,
             "rm_win_rate": _num(offline.get("rm_win_rate")),
             "rm_win_rate_sc": _num(offline.get("rm_win_rate_style_controlled")),
             "instruction_following": _num(offline.get("instruction_following")),
             "violation_rate": _num(offline.get("violation_rate")),
             "gates_failed": ", ".join(
-                f"{g.get('name', '?')}" + ("" if verdict == "fail" else f" ({verdict})")
-                for g in gates
+                g["name"] + ("" if verdict == "fail" else f" ({verdict})")
+                for g in gen.gates
                 if (verdict := gate_verdict(g)) != "pass"
             ),
+            **_interval_columns("gold_", gen.gold_vs_parent, "diff"),
         }
-        gold = (gen.get("oracle") or {}).get("gold") or {}
-        for key in ("diff", "ci_low", "ci_high"):
-            row[f"gold_{key}"] = _num(gold.get(key))
         for metric in SUCCESS_METRICS:
-            values = metrics.get(metric) or {}
-            row[f"{metric}_lift"] = _num(values.get("lift"))
-            row[f"{metric}_ci_low"] = _num(values.get("ci_low"))
-            row[f"{metric}_ci_high"] = _num(values.get("ci_high"))
-        row["decision"] = gen.get("decision")
-        row["reason"] = gen.get("reason")
-        row["deployed_after"] = gen.get("deployed_after")
-        row["ab_experiment_id"] = gen.get("ab_experiment_id")
+            lift = None if gen.ab is None else gen.ab.lift(metric)
+            row.update(_interval_columns(f"{metric}_", lift, "lift"))
+        row["decision"] = gen.decision
+        row["reason"] = gen.reason
+        row["deployed_after"] = gen.deployed_after
+        row["ab_experiment_id"] = gen.ab_experiment_id
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -858,44 +885,34 @@ def lift_rows(table: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-def steerability_rows(data: dict[str, Any]) -> pd.DataFrame:
+def steerability_rows(data: RunGenerations) -> pd.DataFrame:
     """Instruction following and violations per generation, candidate and parent (long)."""
     rows = []
-    for gen in data.get("generations", []):
-        offline = gen.get("offline") or {}
+    for gen in data.records:
         for who, prefix in (("candidate", ""), ("parent", "parent_")):
             for metric in ("instruction_following", "violation_rate"):
-                value = _num(offline.get(prefix + metric))
+                value = _num(gen.offline.get(prefix + metric))
                 if np.isfinite(value):
                     rows.append(
                         {
-                            "generation": gen.get("generation"),
+                            "generation": gen.generation,
                             "model": who,
                             "metric": metric,
                             "value": value,
-                            "decision": gen.get("decision"),
+                            "decision": gen.decision,
                         }
                     )
     return pd.DataFrame(rows, columns=["generation", "model", "metric", "value", "decision"])
 
 
-def gate_verdict(gate: dict[str, Any]) -> str:
-    """A recorded gate's verdict: its ``verdict`` (pass / fail / inconclusive), or pass /
-    fail from ``passed`` in records that carry no verdict."""
-    verdict = gate.get("verdict")
-    if verdict:
-        return str(verdict)
-    return "pass" if gate.get("passed") else "fail"
-
-
-def gates_table(gen: dict[str, Any]) -> pd.DataFrame:
+def gates_table(gen: GenerationRecord) -> pd.DataFrame:
     """A generation's offline gates: name, verdict, value, threshold, then every other
     scalar field the gates record (power, sample sizes, p-values ...), the reason last.
 
     Columns come from the records, so a field the loop adds to its gates shows up here
     without a change; nested fields (a suite's per-check table) are left to their pages.
     """
-    gates = gen.get("gates") or []
+    gates = gen.gates
     first, last = ["name", "verdict", "value", "threshold"], ["reason"]
     extra = []
     for gate in gates:

@@ -23,7 +23,7 @@ else:
 if generations is not None:
     table = data.generation_table(generations)
     st.markdown(
-        f"Scenario **{generations.get('scenario', '?')}**, seed {generations.get('seed', '?')}: "
+        f"Scenario **{generations.scenario}**, seed {generations.seed}: "
         f"{len(table)} generation(s), "
         f"{int((table['decision'] == 'ship').sum()) if len(table) else 0} shipped."
     )
@@ -61,13 +61,12 @@ if generations is not None:
             )
 
         st.subheader("Decisions")
-        for gen in generations.get("generations", []):
-            decision = gen.get("decision", "?")
+        for gen in generations.records:
             with st.expander(
-                f"Generation {gen.get('generation')}: {gen.get('candidate')} "
-                f"({gen.get('recipe')}) -> {str(decision).upper()}"
+                f"Generation {gen.generation}: {gen.candidate} "
+                f"({gen.recipe}) -> {gen.decision.upper()}"
             ):
-                st.markdown(f"**Why:** {gen.get('reason', 'no reason recorded')}")
+                st.markdown(f"**Why:** {gen.reason}")
                 gates = data.gates_table(gen)
                 if gates.empty:
                     st.caption("No offline gates recorded.")

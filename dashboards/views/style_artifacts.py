@@ -7,6 +7,7 @@ import pandas as pd
 import streamlit as st
 
 from dashboards import charts, data
+from flywheel.records import gate_verdict
 
 STATISTICS = ("mean_words", "emoji_rate", "question_rate")
 FEATURES = {"words": "words per reply", "emoji": "emoji per reply"}
@@ -27,20 +28,18 @@ except data.RunUnavailable as err:
     generations = None
 
 st.subheader("Candidate vs parent, per generation")
-if generations is None or not generations.get("generations"):
+if generations is None or not generations.records:
     st.info("No generations recorded (generations.json): no offline style comparison to show.")
 else:
-    by_number = {g.get("generation"): g for g in generations["generations"]}
+    by_number = {g.generation: g for g in generations.records}
     number = st.selectbox(
         "Generation",
         list(by_number),
-        format_func=lambda n: (
-            f"{n}: {by_number[n].get('candidate')} vs {by_number[n].get('parent')}"
-        ),
+        format_func=lambda n: f"{n}: {by_number[n].candidate} vs {by_number[n].parent}",
         key="style_generation",
     )
     gen = by_number[number]
-    offline = gen.get("offline") or {}
+    offline = gen.offline
     style, parent = offline.get("style") or {}, offline.get("parent_style") or {}
     rows = [
         {"statistic": s, "model": who, "value": values[s]}
@@ -52,11 +51,11 @@ else:
         st.altair_chart(charts.style_comparison(pd.DataFrame(rows)))
     else:
         st.info("This generation recorded no offline style profile.")
-    suite = [g for g in gen.get("gates") or [] if "style" in str(g.get("name", ""))]
+    suite = [g for g in gen.gates if "style" in g["name"]]
     if not suite:
         st.info("No style-artifact regression verdict recorded for this generation.")
     for gate in suite:
-        verdict = data.gate_verdict(gate)
+        verdict = gate_verdict(gate)
         VERDICT_BOX.get(verdict, st.warning)(
             f"**{gate.get('name')}: {verdict.upper()}**: {gate.get('reason', '')}"
         )
