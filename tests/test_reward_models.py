@@ -255,6 +255,10 @@ def test_llm_reward_model_trains_with_reward_trainer(tiny_llama_dir: Path, tmp_p
     assert scores.shape == (5,) and np.isfinite(scores).all()
     loaded = load_reward_model(model.save(tmp_path / "llm-rm"))
     np.testing.assert_allclose(loaded.score(contexts, replies), scores, rtol=1e-4, atol=1e-5)
+    # Same config, same model: the fresh score head is seeded too (torch's global generator
+    # has moved on since the first fit, so an unseeded head would differ).
+    again = train_llm("pairwise", pairs, config=config)
+    np.testing.assert_allclose(again.score(contexts, replies), scores, rtol=1e-4, atol=1e-5)
 
     table = pointwise_examples(relevance_turns(rng, 40))
     pointwise = train_llm("pointwise", table, config=config)

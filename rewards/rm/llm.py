@@ -136,7 +136,7 @@ def _load_classifier(path: str) -> Any:
     from transformers import AutoModelForSequenceClassification
 
     # The causal-LM checkpoint has no classification head: transformers initialises a
-    # fresh one (seeded by RewardTrainer's set_seed) and warns about it; expected here.
+    # fresh one (from torch's global generator, seeded by the caller) and warns about it.
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
@@ -529,6 +529,9 @@ def _train_target(
     output_dir = tempfile.mkdtemp(prefix=f"rm-{target}-")
     args = _reward_config(config, output_dir=output_dir, n_pairs=len(pairs), verbose=setup.verbose)
     peft_config = _lora_config(config)
+    # The fresh classification head is drawn from torch's global generator before the
+    # trainer seeds anything: seed it here, or the first target of a process is unseeded.
+    torch.manual_seed(config.seed)
     common = dict(
         model=_load_classifier(setup.model_path),
         args=args,
