@@ -113,8 +113,11 @@ def proxies(run: str, generation: int, samples: pd.DataFrame, characters: Mappin
 
 def headroom(samples: pd.DataFrame, proxy: str, n: int) -> dict[str, float]:
     """Gold of the proxy-best of ``n`` minus the context's mean gold, paired over contexts."""
+    # Replies tied on the proxy (a checker's 0/1, a word count) are picked among at random:
+    # each counts with its tie group's mean gold, the expectation over tie-breaks.
+    tied_gold = samples.groupby(["context_id", proxy])["gold"].transform("mean")
     gains = np.array([
-        expected_best_of_n(g[proxy].to_numpy(), g["gold"].to_numpy(), n) - g["gold"].mean()
+        expected_best_of_n(g[proxy].to_numpy(), tied_gold[g.index].to_numpy(), n) - g["gold"].mean()
         for _, g in samples.groupby("context_id")
     ])  # fmt: skip
     low, high = DescrStatsW(gains).tconfint_mean(0.05)

@@ -806,3 +806,6 @@ def test_proxy_headroom_is_the_gold_of_the_proxy_best_minus_the_context_mean():
     assert row["contexts"] == 30 and row["gold_gain"] > 0
     samples["proxy"] = -samples["gold"]
     assert module.headroom(samples, "proxy", 4)["gold_gain"] < 0
+    # A proxy that ties every reply picks one at random: no gain, whatever the sample order.
+    samples["proxy"] = 1.0
+    assert module.headroom(samples, "proxy", 2)["gold_gain"] == pytest.approx(0.0, abs=1e-12)
