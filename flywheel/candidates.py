@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -197,94 +197,28 @@ def train_candidate(
             "world's simulated users and got world=None; fix: pass world=sim.world.World.build"
             "(...) (the loop passes its own)"
         )
-    rng = np.random.default_rng(seed)
-    model_args = model_config(
-        base_model, use_peft=recipe.use_peft, lora_r=recipe.lora_r, lora_alpha=recipe.lora_alpha
-    )
     staging = out_dir.parent / f".{out_dir.name}.partial"
     shutil.rmtree(staging, ignore_errors=True)
-    work = staging / "trainer"
+    job = _Job(
+        recipe=recipe,
+        base_model=base_model,
+        deployed=deployed,
+        train=train,
+        reference=reference,
+        checkers=checkers,
+        reward_model=reward_model,
+        seed=seed,
+        sampling=sampling,
+        world=world,
+        rng=np.random.default_rng(seed),
+        model_args=model_config(
+            base_model, use_peft=recipe.use_peft, lora_r=recipe.lora_r, lora_alpha=recipe.lora_alpha
+        ),
+        staging=staging,
+    )
     seed_everything(seed)
-    if recipe.kind == "grpo_multiturn":
-        from flywheel.multiturn import train_in_conversations
-        from training.multiturn import MultiTurnSettings
-
-        require_examples(train)
-        settings = grpo_recipe(recipe, sampling)
-        build, _ = train_in_conversations(
-            settings, train, world, model_args, staging, checkers=checkers,
-            users=recipe.users, seed=seed, rng=rng, scorer=reward_model,
-            settings=MultiTurnSettings(max_bot_turns=recipe.max_bot_turns),
-        )  # fmt: skip
-        funcs, weights, examples = build.rewards, build.weights, recipe.users
-        conversations = {"max_bot_turns": recipe.max_bot_turns, "users": recipe.users}
-        resolved = {"grpo": {**_resolved(settings, build), "multiturn": conversations}}
-    elif recipe.kind == "grpo":
-        from training.grpo import grpo_records
-        from training.recipes import build_grpo, logged_reference, transformers_policy
-        from training.recipes import train as train_build
-
-        prompts, characters = training_contexts(train, recipe.prompts, rng)
-        settings = grpo_recipe(recipe, sampling)
-        estimator = transformers_policy(deployed, base_model) if settings.estimates_rates else None
-        logged = logged_reference(
-            estimator, list(train["prompt"]), list(train["completion"]),
-            list(train["character"]), settings, rng,
-        )  # fmt: skip
-        del estimator
-        build = build_grpo(settings, checkers, logged, work, seed, reward_model)
-        records = grpo_records(prompts, characters)
-        train_build(build, records, model_args, staging)
-        funcs, weights, examples = build.rewards, build.weights, len(records)
-        resolved = {"grpo": _resolved(settings, build)}
-    else:
-        from training.rejection import (
-            best_replies,
-            preference_records,
-            sample_candidates,
-            score_candidates,
-        )
-
-        resolved = {}
-        prompts, characters = training_contexts(train, recipe.prompts, rng)
-        funcs, weights = reward_functions(recipe, checkers, reference, reward_model)
-        if recipe.reward_normalisation == "reference":
-            funcs = scaled_by_logged_replies(funcs, train, rng)
-        overrides = trainer_overrides(recipe)
-        params = SamplingParams(
-            max_new_tokens=recipe.max_new_tokens,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            seed=seed,
-        )
-        samples = sample_candidates(deployed, prompts, characters, recipe.samples, params)
-        scored = score_candidates(
-            samples, funcs, weights, standardise=recipe.reward_normalisation == "group"
-        )
-        if recipe.kind == "rs+sft":
-            from training.sft import sft_config, train_sft
-
-            best = best_replies(scored)
-            # A reply the token cap stopped is trained without an end of turn (training.sft).
-            cut = best["completion_tokens"] >= recipe.max_new_tokens
-            records = [
-                {
-                    "prompt": list(p),
-                    "completion": [{"role": "assistant", "content": r}],
-                    "cut": bool(c),
-                }
-                for p, r, c in zip(best["prompt"], best["reply"], cut, strict=True)
-            ]
-            args = sft_config(work, max_steps=recipe.max_steps, seed=seed, **overrides)
-            train_sft(records, model_args, args, staging)
-        else:
-            from training.dpo import dpo_config, train_dpo
-
-            records = preference_records(scored)
-            args = dpo_config(work, max_steps=recipe.max_steps, seed=seed, **overrides)
-            train_dpo(records, model_args, args, staging)
-        examples = len(records)
-    shutil.rmtree(work, ignore_errors=True)
+    trained = _TRAIN_BY_KIND[recipe.kind](job)
+    shutil.rmtree(job.work, ignore_errors=True)
     if not (staging / TRAINING_MARKER).is_file():
         raise RuntimeError(f"recipe {recipe.name!r} finished without a checkpoint in {staging}")
     if out_dir.exists():
@@ -292,12 +226,158 @@ def train_candidate(
     staging.rename(out_dir)
     record = json.loads((out_dir / TRAINING_MARKER).read_text())
     return {
-        "examples": examples,
-        "reward_names": [f.__name__ for f in funcs],
-        "weights": weights,
+        "examples": trained.examples,
+        "reward_names": [f.__name__ for f in trained.rewards],
+        "weights": trained.weights,
         "trainer_metrics": record.get("metrics", {}),
-        **resolved,
+        **trained.resolved,
     }
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What one recipe trains from (``train_candidate``'s arguments, resolved)."""
+
+    recipe: RecipeConfig
+    base_model: str
+    deployed: Any
+    train: pd.DataFrame
+    reference: Any
+    checkers: Mapping[str, Sequence[Any]]
+    reward_model: Any | None
+    seed: int
+    sampling: SamplingParams
+    world: World | None
+    rng: np.random.Generator
+    model_args: Any
+    staging: Path  # the checkpoint is written here, then renamed into place
+
+    @property
+    def work(self) -> Path:
+        """The trainer's scratch folder (removed once the checkpoint is saved)."""
+        return self.staging / "trainer"
+
+
+@dataclass(frozen=True)
+class _Trained:
+    """What a kind's training reports back: its rewards, weights, examples and settings."""
+
+    rewards: Sequence[Any]
+    weights: Mapping[str, float]
+    examples: int
+    resolved: dict[str, Any]
+
+
+def _train_grpo_multiturn(job: _Job) -> _Trained:
+    from flywheel.multiturn import train_in_conversations
+    from training.multiturn import MultiTurnSettings
+
+    recipe = job.recipe
+    require_examples(job.train)
+    settings = grpo_recipe(recipe, job.sampling)
+    build, _ = train_in_conversations(
+        settings,
+        job.train,
+        job.world,
+        job.model_args,
+        job.staging,
+        checkers=job.checkers,
+        users=recipe.users,
+        seed=job.seed,
+        rng=job.rng,
+        scorer=job.reward_model,
+        settings=MultiTurnSettings(max_bot_turns=recipe.max_bot_turns),
+    )
+    conversations = {"max_bot_turns": recipe.max_bot_turns, "users": recipe.users}
+    resolved = {"grpo": {**_resolved(settings, build), "multiturn": conversations}}
+    return _Trained(build.rewards, build.weights, recipe.users, resolved)
+
+
+def _train_grpo(job: _Job) -> _Trained:
+    from training.grpo import grpo_records
+    from training.recipes import build_grpo, logged_reference, transformers_policy
+    from training.recipes import train as train_build
+
+    train = job.train
+    prompts, characters = training_contexts(train, job.recipe.prompts, job.rng)
+    settings = grpo_recipe(job.recipe, job.sampling)
+    estimator = (
+        transformers_policy(job.deployed, job.base_model) if settings.estimates_rates else None
+    )
+    logged = logged_reference(
+        estimator,
+        list(train["prompt"]),
+        list(train["completion"]),
+        list(train["character"]),
+        settings,
+        job.rng,
+    )
+    del estimator
+    build = build_grpo(settings, job.checkers, logged, job.work, job.seed, job.reward_model)
+    records = grpo_records(prompts, characters)
+    train_build(build, records, job.model_args, job.staging)
+    return _Trained(
+        build.rewards, build.weights, len(records), {"grpo": _resolved(settings, build)}
+    )
+
+
+def _train_best_of_n(job: _Job) -> _Trained:
+    """rs+sft and dpo: score ``samples`` replies per context, then SFT on the best or DPO on
+    the best vs the worst."""
+    from training.rejection import (
+        best_replies,
+        preference_records,
+        sample_candidates,
+        score_candidates,
+    )
+
+    recipe = job.recipe
+    prompts, characters = training_contexts(job.train, recipe.prompts, job.rng)
+    funcs, weights = reward_functions(recipe, job.checkers, job.reference, job.reward_model)
+    if recipe.reward_normalisation == "reference":
+        funcs = scaled_by_logged_replies(funcs, job.train, job.rng)
+    params = SamplingParams(
+        max_new_tokens=recipe.max_new_tokens,
+        temperature=job.sampling.temperature,
+        top_p=job.sampling.top_p,
+        seed=job.seed,
+    )
+    samples = sample_candidates(job.deployed, prompts, characters, recipe.samples, params)
+    scored = score_candidates(
+        samples, funcs, weights, standardise=recipe.reward_normalisation == "group"
+    )
+    overrides = trainer_overrides(recipe)
+    if recipe.kind == "rs+sft":
+        from training.sft import sft_config, train_sft
+
+        records = sft_targets(best_replies(scored), recipe.max_new_tokens)
+        args = sft_config(job.work, max_steps=recipe.max_steps, seed=job.seed, **overrides)
+        train_sft(records, job.model_args, args, job.staging)
+    else:
+        from training.dpo import dpo_config, train_dpo
+
+        records = preference_records(scored)
+        args = dpo_config(job.work, max_steps=recipe.max_steps, seed=job.seed, **overrides)
+        train_dpo(records, job.model_args, args, job.staging)
+    return _Trained(funcs, weights, len(records), {})
+
+
+def sft_targets(best: pd.DataFrame, max_new_tokens: int) -> list[dict[str, Any]]:
+    """SFT records of the best replies; a reply the token cap stopped is marked ``cut`` and
+    trained without an end of turn (``training.sft``)."""
+    cut = best["completion_tokens"] >= max_new_tokens
+    return [
+        {"prompt": list(p), "completion": [{"role": "assistant", "content": r}], "cut": bool(c)}
+        for p, r, c in zip(best["prompt"], best["reply"], cut, strict=True)
+    ]
+
+
+_TRAIN_BY_KIND = {
+    "grpo_multiturn": _train_grpo_multiturn,
+    "grpo": _train_grpo,
+    "rs+sft": _train_best_of_n,
+    "dpo": _train_best_of_n,
+}
 
 
 def _resolved(settings: Any, build: Any) -> dict[str, Any]:
