@@ -38,7 +38,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -467,25 +467,18 @@ class _ModelSpec:
     ) -> RewardModel:
         """Train on ``table`` with the backbone's config, its seed replaced by ``seed``."""
         if self.backbone == "minilm":
-            from rewards.rm import train_minilm
+            from rewards.rm import train_minilm as fit
 
-            config = MiniLMConfig(**{**asdict(minilm_config or MiniLMConfig()), "seed": seed})
-            return train_minilm(
-                self.kind,
-                table,
-                style_controlled=self.style_controlled,
-                config=config,
-                target=self.target,
-                verbose=verbose,
-            )
-        from rewards.rm import train_llm
+            config: MiniLMConfig | LLMConfig = replace(minilm_config or MiniLMConfig(), seed=seed)
+        else:
+            from rewards.rm import train_llm as fit
 
-        llm = LLMConfig(**{**asdict(llm_config or LLMConfig()), "seed": seed})
-        return train_llm(
+            config = replace(llm_config or LLMConfig(), seed=seed)
+        return fit(
             self.kind,
             table,
             style_controlled=self.style_controlled,
-            config=llm,
+            config=config,
             target=self.target,
             verbose=verbose,
         )

@@ -18,10 +18,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from policies import Chat
 from training.models import resolve_model, train_and_save, trainer_defaults
 
-# The chat template's rendering of a message list (SmolLM2's ChatML: "<|im_start|>...").
-Chat = list[dict[str, str]]
 # The label that leaves a token out of the loss (the prompt's tokens).
 IGNORE = -100
 
