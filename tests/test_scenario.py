@@ -18,7 +18,7 @@ from flywheel.scenario import (
     load_scenario,
 )
 
-SHIPPED = ("quickstart", "artifact_trap", "gpu_large")
+SHIPPED = ("quickstart", "artifact_trap", "gpu_large", "seven_day")
 
 
 def write(tmp_path: Path, text: str, name: str = "s.toml") -> Path:
@@ -273,3 +273,15 @@ def test_a_stored_world_with_a_retired_key_still_reads_but_a_scenario_file_may_n
     assert world.turn_cap == 3 and world.user_llm.max_new_tokens == 24
     with pytest.raises(ValueError, match="length_cap_factor"):
         parse_world(stored)
+
+
+def test_seven_day_tests_the_demos_world_at_production_shape() -> None:
+    """scenarios/seven_day.toml A/B-tests the demo's candidate in the world it was trained in:
+    its [world] must stay the quickstart's, with a 7 + 7 day test on 10% of users."""
+    seven_day = load_scenario(SCENARIOS_DIR / "seven_day.toml")
+    quickstart = load_scenario(SCENARIOS_DIR / "quickstart.toml")
+    assert seven_day.world == quickstart.world
+    traffic = seven_day.traffic
+    assert (traffic.pre_days, traffic.test_days, traffic.treatment_share) == (7, 7, 0.1)
+    assert traffic.design == "twins"
+    assert traffic.bot_sampling == quickstart.traffic.bot_sampling
