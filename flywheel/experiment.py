@@ -31,15 +31,16 @@ import json
 import time
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from flywheel.ledger import Ledger
+from flywheel.scenario import AnalysisSettings, explain, warn_ab_power
 from flywheel.store import SCHEMA_VERSION, RunStore, fallback_text, fallback_totals
 from policies import Policy, PolicySpec, load_policy
 from sim.serving import ServingConfig, ServingEvent, serve
@@ -79,32 +80,15 @@ class ABScenario(BaseModel):
         "of the POLICYs named by --control and --treatment; their model comes from the "
         "command line, so this table's model is ignored.",
     )
-    analysis: dict[str, Any] = Field(
-        default_factory=dict,
+    analysis: AnalysisSettings = Field(
+        default_factory=AnalysisSettings,
         description="flywheel.ab.AnalysisConfig settings: alpha, srm_alpha, cuped, correction, "
         "power, retention_day, noninferiority_margins (treatment_share comes from [traffic]).",
     )
 
-    @field_validator("analysis")
-    @classmethod
-    def _check_analysis(cls, value: dict[str, Any]) -> dict[str, Any]:
-        from flywheel.ab import AnalysisConfig
-
-        allowed = {f.name for f in fields(AnalysisConfig)} - {"treatment_share"}
-        unknown = sorted(set(value) - allowed)
-        if unknown:
-            raise ValueError(
-                f"unknown setting(s) {unknown}; use {sorted(allowed)} (treatment_share is "
-                f"taken from traffic.treatment_share)"
-            )
-        AnalysisConfig(**value)  # its own checks name the field and the value
-        return value
-
     def analysis_config(self) -> AnalysisConfig:
         """The ``flywheel.ab.AnalysisConfig`` of this scenario."""
-        from flywheel.ab import AnalysisConfig
-
-        return AnalysisConfig(**self.analysis, treatment_share=self.traffic.treatment_share)
+        return self.analysis.build(treatment_share=self.traffic.treatment_share)
 
 
 def load_scenario(path: str | Path) -> ABScenario:
@@ -126,43 +110,9 @@ def load_scenario(path: str | Path) -> ABScenario:
         scenario = ABScenario.model_validate(data)
     except ValidationError as err:
         raise ValueError(f"{path}: invalid scenario\n{explain(err, ABScenario)}") from None
-    from flywheel.scenario import warn_ab_power
-
     world = scenario.world.resolved(path.parent)
     warn_ab_power(world, scenario.traffic, scenario.analysis_config(), str(path))
     return scenario.model_copy(update={"world": world})
-
-
-def explain(err: ValidationError, model: type[BaseModel], prefix: str = "scenario") -> str:
-    """One line per pydantic error: ``<prefix>.<field> = <value>: <problem>; fix: <help>``
-    (``prefix`` is where ``model`` sits in the file, e.g. ``scenario.serving``)."""
-    lines = []
-    for problem in err.errors():
-        loc = [str(part) for part in problem["loc"]]
-        where = ".".join([prefix, *loc])
-        seen = problem.get("input")
-        shown = "" if isinstance(seen, dict) else f" = {seen!r}"
-        message = problem["msg"].removeprefix("Value error, ")
-        if problem["type"] == "extra_forbidden":
-            message = "unknown key (a typo?); remove it or check the field name"
-        help_text = _field_help(model, loc)
-        fix = f"; fix: {help_text}" if help_text else ""
-        lines.append(f"  {where}{shown}: {message}{fix}")
-    return "\n".join(lines)
-
-
-def _field_help(model: type[BaseModel], loc: list[str]) -> str:
-    """The description of the field at ``loc`` (walking nested models), or ''."""
-    current: Any = model
-    description = ""
-    for part in loc:
-        model_fields = getattr(current, "model_fields", None)
-        if not model_fields or part not in model_fields:
-            break
-        info = model_fields[part]
-        description = info.description or description
-        current = info.annotation
-    return description
 
 
 # ---------------------------------------------------------------------------- policies

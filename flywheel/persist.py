@@ -3,8 +3,9 @@
 A run can be interrupted at any moment and resumed (``flywheel run`` reads its own outputs
 back), so a file it reads back must be the old one or the new one, never half of each:
 those go through :func:`atomic_write`. Records carry numpy scalars, NaN metrics,
-dataclasses and paths: :func:`json_ready` turns them into values strict JSON accepts (a
-missing metric reads ``null``), :func:`to_json` writes the run store's JSON columns.
+dataclasses, pydantic models (scenario tables) and paths: :func:`json_ready` turns them into
+values strict JSON accepts (a missing metric reads ``null``), :func:`to_json` writes the run
+store's JSON columns.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel
 
 
 def atomic_write(path: Path, write: Callable[[Path], object]) -> Path:
@@ -52,7 +54,8 @@ def json_ready(value: Any) -> Any:
     """``value`` with every part strict JSON can hold, recursively.
 
     Mappings and sequences are walked; numpy scalars and arrays become Python values,
-    dataclass instances their fields, paths their text, and non-finite floats ``None``.
+    dataclass instances their fields, pydantic models their JSON record (``model_dump``),
+    paths their text, and non-finite floats ``None``.
     Anything else is returned as it is (``json.dumps`` decides).
     """
     if isinstance(value, dict):
@@ -61,6 +64,8 @@ def json_ready(value: Any) -> Any:
         return [json_ready(v) for v in value]
     if isinstance(value, np.ndarray):
         return json_ready(value.tolist())
+    if isinstance(value, BaseModel):
+        return json_ready(value.model_dump(mode="json"))
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return json_ready({f.name: getattr(value, f.name) for f in dataclasses.fields(value)})
     if isinstance(value, Path):

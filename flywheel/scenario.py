@@ -27,9 +27,9 @@ from __future__ import annotations
 import math
 import tomllib
 import warnings
-from dataclasses import fields
+from dataclasses import MISSING, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Generic, Literal, Self, TypeVar, get_type_hints
 
 from pydantic import (
     BaseModel,
@@ -37,16 +37,20 @@ from pydantic import (
     Field,
     SerializerFunctionWrapHandler,
     ValidationError,
+    create_model,
     field_validator,
     model_serializer,
     model_validator,
 )
 
+from flywheel.ab import AnalysisConfig
 from flywheel.ifbench import IFBenchGateConfig
 from policies.spec import PolicySpec
+from rewards.rm import LLMConfig, MiniLMConfig
 from sim.serving import ServingConfig
 from sim.traffic import TrafficConfig
 from sim.world import WorldConfig
+from training.curation import CurationConfig
 
 SCENARIOS_DIR = Path(__file__).resolve().parents[1] / "scenarios"
 HELDOUT_CHARACTERS_DIR = SCENARIOS_DIR / "heldout_characters"
@@ -60,21 +64,95 @@ class ScenarioError(ValueError):
     """A scenario file that cannot be used; the message lists every problem and its fix."""
 
 
-def _dataclass_overrides(value: dict[str, Any], cls: type, where: str) -> dict[str, Any]:
-    """Check ``value`` as keyword overrides of dataclass ``cls`` (names, then its own checks)."""
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(value) - set(known))
-    if unknown:
-        raise ValueError(
-            f"unknown {where} setting(s) {unknown}; fix: use fields of {cls.__name__}: "
-            f"{sorted(known)}"
-        )
-    try:
-        cls(**value)
-    except (TypeError, ValueError) as err:
-        # The error path already names ``where``; the dataclass's message names the field.
-        raise ValueError(str(err)) from err
-    return value
+ConfigT = TypeVar("ConfigT")
+
+
+class DataclassSettings(BaseModel, Generic[ConfigT]):
+    """A scenario table of keyword settings for a dataclass config (``config_class``).
+
+    :func:`settings_model` gives it the dataclass's own fields (types, defaults, ``help``
+    metadata as descriptions), so an unknown key or a wrong type fails at load with its
+    field path, and the dataclass's checks run at load too. The record (``model_dump``) holds
+    only the keys the file set, as it did when these tables were plain mappings: a run
+    started from the same file keeps its scenario and step fingerprints and still resumes.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    config_class: ClassVar[type]
+
+    @model_validator(mode="after")
+    def _check_config(self) -> Self:
+        try:
+            self.build()
+        except (TypeError, ValueError) as err:
+            # The dataclass's message names the field and the value; pydantic adds the path.
+            raise ValueError(str(err)) from err
+        return self
+
+    @model_serializer(mode="plain")
+    def _record(self) -> dict[str, Any]:
+        return self.written()
+
+    def written(self) -> dict[str, Any]:
+        """The settings the file set (validated), in field order; the rest are defaults."""
+        chosen = self.model_fields_set
+        return {name: getattr(self, name) for name in type(self).model_fields if name in chosen}
+
+    def build(self, **elsewhere: Any) -> ConfigT:
+        """The ``config_class`` of these settings and of ``elsewhere`` (fields the scenario
+        sets in another table); unset fields keep the dataclass's defaults."""
+        return self.config_class(**self.written(), **elsewhere)
+
+
+def settings_model(
+    config_class: type[ConfigT], exclude: tuple[str, ...] = ()
+) -> type[DataclassSettings[ConfigT]]:
+    """A :class:`DataclassSettings` model with the fields of dataclass ``config_class`` but
+    ``exclude``: the dataclass stays the one source of the names, types, defaults and help."""
+    hints = get_type_hints(config_class)
+    definitions: dict[str, Any] = {}
+    for spec in fields(config_class):
+        if spec.name in exclude:
+            continue
+        help_text = spec.metadata.get("help")
+        if spec.default is MISSING:
+            default = Field(default_factory=spec.default_factory, description=help_text)
+        else:
+            default = Field(spec.default, description=help_text)
+        definitions[spec.name] = (hints[spec.name], default)
+    model = create_model(
+        f"{config_class.__name__}Settings",
+        __base__=DataclassSettings[config_class],
+        **definitions,
+    )
+    model.config_class = config_class
+    return model
+
+
+class AnalysisSettings(settings_model(AnalysisConfig, exclude=("treatment_share",))):
+    """``[analysis]``: the ``flywheel.ab.AnalysisConfig`` of the A/B tests, but its
+    ``treatment_share``, which is the traffic's (``traffic.treatment_share``)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_treatment_share(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "treatment_share" in data:
+            raise ValueError(
+                "analysis.treatment_share is taken from traffic.treatment_share; fix: remove it"
+            )
+        return data
+
+
+class CurationSettings(settings_model(CurationConfig)):
+    """``[curation]``: the ``training.curation.CurationConfig`` of every generation."""
+
+
+class MiniLMSettings(settings_model(MiniLMConfig)):
+    """``[reward_models.minilm]``: ``rewards.rm.MiniLMConfig`` (its seed is the scenario's)."""
+
+
+class LLMSettings(settings_model(LLMConfig)):
+    """``[reward_models.llm]``: ``rewards.rm.LLMConfig`` (its seed is the scenario's)."""
 
 
 class CollectConfig(BaseModel):
@@ -111,12 +189,12 @@ class RewardModelsConfig(BaseModel):
     test_size: float = Field(
         0.2, gt=0, lt=1, description="Share of logged users held out to evaluate the models."
     )
-    minilm: dict[str, Any] = Field(
-        default_factory=dict,
+    minilm: MiniLMSettings = Field(
+        default_factory=MiniLMSettings,
         description="rewards.rm.MiniLMConfig settings (seed comes from the scenario).",
     )
-    llm: dict[str, Any] = Field(
-        default_factory=dict,
+    llm: LLMSettings = Field(
+        default_factory=LLMSettings,
         description="rewards.rm.LLMConfig settings (backbone = 'llm' only).",
     )
 
@@ -127,31 +205,13 @@ class RewardModelsConfig(BaseModel):
         resolve_targets(self.kind, self.target)  # its message names the choices
         return self
 
-    @field_validator("minilm")
-    @classmethod
-    def _check_minilm(cls, value: dict[str, Any]) -> dict[str, Any]:
-        from rewards.rm import MiniLMConfig
-
-        return _dataclass_overrides(value, MiniLMConfig, "reward_models.minilm")
-
-    @field_validator("llm")
-    @classmethod
-    def _check_llm(cls, value: dict[str, Any]) -> dict[str, Any]:
-        from rewards.rm import LLMConfig
-
-        return _dataclass_overrides(value, LLMConfig, "reward_models.llm")
-
-    def minilm_config(self) -> Any:
+    def minilm_config(self) -> MiniLMConfig:
         """The ``rewards.rm.MiniLMConfig`` of these settings."""
-        from rewards.rm import MiniLMConfig
+        return self.minilm.build()
 
-        return MiniLMConfig(**self.minilm)
-
-    def llm_config(self) -> Any:
+    def llm_config(self) -> LLMConfig:
         """The ``rewards.rm.LLMConfig`` of these settings."""
-        from rewards.rm import LLMConfig
-
-        return LLMConfig(**self.llm)
+        return self.llm.build()
 
 
 class RecipeConfig(BaseModel):
@@ -545,16 +605,16 @@ class Scenario(BaseModel):
         default_factory=TrafficConfig,
         description="The A/B test of each candidate: users, pre/test days, treatment share.",
     )
-    analysis: dict[str, Any] = Field(
-        default_factory=dict,
+    analysis: AnalysisSettings = Field(
+        default_factory=AnalysisSettings,
         description="flywheel.ab.AnalysisConfig settings: alpha, srm_alpha, cuped, correction, "
         "power, retention_day, noninferiority_margins (treatment_share comes from [traffic]).",
     )
     serving: ServingConfig = Field(
         default_factory=ServingConfig, description="Safety check on every served reply."
     )
-    curation: dict[str, Any] = Field(
-        default_factory=dict,
+    curation: CurationSettings = Field(
+        default_factory=CurationSettings,
         description="training.curation.CurationConfig settings: require_continued, "
         "require_follows_all, min/max_reply_words, max_copies_per_reply, held_out_share.",
     )
@@ -568,24 +628,6 @@ class Scenario(BaseModel):
     )
     gates: GatesConfig = Field(default_factory=GatesConfig, description="Offline gates.")
 
-    @field_validator("analysis")
-    @classmethod
-    def _check_analysis(cls, value: dict[str, Any]) -> dict[str, Any]:
-        from flywheel.ab import AnalysisConfig
-
-        if "treatment_share" in value:
-            raise ValueError(
-                "analysis.treatment_share is taken from traffic.treatment_share; fix: remove it"
-            )
-        return _dataclass_overrides(value, AnalysisConfig, "analysis")
-
-    @field_validator("curation")
-    @classmethod
-    def _check_curation(cls, value: dict[str, Any]) -> dict[str, Any]:
-        from training.curation import CurationConfig
-
-        return _dataclass_overrides(value, CurationConfig, "curation")
-
     @field_validator("recipes")
     @classmethod
     def _unique_recipes(cls, value: list[RecipeConfig]) -> list[RecipeConfig]:
@@ -595,17 +637,13 @@ class Scenario(BaseModel):
             raise ValueError(f"recipe names repeat: {dupes}; fix: give each recipe its own name")
         return value
 
-    def analysis_config(self) -> Any:
+    def analysis_config(self) -> AnalysisConfig:
         """The ``flywheel.ab.AnalysisConfig`` of the A/B tests."""
-        from flywheel.ab import AnalysisConfig
+        return self.analysis.build(treatment_share=self.traffic.treatment_share)
 
-        return AnalysisConfig(**self.analysis, treatment_share=self.traffic.treatment_share)
-
-    def curation_config(self) -> Any:
+    def curation_config(self) -> CurationConfig:
         """The ``training.curation.CurationConfig`` of this scenario."""
-        from training.curation import CurationConfig
-
-        return CurationConfig(**self.curation)
+        return self.curation.build()
 
     def collect_traffic(self, generation: int) -> TrafficConfig:
         """Traffic config of generation ``generation``'s production logging: one policy,
@@ -647,8 +685,11 @@ class Scenario(BaseModel):
         )
 
 
-def explain(err: ValidationError) -> str:
-    """One line per problem: ``scenario.<path> = <value>: <problem>; fix: <field help>``."""
+def explain(
+    err: ValidationError, model: type[BaseModel] = Scenario, prefix: str = "scenario"
+) -> str:
+    """One line per problem: ``<prefix>.<path> = <value>: <problem>; fix: <field help>``
+    (``prefix`` names where ``model`` sits in the file, e.g. ``scenario.serving``)."""
     lines = []
     for problem in err.errors():
         loc = [str(part) for part in problem["loc"]]
@@ -656,16 +697,16 @@ def explain(err: ValidationError) -> str:
         shown = "" if isinstance(seen, dict) else f" = {seen!r}"
         message = problem["msg"].removeprefix("Value error, ")
         if problem["type"] == "extra_forbidden":
-            message = "unknown key (a typo?); remove it or check the field name"
-        help_text = field_help(loc)
+            message = f"unknown key (a typo?); fix: remove it {_known_keys(model, loc[:-1])}"
+        help_text = field_help(loc, model)
         fix = f"; fix: {help_text}" if help_text and "fix:" not in message else ""
-        lines.append(f"  scenario.{'.'.join(loc)}{shown}: {message}{fix}")
+        lines.append(f"  {'.'.join([prefix, *loc])}{shown}: {message}{fix}")
     return "\n".join(lines)
 
 
-def field_help(loc: list[str]) -> str:
-    """The description of the scenario field at ``loc`` (walking nested models and lists)."""
-    current: Any = Scenario
+def field_help(loc: list[str], model: type[BaseModel] = Scenario) -> str:
+    """The description of the field at ``loc`` of ``model`` (walking nested models and lists)."""
+    current: Any = model
     description = ""
     for part in loc:
         model_fields = getattr(current, "model_fields", None)
@@ -677,6 +718,22 @@ def field_help(loc: list[str]) -> str:
         description = info.description or ""
         current = _model_in(info.annotation)
     return description
+
+
+def _known_keys(model: type[BaseModel], loc: list[str]) -> str:
+    """'or use one of <table>'s keys: ...' for the table at ``loc`` of ``model`` (a typo's
+    fix is usually in that list), or 'or check the field name' where it is no model."""
+    current: Any = model
+    for part in loc:
+        model_fields = getattr(current, "model_fields", None)
+        if part.isdigit() or not model_fields:
+            continue
+        current = _model_in(model_fields[part].annotation) if part in model_fields else None
+    keys = getattr(current, "model_fields", None)
+    if not keys:
+        return "or check the field name"
+    name = getattr(current, "config_class", current).__name__
+    return f"or use one of {name}'s keys: {', '.join(keys)}"
 
 
 def _model_in(annotation: Any) -> Any:
@@ -793,7 +850,9 @@ def breadth_mde_floor(
     return z * math.sqrt(max(within, 0.0) / traffic.test_days * (1 / n_t + 1 / n_c)) / mean_p
 
 
-def warn_ab_power(world: WorldConfig, traffic: TrafficConfig, analysis: Any, source: str) -> None:
+def warn_ab_power(
+    world: WorldConfig, traffic: TrafficConfig, analysis: AnalysisConfig, source: str
+) -> None:
     """Warn when a standard test cannot reach ``analysis.target_mde`` on breadth."""
     if analysis.target_mde is None or traffic.design != "standard":
         return  # twins: the floor above does not apply, their noise cancels within a user

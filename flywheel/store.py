@@ -75,6 +75,7 @@ from typing import TYPE_CHECKING, Any
 
 import duckdb
 import pandas as pd
+from pydantic import BaseModel
 
 from flywheel.persist import to_json, utc_now
 from sim import tables
@@ -174,9 +175,16 @@ def fallback_text(totals: Mapping[str, Any]) -> str:
 
 
 def fingerprint(config: Mapping[str, Any]) -> str:
-    """Return the sha256 of ``config`` as canonical JSON (sorted keys): the resume key."""
-    canonical = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
+    """Return the sha256 of ``config`` as canonical JSON (sorted keys): the resume key.
+
+    A pydantic model in ``config`` (a scenario table) counts as its JSON record, anything
+    else JSON cannot hold as its text."""
+    canonical = json.dumps(config, sort_keys=True, separators=(",", ":"), default=_canonical)
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _canonical(value: Any) -> Any:
+    return value.model_dump(mode="json") if isinstance(value, BaseModel) else str(value)
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from flywheel.ab import AnalysisConfig
+from flywheel.persist import to_json
 from flywheel.scenario import (
     HELDOUT_CHARACTERS_DIR,
     SCENARIOS_DIR,
@@ -17,6 +19,9 @@ from flywheel.scenario import (
     check_heldout,
     load_scenario,
 )
+from flywheel.store import fingerprint
+from rewards.rm import LLMConfig, MiniLMConfig
+from training.curation import CurationConfig
 
 SHIPPED = ("quickstart", "artifact_trap", "gpu_large", "seven_day")
 
@@ -132,6 +137,56 @@ def test_analysis_and_curation_settings_are_validated(tmp_path: Path) -> None:
     assert "scenario.curation" in message and "held_out_share" in message and "1.5" in message
     message = error_of(tmp_path, "[reward_models]\nminilm = { hiden = 3 }\n")
     assert "hiden" in message and "MiniLMConfig" in message
+
+
+def test_settings_tables_give_their_consumers_the_dataclass_configs(tmp_path: Path) -> None:
+    text = (
+        "[traffic]\ntreatment_share = 0.4\n[analysis]\nalpha = 0.1\ncuped = false\n"
+        "[curation]\nheld_out_share = 0.25\n[reward_models]\n"
+        "minilm = { max_epochs = 60 }\nllm = { max_pairs = 10 }\n"
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a power warning of the A/B test is beside the point
+        scenario = load_scenario(write(tmp_path, text))
+    assert scenario.analysis.alpha == 0.1 and scenario.curation.held_out_share == 0.25
+    assert scenario.analysis_config() == AnalysisConfig(alpha=0.1, cuped=False, treatment_share=0.4)
+    assert scenario.curation_config() == CurationConfig(held_out_share=0.25)
+    assert scenario.reward_models.minilm_config() == MiniLMConfig(max_epochs=60)
+    assert scenario.reward_models.llm_config() == LLMConfig(max_pairs=10)
+    assert Scenario().curation_config() == CurationConfig()
+
+
+def test_settings_tables_check_each_key_and_type_at_load(tmp_path: Path) -> None:
+    message = error_of(tmp_path, '[curation]\nmin_reply_words = "two"\n')
+    assert "scenario.curation.min_reply_words = 'two'" in message
+    assert "valid integer" in message and "fix: Shortest reply kept, in words" in message
+    message = error_of(tmp_path, '[reward_models]\nllm = { epochs = "x" }\n')
+    assert "scenario.reward_models.llm.epochs = 'x'" in message and "Passes over" in message
+    message = error_of(tmp_path, "[analysis]\nalpah = 0.1\n")
+    assert "scenario.analysis.alpah = 0.1: unknown key" in message
+    assert "one of AnalysisConfig's keys: alpha, srm_alpha" in message
+    assert "treatment_share" not in message.split("keys:")[1]  # it is the traffic's
+    message = error_of(tmp_path, '[analysis]\ncorrection = "holmes"\n')
+    assert "scenario.analysis" in message and "'holmes' is not a statsmodels" in message
+
+
+def test_a_settings_table_records_only_the_keys_its_file_set(tmp_path: Path) -> None:
+    """The record (scenario and step fingerprints) is what it was while these tables were
+    plain mappings, so a run started from the same file still resumes."""
+    text = (
+        "[analysis]\nalpha = 0.05\n[curation]\nheld_out_share = 0.25\n"
+        "[reward_models]\nminilm = { max_epochs = 60 }\n"
+    )
+    scenario = load_scenario(write(tmp_path, text))
+    record = scenario.model_dump(mode="json")
+    assert record["analysis"] == {"alpha": 0.05} and record["curation"] == {"held_out_share": 0.25}
+    assert record["reward_models"]["minilm"] == {"max_epochs": 60}
+    assert record["reward_models"]["llm"] == {}
+    assert Scenario.model_validate(record).model_dump(mode="json") == record
+    step = {"curation": scenario.curation, "analysis": scenario.analysis}
+    as_written = {"curation": {"held_out_share": 0.25}, "analysis": {"alpha": 0.05}}
+    assert fingerprint(step) == fingerprint(as_written)
+    assert to_json(step) == to_json(as_written)
 
 
 def test_recipe_names_are_unique_and_some_reward_is_on(tmp_path: Path) -> None:

@@ -87,7 +87,7 @@ def test_scenario_errors_name_path_value_and_fix(tmp_path: Path) -> None:
     assert "scenario.traffic.test_days = 0" in text
     assert "fix: Days of the A/B test" in text
     path.write_text("[analysis]\nalfa = 0.1\n")
-    with pytest.raises(ValueError, match=r"unknown setting\(s\) \['alfa'\]"):
+    with pytest.raises(ValueError, match=r"scenario.analysis.alfa = 0.1: unknown key"):
         load_scenario(path)
 
 

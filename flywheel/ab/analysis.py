@@ -36,17 +36,50 @@ DEFAULT_MARGINS = MappingProxyType(
 class AnalysisConfig:
     """Settings of one A/B analysis; every field is validated at construction."""
 
-    alpha: float = 0.05  # two-sided level of the tests and 1 - level of the CIs
-    treatment_share: float = 0.5  # designed share of users in treatment (for the SRM check)
-    srm_alpha: float = 0.001  # flag a sample-ratio mismatch below this chi-square p-value
-    cuped: bool = True  # adjust with the pre-period covariate when there is one
-    correction: str = "holm"  # statsmodels multipletests method, applied per metric family
-    power: float = 0.8  # power at which the minimum detectable effect is reported
-    retention_day: int = DEFAULT_RETENTION_DAY  # retention = active this many days after exposure
-    noninferiority_margins: Mapping[str, float] = field(default_factory=lambda: DEFAULT_MARGINS)
-    # The relative lift on the success metrics the test is designed to detect (0.05 = +5%);
-    # None = not stated. Scenario validation warns when the test's size cannot reach it.
-    target_mde: float | None = None
+    alpha: float = field(
+        default=0.05,
+        metadata={"help": "Two-sided level of the tests (and 1 - level of the CIs), in (0, 1)."},
+    )
+    treatment_share: float = field(
+        default=0.5,
+        metadata={"help": "Designed share of users in treatment (for the SRM check), in (0, 1)."},
+    )
+    srm_alpha: float = field(
+        default=0.001,
+        metadata={"help": "Flag a sample-ratio mismatch below this chi-square p-value."},
+    )
+    cuped: bool = field(
+        default=True, metadata={"help": "Adjust with the pre-period covariate when there is one."}
+    )
+    correction: str = field(
+        default="holm",
+        metadata={
+            "help": "statsmodels multipletests method applied per metric family, e.g. "
+            "'holm', 'bonferroni' or 'fdr_bh'."
+        },
+    )
+    power: float = field(
+        default=0.8, metadata={"help": "Power at which the minimum detectable effect is reported."}
+    )
+    retention_day: int = field(
+        default=DEFAULT_RETENTION_DAY,
+        metadata={"help": "Retention = active this many days (>= 1) after exposure."},
+    )
+    noninferiority_margins: Mapping[str, float] = field(
+        default_factory=lambda: DEFAULT_MARGINS,
+        metadata={
+            "help": "Relative increase (0.1 = +10%) each guardrail (report_rate, "
+            "violation_rate, unsafe_rate) may show and still count as non-inferior."
+        },
+    )
+    target_mde: float | None = field(
+        default=None,
+        metadata={
+            "help": "Relative lift on the success metrics the test is designed to detect "
+            "(0.05 = +5%); unset = not stated. Scenario validation warns when the "
+            "test's size cannot reach it."
+        },
+    )
 
     def __post_init__(self) -> None:
         for name in ("alpha", "treatment_share", "srm_alpha", "power"):
