@@ -27,9 +27,11 @@ from __future__ import annotations
 import math
 import tomllib
 import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import MISSING, fields
 from pathlib import Path
-from typing import Any, ClassVar, Generic, Literal, Self, TypeVar, get_type_hints
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, Self, TypeVar, get_type_hints
 
 from pydantic import (
     BaseModel,
@@ -51,6 +53,11 @@ from sim.serving import ServingConfig
 from sim.traffic import TrafficConfig
 from sim.world import WorldConfig
 from training.curation import CurationConfig
+
+if TYPE_CHECKING:
+    from pydantic.fields import FieldInfo
+
+    from sim.characters import Character
 
 SCENARIOS_DIR = Path(__file__).resolve().parents[1] / "scenarios"
 HELDOUT_CHARACTERS_DIR = SCENARIOS_DIR / "heldout_characters"
@@ -110,13 +117,14 @@ def settings_model(
     """A :class:`DataclassSettings` model with the fields of dataclass ``config_class`` but
     ``exclude``: the dataclass stays the one source of the names, types, defaults and help."""
     hints = get_type_hints(config_class)
-    definitions: dict[str, Any] = {}
+    definitions: dict[str, tuple[Any, FieldInfo]] = {}
     for spec in fields(config_class):
         if spec.name in exclude:
             continue
         help_text = spec.metadata.get("help")
         if spec.default is MISSING:
-            default = Field(default_factory=spec.default_factory, description=help_text)
+            factory = _plain_factory(spec.default_factory)
+            default = Field(default_factory=factory, description=help_text)
         else:
             default = Field(spec.default, description=help_text)
         definitions[spec.name] = (hints[spec.name], default)
@@ -127,6 +135,18 @@ def settings_model(
     )
     model.config_class = config_class
     return model
+
+
+def _plain_factory(factory: Callable[[], Any]) -> Callable[[], Any]:
+    """``factory`` with a read-only mapping it returns (``MappingProxyType``, as
+    ``AnalysisConfig``'s margins) copied into a dict: the scenario holding the default must
+    pickle and deep-copy as it did while these tables were plain mappings."""
+
+    def plain() -> Any:
+        value = factory()
+        return dict(value) if isinstance(value, MappingProxyType) else value
+
+    return plain
 
 
 class AnalysisSettings(settings_model(AnalysisConfig, exclude=("treatment_share",))):
@@ -972,7 +992,7 @@ def trainer_file_fields(recipe: RecipeConfig) -> dict[str, Any]:
     return data
 
 
-def instruction_keys(character: Any) -> set[tuple[str, str]]:
+def instruction_keys(character: Character) -> set[tuple[str, str]]:
     """(kind, parameters) of each of a character's instructions, e.g. ('max_words', '40')."""
     keys = set()
     for checker in character.checkers:
@@ -981,7 +1001,7 @@ def instruction_keys(character: Any) -> set[tuple[str, str]]:
     return keys
 
 
-def check_heldout(world: dict[str, Any], heldout: dict[str, Any]) -> None:
+def check_heldout(world: Mapping[str, Character], heldout: Mapping[str, Character]) -> None:
     """Held-out characters must be new names whose parameterised instructions (a word limit,
     a catchphrase, a first word, forbidden words...) no world character has. Flag rules such
     as no_emoji have no parameter and may repeat; what is new is the combination."""

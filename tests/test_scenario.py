@@ -3,6 +3,7 @@ path, the value seen and the fix."""
 
 from __future__ import annotations
 
+import pickle
 import re
 import warnings
 from pathlib import Path
@@ -183,6 +184,7 @@ def test_a_settings_table_records_only_the_keys_its_file_set(tmp_path: Path) -> 
     assert record["reward_models"]["minilm"] == {"max_epochs": 60}
     assert record["reward_models"]["llm"] == {}
     assert Scenario.model_validate(record).model_dump(mode="json") == record
+    assert pickle.loads(pickle.dumps(scenario)) == scenario  # as when the tables were dicts
     step = {"curation": scenario.curation, "analysis": scenario.analysis}
     as_written = {"curation": {"held_out_share": 0.25}, "analysis": {"alpha": 0.05}}
     assert fingerprint(step) == fingerprint(as_written)
