@@ -31,7 +31,17 @@ from collections.abc import Callable, Mapping
 from dataclasses import MISSING, fields
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, Self, TypeVar, get_type_hints
+from typing import (
+    TYPE_CHECKING,
+    Annotated,
+    Any,
+    ClassVar,
+    Generic,
+    Literal,
+    Self,
+    TypeVar,
+    get_type_hints,
+)
 
 from pydantic import (
     BaseModel,
@@ -39,6 +49,8 @@ from pydantic import (
     Field,
     SerializerFunctionWrapHandler,
     ValidationError,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
     create_model,
     field_validator,
     model_serializer,
@@ -127,7 +139,7 @@ def settings_model(
             default = Field(default_factory=factory, description=help_text)
         else:
             default = Field(spec.default, description=help_text)
-        definitions[spec.name] = (hints[spec.name], default)
+        definitions[spec.name] = (_ints_kept(hints[spec.name]), default)
     model = create_model(
         f"{config_class.__name__}Settings",
         __base__=DataclassSettings[config_class],
@@ -135,6 +147,25 @@ def settings_model(
     )
     model.config_class = config_class
     return model
+
+
+def _int_as_written(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    return value if isinstance(value, int) and not isinstance(value, bool) else handler(value)
+
+
+# A float setting written as an integer (``decorrelation = 0``) stays the integer the file
+# wrote, as when these tables were plain mappings: the dataclass gets the same value and
+# the record (a resumed run's fingerprint) the same JSON.
+_FLOAT_AS_WRITTEN = Annotated[float, WrapValidator(_int_as_written)]
+
+
+def _ints_kept(hint: Any) -> Any:
+    """``hint`` with ``float`` (alone or ``| None``) validated by ``_FLOAT_AS_WRITTEN``."""
+    if hint is float:
+        return _FLOAT_AS_WRITTEN
+    if hint == float | None:
+        return _FLOAT_AS_WRITTEN | None
+    return hint
 
 
 def _plain_factory(factory: Callable[[], Any]) -> Callable[[], Any]:

@@ -3,6 +3,7 @@ path, the value seen and the fix."""
 
 from __future__ import annotations
 
+import json
 import pickle
 import re
 import warnings
@@ -176,12 +177,14 @@ def test_a_settings_table_records_only_the_keys_its_file_set(tmp_path: Path) -> 
     plain mappings, so a run started from the same file still resumes."""
     text = (
         "[analysis]\nalpha = 0.05\n[curation]\nheld_out_share = 0.25\n"
-        "[reward_models]\nminilm = { max_epochs = 60 }\n"
+        "[reward_models]\nminilm = { max_epochs = 60, decorrelation = 0 }\n"
     )
     scenario = load_scenario(write(tmp_path, text))
     record = scenario.model_dump(mode="json")
     assert record["analysis"] == {"alpha": 0.05} and record["curation"] == {"held_out_share": 0.25}
-    assert record["reward_models"]["minilm"] == {"max_epochs": 60}
+    # A float written as an integer stays that integer, in the record and in the config.
+    assert json.dumps(record["reward_models"]["minilm"]) == '{"max_epochs": 60, "decorrelation": 0}'
+    assert type(scenario.reward_models.minilm_config().decorrelation) is int
     assert record["reward_models"]["llm"] == {}
     assert Scenario.model_validate(record).model_dump(mode="json") == record
     assert pickle.loads(pickle.dumps(scenario)) == scenario  # as when the tables were dicts
