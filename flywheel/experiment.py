@@ -41,7 +41,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from flywheel.ledger import Ledger
 from flywheel.scenario import AnalysisSettings, explain, warn_ab_power
-from flywheel.store import SCHEMA_VERSION, RunStore, fallback_text, fallback_totals
+from flywheel.store import (
+    SCHEMA_VERSION,
+    ExperimentSink,
+    RunStore,
+    fallback_text,
+    fallback_totals,
+)
 from policies import Policy, PolicySpec, load_policy
 from sim.serving import ServingConfig, ServingEvent, serve
 from sim.traffic import CONTROL, TREATMENT, TrafficConfig
@@ -181,10 +187,6 @@ def run_ab(
         policy_cache: share loaded models across calls (tests, benchmarks).
         design: "standard" or "twins", overriding the scenario's ``traffic.design``.
     """
-    from flywheel.ab_report import write_report
-    from sim.traffic import CountingPolicy, TrafficSimulator, drifted_population
-    from sim.world import World
-
     if not isinstance(scenario, ABScenario):
         scenario = load_scenario(scenario)
     if design is not None:
@@ -202,45 +204,94 @@ def run_ab(
         status = store.experiment_status(EXPERIMENT_ID)
         if status is None or not status.finished:
             cache = policy_cache or PolicyCache(scenario.arms)
-            ledger = Ledger(store)
-
-            def record(event: ServingEvent) -> None:
-                ledger.record_serving_event(EXPERIMENT_ID, event.to_row())
-
-            arms = served_arms(cache, control, treatment, scenario.serving, record)
-            user_policy = CountingPolicy(cache.get(scenario.world.user_llm.policy))
-            world = World.build(scenario.world, seed=scenario.seed, user_policy=user_policy)
-            population = drifted_population(world.sampler, scenario.traffic, scenario.seed)
-            simulator = TrafficSimulator(
-                world.engine,
-                population.users,
-                arms,
-                scenario.traffic,
-                seed=[scenario.seed, _TRAFFIC_STREAM],
-                joined=population.joined,
-                user_params=world.user_params,
-                user_counter=user_policy,
+            simulate_traffic(
+                store,
+                sink,
+                scenario,
+                cache,
+                control=control,
+                treatment=treatment,
                 progress=progress,
+                on_day_end=on_day_end,
             )
-            simulator.run(sink, on_day_end=on_day_end)
         table = store.analysis_table(EXPERIMENT_ID)
         result = analyze_experiment(table, scenario.analysis_config())
         store.write_analysis(EXPERIMENT_ID, "ab", result.to_dict())
-        simulation = simulation_summary(store.read_days(EXPERIMENT_ID), scenario, config)
-        simulation["serving_events"] = serving_event_counts(
-            Ledger(store).serving_events(EXPERIMENT_ID)
-        )
-        simulation["wall_s_this_invocation"] = time.perf_counter() - started
-        ab_dir = out / AB_DIR
-        paths = write_report(
-            result, table, ab_dir, title=f"A/B test '{scenario.name}': {treatment} vs {control}"
-        )
-        paths["simulation"] = ab_dir / "simulation.json"
-        paths["simulation"].write_text(json.dumps(simulation, indent=2) + "\n")
-        with paths["report"].open("a") as report:
-            report.write("\n" + simulation_markdown(simulation))
-            report.write("\n" + serving_markdown(simulation["serving_events"]))
+        simulation = simulation_record(store, scenario, config, started)
+        title = f"A/B test '{scenario.name}': {treatment} vs {control}"
+        paths = write_ab_files(out / AB_DIR, result, table, simulation, title)
     return ABOutcome(result, paths, simulation)
+
+
+def simulate_traffic(
+    store: RunStore,
+    sink: ExperimentSink,
+    scenario: ABScenario,
+    cache: PolicyCache,
+    *,
+    control: str,
+    treatment: str,
+    progress: bool,
+    on_day_end: Callable[[int], None] | None,
+) -> None:
+    """Simulate the experiment's days not yet committed to ``sink``: build the world and its
+    drifted population, serve both arms through the safety check (each replaced reply is a
+    serving event in the ledger) and run the traffic model day by day."""
+    from sim.traffic import CountingPolicy, TrafficSimulator, drifted_population
+    from sim.world import World
+
+    ledger = Ledger(store)
+
+    def record(event: ServingEvent) -> None:
+        ledger.record_serving_event(EXPERIMENT_ID, event.to_row())
+
+    arms = served_arms(cache, control, treatment, scenario.serving, record)
+    user_policy = CountingPolicy(cache.get(scenario.world.user_llm.policy))
+    world = World.build(scenario.world, seed=scenario.seed, user_policy=user_policy)
+    population = drifted_population(world.sampler, scenario.traffic, scenario.seed)
+    simulator = TrafficSimulator(
+        world.engine,
+        population.users,
+        arms,
+        scenario.traffic,
+        seed=[scenario.seed, _TRAFFIC_STREAM],
+        joined=population.joined,
+        user_params=world.user_params,
+        user_counter=user_policy,
+        progress=progress,
+    )
+    simulator.run(sink, on_day_end=on_day_end)
+
+
+def simulation_record(
+    store: RunStore, scenario: ABScenario, config: Mapping[str, Any], started: float
+) -> dict[str, Any]:
+    """``simulation.json``: the stored days' totals, the serving events per policy and kind,
+    and the wall time of this invocation since ``started`` (``time.perf_counter``)."""
+    simulation = simulation_summary(store.read_days(EXPERIMENT_ID), scenario, config)
+    simulation["serving_events"] = serving_event_counts(Ledger(store).serving_events(EXPERIMENT_ID))
+    simulation["wall_s_this_invocation"] = time.perf_counter() - started
+    return simulation
+
+
+def write_ab_files(
+    ab_dir: Path,
+    result: ABResult | PairedResult,
+    table: pd.DataFrame,
+    simulation: Mapping[str, Any],
+    title: str,
+) -> dict[str, Path]:
+    """Write the A/B report (``flywheel.ab_report``) into ``ab_dir``, then ``simulation.json``
+    and the report's simulation and serving sections; return the files by name."""
+    from flywheel.ab_report import write_report
+
+    paths = write_report(result, table, ab_dir, title=title)
+    paths["simulation"] = ab_dir / "simulation.json"
+    paths["simulation"].write_text(json.dumps(simulation, indent=2) + "\n")
+    with paths["report"].open("a") as report:
+        report.write("\n" + simulation_markdown(simulation))
+        report.write("\n" + serving_markdown(simulation["serving_events"]))
+    return paths
 
 
 def with_design(scenario: ABScenario, design: str) -> ABScenario:
