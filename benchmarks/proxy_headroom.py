@@ -34,8 +34,7 @@ import numpy as np
 import pandas as pd
 from statsmodels.stats.weightstats import DescrStatsW
 
-from flywheel.cli import _run_world
-from flywheel.store import RunStore
+from flywheel.store import RunStore, read_logged_world
 from policies import PolicySpec, SamplingParams, load_policy
 from rewards.checkers import run_checkers
 from rewards.embeddings import get_embedder
@@ -76,14 +75,15 @@ def parse_args() -> Args:
 def logged_contexts(args: Args) -> tuple[pd.DataFrame, Mapping, GoldReplay]:
     """``args.contexts`` curated contexts of the generation's collect day, and the gold."""
     experiment = f"gen{args.generation}-traffic"
-    turns, characters, world = _run_world(args.run, experiment)
-    data = curated(turns, {k: c.system_prompt() for k, c in characters.items()}, args.seed)
+    logged = read_logged_world(args.run, experiment)
+    prompts = {k: c.system_prompt() for k, c in logged.characters.items()}
+    data = curated(logged.turns, prompts, args.seed)
     pool = pd.concat([data.train, data.held_out], ignore_index=True)
     chosen = pool.sample(n=min(args.contexts, len(pool)), random_state=args.seed)
     with RunStore(args.run, read_only=True) as store:
         users = store.read_users()
-    gold = GoldReplay(users, turns, characters, world.gold)
-    return chosen.reset_index(drop=True), characters, gold
+    gold = GoldReplay(users, logged.turns, logged.characters, logged.world.gold)
+    return chosen.reset_index(drop=True), logged.characters, gold
 
 
 def proxies(run: str, generation: int, samples: pd.DataFrame, characters: Mapping) -> pd.DataFrame:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
 import typer
 
@@ -256,30 +255,6 @@ train_app = typer.Typer(
 app.add_typer(train_app, name="train")
 
 
-def _run_world(run_dir: str, experiment: str | None) -> tuple[Any, Any, Any]:
-    """(turns, characters by name, WorldConfig) of a run: its logs and the world they were
-    logged in (the first experiment's unless ``experiment`` names one)."""
-    from flywheel.store import RunStore
-    from sim.characters import load_characters, select_characters
-    from sim.world import WorldConfig
-
-    with RunStore(run_dir, read_only=True) as store:
-        turns = store.read_turns(experiment)
-        experiments = store.experiments()
-    if turns.empty:
-        raise ValueError(f"run {run_dir} has no logged turns; run traffic (flywheel ab) first")
-    config = (
-        experiments["config"].iloc[0]
-        if experiment is None
-        else (experiments.set_index("experiment_id").loc[experiment, "config"])
-    )
-    # `flywheel run` records the world beside the scenario's name; `flywheel ab` records
-    # the whole scenario.
-    world = WorldConfig.from_stored(config.get("world") or config["scenario"]["world"])
-    characters = select_characters(load_characters(world.characters_dir), world.characters)
-    return turns, characters, world
-
-
 def _train(
     recipe: str,
     *,
@@ -302,13 +277,14 @@ def _train(
         raise ValueError(
             f"--multiturn rolls out conversations; fix: use it with grpo, not {recipe}"
         )
+    from flywheel.store import read_logged_world
     from rewards.rm.base import load_reward_model
     from training import recipes
     from training.grpo import load_config_overrides
 
-    turns, characters, world = _run_world(run_dir, experiment)
-    prompts = {name: c.system_prompt() for name, c in characters.items()}
-    checkers = {name: c.checkers for name, c in characters.items()}
+    logged = read_logged_world(run_dir, experiment)
+    prompts = {name: c.system_prompt() for name, c in logged.characters.items()}
+    checkers = {name: c.checkers for name, c in logged.characters.items()}
     scorer = load_reward_model(rm) if rm else None
     overrides = load_config_overrides(config) if config else None
     common = {
@@ -320,22 +296,27 @@ def _train(
         "overrides": overrides,
     }
     if recipe == "sft":
-        folder = recipes.run_sft(turns, prompts, **common)
+        folder = recipes.run_sft(logged.turns, prompts, **common)
     elif recipe == "dpo":
-        folder = recipes.run_dpo(turns, prompts, checkers, scorer=scorer, **common)
+        folder = recipes.run_dpo(logged.turns, prompts, checkers, scorer=scorer, **common)
     elif multiturn:
         from flywheel.multiturn import run_grpo_multiturn
         from sim.world import World
         from training.multiturn import MultiTurnSettings
 
-        common["world"] = World.build(world, seed=seed)
+        common["world"] = World.build(logged.world, seed=seed)
         settings = MultiTurnSettings(max_bot_turns=multiturn)
         folder = run_grpo_multiturn(
-            turns, **common, users=users, settings=settings, scorer=scorer, hold_rates=hold_rates
+            logged.turns,
+            **common,
+            users=users,
+            settings=settings,
+            scorer=scorer,
+            hold_rates=hold_rates,
         )
     else:
         folder = recipes.run_grpo(
-            turns, prompts, checkers, scorer=scorer, hold_rates=hold_rates, **common
+            logged.turns, prompts, checkers, scorer=scorer, hold_rates=hold_rates, **common
         )
     typer.echo(f"wrote {folder} (serve it with --treatment {folder})")
 
@@ -431,7 +412,7 @@ def bon(
     import json
     from pathlib import Path
 
-    from flywheel.store import RunStore
+    from flywheel.store import RunStore, read_logged_world
     from policies import PolicySpec, SamplingParams, load_policy
     from rewards.rm.base import load_reward_model
     from sim.planted import planted_policy
@@ -443,8 +424,9 @@ def bon(
         ns = sorted({int(x) for x in n.split(",") if x.strip()})
         if not ns or ns[0] < 1:
             raise ValueError(f"--n must list positive integers, got {n!r}; e.g. --n 1,2,4,8,16")
-        turns, characters, world = _run_world(run_dir, None)
-        data = curated(turns, {k: c.system_prompt() for k, c in characters.items()}, seed)
+        logged = read_logged_world(run_dir)
+        prompts = {k: c.system_prompt() for k, c in logged.characters.items()}
+        data = curated(logged.turns, prompts, seed)
         held = data.held_out if not data.held_out.empty else data.train
         held = held.drop_duplicates("session_id").head(contexts)
         proxy = load_reward_model(rm)
@@ -456,7 +438,7 @@ def bon(
             list(held["character"]),
             ns,
             proxy=lambda c, r: proxy.score(c, r),
-            gold=GoldReplay(users, turns, characters, world.gold),
+            gold=GoldReplay(users, logged.turns, logged.characters, logged.world.gold),
             params=SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, seed=seed),
             extra=held[list(MOMENT_COLUMNS)],
         )

@@ -81,7 +81,9 @@ from flywheel.persist import to_json, utc_now
 from sim import tables
 
 if TYPE_CHECKING:
+    from sim.characters import Character
     from sim.traffic import DayLog
+    from sim.world import WorldConfig
 
 SCHEMA_VERSION = 3
 DB_FILE = "run.duckdb"
@@ -539,3 +541,57 @@ _ORDER = {
     "users": "ORDER BY user_id",
     "assignments": "ORDER BY user_id",
 }
+
+
+@dataclass(frozen=True)
+class LoggedWorld:
+    """A run's logged conversations and the world they were logged in: what training and
+    best-of-n commands read to rebuild prompts, checkers and the gold replay."""
+
+    turns: pd.DataFrame  # the ``turns`` table of the experiment(s) read
+    characters: dict[str, Character]  # the world's cast, by name
+    world: WorldConfig  # the world config the experiment recorded
+
+
+def read_logged_world(run_dir: str | Path, experiment: str | None = None) -> LoggedWorld:
+    """The logged turns of ``run_dir`` (every experiment's, or ``experiment``'s) and the
+    world of its first experiment (of ``experiment``, if named).
+
+    Raises:
+        ValueError: the run has no logged turns (nothing to train on or replay), or its
+            experiment records no world.
+    """
+    from sim.characters import load_characters, select_characters
+
+    with RunStore(run_dir, read_only=True) as store:
+        turns = store.read_turns(experiment)
+        experiments = store.experiments()
+    if turns.empty:
+        raise ValueError(f"run {run_dir} has no logged turns; run traffic (flywheel ab) first")
+    config = (
+        experiments["config"].iloc[0]
+        if experiment is None
+        else experiments.set_index("experiment_id").loc[experiment, "config"]
+    )
+    world = stored_world(config)
+    if world is None:
+        raise ValueError(
+            f"run {run_dir}: the experiment's config records no world, so its characters are "
+            "unknown; fix: read a run whose traffic flywheel ab / flywheel run logged"
+        )
+    characters = select_characters(load_characters(world.characters_dir), world.characters)
+    return LoggedWorld(turns=turns, characters=characters, world=world)
+
+
+def stored_world(config: Mapping[str, Any]) -> WorldConfig | None:
+    """The world an experiment's stored ``config`` records, or None where it records none
+    (a store written by something other than the simulator, as in unit tests).
+
+    ``flywheel run`` records the world beside the scenario's name; ``flywheel ab`` records
+    the whole scenario, world included.
+    """
+    from sim.world import WorldConfig
+
+    scenario = config.get("scenario")
+    world = config.get("world") or (scenario.get("world") if isinstance(scenario, dict) else None)
+    return None if world is None else WorldConfig.from_stored(world)

@@ -12,12 +12,16 @@ import pytest
 from flywheel.store import (
     SCHEMA_VERSION,
     TABLES,
+    LoggedWorld,
     RunStore,
     fallback_text,
     fallback_totals,
     fingerprint,
+    read_logged_world,
+    stored_world,
 )
 from sim.traffic import DayLog
+from sim.world import WorldConfig
 
 CONFIG = {"scenario": "unit", "seed": 7}
 
@@ -276,3 +280,42 @@ def test_user_fallbacks_are_committed_with_the_day_and_totalled(tmp_path: Path) 
     assert fallback_totals(days)["fallback_share"] == 0.1
     assert fallback_text(fallback_totals(days)) == "4 of 40 user messages (10.0%)"
     assert fallback_text(table.loc["aa"].to_dict()) == "no user message written by the user LLM"
+
+
+def test_read_logged_world_reads_the_turns_and_the_world_they_were_logged_in(
+    tmp_path: Path,
+) -> None:
+    characters_dir = Path(__file__).resolve().parents[1] / "scenarios" / "characters"
+    world = WorldConfig(characters_dir=characters_dir, characters=["Captain Mara", "Pixel"])
+    run = tmp_path / "run"
+    with RunStore(run) as store:
+        # `flywheel ab` records its whole scenario, `flywheel run` the world beside its name.
+        ab = store.open_sink("ab", {"scenario": {"world": world.model_dump(mode="json")}})
+        ab.begin(*_users(), b"s")
+        ab.commit_day(_day(0, reply="from ab"), b"c")
+        loop = store.open_sink("gen1-traffic", {"world": world.model_dump(mode="json")})
+        loop.begin(*_users(), b"s")
+        loop.commit_day(_day(0, reply="from the loop"), b"c")
+    logged = read_logged_world(run)
+    assert isinstance(logged, LoggedWorld) and logged.world == world
+    assert sorted(logged.turns["bot_reply"]) == ["from ab", "from the loop"]
+    assert sorted(logged.characters) == ["Captain Mara", "Pixel"]
+    assert read_logged_world(run, "gen1-traffic").turns["bot_reply"].tolist() == ["from the loop"]
+    with RunStore(tmp_path / "empty") as store:
+        store.open_sink("ab", CONFIG).begin(*_users(), b"s")
+    with pytest.raises(ValueError, match="has no logged turns"):
+        read_logged_world(tmp_path / "empty")
+    with RunStore(tmp_path / "no-world") as store:
+        sink = store.open_sink("ab", CONFIG)  # a scenario's name and no world
+        sink.begin(*_users(), b"s")
+        sink.commit_day(_day(0), b"c")
+    with pytest.raises(ValueError, match="records no world"):
+        read_logged_world(tmp_path / "no-world")
+
+
+def test_stored_world_reads_either_layout_and_none_without_one() -> None:
+    world = WorldConfig(characters=["Pixel"])
+    record = world.model_dump(mode="json")
+    assert stored_world({"scenario": "demo", "world": record}) == world
+    assert stored_world({"scenario": {"world": record}}) == world
+    assert stored_world(CONFIG) is None and stored_world({}) is None
