@@ -37,10 +37,10 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -57,6 +57,11 @@ from rewards.datasets import (
 from rewards.evaluation import calibration, evaluate_pairwise, style_sensitivity
 from rewards.rm import LLMConfig, MiniLMConfig, RewardModel, check_backbone, resolve_targets
 from rewards.style_control import max_abs_style_correlation, style_correlations
+
+if TYPE_CHECKING:
+    from rewards.embeddings import Embedder
+    from sim.gold import GoldConfig
+    from sim.world import WorldConfig
 
 COMPARISONS_FILE = "comparisons.parquet"
 EVAL_FILE = "rm_eval.json"
@@ -298,21 +303,14 @@ def _llm_last_hidden(model: Any, contexts: list[str], replies: list[str]) -> np.
     return np.concatenate(rows).astype(np.float64)
 
 
-def recorded_world(run_dir: str | Path) -> Any:
-    """The ``sim.world.WorldConfig`` a run's first experiment was simulated in, or None
-    when its config records no world (a store written by something other than the
-    simulator, as in unit tests)."""
-    from flywheel.store import RunStore
-    from sim.world import WorldConfig
+def recorded_world(run_dir: str | Path) -> WorldConfig | None:
+    """The world a run's first experiment was simulated in, or None when its config records
+    no world (``flywheel.store.stored_world``)."""
+    from flywheel.store import RunStore, stored_world
 
     with RunStore(run_dir, read_only=True) as store:
         experiments = store.experiments()
-    if experiments.empty:
-        return None
-    config = experiments["config"].iloc[0]
-    # `flywheel run` records the world beside the scenario's name; `flywheel ab` the scenario.
-    world = config.get("world") or (config.get("scenario") or {}).get("world")
-    return None if world is None else WorldConfig.from_stored(world)
+    return None if experiments.empty else stored_world(experiments["config"].iloc[0])
 
 
 def logged_gold_terms(
@@ -320,8 +318,8 @@ def logged_gold_terms(
     turns: pd.DataFrame,
     *,
     rows: Sequence[int] | None = None,
-    gold_config: Any = None,
-    judge: Any = None,
+    gold_config: GoldConfig | None = None,
+    judge: Embedder | None = None,
 ) -> pd.DataFrame:
     """Each gold-utility term (``sim.gold.GoldModel.utility_terms``) of logged turns, and
     their sum (``total``), as the user who read the reply had it then.
@@ -754,47 +752,89 @@ def cross_validate(
     reports = []
     for k in range(folds):
         _, report = train_and_evaluate(
-            turns, comparisons, kind, backbone, seed=seed + k,
-            test_users=set(order[k::folds].tolist()), **options,
-        )  # fmt: skip
+            turns,
+            comparisons,
+            kind,
+            backbone,
+            seed=seed + k,
+            test_users=set(order[k::folds].tolist()),
+            **options,
+        )
         reports.append(report)
+    pooled = _pooled([_FoldFigures.of(report) for report in reports])
+    return {"folds": reports, "pooled": {"model": reports[0]["model"], **pooled}}
 
-    def weighted(values: list[float], weights: list[int]) -> float:
-        v, w = np.asarray(values, dtype=float), np.asarray(weights, dtype=float)
-        ok = np.isfinite(v) & (w > 0)
-        return float(np.average(v[ok], weights=w[ok])) if ok.any() else float("nan")
 
-    n_turns = [r["n_test_turns"] for r in reports]
-    first = reports[0]
+@dataclass(frozen=True)
+class _FoldFigures:
+    """What :func:`cross_validate` pools of one fold's ``train_and_evaluate`` report."""
+
+    train_seconds: float
+    n_turns: int  # held-out turns scored
+    gold_pearson: float  # on the held-out turns
+    style_pearson: dict[str, float]  # per style feature
+    style_sensitivity_sd: dict[str, float]  # per style edit, in reward standard deviations
+    pairwise: tuple[float, int] | None  # held-out (accuracy, pairs); None: no pairs scored
+    pairs_agreement: float | None  # share of held-out pairs ordered as the gold orders them
+
+    @classmethod
+    def of(cls, report: Mapping[str, Any]) -> _FoldFigures:
+        """The figures of a report (the layout of ``rm_eval.json``)."""
+        accuracy = report.get("pairwise_accuracy")
+        return cls(
+            train_seconds=report["train_seconds"],
+            n_turns=report["n_test_turns"],
+            gold_pearson=report["gold_correlation"]["turns"]["pearson_r"],
+            style_pearson={k: v["pearson_r"] for k, v in report["style_correlations"].items()},
+            style_sensitivity_sd={
+                k: v["mean_delta_sd"] for k, v in report["style_sensitivity"].items()
+            },
+            pairwise=None if accuracy is None else (accuracy["accuracy"], accuracy["n"]),
+            pairs_agreement=report["gold_correlation"].get("pairs_agreement"),
+        )
+
+
+def _weighted(values: list[float], weights: list[int]) -> float:
+    """Mean of the finite ``values`` with positive ``weights`` (NaN when there is none)."""
+    v, w = np.asarray(values, dtype=float), np.asarray(weights, dtype=float)
+    ok = np.isfinite(v) & (w > 0)
+    return float(np.average(v[ok], weights=w[ok])) if ok.any() else float("nan")
+
+
+def _pooled(figures: list[_FoldFigures]) -> dict[str, Any]:
+    """The folds' figures pooled: turn-weighted means, and pairwise accuracy over all pairs
+    with its Wilson interval (when the folds scored pairs)."""
+    n_turns = [f.n_turns for f in figures]
+    first = figures[0]
     pooled: dict[str, Any] = {
-        "model": first["model"],
-        "folds": folds,
-        "train_seconds_mean": float(np.mean([r["train_seconds"] for r in reports])),
-        "gold_pearson_turns": weighted(
-            [r["gold_correlation"]["turns"]["pearson_r"] for r in reports], n_turns),
+        "folds": len(figures),
+        "train_seconds_mean": float(np.mean([f.train_seconds for f in figures])),
+        "gold_pearson_turns": _weighted([f.gold_pearson for f in figures], n_turns),
         "style_pearson": {
-            f: weighted([r["style_correlations"][f]["pearson_r"] for r in reports], n_turns)
-            for f in first["style_correlations"]
+            name: _weighted([f.style_pearson[name] for f in figures], n_turns)
+            for name in first.style_pearson
         },
         "style_sensitivity_sd": {
-            p: weighted([r["style_sensitivity"][p]["mean_delta_sd"] for r in reports], n_turns)
-            for p in first["style_sensitivity"]
+            name: _weighted([f.style_sensitivity_sd[name] for f in figures], n_turns)
+            for name in first.style_sensitivity_sd
         },
         "n_turns": int(sum(n_turns)),
-    }  # fmt: skip
-    if "pairwise_accuracy" in first:
-        n_pairs = [r["pairwise_accuracy"]["n"] for r in reports]
-        correct = sum(
-            r["pairwise_accuracy"]["accuracy"] * n for r, n in zip(reports, n_pairs, strict=True)
-        )
-        low, high = proportion_confint(correct, sum(n_pairs), alpha=0.05, method="wilson")
-        pooled["pairwise_accuracy"] = {"accuracy": correct / sum(n_pairs),
-                                       "ci_low": float(low), "ci_high": float(high),
-                                       "n": int(sum(n_pairs))}  # fmt: skip
-        pooled["gold_pairs_agreement"] = weighted(
-            [r["gold_correlation"]["pairs_agreement"] for r in reports], n_pairs
-        )
-    return {"folds": reports, "pooled": pooled}
+    }
+    if first.pairwise is None:
+        return pooled
+    pairs = [f.pairwise for f in figures]  # the folds of one run all score pairs, or none
+    n_pairs = [n for _, n in pairs]
+    correct = sum(accuracy * n for accuracy, n in pairs)
+    low, high = proportion_confint(correct, sum(n_pairs), alpha=0.05, method="wilson")
+    pooled["pairwise_accuracy"] = {
+        "accuracy": correct / sum(n_pairs),
+        "ci_low": float(low),
+        "ci_high": float(high),
+        "n": int(sum(n_pairs)),
+    }
+    agreement = [f.pairs_agreement for f in figures]
+    pooled["gold_pairs_agreement"] = _weighted(agreement, n_pairs)
+    return pooled
 
 
 def rm_train(
@@ -852,7 +892,7 @@ def rm_train(
     return folder, report
 
 
-def summarize(report: dict[str, Any]) -> str:
+def summarize(report: Mapping[str, Any]) -> str:
     """A few human lines from an ``rm_eval.json`` report."""
     lines = [
         f"{report['model']}: trained in {report['train_seconds']:.1f}s on "
