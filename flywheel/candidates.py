@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from flywheel.records import read_fields, read_list
 from flywheel.scenario import RecipeConfig, trainer_file_fields
 from policies.base import SamplingParams
 
@@ -167,7 +168,7 @@ def train_candidate(
     sampling: SamplingParams,
     *,
     world: World | None = None,
-) -> dict[str, Any]:
+) -> CandidateTraining:
     """Run ``recipe`` from ``base_model`` (the deployed checkpoint) into ``out_dir``.
 
     Args:
@@ -187,7 +188,7 @@ def train_candidate(
             to (other kinds: unused).
 
     Returns:
-        ``{"examples": n, "reward_names": [...], "trainer_metrics": {...}}``.
+        What training reported (:class:`CandidateTraining`).
     """
     from training.models import TRAINING_MARKER, model_config, seed_everything
 
@@ -225,13 +226,51 @@ def train_candidate(
         shutil.rmtree(out_dir)
     staging.rename(out_dir)
     record = json.loads((out_dir / TRAINING_MARKER).read_text())
-    return {
-        "examples": trained.examples,
-        "reward_names": [f.__name__ for f in trained.rewards],
-        "weights": trained.weights,
-        "trainer_metrics": record.get("metrics", {}),
-        **trained.resolved,
-    }
+    return CandidateTraining(
+        examples=trained.examples,
+        reward_names=tuple(f.__name__ for f in trained.rewards),
+        weights=trained.weights,
+        trainer_metrics=record.get("metrics", {}),
+        grpo=trained.grpo,
+    )
+
+
+@dataclass(frozen=True)
+class CandidateTraining:
+    """What training a candidate reported: its examples, rewards and the trainer's metrics.
+
+    ``to_dict`` is the JSON the loop's ``candidate:R`` step stores beside ``model_path``
+    (``flywheel.steps.TrainedCandidate``); ``from_dict`` reads it back.
+    """
+
+    examples: int  # training examples (prompts, SFT targets, preference pairs or users)
+    reward_names: tuple[str, ...]  # the reward functions' names, in the order they score
+    weights: Mapping[str, float]  # each reward's weight, by name
+    trainer_metrics: Mapping[str, Any]  # the trainer's final log (training.models marker)
+    # grpo / grpo_multiturn only: the GRPORecipe the scenario resolved to and what its build
+    # made of it (``_resolved``); kept as written, it is a record for people, not read back.
+    grpo: Mapping[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The step's JSON (``grpo`` only for the kinds that have one)."""
+        out = {
+            "examples": self.examples,
+            "reward_names": list(self.reward_names),
+            "weights": dict(self.weights),
+            "trainer_metrics": dict(self.trainer_metrics),
+        }
+        return out if self.grpo is None else {**out, "grpo": dict(self.grpo)}
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "candidate", *, fix: str) -> CandidateTraining:
+        """Read what :meth:`to_dict` wrote; ``fix`` ends the error of a malformed record.
+
+        Raises:
+            flywheel.records.RecordError: a field is missing or unknown.
+        """
+        values = read_fields(cls, d, where, optional=("grpo",), fix=fix)
+        names = tuple(read_list(values["reward_names"], f"{where}.reward_names", fix=fix))
+        return cls(**{**values, "reward_names": names, "grpo": d.get("grpo")})
 
 
 @dataclass(frozen=True)
@@ -265,7 +304,7 @@ class _Trained:
     rewards: Sequence[Any]
     weights: Mapping[str, float]
     examples: int
-    resolved: dict[str, Any]
+    grpo: Mapping[str, Any] | None = None  # grpo kinds: what the recipe resolved to
 
 
 def _train_grpo_multiturn(job: _Job) -> _Trained:
@@ -289,8 +328,8 @@ def _train_grpo_multiturn(job: _Job) -> _Trained:
         settings=MultiTurnSettings(max_bot_turns=recipe.max_bot_turns),
     )
     conversations = {"max_bot_turns": recipe.max_bot_turns, "users": recipe.users}
-    resolved = {"grpo": {**_resolved(settings, build), "multiturn": conversations}}
-    return _Trained(build.rewards, build.weights, recipe.users, resolved)
+    grpo = {**_resolved(settings, build), "multiturn": conversations}
+    return _Trained(build.rewards, build.weights, recipe.users, grpo)
 
 
 def _train_grpo(job: _Job) -> _Trained:
@@ -316,9 +355,7 @@ def _train_grpo(job: _Job) -> _Trained:
     build = build_grpo(settings, job.checkers, logged, job.work, job.seed, job.reward_model)
     records = grpo_records(prompts, characters)
     train_build(build, records, job.model_args, job.staging)
-    return _Trained(
-        build.rewards, build.weights, len(records), {"grpo": _resolved(settings, build)}
-    )
+    return _Trained(build.rewards, build.weights, len(records), _resolved(settings, build))
 
 
 def _train_best_of_n(job: _Job) -> _Trained:
@@ -359,7 +396,7 @@ def _train_best_of_n(job: _Job) -> _Trained:
         records = preference_records(scored)
         args = dpo_config(job.work, max_steps=recipe.max_steps, seed=job.seed, **overrides)
         train_dpo(records, job.model_args, args, job.staging)
-    return _Trained(funcs, weights, len(records), {})
+    return _Trained(funcs, weights, len(records))
 
 
 def sft_targets(best: pd.DataFrame, max_new_tokens: int) -> list[dict[str, Any]]:

@@ -68,6 +68,7 @@ from flywheel.gate_power import (
     paired_rate_power,
     sample_size,
 )
+from flywheel.records import OfflineSummary
 from flywheel.scenario import GatesConfig
 from flywheel.style_regression import (
     StyleRegressionResult,
@@ -222,27 +223,28 @@ class OfflineReport:
         """Deployed model's violation rate on the held-out benchmark."""
         return self._overall(self.parent_steerability, "violation_rate")
 
-    def offline_dict(self) -> dict[str, Any]:
-        """The ``offline`` block of a generation record (``generations.json``)."""
-        return {
-            "rm_win_rate": self.rm_win_rate,
-            "rm_win_rate_ci": list(self.rm_win_rate_ci),
-            "rm_win_rate_style_controlled": self.rm_win_rate_style_controlled,
-            "rm_win_rate_style_adjusted": self.style_regression.style_adjusted_win_rate,
-            "instruction_following": self.instruction_following,
-            "violation_rate": self.violation_rate,
-            "parent_instruction_following": self.parent_instruction_following,
-            "parent_violation_rate": self.parent_violation_rate,
-            "style": self.style,
-            "parent_style": self.parent_style,
-            "unsafe_rate": self.unsafe_rate,
-            "parent_unsafe_rate": self.parent_unsafe_rate,
-            "style_regression": self.style_regression.to_dict(),
-            "steerability_by_character": self.steerability.to_dict(orient="records"),
-            **self._ifbench_dict(),
-        }
+    def summary(self) -> OfflineSummary:
+        """What the loop stores of this report: the generation record's ``offline`` block."""
+        return OfflineSummary(
+            rm_win_rate=self.rm_win_rate,
+            rm_win_rate_ci=self.rm_win_rate_ci,
+            rm_win_rate_style_controlled=self.rm_win_rate_style_controlled,
+            rm_win_rate_style_adjusted=self.style_regression.style_adjusted_win_rate,
+            instruction_following=self.instruction_following,
+            violation_rate=self.violation_rate,
+            parent_instruction_following=self.parent_instruction_following,
+            parent_violation_rate=self.parent_violation_rate,
+            style=self.style,
+            parent_style=self.parent_style,
+            unsafe_rate=self.unsafe_rate,
+            parent_unsafe_rate=self.parent_unsafe_rate,
+            style_regression=self.style_regression.to_dict(),
+            steerability_by_character=tuple(self.steerability.to_dict(orient="records")),
+            **self._ifbench_summary(),
+        )
 
-    def _ifbench_dict(self) -> dict[str, Any]:
+    def _ifbench_summary(self) -> dict[str, float | int]:
+        """OfflineSummary's ifbench_* fields, or none with the IFBench gate off."""
         if self.ifbench is None:
             return {}
         return {

@@ -41,35 +41,55 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
 import pandas as pd
 from rich.console import Console
 
 from flywheel.ledger import Ledger, derive_seed
-from flywheel.persist import atomic_write_text, json_ready
+from flywheel.persist import atomic_write_text
 from flywheel.records import (
-    ABSummary,
     CandidateSummary,
     GenerationRecord,
     OracleSummary,
-    TrafficSummary,
+    RecordError,
+    read_records,
 )
 from flywheel.scenario import RecipeConfig, Scenario
+from flywheel.steps import (
+    ABOutput,
+    ABStep,
+    CuratedData,
+    OfflineOutput,
+    RewardModelEval,
+    RewardModelName,
+    RewardModels,
+    Split,
+    TrafficTotals,
+    TrainedCandidate,
+)
 from flywheel.store import SCHEMA_VERSION, RunStore, fallback_totals
 from policies import Policy, PolicySpec, SamplingParams, load_policy
 
 if TYPE_CHECKING:
     from flywheel.gates import EvalSet
+    from sim.characters import Character
     from sim.replay import GoldComparison
 
 GEN0 = "gen0-base"
 FAULT_ENV = "FLYWHEEL_FAULT"
 _TRAFFIC_STREAM = 0x7AFF1C  # keeps traffic draws apart from the world's (same scenario seed)
+
+
+class _StepOutput(Protocol):
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+Output = TypeVar("Output", bound=_StepOutput)
 
 
 def experiment_ids(generation: int) -> tuple[str, str]:
@@ -120,18 +140,18 @@ class Candidate:
     """One recipe's candidate of a generation: what the A/B choice and the decision read."""
 
     recipe: RecipeConfig
-    trained: dict[str, Any]  # outputs of its candidate step (model_path, ...)
-    offline: dict[str, Any]  # outputs of its offline step (passed, gates, offline metrics)
+    trained: TrainedCandidate  # outputs of its candidate step
+    offline: OfflineOutput  # outputs of its offline step
 
     @property
     def passed(self) -> bool:
         """Whether it passed every offline gate."""
-        return self.offline["passed"]
+        return self.offline.passed
 
     @property
     def style_controlled_win(self) -> float:
         """Its win rate over the deployed model under the style-controlled RM."""
-        return self.offline["offline"]["rm_win_rate_style_controlled"]
+        return self.offline.offline.rm_win_rate_style_controlled
 
 
 class FlywheelRun:
@@ -164,10 +184,10 @@ class FlywheelRun:
         self._fault_day = fault.removeprefix("day:") if fault.startswith("day:") else ""
         self.after_step = after_step
         self.pool = PolicyPool()
-        self._world_parts: dict[str, Any] = {}
+        self._world_parts: dict[str, dict[str, Character]] = {}
 
     # ------------------------------------------------------------------ entry point
-    def run(self) -> list[dict[str, Any]]:
+    def run(self) -> list[GenerationRecord]:
         """Run every generation not yet decided; return all generation records."""
         from flywheel.report import write_outputs
 
@@ -182,7 +202,7 @@ class FlywheelRun:
                 write_outputs(self.run_dir, self.scenario, self.ledger.generations())
             records = self.ledger.generations()
         write_outputs(self.run_dir, self.scenario, records, plots=True)
-        return records
+        return read_records(records)
 
     # ------------------------------------------------------------------ policies
     def base_spec(self) -> PolicySpec:
@@ -200,11 +220,11 @@ class FlywheelRun:
             update={"model": path, "name": candidate_name(generation, recipe)}
         )
 
-    def deployed_spec(self, record: dict[str, Any]) -> PolicySpec:
+    def deployed_spec(self, record: GenerationRecord) -> PolicySpec:
         """Who serves after a generation's decision."""
-        if record["decision"] != "ship":
-            return self._spec_by_name(record["parent"])
-        return self.candidate_spec(record["generation"], record["recipe_name"])
+        if record.decision != "ship":
+            return self._spec_by_name(record.parent)
+        return self.candidate_spec(record.generation, record.recipe_name)
 
     def _spec_by_name(self, name: str) -> PolicySpec:
         if name == GEN0:
@@ -226,7 +246,7 @@ class FlywheelRun:
         return str(Path(path).resolve().relative_to(self.run_dir.resolve()))
 
     # ------------------------------------------------------------------ one generation
-    def run_generation(self, generation: int, deployed: PolicySpec) -> dict[str, Any]:
+    def run_generation(self, generation: int, deployed: PolicySpec) -> GenerationRecord:
         """Every step of one generation (skipping finished ones); returns its record."""
         scenario = self.scenario
         traffic_id, _ = experiment_ids(generation)
@@ -239,6 +259,7 @@ class FlywheelRun:
             config={"traffic": collect_traffic.model_dump(mode="json")},
             inputs={"experiment_id": traffic_id, "policy": deployed.label},
             work=lambda seed: self.simulate(traffic_id, collect_traffic, deployed, deployed, seed),
+            read=TrafficTotals.from_dict,
         )
         curate = self._step(
             generation,
@@ -246,6 +267,7 @@ class FlywheelRun:
             config={"curation": scenario.curation},
             inputs={"experiment_id": traffic_id},
             work=lambda seed: self.curate(generation, traffic_id, seed),
+            read=CuratedData.from_dict,
         )
         rms = self._step(
             generation,
@@ -253,6 +275,7 @@ class FlywheelRun:
             config=scenario.reward_models.model_dump(mode="json"),
             inputs={"experiment_id": traffic_id},
             work=lambda seed: self.train_reward_models(generation, traffic_id, seed),
+            read=RewardModels.from_dict,
         )
 
         candidates = [
@@ -271,15 +294,22 @@ class FlywheelRun:
             generation,
             "decide",
             config={},
-            inputs={"ab": ab, "candidate": candidate_name(generation, shown.recipe.name)},
+            inputs={"ab": ab.to_dict(), "candidate": candidate_name(generation, shown.recipe.name)},
             work=lambda seed: self.decide(
-                generation, deployed, collect, rms, candidates, shown, ab
+                generation,
+                deployed=deployed,
+                collect=collect,
+                rms=rms,
+                candidates=candidates,
+                shown=shown,
+                ab=ab,
             ),
+            read=GenerationRecord.from_dict,
         )
-        self.ledger.put_generation(generation, record)
+        self.ledger.put_generation(generation, record.to_dict())
         self.pool.retain([self.deployed_spec(record), scenario.world.user_llm.policy])
-        verdict = record["decision"].upper()
-        self.console.print(f"[bold]generation {generation}: {verdict}[/bold] {record['reason']}")
+        verdict = record.decision.upper()
+        self.console.print(f"[bold]generation {generation}: {verdict}[/bold] {record.reason}")
         return record
 
     def _candidate(
@@ -287,8 +317,8 @@ class FlywheelRun:
         generation: int,
         recipe: RecipeConfig,
         deployed: PolicySpec,
-        curate: dict[str, Any],
-        rms: dict[str, Any],
+        curate: CuratedData,
+        rms: RewardModels,
         traffic_id: str,
     ) -> Candidate:
         """Train ``recipe``'s candidate, then evaluate it offline (two steps)."""
@@ -297,21 +327,35 @@ class FlywheelRun:
             generation,
             f"candidate:{recipe.name}",
             config=recipe.model_dump(mode="json"),
-            inputs={"deployed": deployed.label, "data": curate["train"], "reward_models": rms},
+            inputs={
+                "deployed": deployed.label,
+                "data": curate.train,
+                "reward_models": rms.to_dict(),
+            },
             work=lambda seed: self.make_candidate(
-                generation, recipe, deployed, curate, rms, traffic_id, seed
+                generation,
+                recipe=recipe,
+                deployed=deployed,
+                curate=curate,
+                rms=rms,
+                experiment_id=traffic_id,
+                seed=seed,
             ),
+            read=TrainedCandidate.from_dict,
         )
         offline = self._step(
             generation,
             f"offline:{recipe.name}",
             config=scenario.gates.model_dump(mode="json"),
-            inputs={"candidate": trained["model_path"], "deployed": deployed.label},
-            work=lambda seed: self.evaluate(generation, recipe.name, deployed, curate, rms, seed),
+            inputs={"candidate": trained.model_path, "deployed": deployed.label},
+            work=lambda seed: self.evaluate(
+                generation, recipe=recipe.name, deployed=deployed, curate=curate, rms=rms, seed=seed
+            ),
+            read=OfflineOutput.from_dict,
         )
         return Candidate(recipe, trained, offline)
 
-    def _ab(self, generation: int, deployed: PolicySpec, best: Candidate | None) -> dict[str, Any]:
+    def _ab(self, generation: int, deployed: PolicySpec, best: Candidate | None) -> ABStep:
         """The A/B step: ``best`` against the deployed model, skipped when no candidate passed
         its gates."""
         if best is None:
@@ -320,7 +364,8 @@ class FlywheelRun:
                 "ab",
                 config={"skipped": True},
                 inputs={},
-                work=lambda seed: {"skipped": True},
+                work=lambda seed: ABStep(None),
+                read=ABStep.from_dict,
             )
         _, ab_id = experiment_ids(generation)
         treatment = self.candidate_spec(generation, best.recipe.name)
@@ -336,7 +381,8 @@ class FlywheelRun:
                 "control": deployed.label,
                 "treatment": treatment.label,
             },
-            work=lambda seed: self.ab_test(generation, deployed, treatment, seed),
+            work=lambda seed: ABStep(self.ab_test(generation, deployed, treatment, seed)),
+            read=ABStep.from_dict,
         )
 
     def _step(
@@ -344,16 +390,29 @@ class FlywheelRun:
         generation: int,
         step: str,
         *,
-        config: dict[str, Any],
-        inputs: dict[str, Any],
-        work: Callable[[int], dict[str, Any]],
-    ) -> dict[str, Any]:
-        """Run one ledger step with its derived seed, then the fault hooks."""
+        config: Mapping[str, Any],
+        inputs: Mapping[str, Any],
+        work: Callable[[int], Output],
+        read: Callable[[Any], Output],
+    ) -> Output:
+        """Run one ledger step with its derived seed, then the fault hooks.
+
+        ``work(seed)`` makes the step's record, which the ledger stores as its ``to_dict()``;
+        the step returns ``read`` of the stored JSON, fresh or resumed alike.
+        """
         seed = derive_seed(self.scenario.seed, generation, step)
         existing = self.ledger.step(generation, step)
         if existing is None or existing["status"] != "done":
             self.console.print(f"[cyan]gen {generation}[/cyan] {step} (seed {seed})")
-        outputs = self.ledger.run_step(generation, step, seed, config, inputs, lambda: work(seed))
+        stored = self.ledger.run_step(
+            generation, step, seed, config, inputs, lambda: work(seed).to_dict()
+        )
+        try:
+            outputs = read(stored)
+        except RecordError as error:
+            raise RecordError(
+                f"generation {generation}, step {step!r} of {self.run_dir}: {error}"
+            ) from error
         if self.after_step is not None:
             self.after_step(generation, step)
         if self._fault_step == f"{generation}:{step}":
@@ -388,7 +447,7 @@ class FlywheelRun:
         control: PolicySpec,
         treatment: PolicySpec,
         seed: int,
-    ) -> dict[str, Any]:
+    ) -> TrafficTotals:
         """Run (or resume) one traffic experiment into the store; return its totals."""
         from sim.traffic import CONTROL, TREATMENT, TrafficSimulator, drifted_population
 
@@ -428,22 +487,22 @@ class FlywheelRun:
             simulator.run(sink, on_day_end=lambda day: self._day_fault(experiment_id, day))
         days = self.store.read_days(experiment_id)
         events = self.ledger.serving_events(experiment_id)
-        return {
-            "experiment_id": experiment_id,
-            "days": len(days),
-            "turns": int(days["turns"].sum()),
-            "sessions": int(days["sessions"].sum()),
-            "simulated_wall_s": float(days["wall_s"].sum()),
-            "serving_events": events["kind"].value_counts().to_dict() if len(events) else {},
-            "user_fallbacks": fallback_totals(days),
-        }
+        return TrafficTotals(
+            experiment_id=experiment_id,
+            days=len(days),
+            turns=int(days["turns"].sum()),
+            sessions=int(days["sessions"].sum()),
+            simulated_wall_s=float(days["wall_s"].sum()),
+            serving_events=events["kind"].value_counts().to_dict() if len(events) else {},
+            user_fallbacks=fallback_totals(days),
+        )
 
     def _day_fault(self, experiment_id: str, day: int) -> None:
         if self._fault_day == f"{experiment_id}:{day}":
             os.kill(os.getpid(), signal.SIGKILL)
 
     # ------------------------------------------------------------------ data and models
-    def characters(self) -> dict[str, Any]:
+    def characters(self) -> dict[str, Character]:
         """The world's cast by name."""
         if "characters" not in self._world_parts:
             from sim.characters import load_characters, select_characters
@@ -453,7 +512,7 @@ class FlywheelRun:
             self._world_parts["characters"] = cast
         return self._world_parts["characters"]
 
-    def heldout_characters(self) -> dict[str, Any]:
+    def heldout_characters(self) -> dict[str, Character]:
         """The steerability benchmark's characters by name."""
         if "heldout" not in self._world_parts:
             from sim.characters import load_characters
@@ -462,7 +521,7 @@ class FlywheelRun:
             self._world_parts["heldout"] = load_characters(folder)
         return self._world_parts["heldout"]
 
-    def curate(self, generation: int, experiment_id: str, seed: int) -> dict[str, Any]:
+    def curate(self, generation: int, experiment_id: str, seed: int) -> CuratedData:
         """Curate an experiment's logged turns into train / held-out files."""
         from training.curation import curate
 
@@ -485,24 +544,25 @@ class FlywheelRun:
                 f"{generation} after scrubbing; no training step runs on it. Inspect "
                 f"{folder} and training.curation's detectors"
             )
-        return {
-            **paths,
-            "n_input": data.n_input,
-            "n_train": len(data.train),
-            "n_held_out": len(data.held_out),
-            "dropped": data.dropped,
-            "pii_spans_scrubbed": data.n_pii_spans,
-            "pii_spans_after_scrubbing": leaked,
-        }
+        return CuratedData(
+            train=paths["train"],
+            held_out=paths["held_out"],
+            n_input=data.n_input,
+            n_train=len(data.train),
+            n_held_out=len(data.held_out),
+            dropped=data.dropped,
+            pii_spans_scrubbed=data.n_pii_spans,
+            pii_spans_after_scrubbing=leaked,
+        )
 
-    def read_split(self, outputs: dict[str, Any], split: str) -> pd.DataFrame:
+    def read_split(self, curated: CuratedData, split: Split) -> pd.DataFrame:
         """A curated split written by ``curate``."""
-        path = self.run_dir / outputs[split]
+        path = self.run_dir / curated.path(split)
         if path.stat().st_size == 0:
             return pd.DataFrame(columns=["prompt", "character", "completion", "user_id"])
         return pd.read_json(path, orient="records", lines=True)
 
-    def train_reward_models(self, generation: int, experiment_id: str, seed: int) -> dict[str, Any]:
+    def train_reward_models(self, generation: int, experiment_id: str, seed: int) -> RewardModels:
         """A naive and a style-controlled reward model on the experiment's logs."""
         import json
 
@@ -512,7 +572,7 @@ class FlywheelRun:
         turns = self.store.read_turns(experiment_id)
         user_days = self.store.read_user_days(experiment_id)
         activity = user_days.loc[user_days["active"].astype(bool), ["user_id", "day"]]
-        out: dict[str, Any] = {}
+        fitted: dict[str, tuple[str, RewardModelEval]] = {}
         for label, controlled in (("naive", False), ("style_controlled", True)):
             model, report = train_and_evaluate(
                 turns,
@@ -535,35 +595,40 @@ class FlywheelRun:
             (staging / EVAL_FILE).write_text(json.dumps(report, indent=2, default=float))
             _remove(folder)
             staging.rename(folder)
-            out[label] = self.rel(folder)
-            out[f"{label}_eval"] = {
-                "gold_pearson": report["gold_correlation"]["turns"]["pearson_r"],
-                "max_abs_style_r": report["max_abs_style_r"],
-                "n_train_rows": report["n_train_rows"],
-            }
+            summary = RewardModelEval.from_report(report)
+            fitted[label] = (self.rel(folder), summary)
             self.console.print(
-                f"  reward model {model.name}: gold r = "
-                f"{report['gold_correlation']['turns']['pearson_r']:.3f}, max |style r| = "
-                f"{report['max_abs_style_r']:.3f}"
+                f"  reward model {model.name}: gold r = {summary.gold_pearson:.3f}, "
+                f"max |style r| = {summary.max_abs_style_r:.3f}"
             )
-        return out
+        (naive, naive_eval), (controlled, controlled_eval) = (
+            fitted["naive"],
+            fitted["style_controlled"],
+        )
+        return RewardModels(
+            naive=naive,
+            naive_eval=naive_eval,
+            style_controlled=controlled,
+            style_controlled_eval=controlled_eval,
+        )
 
-    def reward_model(self, rms: dict[str, Any], which: str) -> Any:
+    def reward_model(self, rms: RewardModels, which: RewardModelName) -> Any:
         """Load one of the generation's reward models ('naive' or 'style_controlled')."""
         from rewards.rm import load_reward_model
 
-        return load_reward_model(self.run_dir / rms[which])
+        return load_reward_model(self.run_dir / rms.path(which))
 
     def make_candidate(
         self,
         generation: int,
-        recipe: Any,
+        *,
+        recipe: RecipeConfig,
         deployed: PolicySpec,
-        curate: dict[str, Any],
-        rms: dict[str, Any],
+        curate: CuratedData,
+        rms: RewardModels,
         experiment_id: str,
         seed: int,
-    ) -> dict[str, Any]:
+    ) -> TrainedCandidate:
         """Train one recipe's candidate (``flywheel.candidates``)."""
         from flywheel.candidates import train_candidate
         from training.rewards import StyleReference
@@ -576,23 +641,31 @@ class FlywheelRun:
         )
         out_dir = self.models_dir(generation) / recipe.name
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        result = train_candidate(
-            recipe, deployed.model, self.pool.get(deployed), self.read_split(curate, "train"),
-            reference, {n: c.checkers for n, c in self.characters().items()}, reward_model,
-            out_dir, seed, self.scenario.traffic.bot_sampling.params(seed),
+        training = train_candidate(
+            recipe,
+            base_model=deployed.model,
+            deployed=self.pool.get(deployed),
+            train=self.read_split(curate, "train"),
+            reference=reference,
+            checkers={n: c.checkers for n, c in self.characters().items()},
+            reward_model=reward_model,
+            out_dir=out_dir,
+            seed=seed,
+            sampling=self.scenario.traffic.bot_sampling.params(seed),
             world=self.world()[0] if recipe.kind == "grpo_multiturn" else None,
-        )  # fmt: skip
-        return {"model_path": self.rel(out_dir), **result}
+        )
+        return TrainedCandidate(model_path=self.rel(out_dir), training=training)
 
     def evaluate(
         self,
         generation: int,
+        *,
         recipe: str,
         deployed: PolicySpec,
-        curate: dict[str, Any],
-        rms: dict[str, Any],
+        curate: CuratedData,
+        rms: RewardModels,
         seed: int,
-    ) -> dict[str, Any]:
+    ) -> OfflineOutput:
         """Offline evaluation and gates of one candidate against the deployed model."""
         from flywheel.gates import (
             apply_gates,
@@ -640,24 +713,24 @@ class FlywheelRun:
         atomic_write_text(
             replies, report.replies.to_json(orient="records", lines=True, force_ascii=False)
         )
-        files = {"replies": self.rel(replies)}
+        ifbench_replies = None
         if report.ifbench is not None:
             ifbench = folder / f"{recipe}_ifbench.jsonl"
             atomic_write_text(
                 ifbench, report.ifbench.to_json(orient="records", lines=True, force_ascii=False)
             )
-            files["ifbench_replies"] = self.rel(ifbench)
+            ifbench_replies = self.rel(ifbench)
         self.console.print(report.style_regression.summary())
         for gate in verdicts:
             shown = "pass" if gate.passed else gate.verdict.upper()
             self.console.print(f"  gate {gate.name}: {shown}: {gate.reason}")
-        return {
-            "offline": json_ready(report.offline_dict()),
-            "oracle": None if oracle is None else {"gold": json_ready(asdict(oracle))},
-            "gates": [json_ready(g.to_dict()) for g in verdicts],
-            "passed": all(g.passed for g in verdicts),
-            **files,
-        }
+        return OfflineOutput(
+            offline=report.summary(),
+            oracle=None if oracle is None else OracleSummary(gold=asdict(oracle)),
+            gates=tuple(verdicts),
+            replies=self.rel(replies),
+            ifbench_replies=ifbench_replies,
+        )
 
     def gold_vs_parent(
         self, generation: int, logged: EvalSet, replies: pd.DataFrame
@@ -685,7 +758,7 @@ class FlywheelRun:
     # ------------------------------------------------------------------ A/B and decision
     def ab_test(
         self, generation: int, control: PolicySpec, treatment: PolicySpec, seed: int
-    ) -> dict[str, Any]:
+    ) -> ABOutput:
         """Simulate and analyse the A/B test; write its report under ``artifacts/gen{K}/ab``."""
         from flywheel.ab_report import write_report
         from flywheel.experiment import analyze_experiment
@@ -705,68 +778,57 @@ class FlywheelRun:
         )
         self.console.print(result.summary())
         summary = result.to_dict()
-        return {
-            "experiment_id": ab_id,
-            "metrics": summary["metrics"],
+        return ABOutput(
+            experiment_id=ab_id,
+            metrics=summary["metrics"],
             # a twin test has no sample ratio to check; its standard view has
-            "srm_p_value": summary.get(
-                "srm_p_value", summary.get("standard", {}).get("srm_p_value")
-            ),
-            "decision": summary["decision"],
-            "reason": summary["reason"],
-            "simulation": simulation,
-            "files": {k: self.rel(v) for k, v in paths.items()},
-        }
+            srm_p_value=summary.get("srm_p_value", summary.get("standard", {}).get("srm_p_value")),
+            decision=summary["decision"],
+            reason=summary["reason"],
+            simulation=simulation,
+            files={k: self.rel(v) for k, v in paths.items()},
+        )
 
     def decide(
         self,
         generation: int,
+        *,
         deployed: PolicySpec,
-        collect: dict[str, Any],
-        rms: dict[str, Any],
+        collect: TrafficTotals,
+        rms: RewardModels,
         candidates: list[Candidate],
         shown: Candidate,
-        ab: dict[str, Any],
-    ) -> dict[str, Any]:
-        """The generation record (one entry of ``generations.json``), as the ledger stores
-        it: ``GenerationRecord.to_dict()``."""
-        from flywheel.gates import Gate, failed_reason
+        ab: ABStep,
+    ) -> GenerationRecord:
+        """The generation record (one entry of ``generations.json``): ship or hold as the
+        A/B test says, gated when no candidate passed its gates (no A/B test ran)."""
+        from flywheel.gates import failed_reason
 
         candidate = candidate_name(generation, shown.recipe.name)
-        if ab.get("skipped"):
+        if ab.result is None:
             decision = "gated"
             reasons = [
-                f"{candidate_name(generation, c.recipe.name)}: "
-                + failed_reason([Gate(**g) for g in c.offline["gates"]])
+                f"{candidate_name(generation, c.recipe.name)}: {failed_reason(c.offline.gates)}"
                 for c in candidates
             ]
             reason = "no candidate passed the offline gates; " + " | ".join(reasons)
-            ab_summary = None
         else:
-            decision = "ship" if ab["decision"] == "ship" else "hold"
-            reason = f"A/B {ab['decision']}: {ab['reason']}"
-            ab_summary = ABSummary(
-                metrics=ab["metrics"],
-                srm_p_value=ab["srm_p_value"],
-                decision=ab["decision"],
-                reason=ab["reason"],
-                user_fallbacks=ab["simulation"]["user_fallbacks"],
-            )
+            decision = "ship" if ab.result.decision == "ship" else "hold"
+            reason = f"A/B {ab.result.decision}: {ab.result.reason}"
         traffic_id, ab_id = experiment_ids(generation)
-        oracle = shown.offline.get("oracle")
-        record = GenerationRecord(
+        return GenerationRecord(
             generation=generation,
             parent=deployed.label,
             candidate=candidate,
             recipe=shown.recipe.kind,
             recipe_name=shown.recipe.name,
-            model_path=shown.trained["model_path"],
+            model_path=shown.trained.model_path,
             traffic_experiment_id=traffic_id,
-            ab_experiment_id=None if ab_summary is None else ab_id,
-            offline=shown.offline["offline"],
-            oracle=None if oracle is None else OracleSummary.from_dict(oracle),
-            gates=tuple(shown.offline["gates"]),
-            ab=ab_summary,
+            ab_experiment_id=None if ab.result is None else ab_id,
+            offline=shown.offline.offline.to_dict(),
+            oracle=shown.offline.oracle,
+            gates=shown.offline.gate_records(),
+            ab=None if ab.result is None else ab.result.summary(),
             decision=decision,
             reason=reason,
             deployed_after=candidate if decision == "ship" else deployed.label,
@@ -774,21 +836,17 @@ class FlywheelRun:
                 CandidateSummary(
                     candidate=candidate_name(generation, c.recipe.name),
                     recipe=c.recipe.kind,
-                    model_path=c.trained["model_path"],
+                    model_path=c.trained.model_path,
                     passed_gates=c.passed,
-                    gates=tuple(c.offline["gates"]),
-                    rm_win_rate=c.offline["offline"]["rm_win_rate"],
+                    gates=c.offline.gate_records(),
+                    rm_win_rate=c.offline.offline.rm_win_rate,
                     rm_win_rate_style_controlled=c.style_controlled_win,
                 )
                 for c in candidates
             ),
-            reward_models=rms,
-            # Wall times are left out so a resumed run's record equals an uninterrupted one's.
-            traffic=TrafficSummary.from_dict(
-                {k: v for k, v in collect.items() if k != "simulated_wall_s"}
-            ),
+            reward_models=rms.to_dict(),
+            traffic=collect.summary(),
         )
-        return record.to_dict()
 
 
 def pii_audit(frames: list[pd.DataFrame], locale: str) -> int:
@@ -816,7 +874,7 @@ def _remove(path: Path) -> None:
 
 def run_scenario(
     scenario_path: str | Path, out: str | Path, *, progress: bool = True
-) -> list[dict[str, Any]]:
+) -> list[GenerationRecord]:
     """What ``flywheel run`` does: load the scenario and run (or resume) it into ``out``."""
     from flywheel.scenario import load_scenario
 

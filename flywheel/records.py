@@ -10,6 +10,10 @@ back unchanged.
 Parts that readers look up by field are dataclasses here. Parts that other modules define
 and the readers only pass on or look up by a name chosen at run time stay mappings, each
 with a comment saying whose shape it is and why it is not retyped here.
+
+:class:`OfflineSummary` is the ``offline`` block typed (what the offline step stores). The
+loop's other step outputs are typed in ``flywheel.steps``, which reads them with
+:func:`read_fields` too.
 """
 
 from __future__ import annotations
@@ -25,6 +29,15 @@ RECORD_VERSION = 1
 
 Decision = Literal["ship", "hold", "gated"]
 DECISIONS: tuple[str, ...] = get_args(Decision)
+
+_NOT_IN_JSON = ("oracle_recorded",)  # fields said by the JSON's shape, not by a key
+_FIX = (
+    f"records of this version (RECORD_VERSION {RECORD_VERSION}) are written by `flywheel run`; "
+    "restore the field if the file was edited by hand, or write the run again with the "
+    "current `flywheel run SCENARIO --out NEW_DIR`"
+)
+# The offline block's keys written only where the IFBench gate ran.
+_IFBENCH_FIELDS = ("ifbench_following", "parent_ifbench_following", "ifbench_prompts")
 
 # Gate records are ``flywheel.gates.Gate.to_dict()`` as the loop wrote them. Not retyped:
 # Gate lives with the offline evaluation (importing it loads torch), the dashboards' gate
@@ -60,6 +73,89 @@ class Interval:
 
 
 @dataclass(frozen=True)
+class OfflineSummary:
+    """What the offline evaluation measured for a candidate, as its offline step stores it
+    (``flywheel.gates.OfflineReport.summary``) and the generation record's ``offline`` block
+    holds it (rates in [0, 1]; a metric that could not be measured reads None)."""
+
+    rm_win_rate: float  # naive RM's win rate over the deployed model, logged contexts
+    rm_win_rate_ci: tuple[float, float]  # its 95% CI
+    rm_win_rate_style_controlled: float  # the same under the style-controlled RM
+    rm_win_rate_style_adjusted: float | None  # the style regression's GLM-adjusted win rate
+    instruction_following: float  # held-out steerability benchmark, candidate
+    violation_rate: float
+    parent_instruction_following: float  # the same, deployed model
+    parent_violation_rate: float
+    style: Mapping[str, float]  # style profile of the candidate's logged replies, by feature
+    parent_style: Mapping[str, float]  # the same, deployed model
+    unsafe_rate: float  # share of replies (both sets) the safety checker blocks, candidate
+    parent_unsafe_rate: float
+    # ``flywheel.style_regression.StyleRegressionResult.to_dict()``, passed on as written.
+    style_regression: Mapping[str, Any]
+    # Rows of the candidate's ``rewards.steerability`` table (group, rates), as written.
+    steerability_by_character: tuple[Mapping[str, Any], ...]
+    # With the IFBench gate on (all three or none): per-prompt follow rates and prompts.
+    ifbench_following: float | None = None
+    parent_ifbench_following: float | None = None
+    ifbench_prompts: int | None = None
+
+    def __post_init__(self) -> None:
+        measured = [getattr(self, n) is not None for n in _IFBENCH_FIELDS]
+        if any(measured) and not all(measured):
+            raise RecordError(
+                f"offline summary: {', '.join(_IFBENCH_FIELDS)} are set together (the IFBench "
+                f"gate ran) or not at all, got "
+                + ", ".join(f"{n} = {getattr(self, n)!r}" for n in _IFBENCH_FIELDS)
+            )
+
+    @property
+    def ifbench_measured(self) -> bool:
+        """Whether the IFBench gate ran."""
+        return self.ifbench_prompts is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``offline`` block (the ifbench_* keys only where the IFBench gate ran)."""
+        out: dict[str, Any] = {
+            "rm_win_rate": self.rm_win_rate,
+            "rm_win_rate_ci": list(self.rm_win_rate_ci),
+            "rm_win_rate_style_controlled": self.rm_win_rate_style_controlled,
+            "rm_win_rate_style_adjusted": self.rm_win_rate_style_adjusted,
+            "instruction_following": self.instruction_following,
+            "violation_rate": self.violation_rate,
+            "parent_instruction_following": self.parent_instruction_following,
+            "parent_violation_rate": self.parent_violation_rate,
+            "style": dict(self.style),
+            "parent_style": dict(self.parent_style),
+            "unsafe_rate": self.unsafe_rate,
+            "parent_unsafe_rate": self.parent_unsafe_rate,
+            "style_regression": copy.deepcopy(dict(self.style_regression)),
+            "steerability_by_character": [dict(r) for r in self.steerability_by_character],
+        }
+        if self.ifbench_measured:
+            out.update({n: getattr(self, n) for n in _IFBENCH_FIELDS})
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "offline", *, fix: str = _FIX) -> OfflineSummary:
+        """Read an ``offline`` block (see :meth:`GenerationRecord.from_dict` for errors)."""
+        values = read_fields(cls, d, where, optional=_IFBENCH_FIELDS, fix=fix)
+        ci = read_list(values["rm_win_rate_ci"], f"{where}.rm_win_rate_ci", fix=fix)
+        if len(ci) != 2:
+            raise RecordError(f"{where}.rm_win_rate_ci must be [low, high], got {ci!r}; {fix}")
+        rows = read_list(
+            values["steerability_by_character"], f"{where}.steerability_by_character", fix=fix
+        )
+        return cls(
+            **{
+                **values,
+                **{n: d[n] for n in _IFBENCH_FIELDS if n in d},
+                "rm_win_rate_ci": (ci[0], ci[1]),
+                "steerability_by_character": tuple(rows),
+            }
+        )
+
+
+@dataclass(frozen=True)
 class OracleSummary:
     """The ORACLE's view of a candidate's offline evaluation (shown, never decided on)."""
 
@@ -78,9 +174,9 @@ class OracleSummary:
         return {"gold": copy.deepcopy(dict(self.gold))}
 
     @classmethod
-    def from_dict(cls, d: Any, where: str = "oracle") -> OracleSummary:
+    def from_dict(cls, d: Any, where: str = "oracle", *, fix: str = _FIX) -> OracleSummary:
         """Read an ``oracle`` block (see :meth:`GenerationRecord.from_dict` for errors)."""
-        return cls(**_fields(cls, d, where))
+        return cls(**read_fields(cls, d, where, fix=fix))
 
 
 @dataclass(frozen=True)
@@ -114,7 +210,7 @@ class ABSummary:
     @classmethod
     def from_dict(cls, d: Any, where: str = "ab") -> ABSummary:
         """Read an ``ab`` block (see :meth:`GenerationRecord.from_dict` for errors)."""
-        return cls(**_fields(cls, d, where))
+        return cls(**read_fields(cls, d, where))
 
 
 @dataclass(frozen=True)
@@ -143,7 +239,7 @@ class TrafficSummary:
     @classmethod
     def from_dict(cls, d: Any, where: str = "traffic") -> TrafficSummary:
         """Read a ``traffic`` block (see :meth:`GenerationRecord.from_dict` for errors)."""
-        return cls(**_fields(cls, d, where))
+        return cls(**read_fields(cls, d, where))
 
 
 @dataclass(frozen=True)
@@ -173,7 +269,7 @@ class CandidateSummary:
     @classmethod
     def from_dict(cls, d: Any, where: str = "candidates[]") -> CandidateSummary:
         """Read one ``candidates`` entry (see :meth:`GenerationRecord.from_dict`)."""
-        values = _fields(cls, d, where)
+        values = read_fields(cls, d, where)
         return cls(**{**values, "gates": _gate_tuple(values["gates"], f"{where}.gates")})
 
 
@@ -189,9 +285,9 @@ class GenerationRecord:
     model_path: str  # the shown candidate's checkpoint, relative to the run directory
     traffic_experiment_id: str
     ab_experiment_id: str | None  # None when no candidate passed the gates (no A/B test)
-    # ``flywheel.gates.OfflineReport.offline_dict()`` of the shown candidate. Kept as written:
-    # its keys vary with the gates a scenario turns on (ifbench_*), and readers look metrics
-    # up by a name chosen at run time (the deployed model's as ``parent_<name>``).
+    # ``OfflineSummary.to_dict()`` of the shown candidate (``OfflineSummary.from_dict`` reads
+    # it typed). Kept a mapping here: the report and the dashboards look metrics up by a
+    # name chosen at run time (the deployed model's as ``parent_<name>``).
     offline: Mapping[str, Any]
     oracle: OracleSummary | None
     gates: tuple[GateDict, ...]  # the shown candidate's gates, in the order they ran
@@ -272,7 +368,7 @@ class GenerationRecord:
                 needed; the message names the field (``ab.metrics``) and the fix.
         """
         where = _record_label(d)
-        values = _fields(cls, d, where, optional=("oracle",))
+        values = read_fields(cls, d, where, optional=("oracle",))
         oracle = d.get("oracle")
         return cls(
             **{
@@ -287,7 +383,7 @@ class GenerationRecord:
                 else ABSummary.from_dict(values["ab"], f"{where}.ab"),
                 "candidates": tuple(
                     CandidateSummary.from_dict(c, f"{where}.candidates[{i}]")
-                    for i, c in enumerate(_list(values["candidates"], f"{where}.candidates"))
+                    for i, c in enumerate(read_list(values["candidates"], f"{where}.candidates"))
                 ),
                 "traffic": TrafficSummary.from_dict(values["traffic"], f"{where}.traffic"),
             }
@@ -302,12 +398,6 @@ def read_records(records: Sequence[Mapping[str, Any] | GenerationRecord]) -> lis
 
 
 # ---------------------------------------------------------------------------- reading helpers
-_NOT_IN_JSON = ("oracle_recorded",)  # fields said by the JSON's shape, not by a key
-_FIX = (
-    "records of this version (RECORD_VERSION {version}) are written by `flywheel run`; "
-    "restore the field if the file was edited by hand, or write the run again with the "
-    "current `flywheel run SCENARIO --out NEW_DIR`"
-)
 
 
 def _record_label(d: Any) -> str:
@@ -315,10 +405,18 @@ def _record_label(d: Any) -> str:
     return "generation record" + ("" if generation is None else f" {generation}")
 
 
-def _fields(cls: type, d: Any, where: str, optional: Sequence[str] = ()) -> dict[str, Any]:
-    """The values of ``cls``'s fields in mapping ``d``: every field but ``optional`` must be
-    there, and no other key may be."""
-    fix = _FIX.format(version=RECORD_VERSION)
+def read_fields(
+    cls: type, d: Any, where: str, *, optional: Sequence[str] = (), fix: str = _FIX
+) -> dict[str, Any]:
+    """The values of dataclass ``cls``'s fields in mapping ``d``, for its ``from_dict``.
+
+    Every field but ``optional`` (and those the JSON's shape says, such as
+    ``oracle_recorded``) must be a key of ``d``, and no other key may be.
+
+    Raises:
+        RecordError: ``d`` is no mapping, lacks a field or has an unknown one; the message
+            names ``where`` (the record and field path), the keys, and ``fix``.
+    """
     if not isinstance(d, Mapping):
         raise RecordError(f"{where} must be a JSON object, got {type(d).__name__}; {fix}")
     names = [f.name for f in fields(cls) if f.name not in _NOT_IN_JSON]
@@ -335,22 +433,20 @@ def _fields(cls: type, d: Any, where: str, optional: Sequence[str] = ()) -> dict
     return {n: d[n] for n in names if n in d and n not in optional}
 
 
-def _list(value: Any, where: str) -> list[Any]:
+def read_list(value: Any, where: str, *, fix: str = _FIX) -> list[Any]:
+    """``value`` as a list; RecordError naming ``where`` and ``fix`` when it is none."""
     if not isinstance(value, list | tuple):
-        raise RecordError(
-            f"{where} must be a JSON list, got {type(value).__name__}; "
-            + _FIX.format(version=RECORD_VERSION)
-        )
+        raise RecordError(f"{where} must be a JSON list, got {type(value).__name__}; {fix}")
     return list(value)
 
 
 def _gate_tuple(value: Any, where: str) -> tuple[GateDict, ...]:
-    gates = _list(value, where)
+    gates = read_list(value, where)
     for i, gate in enumerate(gates):
         if not isinstance(gate, Mapping) or "name" not in gate or "passed" not in gate:
             raise RecordError(
                 f"{where}[{i}] must be a gate object with at least 'name' and 'passed', got "
-                f"{gate!r}; " + _FIX.format(version=RECORD_VERSION)
+                f"{gate!r}; {_FIX}"
             )
     return tuple(gates)
 

@@ -3,6 +3,7 @@ three-valued verdicts (pass / fail / inconclusive) on paired samples of known si
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from dataclasses import replace
@@ -242,3 +243,49 @@ def test_validator_says_the_sample_an_underpowered_gate_needs(tmp_path) -> None:
         r"gates.steerability.prompts_per_character to 22",
     ):
         load_scenario(path)
+
+
+# ----------------------------------------------------------------------------- offline block
+OFFLINE_KEYS = [
+    "rm_win_rate", "rm_win_rate_ci", "rm_win_rate_style_controlled",
+    "rm_win_rate_style_adjusted", "instruction_following", "violation_rate",
+    "parent_instruction_following", "parent_violation_rate", "style", "parent_style",
+    "unsafe_rate", "parent_unsafe_rate", "style_regression", "steerability_by_character",
+]  # fmt: skip
+IFBENCH_KEYS = ["ifbench_following", "parent_ifbench_following", "ifbench_prompts"]
+
+
+def test_offline_summary_is_the_generation_records_offline_block() -> None:
+    """``OfflineReport.summary()`` holds what the report measured, and its ``to_dict`` is the
+    ``offline`` block the loop stores: the ifbench_* keys only where the IFBench gate ran."""
+    from flywheel.persist import to_json
+    from flywheel.records import OfflineSummary
+    from flywheel.style_regression import StyleRegressionResult
+
+    suite = StyleRegressionResult(
+        checks=(), raw_win_rate=0.75, style_controlled_win_rate=0.5,
+        style_adjusted_win_rate=0.625, glm_coefficients={"emoji_rate": 0.1}, n=8,
+        passed=True, reason="no significant style shift",
+    )  # fmt: skip
+    report = replace(
+        steer_report([True, False, True, True], [True, True, True, False]),
+        style_regression=suite, style={"emoji_rate": 0.25}, parent_style={"emoji_rate": 0.0},
+    )  # fmt: skip
+    summary = report.summary()
+    assert (summary.instruction_following, summary.parent_instruction_following) == (0.75, 0.75)
+    assert summary.rm_win_rate_style_adjusted == 0.625 and not summary.ifbench_measured
+    block = summary.to_dict()
+    assert list(block) == OFFLINE_KEYS
+    assert block["style_regression"] == suite.to_dict()
+    assert block["steerability_by_character"] == report.steerability.to_dict(orient="records")
+    follows = pd.DataFrame({
+        "key": [1, 1, 2, 2], "candidate_follows": [True, False, True, True],
+        "deployed_follows": [True, True, True, True],
+    })  # fmt: skip
+    gated = replace(report, ifbench=follows).summary()
+    assert list(gated.to_dict()) == OFFLINE_KEYS + IFBENCH_KEYS
+    assert (gated.ifbench_following, gated.parent_ifbench_following) == (0.75, 1.0)
+    assert gated.ifbench_prompts == 2
+    for typed in (summary, gated):  # as the ledger stores and the loop reads it back
+        stored = json.loads(to_json(typed.to_dict()))
+        assert OfflineSummary.from_dict(stored).to_dict() == stored

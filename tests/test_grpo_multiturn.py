@@ -377,20 +377,29 @@ def test_the_loops_candidate_step_trains_a_grpo_multiturn_recipe(tiny_llama_dir,
         run.simulate(traffic_id, scenario.collect_traffic(1), deployed, deployed, seed=1)
         curate = run.curate(1, traffic_id, seed=2)
         first, again = (
-            run.make_candidate(generation, recipe, deployed, curate, {}, traffic_id, seed=5)
+            run.make_candidate(
+                generation,
+                recipe=recipe,
+                deployed=deployed,
+                curate=curate,
+                rms={},
+                experiment_id=traffic_id,
+                seed=5,
+            )
             for generation in (1, 2)
         )
-    marker = json.loads((run.run_dir / first["model_path"] / TRAINING_MARKER).read_text())
+    marker = json.loads((run.run_dir / first.model_path / TRAINING_MARKER).read_text())
     assert marker["recipe"] == "grpo_multiturn" and marker["metrics"]["max_bot_turns"] == 2
     assert marker["metrics"]["global_step"] == 1
     assert marker["metrics"]["multiturn/policy_turns"] >= 1
-    assert first["examples"] == 2 and first["grpo"]["multiturn"] == {
+    grpo = first.training.grpo
+    assert first.training.examples == 2 and grpo is not None and grpo["multiturn"] == {
         "max_bot_turns": 2, "users": 2,
     }  # fmt: skip
-    assert first["grpo"]["recipe"]["rate_estimate"] == "count"
-    assert first["reward_names"][:2] == ["steerability", "artifact_penalty"]
+    assert grpo["recipe"]["rate_estimate"] == "count"
+    assert first.training.reward_names[:2] == ("steerability", "artifact_penalty")
     weights = [
-        load_file(str(run.run_dir / c["model_path"] / "model.safetensors")) for c in (first, again)
+        load_file(str(run.run_dir / c.model_path / "model.safetensors")) for c in (first, again)
     ]
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

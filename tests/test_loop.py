@@ -339,15 +339,23 @@ def test_step_seeds_depend_on_generation_and_step_only() -> None:
 
 
 def test_shipped_candidate_serves_the_next_generation(tmp_path: Path) -> None:
+    from dataclasses import replace
+
     from flywheel.loop import GEN0, FlywheelRun
+    from flywheel.records import GenerationRecord
     from flywheel.scenario import Scenario
 
+    recorded = REPO / "tests" / "fixtures" / "dashboard_run" / "generations.json"
+    record = GenerationRecord.from_dict(json.loads(recorded.read_text())["generations"][0])
+
+    def decided(generation: int, decision: str, parent: str) -> GenerationRecord:
+        return replace(
+            record, generation=generation, decision=decision, recipe_name="grpo", parent=parent
+        )
+
     run = FlywheelRun(Scenario(), tmp_path, progress=False)
-    shipped = {"generation": 2, "decision": "ship", "recipe_name": "grpo", "parent": GEN0}
-    spec = run.deployed_spec(shipped)
+    spec = run.deployed_spec(decided(2, "ship", GEN0))
     assert spec.label == "gen2-grpo"
     assert spec.model == str((tmp_path / "artifacts" / "gen2" / "models" / "grpo").resolve())
-    held = {"generation": 3, "decision": "hold", "recipe_name": "grpo", "parent": "gen2-grpo"}
-    assert run.deployed_spec(held) == spec
-    gated = {"generation": 1, "decision": "gated", "recipe_name": "grpo", "parent": GEN0}
-    assert run.deployed_spec(gated) == run.base_spec()
+    assert run.deployed_spec(decided(3, "hold", "gen2-grpo")) == spec
+    assert run.deployed_spec(decided(1, "gated", GEN0)) == run.base_spec()

@@ -18,7 +18,9 @@ from typing import Any
 import pytest
 
 from flywheel.loop import FlywheelRun
+from flywheel.records import CandidateSummary, GateDict
 from flywheel.scenario import parse_scenario
+from flywheel.steps import CuratedData, OfflineOutput, RewardModels
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -92,12 +94,12 @@ def run(data: dict[str, Any], out: Path) -> dict[str, Any]:
     """Run the scenario in process; the generation record and its candidates by recipe."""
     scenario = parse_scenario(data, base_dir=REPO)
     (record,) = FlywheelRun(scenario, out, progress=False).run()
-    by_recipe = {c["candidate"].removeprefix("gen1-"): c for c in record["candidates"]}
+    by_recipe = {c.candidate.removeprefix("gen1-"): c for c in record.candidates}
     return {"record": record, "candidates": by_recipe}
 
 
-def gates_of(candidate: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {g["name"]: g for g in candidate["gates"]}
+def gates_of(candidate: CandidateSummary) -> dict[str, GateDict]:
+    return {g["name"]: g for g in candidate.gates}
 
 
 @pytest.fixture(scope="module")
@@ -119,21 +121,19 @@ def test_plain_candidate_passes_every_gate_and_meets_the_deployed_model(planted)
     assert {g["verdict"] for g in gates.values()} == {"pass"}, gates
     assert all(g["power"] >= 0.8 for g in gates.values())
     assert "cannot happen from here" in gates["ifbench"]["reason"]
-    assert plain["passed_gates"]
+    assert plain.passed_gates
     record = planted["record"]
     # The only candidate through the gates goes to the A/B test, which decides.
-    assert record["candidate"] == "gen1-plain" and record["ab"] is not None
-    assert record["decision"] in ("ship", "hold")
-    assert record["deployed_after"] == (
-        "gen1-plain" if record["decision"] == "ship" else "gen0-base"
-    )
+    assert record.candidate == "gen1-plain" and record.ab is not None
+    assert record.decision in ("ship", "hold")
+    assert record.deployed_after == ("gen1-plain" if record.decision == "ship" else "gen0-base")
 
 
 def test_broken_prohibitions_are_gated_by_steerability(planted) -> None:
     gate = gates_of(planted["candidates"]["violate"])["steerability"]
     assert gate["verdict"] == "fail" and not gate["passed"]
     assert "violations rose significantly" in gate["reason"]
-    assert not planted["candidates"]["violate"]["passed_gates"]
+    assert not planted["candidates"]["violate"].passed_gates
 
 
 def test_unsafe_replies_are_gated_by_safety(planted) -> None:
@@ -149,7 +149,7 @@ def test_filler_the_reward_pays_for_is_gated_by_style(planted) -> None:
     assert "mean words" in gate["reason"]  # the filler's length shift is named
 
 
-def offline_step(planted: dict[str, Any], tmp_path: Path, gates: dict[str, Any]) -> dict[str, Any]:
+def offline_step(planted: dict[str, Any], tmp_path: Path, gates: dict[str, Any]) -> OfflineOutput:
     """The loop's offline step of the plain candidate again, on a copy of the planted run
     (same logs, reward models and checkpoint), under other gate settings."""
     import shutil
@@ -165,23 +165,23 @@ def offline_step(planted: dict[str, Any], tmp_path: Path, gates: dict[str, Any])
     with RunStore(run_dir) as store:
         loop.store = store
         ledger = Ledger(store)
-        curate, rms = (
-            ledger.step(1, "curate")["outputs"],
-            ledger.step(1, "reward_models")["outputs"],
-        )
+        curate = CuratedData.from_dict(ledger.step(1, "curate")["outputs"])
+        rms = RewardModels.from_dict(ledger.step(1, "reward_models")["outputs"])
         # The step's own seed: same prompts and replies, so only the changed gate can differ.
         seed = derive_seed(data["seed"], 1, "offline:plain")
-        return loop.evaluate(1, "plain", loop.base_spec(), curate, rms, seed=seed)
+        return loop.evaluate(
+            1, recipe="plain", deployed=loop.base_spec(), curate=curate, rms=rms, seed=seed
+        )
 
 
 def test_bar_above_every_win_is_gated_by_rm_win_rate(planted, tmp_path: Path) -> None:
-    from flywheel.gates import Gate, failed_reason
+    from flywheel.gates import failed_reason
 
     out = offline_step(planted, tmp_path, {**POWERED, "min_rm_win_rate": 1.0})
-    verdicts = {g["name"]: g["verdict"] for g in out["gates"]}
-    assert verdicts["rm_win_rate"] == "fail" and not out["passed"]
-    assert {v for k, v in verdicts.items() if k != "rm_win_rate"} == {"pass"}, out["gates"]
-    reason = failed_reason([Gate(**g) for g in out["gates"]])
+    verdicts = {g.name: g.verdict for g in out.gates}
+    assert verdicts["rm_win_rate"] == "fail" and not out.passed
+    assert {v for k, v in verdicts.items() if k != "rm_win_rate"} == {"pass"}, out.gates
+    reason = failed_reason(out.gates)
     assert reason.startswith("rm_win_rate failed") and "significantly below 1.00" in reason
 
 
@@ -192,8 +192,9 @@ def test_benchmark_too_small_for_its_margin_is_inconclusive_and_gated(
     gates = {**POWERED, "steerability": steer}
     with pytest.warns(UserWarning, match=r"prompts_per_character to \d+"):
         out = offline_step(planted, tmp_path, gates)
-    gate = {g["name"]: g for g in out["gates"]}["steerability"]
-    assert gate["verdict"] == "inconclusive" and not gate["passed"] and not out["passed"]
-    assert gate["n"] == 4 and gate["power"] < 0.8 and gate["n_needed"] > 4
-    assert gate["reason"].startswith("inconclusive: 4 paired prompts detect a 0.20 drop")
-    assert "raise gates.steerability.prompts_per_character to" in gate["reason"]
+    gate = {g.name: g for g in out.gates}["steerability"]
+    assert gate.verdict == "inconclusive" and not gate.passed and not out.passed
+    assert gate.n == 4 and gate.power is not None and gate.power < 0.8
+    assert gate.n_needed is not None and gate.n_needed > 4
+    assert gate.reason.startswith("inconclusive: 4 paired prompts detect a 0.20 drop")
+    assert "raise gates.steerability.prompts_per_character to" in gate.reason

@@ -250,12 +250,12 @@ def test_traffic_is_served_through_the_fail_closed_check(
         totals = run.simulate("faulty", scenario.traffic, spec, spec, seed=1)
         turns = store.read_turns("faulty")
         events = run.ledger.serving_events("faulty")
-    assert totals["turns"] == len(turns) > 0
+    assert totals.turns == len(turns) > 0
     assert set(turns["bot_reply"]) == {scenario.serving.fallback_reply}
     assert len(events) == len(turns)
     assert set(events["kind"]) == {CHECKER_ERROR}
     assert events["detail"].str.contains("injected checker fault").all()
-    assert totals["serving_events"] == {CHECKER_ERROR: len(turns)}
+    assert totals.serving_events == {CHECKER_ERROR: len(turns)}
 
 
 @pytest.fixture(scope="module")

@@ -739,12 +739,13 @@ def test_loop_candidate_trains_the_benchmarks_recipe_on_logged_replies(tiny_llam
         recipe, str(tiny_llama_dir), deployed, train, REFERENCE, CHECKERS, None,
         tmp_path / "model", seed=0, sampling=SamplingParams(temperature=0.7, top_p=0.95),
     )  # fmt: skip
-    assert result["reward_names"] == ["steerability", "artifact_penalty", "emoji_rate"]
-    grpo = result["grpo"]
+    assert result.reward_names == ("steerability", "artifact_penalty", "emoji_rate")
+    grpo = result.grpo
+    assert grpo is not None
     assert grpo["recipe"]["rate_estimate"] == "tokens" and grpo["recipe"]["temperature"] == 0.7
     assert grpo["credit_masks"] == {"emoji": ["Mara"]}  # Pixel forbids emoji: a checker sees it
     assert 0 < grpo["rate_constraints"]["emoji_rate"]["target"] < 1
-    assert result["trainer_metrics"]["global_step"] == 1
+    assert result.trainer_metrics["global_step"] == 1
     _assert_serves(tmp_path / "model")
 
 
