@@ -81,16 +81,9 @@ class TrafficTotals:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON the ledger stores."""
-        return {
-            "experiment_id": self.experiment_id,
-            "days": self.days,
-            "turns": self.turns,
-            "sessions": self.sessions,
-            "simulated_wall_s": self.simulated_wall_s,
-            "serving_events": dict(self.serving_events),
-            "user_fallbacks": dict(self.user_fallbacks),
-        }
+        """The JSON the ledger stores: the record's block and the wall time (stored with
+        sorted keys, so their order here does not matter)."""
+        return {**self.summary().to_dict(), "simulated_wall_s": self.simulated_wall_s}
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "collect") -> TrafficTotals:
