@@ -101,7 +101,9 @@ def metric_lifts(metrics: pd.DataFrame, grey: str = "without CUPED") -> alt.Laye
         "no significant change" if not sig else ("better" if good else "worse")
         for sig, good in zip(frame["significant"], _improved(frame), strict=True)
     ]
-    frame["margin_pct"] = frame["noninferiority_margin"].astype(float) * 100
+    # an absolute margin (percentage points) has no place on the relative axis
+    relative = frame["noninferiority_scale"] == "relative"
+    frame["margin_pct"] = frame["noninferiority_margin"].astype(float).where(relative) * 100
     y = alt.Y("metric:N", title=None, sort=list(frame["metric"]))
     verdicts = alt.Scale(
         domain=["better", "worse", "no significant change"],

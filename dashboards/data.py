@@ -351,6 +351,10 @@ def metric_frame(result: dict[str, Any]) -> pd.DataFrame:
     """
     rows = [{"metric": name, **values} for name, values in result["metrics"].items()]
     frame = pd.DataFrame(rows).replace({None: np.nan})
+    if "noninferiority_scale" not in frame:  # stored before absolute margins: all relative
+        guardrail = frame["role"] == "guardrail"
+        frame["noninferiority_scale"] = np.where(guardrail, "relative", None)
+        frame["noninferiority_bound"] = frame["ci_high"].where(guardrail)
     order = frame["role"].map({"success": 0, "guardrail": 1}).fillna(2)
     return frame.assign(_order=order).sort_values(["_order", "metric"]).drop(columns="_order")
 
@@ -447,13 +451,19 @@ def analysis_config(config: Any, recorded: dict[str, Any] | None = None) -> Anal
         srm_alpha = (standard.get("srm") or {}).get("alpha")
         if srm_alpha is not None:
             settings.setdefault("srm_alpha", srm_alpha)
-        margins = {
-            name: values["noninferiority_margin"]
-            for name, values in standard["metrics"].items()
-            if values.get("role") == "guardrail" and values.get("noninferiority_margin")
-        }
-        if margins:
-            settings.setdefault("noninferiority_margins", margins)
+        for scale, key in (
+            ("relative", "noninferiority_margins"),
+            ("absolute", "absolute_margins"),
+        ):
+            margins = {
+                name: values["noninferiority_margin"]
+                for name, values in standard["metrics"].items()
+                if values.get("role") == "guardrail"
+                and values.get("noninferiority_margin")
+                and values.get("noninferiority_scale", "relative") == scale
+            }
+            if margins:
+                settings.setdefault(key, margins)
     share = design_share(config)
     if share is not None:
         settings["treatment_share"] = share

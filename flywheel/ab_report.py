@@ -17,6 +17,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from flywheel.ab import AAResult, ABResult, MetricResult
+from flywheel.ab.analysis import margin_label
 from flywheel.ab.paired import PairedResult, standard_view
 from flywheel.metrics import daily_curves
 
@@ -90,7 +91,8 @@ def plot_lift(result: ABResult | PairedResult, path: Path) -> Path:
             lw=2,
             xerr=[[(m.lift - m.ci_low) * 100], [(m.ci_high - m.lift) * 100]],
         )
-        if m.noninferiority_margin is not None:
+        # an absolute margin has no place on the relative axis: the table gives it
+        if m.noninferiority_scale == "relative" and m.noninferiority_margin is not None:
             ax.plot([m.noninferiority_margin * 100] * 2, [row - 0.35, row + 0.35], "k--", lw=1)
     ax.axvline(0, color="k", lw=0.8)
     ax.set_yticks(range(len(metrics)), [m.name for m in reversed(metrics)])
@@ -122,7 +124,11 @@ def markdown(result: ABResult, aa: AAResult | None = None, title: str = "A/B tes
         "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---|",
     ]
     for m in result.metrics:
-        margin = "" if m.noninferiority_margin is None else f"+{m.noninferiority_margin:.0%}"
+        margin = (
+            ""
+            if m.noninferiority_margin is None or m.noninferiority_scale is None
+            else margin_label(m.noninferiority_margin, m.noninferiority_scale)
+        )
         noninferior = {None: "", True: "yes", False: "no"}[m.noninferior]
         lines.append(
             f"| {m.name} | {m.role} | {_fmt(m.control, '.4g')} | {_fmt(m.treatment, '.4g')} "

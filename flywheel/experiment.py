@@ -89,7 +89,8 @@ class ABScenario(BaseModel):
     analysis: AnalysisSettings = Field(
         default_factory=AnalysisSettings,
         description="flywheel.ab.AnalysisConfig settings: alpha, srm_alpha, cuped, correction, "
-        "power, retention_day, noninferiority_margins (treatment_share comes from [traffic]).",
+        "power, retention_day, noninferiority_margins, absolute_margins (treatment_share comes "
+        "from [traffic]).",
     )
 
     def analysis_config(self) -> AnalysisConfig:

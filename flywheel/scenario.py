@@ -659,7 +659,8 @@ class Scenario(BaseModel):
     analysis: AnalysisSettings = Field(
         default_factory=AnalysisSettings,
         description="flywheel.ab.AnalysisConfig settings: alpha, srm_alpha, cuped, correction, "
-        "power, retention_day, noninferiority_margins (treatment_share comes from [traffic]).",
+        "power, retention_day, noninferiority_margins, absolute_margins (treatment_share comes "
+        "from [traffic]).",
     )
     serving: ServingConfig = Field(
         default_factory=ServingConfig, description="Safety check on every served reply."

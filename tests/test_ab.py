@@ -88,6 +88,31 @@ def test_mean_metric_matches_scipy_welch_and_ratio_form_matches_statsmodels_z() 
     assert ratio.p_value[0] == pytest.approx(z_p, rel=1e-9)
 
 
+def test_difference_interval_matches_statsmodels_and_covers_at_its_level() -> None:
+    """The interval of treatment - control that absolute margins are held to: for a mean
+    metric statsmodels' unequal-variance z interval; for a per-reply rate its upper end
+    misses a true difference of +0.5 points on about alpha / 2 of experiments, so a
+    guardrail worse by exactly its margin passes about that often."""
+    rng = np.random.default_rng(2)
+    x = rng.gamma(2.0, 1.5, 3000)
+    treated = rng.random(3000) < 0.3
+    est = ab.compare(mean_metric(x, kind="ratio"), treated, cuped=False)
+    _, high = CompareMeans.from_data(x[treated], x[~treated]).zconfint_diff(usevar="unequal")
+    assert est.difference_ci_high[0] == pytest.approx(high, rel=1e-9)
+
+    shape = (2000, 1000)  # experiments x users: ~30 reports per control arm
+    treated = rng.random(shape) < 0.5
+    replies = rng.poisson(5.0, shape) + 1.0
+    reports = rng.binomial(replies.astype(int), np.where(treated, 0.015, 0.010)).astype(float)
+    zeros = np.zeros(shape)
+    rate = UserMetric("report_rate", "ratio", "guardrail", False, reports, replies, zeros,
+                      zeros, "")  # fmt: skip
+    missed = (ab.compare(rate, treated, cuped=False).difference_ci_high < 0.005).mean()
+    # alpha / 2 = 2.5%, give or take the normal approximation's skew on rare counts
+    # (2.4% - 3.4% seen over seeds) and 2,000 experiments' noise (SE 0.35 points)
+    assert 0.015 < missed < 0.04, missed
+
+
 def test_delta_method_ratio_ci_agrees_with_user_level_bootstrap() -> None:
     rng = np.random.default_rng(1)
     treated, _, depth = batch_experiments(rng, 1, 4000, breadth=0.0, depth=0.1)
@@ -244,6 +269,37 @@ def test_decision_rule(
     assert (result.decision, says in result.reason) == (decision, True), result.summary()
 
 
+def with_reports(table: pd.DataFrame, rng: np.random.Generator, control: float, treatment: float):
+    """The table with every bot reply reported at the arm's rate (treatment: test days only)."""
+    exposed = (table["arm"] == "treatment") & (table["day"] >= 0)
+    return table.assign(reports=rng.binomial(table["bot_replies"], np.where(exposed, treatment, control)))  # fmt: skip
+
+
+@pytest.mark.parametrize(("treatment", "noninferior"), [(0.005, True), (0.015, False)])
+def test_absolute_margin_bounds_a_rare_guardrail_in_points(
+    treatment: float, noninferior: bool
+) -> None:
+    """A report rate of 0.5%: no affordable test shows it within +10%, but within +0.5
+    percentage points it is shown, unless the treatment really adds a point."""
+    rng = np.random.default_rng(13)
+    table = with_reports(
+        synthetic_user_days(3000, rng, lifts={"breadth": 0.1}), rng, 0.005, treatment
+    )
+    relative = ab.analyze(table)
+    assert not relative["report_rate"].noninferior
+    points = {"report_rate": 0.005, "unsafe_rate": 0.005, "violation_rate": 0.02}
+    result = ab.analyze(table, ab.AnalysisConfig(absolute_margins=points))
+    report = result["report_rate"]
+    assert (report.noninferiority_scale, report.noninferiority_margin) == ("absolute", 0.005)
+    assert report.noninferior is noninferior
+    assert result["breadth"].significant
+    if noninferior:
+        assert result.decision == "ship", result.reason
+    else:
+        assert report.noninferiority_bound > 0.005 and result.decision != "ship"
+        assert "report_rate" in result.reason
+
+
 def test_guardrail_with_no_control_events_holds_a_worse_treatment_under_cuped() -> None:
     """Control wrote no unsafe reply in the test, some in the pre-period. CUPED must not
     shift its mean of 0 (the centring's rounding, ~1e-18, or a shift below 0 would make a
@@ -327,6 +383,8 @@ def test_result_is_frozen_and_serialises_to_strict_json() -> None:
         ({"noninferiority_margins": {"report_rate": 0.0}}, "must be a positive"),
         ({"retention_day": 0}, "retention_day must be >= 1"),
         ({"noninferiority_margins": {"reports": 0.1}}, r"unknown guardrail\(s\) \['reports'\]"),
+        ({"absolute_margins": {"report_rate": -0.01}}, r"absolute_margins\['report_rate'\] must"),
+        ({"absolute_margins": {"likes": 0.01}}, r"absolute_margins has unknown guardrail"),
     ],
 )
 def test_config_errors_name_field_and_value(kwargs: dict, message: str) -> None:

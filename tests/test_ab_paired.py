@@ -179,6 +179,23 @@ def test_paired_decision_holds_a_harmful_treatment() -> None:
     assert "Twin analysis" in result.summary()
 
 
+def test_absolute_margin_holds_the_twin_ate_interval() -> None:
+    """Under an absolute margin a twin guardrail is held to the upper end of its ATE CI."""
+    table = synthetic_twin_days(1500, np.random.default_rng(8), lifts={"breadth": 0.1}, **SMALL)
+    relative = ab.analyze_paired(table)
+    assert relative.decision == "inconclusive" and "not shown within +10%" in relative.reason
+    points = {"report_rate": 0.005, "unsafe_rate": 0.005, "violation_rate": 0.02}
+    result = ab.analyze_paired(table, ab.AnalysisConfig(absolute_margins=points))
+    for name, margin in points.items():
+        guardrail = result[name]
+        assert guardrail.noninferiority_bound == guardrail.ate_ci_high
+        assert guardrail.noninferior is (guardrail.ate_ci_high < margin)
+    assert result.decision == "ship", result.reason
+    tight = {name: result[name].ate_ci_high / 2 for name in points}
+    held = ab.analyze_paired(table, ab.AnalysisConfig(absolute_margins=tight))
+    assert held.decision == "inconclusive" and " pp (CI up to +" in held.reason
+
+
 def test_a_missing_life_is_refused_with_the_user_day() -> None:
     table = synthetic_twin_days(50, np.random.default_rng(9), **SMALL)
     drop = table.index[(table["user_id"] == 7) & (table["day"] == 1) & (table["life"] == "control")]

@@ -145,6 +145,13 @@ def test_a_sample_ratio_mismatch_keeps_the_test_running() -> None:
             ),
             "missing column",
         ),
+        (
+            lambda: ab.sequential_monitor(
+                synthetic_user_days(20, np.random.default_rng(8)),
+                ab.AnalysisConfig(absolute_margins={"report_rate": 0.005}),
+            ),
+            "always-valid interval of the lift only",
+        ),
     ],
 )
 def test_bad_input_is_refused(call, message: str) -> None:

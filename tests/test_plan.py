@@ -26,7 +26,7 @@ def scenario(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> 
 
 def test_a_loop_scenario_pilots_its_deployed_policy() -> None:
     scenario, control = pilot_scenario(REPO / "scenarios" / "quickstart.toml")
-    assert control == "smollm2" and scenario.traffic.n_users == 160
+    assert control == "smollm2" and scenario.traffic.n_users == 120
     assert scenario.world.characters_dir.is_absolute()
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import streamlit as st
 
 from dashboards import charts, data
+from flywheel.ab.analysis import margin_label, on_scale
 from flywheel.store import fallback_text
 
 DAILY_METRICS = ("breadth", "depth", "report_rate", "violation_rate", "unsafe_rate")
@@ -190,8 +191,12 @@ else:
             f"{row.lift:+.1%} vs control" if measured else None,
             delta_color="inverse",
             help=f"control {row.control:.4f}; "
-            + (f"CI up to {row.ci_high:+.1%}; " if measured else "no events in either arm; ")
-            + f"margin +{row.noninferiority_margin:.0%}",
+            + (
+                f"CI up to {on_scale(row.noninferiority_bound, row.noninferiority_scale)}; "
+                if np.isfinite(row.noninferiority_bound)
+                else "no events in either arm; "
+            )
+            + f"margin {margin_label(row.noninferiority_margin, row.noninferiority_scale)}",
         )
         (column.success if row.noninferior else column.error)(verdict)
 

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -22,11 +22,12 @@ from statsmodels.stats.multitest import multipletests, multitest_alias
 from statsmodels.stats.power import TTestIndPower
 
 from flywheel.ab.delta import LiftEstimates, compare
-from flywheel.metrics import DEFAULT_RETENTION_DAY, UserTable, aggregate_users
+from flywheel.metrics import DEFAULT_RETENTION_DAY, UserMetric, UserTable, aggregate_users
 from flywheel.metrics import user_metrics as build_metrics
 from flywheel.persist import json_ready
 
 Decision = Literal["ship", "hold", "inconclusive"]
+Scale = Literal["relative", "absolute"]  # of a guardrail's non-inferiority margin
 DEFAULT_MARGINS = MappingProxyType(
     {"report_rate": 0.10, "violation_rate": 0.10, "unsafe_rate": 0.10}
 )  # relative increase a guardrail may show and still count as non-inferior
@@ -72,6 +73,15 @@ class AnalysisConfig:
             "violation_rate, unsafe_rate) may show and still count as non-inferior."
         },
     )
+    absolute_margins: Mapping[str, float] = field(
+        default_factory=dict,
+        metadata={
+            "help": "Absolute increase (0.005 = +0.5 percentage points) a guardrail may show "
+            "and still count as non-inferior; a guardrail named here is judged on the CI of "
+            "treatment - control instead of its relative margin. For rare events: no "
+            "affordable test bounds a +10% change of a 0.5% rate."
+        },
+    )
     target_mde: float | None = field(
         default=None,
         metadata={
@@ -100,18 +110,28 @@ class AnalysisConfig:
                 f"AnalysisConfig.target_mde must be a relative lift in (0, 10) (0.05 = +5%), "
                 f"got {self.target_mde}"
             )
-        unknown = sorted(set(self.noninferiority_margins) - set(DEFAULT_MARGINS))
-        if unknown:
-            raise ValueError(
-                f"AnalysisConfig.noninferiority_margins has unknown guardrail(s) {unknown}; "
-                f"the guardrails are {sorted(DEFAULT_MARGINS)}"
-            )
-        for name, margin in self.noninferiority_margins.items():
-            if not margin > 0:
+        for key, example in (
+            ("noninferiority_margins", "relative increase (0.1 = +10%)"),
+            ("absolute_margins", "absolute increase (0.005 = +0.5 percentage points)"),
+        ):
+            margins = getattr(self, key)
+            unknown = sorted(set(margins) - set(DEFAULT_MARGINS))
+            if unknown:
                 raise ValueError(
-                    f"AnalysisConfig.noninferiority_margins[{name!r}] must be a positive "
-                    f"relative increase (0.1 = +10%), got {margin}"
+                    f"AnalysisConfig.{key} has unknown guardrail(s) {unknown}; "
+                    f"the guardrails are {sorted(DEFAULT_MARGINS)}"
                 )
+            for name, margin in margins.items():
+                if not margin > 0:
+                    raise ValueError(
+                        f"AnalysisConfig.{key}[{name!r}] must be a positive {example}, got {margin}"
+                    )
+
+    def margin(self, guardrail: str) -> tuple[float, Scale]:
+        """A guardrail's non-inferiority margin and its scale: absolute where one is set."""
+        if guardrail in self.absolute_margins:
+            return self.absolute_margins[guardrail], "absolute"
+        return self.noninferiority_margins.get(guardrail, DEFAULT_MARGINS[guardrail]), "relative"
 
 
 @dataclass(frozen=True)
@@ -167,7 +187,9 @@ class MetricResult:
     cuped_theta: float
     cuped_variance_reduction: float  # share of the lift estimator's variance CUPED removed
     mde: float  # relative minimum detectable effect at the configured power and alpha
-    noninferiority_margin: float | None  # guardrails: largest tolerated relative worsening
+    noninferiority_margin: float | None  # guardrails: largest tolerated worsening, in its scale
+    noninferiority_scale: Scale | None  # relative (of the lift) or absolute (treatment - control)
+    noninferiority_bound: float | None  # the CI's upper end on that scale, held to the margin
     noninferior: bool | None  # guardrails: the CI excludes a worsening beyond the margin
     significant: bool  # adjusted p-value below alpha
 
@@ -298,6 +320,56 @@ def _no_events(m: MetricResult) -> str:
     return f"no {'control' if not m.control else 'treatment'} events"
 
 
+class Noninferiority(NamedTuple):
+    """A guardrail's margin, its scale, the CI end held to it and the verdict (all None for a
+    success metric)."""
+
+    margin: float | None = None
+    scale: Scale | None = None
+    bound: float | None = None
+    noninferior: bool | None = None
+
+
+def noninferiority(
+    metric: UserMetric,
+    treatment: float,
+    lift_high: float,
+    difference_high: float,
+    config: AnalysisConfig,
+) -> Noninferiority:
+    """Whether a guardrail's CI stays below its margin: the relative lift's upper end, or
+    under an absolute margin that of treatment - control."""
+    if metric.role != "guardrail":
+        return Noninferiority()
+    margin, scale = config.margin(metric.name)
+    bound = difference_high if scale == "absolute" else lift_high
+    # A treatment arm without events cannot be worse than its control.
+    return Noninferiority(margin, scale, bound, bool(treatment == 0 or bound < margin))
+
+
+def margin_label(margin: float, scale: Scale) -> str:
+    """A margin as written in a scenario: "+10%" (relative) or "+0.5 pp" (absolute)."""
+    return f"+{margin * 100:g}" + (" pp" if scale == "absolute" else "%")
+
+
+def on_scale(value: float, scale: Scale) -> str:
+    """A relative change as a percentage, an absolute one in percentage points."""
+    return f"{value * 100:+.2f} pp" if scale == "absolute" else f"{value:+.1%}"
+
+
+def _not_shown(m: MetricResult) -> str:
+    """Why a guardrail is not shown non-inferior: its margin and where its CI reaches."""
+    scale = m.noninferiority_scale or "relative"
+    bound = m.noninferiority_bound
+    reach = (
+        on_scale(bound, scale)
+        if bound is not None and math.isfinite(bound)
+        else "?: no control events"
+    )
+    margin = margin_label(m.noninferiority_margin or math.nan, scale)
+    return f"{m.name} not shown within {margin} (CI up to {reach})"
+
+
 def _percent(m: MetricResult) -> str:
     if not (m.control and m.treatment):  # no interval beside an arm without events
         return (
@@ -338,11 +410,7 @@ def decide(metrics: tuple[MetricResult, ...], srm: SRMResult) -> tuple[Decision,
             "significantly better: "
             + "; ".join(_percent(m) for m in wins)
             + "; but "
-            + "; ".join(
-                f"{m.name} not shown within +{m.noninferiority_margin:.0%} (CI up to "
-                + (f"{m.ci_high:+.1%})" if math.isfinite(m.ci_high) else "?: no control events)")
-                for m in unproven
-            )
+            + "; ".join(_not_shown(m) for m in unproven)
             + "; run longer or with more traffic"
         )
     mdes = ", ".join(f"{m.name} {m.mde:.1%}" for m in metrics if m.role == "success")
@@ -391,11 +459,13 @@ def analyze(table: pd.DataFrame | UserTable, config: AnalysisConfig | None = Non
             adjusted[i] = p
     results = []
     for metric, est, p_adj in zip(metrics, estimates, adjusted, strict=True):
-        margin, noninferior = None, None
-        if metric.role == "guardrail":
-            margin = config.noninferiority_margins.get(metric.name, DEFAULT_MARGINS[metric.name])
-            # A treatment arm without events cannot be worse than its control.
-            noninferior = bool(est.treatment[0] == 0 or est.ci_high[0] < margin)
+        guard = noninferiority(
+            metric,
+            float(est.treatment[0]),
+            float(est.ci_high[0]),
+            float(est.difference_ci_high[0]),
+            config,
+        )
         results.append(
             MetricResult(
                 name=metric.name,
@@ -418,8 +488,10 @@ def analyze(table: pd.DataFrame | UserTable, config: AnalysisConfig | None = Non
                 cuped_theta=float(est.theta[0]),
                 cuped_variance_reduction=float(est.variance_reduction[0]),
                 mde=_mde(est, config.alpha, config.power),
-                noninferiority_margin=margin,
-                noninferior=noninferior,
+                noninferiority_margin=guard.margin,
+                noninferiority_scale=guard.scale,
+                noninferiority_bound=guard.bound,
+                noninferior=guard.noninferior,
                 significant=bool(p_adj < config.alpha),
             )
         )

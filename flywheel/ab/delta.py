@@ -30,7 +30,8 @@ Relative lift ``L = M_t / M_c - 1`` with independent arms::
 
     Var(L) = Var(M_t) / M_c^2 + M_t^2 Var(M_c) / M_c^4
 
-95% CI: ``L +- z Var(L)^0.5``. The p-value tests ``M_t = M_c`` (CUPED-adjusted when CUPED is
+95% CI: ``L +- z Var(L)^0.5``; that of the difference ``M_t - M_c`` (what an absolute
+non-inferiority margin is held to): ``+- z (Var(M_t) + Var(M_c))^0.5``. The p-value tests ``M_t = M_c`` (CUPED-adjusted when CUPED is
 on): Welch's t-test (``scipy.stats.ttest_ind_from_stats``, per-user means and standard
 deviations) for mean metrics, a normal z-test with ``Var(M_t) + Var(M_c)`` for ratio metrics.
 """
@@ -64,6 +65,7 @@ class LiftEstimates:
     ci_low: np.ndarray
     ci_high: np.ndarray
     se: np.ndarray  # standard error of the lift
+    difference_ci_high: np.ndarray  # upper CI end of treatment - control (CUPED-adjusted)
     p_value: np.ndarray
     lift_unadjusted: np.ndarray
     ci_low_unadjusted: np.ndarray
@@ -171,6 +173,7 @@ def compare_sums(
         z = stats.norm.ppf(1 - alpha / 2)
         lift, lo, hi, se, p = _lift_test(kind, mt, mc, vt, vc, t["n"], c["n"], z)
         raw = _lift_test(kind, t["m"], c["m"], t["var_m"], c["var_m"], t["n"], c["n"], z)
+        difference_high = mt - mc + z * np.sqrt(vt / t["n"] + vc / c["n"])
         reduction = 1 - (vt / t["n"] + vc / c["n"]) / (t["var_m"] / t["n"] + c["var_m"] / c["n"])
         sd_control, sd_treatment = np.sqrt(vc), np.sqrt(vt)
     return LiftEstimates(
@@ -182,6 +185,7 @@ def compare_sums(
         ci_low=lo,
         ci_high=hi,
         se=se,
+        difference_ci_high=difference_high,
         p_value=p,
         lift_unadjusted=raw[0],
         ci_low_unadjusted=raw[1],

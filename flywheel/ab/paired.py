@@ -65,7 +65,6 @@ from scipy import stats
 from statsmodels.stats.power import TTestPower
 
 from flywheel.ab.analysis import (
-    DEFAULT_MARGINS,
     ABResult,
     AnalysisConfig,
     Decision,
@@ -73,6 +72,7 @@ from flywheel.ab.analysis import (
     adjust_p_values,
     analyze,
     decide,
+    noninferiority,
     srm_test,
 )
 from flywheel.ab.delta import ZERO_TOLERANCE
@@ -260,18 +260,6 @@ class PairedMetricResult(MetricResult):
     variance_ratio: float
 
 
-def noninferiority(
-    metric: UserMetric, control: float, treatment: float, ci_high: float, config: AnalysisConfig
-) -> tuple[float | None, bool | None]:
-    """A guardrail's margin and whether its lift's upper bound stays within it, as
-    :func:`flywheel.ab.analyze` rules (no events in either arm counts as within); success
-    metrics have neither."""
-    if metric.role != "guardrail":
-        return None, None
-    margin = config.noninferiority_margins.get(metric.name, DEFAULT_MARGINS[metric.name])
-    return margin, bool((control == 0 and treatment == 0) or ci_high < margin)
-
-
 def paired_metric_result(
     metric: UserMetric,
     est: PairedEstimates,
@@ -291,9 +279,8 @@ def paired_metric_result(
     """
     lift = float(est.lift[0])
     low, high = lift - lift_halfwidth, lift + lift_halfwidth
-    margin, noninferior = noninferiority(
-        metric, float(est.control[0]), float(est.treatment[0]), high, config
-    )
+    ate = float(est.ate[0])
+    guard = noninferiority(metric, float(est.treatment[0]), high, ate + ate_halfwidth, config)
     return PairedMetricResult(
         name=metric.name,
         role=metric.role,
@@ -315,12 +302,14 @@ def paired_metric_result(
         cuped_theta=0.0,
         cuped_variance_reduction=0.0,
         mde=mde,
-        noninferiority_margin=margin,
-        noninferior=noninferior,
+        noninferiority_margin=guard.margin,
+        noninferiority_scale=guard.scale,
+        noninferiority_bound=guard.bound,
+        noninferior=guard.noninferior,
         significant=bool(p_value_adjusted < config.alpha),
-        ate=float(est.ate[0]),
-        ate_ci_low=float(est.ate[0]) - ate_halfwidth,
-        ate_ci_high=float(est.ate[0]) + ate_halfwidth,
+        ate=ate,
+        ate_ci_low=ate - ate_halfwidth,
+        ate_ci_high=ate + ate_halfwidth,
         lift_se=float(est.lift_se[0]),
         variance_ratio=variance_ratio,
     )

@@ -62,6 +62,7 @@ from flywheel.ab.analysis import (
     MetricResult,
     SRMResult,
     decide,
+    noninferiority,
     srm_test,
 )
 from flywheel.ab.delta import LiftEstimates, compare
@@ -70,7 +71,6 @@ from flywheel.ab.paired import (
     family_adjusted,
     is_twin_table,
     life_frames,
-    noninferiority,
     paired_compare,
     paired_metric_result,
     standard_view,
@@ -408,7 +408,8 @@ def _record(
             mde=mde,
         )
     control, treatment = float(est.control[0]), float(est.treatment[0])
-    margin, noninferior = noninferiority(metric, control, treatment, float(cs.high[k]), config)
+    # sequential_monitor refuses absolute margins here: no interval of the difference
+    guard = noninferiority(metric, treatment, float(cs.high[k]), math.nan, config)
     return MetricResult(
         name=metric.name,
         role=metric.role,
@@ -430,8 +431,10 @@ def _record(
         cuped_theta=float(est.theta[0]),
         cuped_variance_reduction=float(est.variance_reduction[0]),
         mde=mde,
-        noninferiority_margin=margin,
-        noninferior=noninferior,
+        noninferiority_margin=guard.margin,
+        noninferiority_scale=guard.scale,
+        noninferiority_bound=guard.bound,
+        noninferior=guard.noninferior,
         significant=bool(p_adjusted < config.alpha),
     )
 
@@ -517,6 +520,12 @@ def sequential_monitor(
     """
     config = config or AnalysisConfig()
     looks = daily_looks(table, config, design=design)
+    if looks.design == "standard" and config.absolute_margins:
+        raise ValueError(
+            f"AnalysisConfig.absolute_margins {dict(config.absolute_margins)}: the standard "
+            "design's monitor has an always-valid interval of the lift only; give these "
+            "guardrails relative margins (noninferiority_margins) or monitor a twin table"
+        )
     horizon = horizon_days or looks.n_looks
     if horizon < 1:
         raise ValueError(f"horizon_days must be >= 1 test day, got {horizon_days}")
