@@ -175,7 +175,8 @@ def markdown(result: ABResult, aa: AAResult | None = None, title: str = "A/B tes
         "ratio metrics (depth, guardrail rates per bot reply). CUPED uses each metric's "
         "pre-period value, with theta estimated on both arms pooled. p-values are corrected "
         "within the success metrics and within the guardrails. A guardrail is non-inferior "
-        "when its CI upper bound is below its margin. MDE: relative effect detectable with "
+        "when its CI upper bound is below its margin: of the relative lift, or, for a margin "
+        "in percentage points (pp), of treatment - control. MDE: relative effect detectable with "
         "80% power at this sample. See `flywheel/ab/` for the formulas.",
         "",
     ]
