@@ -31,9 +31,10 @@ Relative lift ``L = M_t / M_c - 1`` with independent arms::
     Var(L) = Var(M_t) / M_c^2 + M_t^2 Var(M_c) / M_c^4
 
 95% CI: ``L +- z Var(L)^0.5``; that of the difference ``M_t - M_c`` (what an absolute
-non-inferiority margin is held to): ``+- z (Var(M_t) + Var(M_c))^0.5``. The p-value tests ``M_t = M_c`` (CUPED-adjusted when CUPED is
-on): Welch's t-test (``scipy.stats.ttest_ind_from_stats``, per-user means and standard
-deviations) for mean metrics, a normal z-test with ``Var(M_t) + Var(M_c)`` for ratio metrics.
+non-inferiority margin is held to): ``+- z (Var(M_t) + Var(M_c))^0.5``. The p-value tests
+``M_t = M_c`` (CUPED-adjusted when CUPED is on): Welch's t-test
+(``scipy.stats.ttest_ind_from_stats``, per-user means and standard deviations) for mean
+metrics, a normal z-test with ``Var(M_t) + Var(M_c)`` for ratio metrics.
 """
 
 from __future__ import annotations
